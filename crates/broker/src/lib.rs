@@ -1,0 +1,2 @@
+//! The agentkeys broker daemon library (`agentkeysd`).
+#![forbid(unsafe_code)]

@@ -1,0 +1,27 @@
+//! Every `unsafe` line of agentkeys lives in this crate, behind safe functions.
+//!
+//! - [`page`]: secret pages. `memfd_secret` memory written once, mapped read-only, wiped on
+//!   drop, handed to other processes as a file descriptor; the receiving side maps such an fd.
+//!   Falls back to an mlocked, sealed `memfd` (reported *degraded*) unless told to refuse.
+//! - [`pkey`]: memory protection keys. Pages that no thread can touch except inside a closure.
+//! - [`process`]: process hardening steps, in the order a daemon takes them: fds 0-2, inherited
+//!   fds, environment, dumpable, core limit, tracer, ptrace scope, no_new_privs, capabilities.
+//! - [`seccomp`]: the syscall allowlist (reviewed data) and its installation on all threads.
+//! - [`peer`]: credentials of the process at the other end of a unix socket.
+//! - [`alloc`]: the global allocator for both binaries: mimalloc (secure) that wipes on free.
+//! - [`selftest`]: the structured hardening report behind `agentkeys doctor`.
+//!
+//! Each function returns `io::Result` (or an error enum carrying one) through [`errno::cerr`];
+//! a step that fails is an error naming the step, never a silent warning.
+
+pub mod alloc;
+pub mod errno;
+pub mod page;
+pub mod peer;
+pub mod pkey;
+pub mod process;
+pub mod seccomp;
+pub mod selftest;
+
+#[cfg(test)]
+mod testutil;
