@@ -26,11 +26,6 @@ pub fn cerr<T: SignedReturn>(res: T) -> io::Result<T> {
     }
 }
 
-/// Adds the name of the step that failed to an OS error, keeping its kind and errno text.
-pub(crate) fn step(name: &'static str) -> impl FnOnce(io::Error) -> io::Error {
-    move |e| io::Error::new(e.kind(), format!("{name}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

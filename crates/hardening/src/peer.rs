@@ -1,1 +1,81 @@
-//! TODO
+//! Credentials of the process at the other end of a unix socket (`SO_PEERCRED`).
+//!
+//! The kernel records uid, gid and pid when the connection is made (or the socketpair created),
+//! so the answer cannot be forged by the peer; check it on accept, before reading a byte
+//! (as ssh-agent does).
+
+use std::io;
+use std::os::fd::AsFd;
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+/// Who is on the other end of a unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PeerCred {
+    /// Effective uid of the peer when it connected.
+    pub uid: u32,
+    /// Effective gid of the peer when it connected.
+    pub gid: u32,
+    /// Pid of the peer when it connected (in our pid namespace; 0 if it is not visible).
+    pub pid: i32,
+}
+
+/// Reads `SO_PEERCRED` of a connected unix socket.
+///
+/// # Errors
+/// `getsockopt(SO_PEERCRED)` failing, e.g. on a socket that is not a unix socket.
+pub fn peer_credentials(sock: &impl AsFd) -> io::Result<PeerCred> {
+    let c = getsockopt(sock, PeerCredentials).map_err(io::Error::from)?;
+    Ok(PeerCred {
+        uid: c.uid(),
+        gid: c.gid(),
+        pid: c.pid(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::in_child;
+    use std::io::Read;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    #[test]
+    fn peer_credentials_match_the_connecting_process() {
+        let dir = std::env::temp_dir().join(format!("ak-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+
+        let p = path.clone();
+        let accepter = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let cred = peer_credentials(&conn).unwrap();
+            let mut pid_bytes = [0u8; 4];
+            conn.read_exact(&mut pid_bytes).unwrap();
+            (cred, i32::from_ne_bytes(pid_bytes))
+        });
+        // A separate process connects and says its pid; the kernel's answer must agree.
+        let st = in_child(move || {
+            use std::io::Write;
+            let mut s = UnixStream::connect(&p).unwrap();
+            s.write_all(&(std::process::id() as i32).to_ne_bytes())
+                .unwrap();
+            0
+        });
+        assert!(matches!(st, nix::sys::wait::WaitStatus::Exited(_, 0)));
+        let (cred, child_pid) = accepter.join().unwrap();
+        assert_eq!(cred.pid, child_pid);
+        assert_ne!(cred.pid, std::process::id() as i32);
+        assert_eq!(cred.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(cred.gid, nix::unistd::getegid().as_raw());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn not_a_unix_socket_is_an_error() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(peer_credentials(&f).is_err());
+    }
+}

@@ -1,1 +1,641 @@
-//! TODO
+//! The syscall allowlist of `agentkeysd` and its installation on every thread.
+//!
+//! The policy is reviewed data, not code: [`DAEMON_ALLOWLIST`] names each syscall the daemon
+//! may make and says who needs it, in the manner of Firecracker's `resources/seccomp/*.json`.
+//! A change to it is a security review. Anything not on the list kills the whole process
+//! (`SECCOMP_RET_KILL_PROCESS`): a compromised daemon gets no second try, and a missing entry
+//! shows up as a `SIGSYS` death in tests rather than as a silently degraded feature.
+//! seccompiler checks the audit architecture first, so a 32-bit or foreign-ABI syscall number
+//! cannot slip past a list written for the native one.
+//!
+//! `agentkeysd` installs the filter from its synchronous `main`, with TSYNC so that every
+//! thread is covered, after `no_new_privs` and the capability drop and before the tokio runtime
+//! starts. The launcher is forked *before* this point: filters survive `execve`, so the children
+//! that run agents must not descend from the filtered daemon, which cannot `execve` at all.
+//!
+//! Where an argument can be checked, the entry says so ([`Allowed::only_if`]): `socket` only for
+//! `AF_UNIX`, `clone` only for threads, `ioctl` and `prctl` only for the requests in use. Several
+//! entries for one syscall are alternatives; an entry with no condition allows every call.
+
+use std::collections::BTreeMap;
+
+pub use seccompiler::BpfProgram;
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
+
+/// One syscall the daemon may make, with the reason it is on the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowed {
+    /// The syscall number on the architecture being built (`libc::SYS_*`).
+    pub nr: libc::c_long,
+    /// The syscall's name, without the `SYS_` prefix.
+    pub name: &'static str,
+    /// Who needs it, and for what.
+    pub why: &'static str,
+    /// Conditions on the arguments that must all hold; empty allows every call.
+    pub only_if: &'static [ArgIs],
+}
+
+/// A condition on one argument of a syscall (arguments counted from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ArgIs {
+    /// The argument's low 32 bits equal the value: for `int` arguments such as a socket
+    /// domain, an `ioctl` request or a `prctl` option, whose upper register half is not defined.
+    Eq(u8, u32),
+    /// Every bit of the mask is set in the argument (flag words such as `clone`'s).
+    AllSet(u8, u64),
+    /// No bit of the mask is set in the argument.
+    NoneSet(u8, u64),
+}
+
+/// What went wrong, and in which step.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The allowlist could not be turned into a BPF program (unknown architecture, a program
+    /// too long for the kernel).
+    #[error("seccomp: compile the filter: {0}")]
+    Compile(#[source] seccompiler::Error),
+    /// The kernel refused the program or could not synchronise it onto every thread.
+    #[error("seccomp: install the filter on all threads: {0}")]
+    Install(#[source] seccompiler::Error),
+}
+
+/// `prctl` option of Linux 5.17+ that names an anonymous mapping (not in the `libc` crate).
+const PR_SET_VMA: u32 = 0x5356_4d41;
+
+/// `"SYS_read"` → `"read"`, at compile time; a name without the prefix fails the build.
+const fn syscall_name(sys: &'static str) -> &'static str {
+    let (prefix, rest) = sys.as_bytes().split_at(4);
+    assert!(
+        matches!(prefix, b"SYS_"),
+        "syscall constants start with SYS_"
+    );
+    match std::str::from_utf8(rest) {
+        Ok(name) => name,
+        Err(_) => panic!("syscall names are ASCII"),
+    }
+}
+
+/// The syscall numbers: `libc`'s, plus the few it leaves out for an architecture.
+mod sys {
+    pub use libc::*;
+    /// arm64 has `renameat` (38, `__ARCH_WANT_RENAMEAT`) and glibc's `rename` uses it, but the
+    /// `libc` crate omits it for aarch64 glibc (38 is something else on ILP32).
+    #[cfg(target_arch = "aarch64")]
+    pub const SYS_renameat: c_long = 38;
+}
+
+/// `allow!(SYS_x, "why")` or `allow!(SYS_x if [ArgIs::..], "why")`: one reviewed entry.
+macro_rules! allow {
+    ($sys:ident, $why:literal) => {
+        allow!($sys if [], $why)
+    };
+    ($sys:ident if [$($cond:expr),* $(,)?], $why:literal) => {
+        Allowed {
+            nr: sys::$sys,
+            name: syscall_name(stringify!($sys)),
+            why: $why,
+            only_if: &[$($cond),*],
+        }
+    };
+}
+
+/// The syscalls `agentkeysd` may make once its filter is installed; everything else kills it.
+///
+/// Grouped by subsystem. Entries that exist on x86_64 only are the legacy forms that glibc
+/// still uses there (`poll`, `epoll_wait`, ...); aarch64 has only the `*at`/`p*` variants.
+pub const DAEMON_ALLOWLIST: &[Allowed] = &[
+    // --- Threads and synchronisation (std, tokio's workers and blocking pool) ---
+    allow!(
+        SYS_clone3,
+        "glibc 2.34+ creates threads with clone3; seccomp cannot read its flags (they sit in a struct in memory), so it cannot be narrowed. execve stays denied, so a forked copy could only run this same filtered code"
+    ),
+    allow!(SYS_clone if [ArgIs::AllSet(0, libc::CLONE_THREAD as u64)], "glibc falls back to clone for threads when clone3 is ENOSYS; only with CLONE_THREAD, so no fork through it"),
+    allow!(
+        SYS_futex,
+        "std Mutex/Condvar/park, tokio's worker and blocking-pool parking"
+    ),
+    allow!(
+        SYS_set_robust_list,
+        "glibc registers each new thread's robust mutex list"
+    ),
+    allow!(
+        SYS_rseq,
+        "glibc 2.35+ registers restartable sequences for each new thread"
+    ),
+    allow!(
+        SYS_sched_yield,
+        "std spin loops and tokio's scheduler back-off"
+    ),
+    allow!(
+        SYS_sched_getaffinity,
+        "std::thread::available_parallelism (tokio sizes its pools from it)"
+    ),
+    allow!(
+        SYS_getcpu,
+        "mimalloc v3 picks the NUMA node of a new thread's heap with a raw getcpu syscall on multi-node hosts"
+    ),
+    #[cfg(target_arch = "x86_64")]
+    allow!(
+        SYS_access,
+        "mimalloc v3 counts NUMA nodes (access /sys/devices/system/node/nodeN) on the first new thread, i.e. tokio's first worker; no more than openat allows"
+    ),
+    allow!(
+        SYS_faccessat,
+        "the same NUMA probe on aarch64, where glibc's access() is faccessat"
+    ),
+    allow!(SYS_faccessat2, "glibc's faccessat() with flags"),
+    allow!(
+        SYS_exit,
+        "a thread returning (tokio blocking-pool threads time out and exit)"
+    ),
+    allow!(SYS_exit_group, "process exit"),
+    allow!(
+        SYS_restart_syscall,
+        "the kernel resumes a sleep or futex wait interrupted by a signal (SIGTERM) through it"
+    ),
+    // --- Memory (mimalloc, glibc, thread stacks, secret pages) ---
+    allow!(
+        SYS_brk,
+        "glibc's own malloc, used by libc internals beneath the Rust allocator"
+    ),
+    allow!(
+        SYS_mmap,
+        "mimalloc arenas, thread stacks, mapping secret pages"
+    ),
+    allow!(
+        SYS_munmap,
+        "mimalloc, thread stacks on exit, unmapping secret pages"
+    ),
+    allow!(
+        SYS_mremap,
+        "glibc malloc grows large mmapped chunks in realloc"
+    ),
+    allow!(
+        SYS_mprotect,
+        "mimalloc secure-mode guard pages, glibc thread-stack guards, read-only secret pages"
+    ),
+    allow!(
+        SYS_madvise,
+        "mimalloc returns free memory (MADV_DONTNEED/FREE); secret pages use MADV_DONTDUMP/WIPEONFORK"
+    ),
+    allow!(SYS_mlock, "secret pages stay out of swap (memfd fallback)"),
+    allow!(SYS_munlock, "releasing a locked secret page"),
+    allow!(
+        SYS_memfd_secret,
+        "secret pages: memory removed from the kernel's direct map (447 on x86_64 and aarch64)"
+    ),
+    allow!(
+        SYS_memfd_create,
+        "fallback secret pages: sealed, mlocked memfd when memfd_secret is unavailable"
+    ),
+    allow!(
+        SYS_pkey_alloc,
+        "pkey module: a protection key for pages no thread may touch outside a closure"
+    ),
+    allow!(
+        SYS_pkey_mprotect,
+        "pkey module: tagging secret pages with their key"
+    ),
+    allow!(SYS_pkey_free, "pkey module: releasing a key"),
+    // --- Signals (tokio signal driver, std's stack-overflow guard, abort) ---
+    allow!(
+        SYS_rt_sigaction,
+        "tokio::signal installs SIGTERM/SIGINT handlers"
+    ),
+    allow!(
+        SYS_rt_sigprocmask,
+        "glibc masks signals around thread creation and in abort()"
+    ),
+    allow!(SYS_rt_sigreturn, "returning from any signal handler"),
+    allow!(
+        SYS_sigaltstack,
+        "std gives every thread an alternate stack to report stack overflows"
+    ),
+    allow!(
+        SYS_tgkill,
+        "abort() and panic=abort raise SIGABRT on the calling thread"
+    ),
+    allow!(SYS_getpid, "abort()/raise, and logging"),
+    allow!(SYS_gettid, "abort()/raise and glibc's thread bookkeeping"),
+    // --- Identity and process control ---
+    allow!(
+        SYS_getuid,
+        "peer checks compare SO_PEERCRED against our own uid"
+    ),
+    allow!(
+        SYS_geteuid,
+        "state files are checked to be owned by our effective uid"
+    ),
+    allow!(SYS_getgid, "peer and state-file checks"),
+    allow!(SYS_getegid, "peer and state-file checks"),
+    allow!(
+        SYS_wait4,
+        "reaping the launcher, our only child, forked before the filter"
+    ),
+    allow!(SYS_waitid, "reaping the launcher (waitid form)"),
+    allow!(
+        SYS_getcwd,
+        "std's default panic hook reads the cwd to shorten backtrace paths"
+    ),
+    allow!(SYS_umask, "the socket is bound under a tight umask"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_SET_NAME as u32)], "std names threads (tokio-runtime-worker)"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, PR_SET_VMA)], "mimalloc v3: prctl(PR_SET_VMA) names its arenas"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_DUMPABLE as u32)], "the self-test reports that the daemon is not dumpable"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_NO_NEW_PRIVS as u32)], "the self-test reports no_new_privs"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_SECCOMP as u32)], "the self-test reports the seccomp mode"),
+    // --- Event loop (mio under tokio) ---
+    allow!(SYS_epoll_create1, "tokio: epoll reactor"),
+    allow!(
+        SYS_epoll_ctl,
+        "tokio: registering sockets and the waker with the reactor"
+    ),
+    #[cfg(target_arch = "x86_64")]
+    allow!(
+        SYS_epoll_wait,
+        "tokio: the reactor waits in epoll_wait (glibc's call on x86_64)"
+    ),
+    allow!(
+        SYS_epoll_pwait,
+        "tokio: the reactor wait (glibc's epoll_wait on aarch64)"
+    ),
+    allow!(
+        SYS_eventfd2,
+        "tokio: mio's waker wakes the reactor through an eventfd"
+    ),
+    #[cfg(target_arch = "x86_64")]
+    allow!(SYS_poll, "std polls fds (glibc poll on x86_64)"),
+    allow!(SYS_ppoll, "std polls fds (glibc poll on aarch64)"),
+    // --- Sockets: the SOCK_SEQPACKET server and tokio's signal pipe ---
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32)], "the unix-socket server; AF_UNIX only, networking (OpenBao) adds its own entry"),
+    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32)], "tokio signal driver: socketpair"),
+    allow!(
+        SYS_bind,
+        "binding the daemon's socket in its 0700 directory"
+    ),
+    allow!(SYS_listen, "the daemon's listening socket"),
+    allow!(SYS_accept4, "accepting clients"),
+    allow!(SYS_recvmsg, "requests, and fds received with SCM_RIGHTS"),
+    allow!(
+        SYS_sendmsg,
+        "replies, and secret fds sent with SCM_RIGHTS to clients and the launcher"
+    ),
+    allow!(
+        SYS_recvfrom,
+        "recv() on stream sockets (tokio's signal pipe reads this way)"
+    ),
+    allow!(SYS_sendto, "send() on sockets"),
+    allow!(SYS_getsockopt, "SO_PEERCRED on accept; SO_ERROR"),
+    allow!(SYS_getsockname, "logging the bound address"),
+    allow!(SYS_shutdown, "closing a connection's write side"),
+    // --- File descriptors and I/O ---
+    allow!(SYS_read, "reading sockets, pipes and state files"),
+    allow!(
+        SYS_write,
+        "writing sockets, state files, logs to stderr; the signal handler's wake-up byte"
+    ),
+    allow!(SYS_readv, "vectored reads"),
+    allow!(SYS_writev, "vectored writes (logging)"),
+    allow!(SYS_pread64, "positioned reads of state files"),
+    allow!(SYS_pwrite64, "positioned writes of state files"),
+    allow!(SYS_lseek, "state files"),
+    allow!(SYS_close, "every fd"),
+    allow!(
+        SYS_close_range,
+        "closing inherited fds again after a fork-like handoff"
+    ),
+    allow!(SYS_dup, "duplicating an fd to send it"),
+    allow!(SYS_dup3, "duplicating an fd with O_CLOEXEC"),
+    allow!(
+        SYS_fcntl,
+        "CLOEXEC/NONBLOCK flags, F_DUPFD_CLOEXEC, memfd seals (F_ADD_SEALS/F_GET_SEALS)"
+    ),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIONBIO as u32)], "std set_nonblocking on sockets"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIOCLEX as u32)], "std sets CLOEXEC on some fds with FIOCLEX"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::TCGETS as u32)], "isatty() on stderr before coloured log output"),
+    allow!(SYS_pipe2, "pipes for the launcher handoff"),
+    allow!(
+        SYS_ftruncate,
+        "sizing a secret memfd; truncating state files"
+    ),
+    // --- State directory ---
+    allow!(
+        SYS_openat,
+        "opening state files and directories (glibc's open on both architectures)"
+    ),
+    allow!(SYS_fstat, "metadata of an open file"),
+    allow!(
+        SYS_newfstatat,
+        "glibc's stat/fstat/opendir go through fstatat"
+    ),
+    allow!(SYS_statx, "std::fs metadata"),
+    allow!(SYS_getdents64, "listing the state directory"),
+    allow!(
+        SYS_fsync,
+        "state files and their directory are synced before a rename"
+    ),
+    allow!(SYS_fdatasync, "File::sync_data on state files"),
+    allow!(SYS_flock, "the state directory's lock file"),
+    allow!(SYS_fchmod, "tightening a state file's mode"),
+    #[cfg(target_arch = "x86_64")]
+    allow!(
+        SYS_chmod,
+        "std::fs::set_permissions by path: glibc 2.36 chmod on x86_64 (the socket is made 0600)"
+    ),
+    allow!(
+        SYS_fchmodat,
+        "std::fs::set_permissions by path (glibc chmod on aarch64)"
+    ),
+    #[cfg(target_arch = "x86_64")]
+    allow!(
+        SYS_rename,
+        "atomic replace of a state file (glibc rename on x86_64)"
+    ),
+    allow!(SYS_renameat, "atomic replace of a state file"),
+    allow!(
+        SYS_renameat2,
+        "atomic replace of a state file (glibc rename on aarch64)"
+    ),
+    #[cfg(target_arch = "x86_64")]
+    allow!(
+        SYS_unlink,
+        "removing a state file or a stale socket (glibc unlink on x86_64)"
+    ),
+    allow!(SYS_unlinkat, "removing a state file or directory entry"),
+    #[cfg(target_arch = "x86_64")]
+    allow!(
+        SYS_mkdir,
+        "creating the state directory (glibc mkdir on x86_64)"
+    ),
+    allow!(SYS_mkdirat, "creating the state directory"),
+    // --- Time and randomness ---
+    allow!(
+        SYS_clock_gettime,
+        "Instant/SystemTime when the vDSO is unavailable"
+    ),
+    allow!(SYS_clock_getres, "clock resolution (vDSO fallback)"),
+    allow!(
+        SYS_gettimeofday,
+        "SystemTime fallback when the vDSO is unavailable"
+    ),
+    allow!(SYS_nanosleep, "std::thread::sleep"),
+    allow!(
+        SYS_clock_nanosleep,
+        "std::thread::sleep (glibc 2.31+ nanosleep)"
+    ),
+    allow!(
+        SYS_getrandom,
+        "HashMap seeds, tokio's scheduler RNG, mimalloc secure-mode cookies, tokens"
+    ),
+];
+
+/// Compiles an allowlist into a BPF program for the running architecture: a listed syscall is
+/// allowed (when its argument conditions hold), anything else kills the process.
+///
+/// Entries with the same number are alternatives; an unconditional one makes the others moot.
+///
+/// # Errors
+/// [`SeccompError::Compile`] if the architecture is unsupported or the program too long.
+pub fn compile(list: &[Allowed]) -> Result<BpfProgram, SeccompError> {
+    let compile_err = |e: seccompiler::BackendError| SeccompError::Compile(e.into());
+    // `None` is "every call", `Some(rules)` "any one of these rules".
+    let mut by_nr: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for entry in list {
+        let slot = by_nr.entry(entry.nr).or_insert_with(|| Some(Vec::new()));
+        if entry.only_if.is_empty() {
+            *slot = None;
+        } else if let Some(rules) = slot {
+            rules.push(rule(entry.only_if).map_err(compile_err)?);
+        }
+    }
+    let rules = by_nr
+        .into_iter()
+        .map(|(nr, r)| (nr, r.unwrap_or_default()))
+        .collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(compile_err)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(compile_err)?;
+    filter.try_into().map_err(compile_err)
+}
+
+/// The seccompiler rule for one entry's conditions (all of which must hold).
+fn rule(conds: &[ArgIs]) -> Result<SeccompRule, seccompiler::BackendError> {
+    let cond = |c: &ArgIs| match *c {
+        // Dword: only the low half is compared, the upper half of an int register is garbage.
+        ArgIs::Eq(i, v) => {
+            SeccompCondition::new(i, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v.into())
+        }
+        ArgIs::AllSet(i, m) => {
+            SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(m), m)
+        }
+        ArgIs::NoneSet(i, m) => {
+            SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(m), 0)
+        }
+    };
+    SeccompRule::new(conds.iter().map(cond).collect::<Result<_, _>>()?)
+}
+
+/// Installs `prog` on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`), after setting
+/// `no_new_privs`. Irreversible.
+///
+/// # Errors
+/// [`SeccompError::Install`] if the kernel refuses the program, or a thread cannot be
+/// synchronised (it already has a filter this one does not extend).
+pub fn apply_all_threads(prog: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter_all_threads(prog).map_err(SeccompError::Install)
+}
+
+/// Compiles [`DAEMON_ALLOWLIST`] and installs it on all threads: the last hardening step of
+/// `agentkeysd` before its runtime starts.
+///
+/// # Errors
+/// The step that failed, [`SeccompError::Compile`] or [`SeccompError::Install`].
+pub fn install_daemon_filter() -> Result<(), SeccompError> {
+    apply_all_threads(&compile(DAEMON_ALLOWLIST)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+    use std::collections::HashSet;
+
+    /// Exit code of a child whose filter did not install (distinct from the bodies' codes).
+    const INSTALL_FAILED: i32 = 99;
+
+    /// Runs `body` in a forked child under `prog` and returns how the child ended. The program is
+    /// compiled by the caller, before the fork: the test harness is multi-threaded, so the child
+    /// must not allocate (another thread may have held the allocator's lock at the fork).
+    fn run_filtered(prog: &BpfProgram, body: fn() -> i32) -> WaitStatus {
+        // SAFETY: the child only makes raw syscalls (prctl, seccomp, the body's) and `_exit`s;
+        // it touches no lock, allocator or stdio that another thread might have held.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                // No core file for the SIGSYS death we expect.
+                let _ = nix::sys::prctl::set_dumpable(false);
+                let code = match apply_all_threads(prog) {
+                    Ok(()) => body(),
+                    Err(_) => INSTALL_FAILED,
+                };
+                // SAFETY: `_exit` ends the child without running the parent's atexit handlers.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => waitpid(child, None).expect("waitpid"),
+        }
+    }
+
+    fn daemon_filter() -> BpfProgram {
+        compile(DAEMON_ALLOWLIST).expect("the daemon allowlist compiles")
+    }
+
+    fn assert_sigsys(status: WaitStatus) {
+        assert!(
+            matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)),
+            "expected death by SIGSYS, got {status:?}"
+        );
+    }
+
+    #[test]
+    fn forbidden_syscall_kills() {
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            // SAFETY: PTRACE_TRACEME takes no pointers; it never returns under the filter.
+            unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            0
+        }));
+    }
+
+    #[test]
+    fn allowed_syscalls_survive() {
+        let status = run_filtered(&daemon_filter(), || {
+            let mut fds = [0; 2];
+            // SAFETY: raw syscalls on a local array and a fresh anonymous mapping that is
+            // unmapped before return; no Rust object aliases any of it.
+            unsafe {
+                if libc::getpid() <= 0 || libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                    return 1;
+                }
+                if libc::write(fds[1], b"x".as_ptr().cast(), 1) != 1 {
+                    return 2;
+                }
+                let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    prot,
+                    flags | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED || libc::munmap(p, 4096) != 0 {
+                    return 3;
+                }
+                // Its result depends on the kernel (ENOSYS unless secretmem is enabled);
+                // reaching the next line is what counts.
+                let fd = libc::syscall(libc::SYS_memfd_secret, 0);
+                if fd >= 0 {
+                    libc::close(fd as i32);
+                }
+            }
+            0
+        });
+        assert_eq!(status, WaitStatus::Exited(status.pid().expect("pid"), 0));
+    }
+
+    #[test]
+    fn execve_is_killed() {
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path and argv/envp arrays that outlive the call.
+            unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
+            0
+        }));
+    }
+
+    #[test]
+    fn fork_through_clone_is_killed() {
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            // A fork spelled as clone(SIGCHLD): no CLONE_THREAD, so the filter must refuse it.
+            // SAFETY: with a null stack the child (if any) continues here and exits at once.
+            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            if pid == 0 {
+                // SAFETY: ends the unexpected grandchild without running any Rust code.
+                unsafe { libc::_exit(0) };
+            }
+            0
+        }));
+    }
+
+    #[test]
+    fn inet_socket_is_killed() {
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            // SAFETY: socket takes no pointers.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            0
+        }));
+    }
+
+    #[test]
+    fn every_entry_has_a_reason() {
+        let mut seen = HashSet::new();
+        for e in DAEMON_ALLOWLIST {
+            assert!(
+                !e.name.is_empty() && !e.why.trim().is_empty(),
+                "{} needs a reason",
+                e.name
+            );
+            assert!(seen.insert((e.nr, e.only_if)), "{} is listed twice", e.name);
+        }
+        // A number appears more than once only as alternative conditions, never beside an
+        // unconditional entry that would make them moot.
+        for e in DAEMON_ALLOWLIST.iter().filter(|e| e.only_if.is_empty()) {
+            let n = DAEMON_ALLOWLIST.iter().filter(|o| o.nr == e.nr).count();
+            assert_eq!(
+                n, 1,
+                "{} is allowed outright and also listed with conditions",
+                e.name
+            );
+        }
+        for e in DAEMON_ALLOWLIST {
+            let same_name = DAEMON_ALLOWLIST.iter().find(|o| o.name == e.name).unwrap();
+            assert_eq!(same_name.nr, e.nr, "{} names two numbers", e.name);
+        }
+    }
+
+    #[test]
+    fn dangerous_syscalls_are_absent() {
+        let denied = [
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_kexec_load,
+            libc::SYS_mount,
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_userfaultfd,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_connect,
+            libc::SYS_kill,
+            libc::SYS_setns,
+            libc::SYS_unshare,
+        ];
+        for nr in denied {
+            let hit = DAEMON_ALLOWLIST.iter().find(|e| e.nr == nr);
+            assert!(hit.is_none(), "{} must not be allowed", hit.unwrap().name);
+        }
+    }
+}
