@@ -74,12 +74,10 @@ unsafe impl GlobalAlloc for WipingAllocator {
         // SAFETY: new_layout has non-zero size (the caller guarantees new_size > 0).
         let new = unsafe { self.alloc(new_layout) };
         if !new.is_null() {
-            // SAFETY: both blocks are live, distinct, and at least min(old, new) bytes long;
-            // the old one is then wiped and freed by dealloc.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                self.dealloc(ptr, layout);
-            }
+            // SAFETY: both blocks are live, distinct, and at least min(old, new) bytes long.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
+            // SAFETY: the old block is live with `layout` and not used again; dealloc wipes it.
+            unsafe { self.dealloc(ptr, layout) };
         }
         new
     }

@@ -541,22 +541,19 @@ mod tests {
 
         // Another process receives the fd over SCM_RIGHTS, maps it and sees the same bytes.
         let (parent_sock, child_sock) = UnixStream::pair().unwrap();
-        let status = {
-            let handle = std::thread::scope(|s| {
-                let sender = s.spawn(|| send_fd(&parent_sock, page.fd()));
-                let st = in_child(|| {
-                    let fd = recv_fd(&child_sock);
-                    match MappedSecret::map(fd) {
-                        Ok(m) if &*m == CANARY && m.backing() == Backing::MemfdSecret => 0,
-                        Ok(_) => 1,
-                        Err(_) => 2,
-                    }
-                });
-                sender.join().unwrap();
-                st
+        let status = std::thread::scope(|s| {
+            let sender = s.spawn(|| send_fd(&parent_sock, page.fd()));
+            let st = in_child(|| {
+                let fd = recv_fd(&child_sock);
+                match MappedSecret::map(fd) {
+                    Ok(m) if &*m == CANARY && m.backing() == Backing::MemfdSecret => 0,
+                    Ok(_) => 1,
+                    Err(_) => 2,
+                }
             });
-            handle
-        };
+            sender.join().unwrap();
+            st
+        });
         assert!(
             matches!(status, WaitStatus::Exited(_, 0)),
             "child: {status:?}"

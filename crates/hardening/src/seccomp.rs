@@ -538,6 +538,11 @@ mod tests {
                 if p == libc::MAP_FAILED || libc::munmap(p, 4096) != 0 {
                     return 3;
                 }
+                let unix =
+                    libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+                if unix < 0 || libc::close(unix) != 0 {
+                    return 4;
+                }
                 // Its result depends on the kernel (ENOSYS unless secretmem is enabled);
                 // reaching the next line is what counts.
                 let fd = libc::syscall(libc::SYS_memfd_secret, 0);
