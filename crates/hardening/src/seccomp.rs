@@ -14,8 +14,10 @@
 //! that run agents must not descend from the filtered daemon, which cannot `execve` at all.
 //!
 //! Where an argument can be checked, the entry says so ([`Allowed::only_if`]): `socket` only for
-//! `AF_UNIX`, `clone` only for threads, `ioctl` and `prctl` only for the requests in use. Several
-//! entries for one syscall are alternatives; an entry with no condition allows every call.
+//! `AF_UNIX`, `clone` only for threads, `ioctl` and `prctl` only for the requests in use,
+//! `prlimit64` only to read. Several entries for one syscall are alternatives (networking for the
+//! OpenBao backend adds a `socket` entry for `AF_INET`/`AF_INET6` beside the `AF_UNIX` one); an
+//! entry with no condition allows every call.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +50,9 @@ pub enum ArgIs {
     AllSet(u8, u64),
     /// No bit of the mask is set in the argument.
     NoneSet(u8, u64),
+    /// The whole 64-bit argument is 0: a null pointer (all bits compared, so a pointer whose low
+    /// half happens to be 0 does not pass).
+    Zero(u8),
 }
 
 /// What went wrong, and in which step.
@@ -106,289 +111,166 @@ macro_rules! allow {
 ///
 /// Grouped by subsystem. Entries that exist on x86_64 only are the legacy forms that glibc
 /// still uses there (`poll`, `epoll_wait`, ...); aarch64 has only the `*at`/`p*` variants.
+#[rustfmt::skip]
 pub const DAEMON_ALLOWLIST: &[Allowed] = &[
     // --- Threads and synchronisation (std, tokio's workers and blocking pool) ---
-    allow!(
-        SYS_clone3,
-        "glibc 2.34+ creates threads with clone3; seccomp cannot read its flags (they sit in a struct in memory), so it cannot be narrowed. execve stays denied, so a forked copy could only run this same filtered code"
-    ),
-    allow!(SYS_clone if [ArgIs::AllSet(0, libc::CLONE_THREAD as u64)], "glibc falls back to clone for threads when clone3 is ENOSYS; only with CLONE_THREAD, so no fork through it"),
-    allow!(
-        SYS_futex,
-        "std Mutex/Condvar/park, tokio's worker and blocking-pool parking"
-    ),
-    allow!(
-        SYS_set_robust_list,
-        "glibc registers each new thread's robust mutex list"
-    ),
-    allow!(
-        SYS_rseq,
-        "glibc 2.35+ registers restartable sequences for each new thread"
-    ),
-    allow!(
-        SYS_sched_yield,
-        "std spin loops and tokio's scheduler back-off"
-    ),
-    allow!(
-        SYS_sched_getaffinity,
-        "std::thread::available_parallelism (tokio sizes its pools from it)"
-    ),
-    allow!(
-        SYS_getcpu,
-        "mimalloc v3 picks the NUMA node of a new thread's heap with a raw getcpu syscall on multi-node hosts"
-    ),
+    allow!(SYS_clone3,
+        "allowed here only so that DAEMON_ENOSYS's answer stands: that filter returns ENOSYS for \
+         clone3 (whose flags seccomp cannot read), glibc then falls back to clone, checked below"),
+    allow!(SYS_clone if [ArgIs::AllSet(0, libc::CLONE_THREAD as u64)],
+        "glibc falls back to clone for threads when clone3 is ENOSYS; only with CLONE_THREAD, so \
+         no fork through it"),
+    allow!(SYS_futex, "std Mutex/Condvar/park, tokio's worker and blocking-pool parking"),
+    allow!(SYS_set_robust_list, "glibc registers each new thread's robust mutex list"),
+    allow!(SYS_rseq, "glibc 2.35+ registers restartable sequences for each new thread"),
+    allow!(SYS_sched_yield, "std spin loops and tokio's scheduler back-off"),
+    allow!(SYS_sched_getaffinity,
+        "std::thread::available_parallelism; tokio sizes its pools from it"),
+    allow!(SYS_getcpu,
+        "mimalloc v3 picks the NUMA node of a new thread's heap with a raw getcpu syscall on \
+         multi-node hosts"),
     #[cfg(target_arch = "x86_64")]
-    allow!(
-        SYS_access,
-        "mimalloc v3 counts NUMA nodes (access /sys/devices/system/node/nodeN) on the first new thread, i.e. tokio's first worker; no more than openat allows"
-    ),
-    allow!(
-        SYS_faccessat,
-        "the same NUMA probe on aarch64, where glibc's access() is faccessat"
-    ),
+    allow!(SYS_access,
+        "mimalloc v3 counts NUMA nodes (access /sys/devices/system/node/nodeN) on the first new \
+         thread, i.e. tokio's first worker; no more than openat allows"),
+    allow!(SYS_faccessat, "the same NUMA probe on aarch64, where glibc's access() is faccessat"),
     allow!(SYS_faccessat2, "glibc's faccessat() with flags"),
-    allow!(
-        SYS_exit,
-        "a thread returning (tokio blocking-pool threads time out and exit)"
-    ),
+    allow!(SYS_exit, "a thread returning (tokio blocking-pool threads time out and exit)"),
     allow!(SYS_exit_group, "process exit"),
-    allow!(
-        SYS_restart_syscall,
-        "the kernel resumes a sleep or futex wait interrupted by a signal (SIGTERM) through it"
-    ),
+    allow!(SYS_restart_syscall,
+        "the kernel resumes a sleep or futex wait interrupted by a signal (SIGTERM) through it"),
     // --- Memory (mimalloc, glibc, thread stacks, secret pages) ---
-    allow!(
-        SYS_brk,
-        "glibc's own malloc, used by libc internals beneath the Rust allocator"
-    ),
-    allow!(
-        SYS_mmap,
-        "mimalloc arenas, thread stacks, mapping secret pages"
-    ),
-    allow!(
-        SYS_munmap,
-        "mimalloc, thread stacks on exit, unmapping secret pages"
-    ),
-    allow!(
-        SYS_mremap,
-        "glibc malloc grows large mmapped chunks in realloc"
-    ),
-    allow!(
-        SYS_mprotect,
-        "mimalloc secure-mode guard pages, glibc thread-stack guards, read-only secret pages"
-    ),
-    allow!(
-        SYS_madvise,
-        "mimalloc returns free memory (MADV_DONTNEED/FREE); secret pages use MADV_DONTDUMP/WIPEONFORK"
-    ),
+    allow!(SYS_brk, "glibc's own malloc, used by libc internals beneath the Rust allocator"),
+    allow!(SYS_mmap, "mimalloc arenas, thread stacks, mapping secret pages"),
+    allow!(SYS_munmap, "mimalloc, thread stacks on exit, unmapping secret pages"),
+    allow!(SYS_mremap, "glibc malloc grows large mmapped chunks in realloc"),
+    allow!(SYS_mprotect,
+        "mimalloc secure-mode guard pages, glibc thread-stack guards, read-only secret pages"),
+    allow!(SYS_madvise,
+        "mimalloc returns free memory (MADV_DONTNEED/FREE); secret pages use \
+         MADV_DONTDUMP/WIPEONFORK"),
     allow!(SYS_mlock, "secret pages stay out of swap (memfd fallback)"),
     allow!(SYS_munlock, "releasing a locked secret page"),
-    allow!(
-        SYS_memfd_secret,
-        "secret pages: memory removed from the kernel's direct map (447 on x86_64 and aarch64)"
-    ),
-    allow!(
-        SYS_memfd_create,
-        "fallback secret pages: sealed, mlocked memfd when memfd_secret is unavailable"
-    ),
-    allow!(
-        SYS_pkey_alloc,
-        "pkey module: a protection key for pages no thread may touch outside a closure"
-    ),
-    allow!(
-        SYS_pkey_mprotect,
-        "pkey module: tagging secret pages with their key"
-    ),
+    allow!(SYS_memfd_secret,
+        "secret pages: memory removed from the kernel's direct map (447 on x86_64 and aarch64)"),
+    allow!(SYS_memfd_create,
+        "fallback secret pages: sealed, mlocked memfd when memfd_secret is unavailable"),
+    allow!(SYS_pkey_alloc,
+        "pkey module: a protection key for pages no thread may touch outside a closure"),
+    allow!(SYS_pkey_mprotect, "pkey module: tagging secret pages with their key"),
     allow!(SYS_pkey_free, "pkey module: releasing a key"),
     // --- Signals (tokio signal driver, std's stack-overflow guard, abort) ---
-    allow!(
-        SYS_rt_sigaction,
-        "tokio::signal installs SIGTERM/SIGINT handlers"
-    ),
-    allow!(
-        SYS_rt_sigprocmask,
-        "glibc masks signals around thread creation and in abort()"
-    ),
+    allow!(SYS_rt_sigaction, "tokio::signal installs SIGTERM/SIGINT handlers"),
+    allow!(SYS_rt_sigprocmask, "glibc masks signals around thread creation and in abort()"),
     allow!(SYS_rt_sigreturn, "returning from any signal handler"),
-    allow!(
-        SYS_sigaltstack,
-        "std gives every thread an alternate stack to report stack overflows"
-    ),
-    allow!(
-        SYS_tgkill,
-        "abort() and panic=abort raise SIGABRT on the calling thread"
-    ),
+    allow!(SYS_sigaltstack, "std gives every thread an alternate stack to report stack overflows"),
+    allow!(SYS_tgkill, "abort() and panic=abort raise SIGABRT on the calling thread"),
     allow!(SYS_getpid, "abort()/raise, and logging"),
     allow!(SYS_gettid, "abort()/raise and glibc's thread bookkeeping"),
     // --- Identity and process control ---
-    allow!(
-        SYS_getuid,
-        "peer checks compare SO_PEERCRED against our own uid"
-    ),
-    allow!(
-        SYS_geteuid,
-        "state files are checked to be owned by our effective uid"
-    ),
+    allow!(SYS_getuid, "peer checks compare SO_PEERCRED against our own uid"),
+    allow!(SYS_geteuid, "state files are checked to be owned by our effective uid"),
     allow!(SYS_getgid, "peer and state-file checks"),
     allow!(SYS_getegid, "peer and state-file checks"),
-    allow!(
-        SYS_wait4,
-        "reaping the launcher, our only child, forked before the filter"
-    ),
+    allow!(SYS_wait4, "reaping the launcher, our only child, forked before the filter"),
     allow!(SYS_waitid, "reaping the launcher (waitid form)"),
-    allow!(
-        SYS_getcwd,
-        "std's default panic hook reads the cwd to shorten backtrace paths"
-    ),
+    allow!(SYS_prlimit64 if [ArgIs::Eq(0, 0), ArgIs::Zero(2)],
+        "getrlimit (the self-test reads RLIMIT_CORE and RLIMIT_MEMLOCK at start): our own pid, \
+         new_limit NULL, so limits can be read but never changed"),
+    allow!(SYS_getcwd, "std's default panic hook reads the cwd to shorten backtrace paths"),
     allow!(SYS_umask, "the socket is bound under a tight umask"),
-    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_SET_NAME as u32)], "std names threads (tokio-runtime-worker)"),
-    allow!(SYS_prctl if [ArgIs::Eq(0, PR_SET_VMA)], "mimalloc v3: prctl(PR_SET_VMA) names its arenas"),
-    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_DUMPABLE as u32)], "the self-test reports that the daemon is not dumpable"),
-    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_NO_NEW_PRIVS as u32)], "the self-test reports no_new_privs"),
-    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_SECCOMP as u32)], "the self-test reports the seccomp mode"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_SET_NAME as u32)],
+        "std names threads (tokio-runtime-worker)"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, PR_SET_VMA)],
+        "mimalloc v3: prctl(PR_SET_VMA) names its arenas"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_DUMPABLE as u32)],
+        "the self-test reports that the daemon is not dumpable"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_NO_NEW_PRIVS as u32)],
+        "the self-test reports no_new_privs"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_GET_SECCOMP as u32)],
+        "the self-test reports the seccomp mode"),
     // --- Event loop (mio under tokio) ---
     allow!(SYS_epoll_create1, "tokio: epoll reactor"),
-    allow!(
-        SYS_epoll_ctl,
-        "tokio: registering sockets and the waker with the reactor"
-    ),
+    allow!(SYS_epoll_ctl, "tokio: registering sockets and the waker with the reactor"),
     #[cfg(target_arch = "x86_64")]
-    allow!(
-        SYS_epoll_wait,
-        "tokio: the reactor waits in epoll_wait (glibc's call on x86_64)"
-    ),
-    allow!(
-        SYS_epoll_pwait,
-        "tokio: the reactor wait (glibc's epoll_wait on aarch64)"
-    ),
-    allow!(
-        SYS_eventfd2,
-        "tokio: mio's waker wakes the reactor through an eventfd"
-    ),
+    allow!(SYS_epoll_wait, "tokio: the reactor waits in epoll_wait (glibc's call on x86_64)"),
+    allow!(SYS_epoll_pwait, "tokio: the reactor wait (glibc's epoll_wait on aarch64)"),
+    allow!(SYS_eventfd2, "tokio: mio's waker wakes the reactor through an eventfd"),
     #[cfg(target_arch = "x86_64")]
     allow!(SYS_poll, "std polls fds (glibc poll on x86_64)"),
     allow!(SYS_ppoll, "std polls fds (glibc poll on aarch64)"),
     // --- Sockets: the SOCK_SEQPACKET server and tokio's signal pipe ---
-    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32)], "the unix-socket server; AF_UNIX only, networking (OpenBao) adds its own entry"),
-    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32)], "tokio signal driver: socketpair"),
-    allow!(
-        SYS_bind,
-        "binding the daemon's socket in its 0700 directory"
-    ),
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32)],
+        "the unix-socket server; AF_UNIX only, networking (OpenBao) adds its own entry"),
+    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32)],
+        "tokio signal driver: socketpair"),
+    allow!(SYS_bind, "binding the daemon's socket in its 0700 directory"),
     allow!(SYS_listen, "the daemon's listening socket"),
     allow!(SYS_accept4, "accepting clients"),
     allow!(SYS_recvmsg, "requests, and fds received with SCM_RIGHTS"),
-    allow!(
-        SYS_sendmsg,
-        "replies, and secret fds sent with SCM_RIGHTS to clients and the launcher"
-    ),
-    allow!(
-        SYS_recvfrom,
-        "recv() on stream sockets (tokio's signal pipe reads this way)"
-    ),
+    allow!(SYS_sendmsg, "replies, and secret fds sent with SCM_RIGHTS to clients and the launcher"),
+    allow!(SYS_recvfrom, "recv() on stream sockets (tokio's signal pipe reads this way)"),
     allow!(SYS_sendto, "send() on sockets"),
     allow!(SYS_getsockopt, "SO_PEERCRED on accept; SO_ERROR"),
-    allow!(SYS_getsockname, "logging the bound address"),
+    allow!(SYS_getsockname, "tokio-seqpacket's local_addr, for logging the bound path"),
     allow!(SYS_shutdown, "closing a connection's write side"),
     // --- File descriptors and I/O ---
     allow!(SYS_read, "reading sockets, pipes and state files"),
-    allow!(
-        SYS_write,
-        "writing sockets, state files, logs to stderr; the signal handler's wake-up byte"
-    ),
+    allow!(SYS_write,
+        "writing sockets, state files, logs to stderr; the signal handler's wake-up byte"),
     allow!(SYS_readv, "vectored reads"),
     allow!(SYS_writev, "vectored writes (logging)"),
     allow!(SYS_pread64, "positioned reads of state files"),
     allow!(SYS_pwrite64, "positioned writes of state files"),
     allow!(SYS_lseek, "state files"),
     allow!(SYS_close, "every fd"),
-    allow!(
-        SYS_close_range,
-        "closing inherited fds again after a fork-like handoff"
-    ),
+    allow!(SYS_close_range,
+        "closefrom()-style cleanup; it can only close the daemon's own descriptors"),
     allow!(SYS_dup, "duplicating an fd to send it"),
     allow!(SYS_dup3, "duplicating an fd with O_CLOEXEC"),
-    allow!(
-        SYS_fcntl,
-        "CLOEXEC/NONBLOCK flags, F_DUPFD_CLOEXEC, memfd seals (F_ADD_SEALS/F_GET_SEALS)"
-    ),
+    allow!(SYS_fcntl,
+        "CLOEXEC/NONBLOCK flags, F_DUPFD_CLOEXEC, memfd seals (F_ADD_SEALS/F_GET_SEALS)"),
     allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIONBIO as u32)], "std set_nonblocking on sockets"),
-    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIOCLEX as u32)], "std sets CLOEXEC on some fds with FIOCLEX"),
-    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::TCGETS as u32)], "isatty() on stderr before coloured log output"),
-    allow!(SYS_pipe2, "pipes for the launcher handoff"),
-    allow!(
-        SYS_ftruncate,
-        "sizing a secret memfd; truncating state files"
-    ),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIOCLEX as u32)],
+        "std sets CLOEXEC on some fds with FIOCLEX"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::TCGETS as u32)],
+        "isatty() on stderr before coloured log output"),
+    allow!(SYS_pipe2,
+        "pipes (O_CLOEXEC), e.g. a self-pipe; the launcher itself talks over a socketpair"),
+    allow!(SYS_ftruncate, "sizing a secret memfd; truncating state files"),
     // --- State directory ---
-    allow!(
-        SYS_openat,
-        "opening state files and directories (glibc's open on both architectures)"
-    ),
+    allow!(SYS_openat, "opening state files and directories (glibc's open on both architectures)"),
     allow!(SYS_fstat, "metadata of an open file"),
-    allow!(
-        SYS_newfstatat,
-        "glibc's stat/fstat/opendir go through fstatat"
-    ),
+    allow!(SYS_newfstatat, "glibc's stat/fstat/opendir go through fstatat"),
     allow!(SYS_statx, "std::fs metadata"),
     allow!(SYS_getdents64, "listing the state directory"),
-    allow!(
-        SYS_fsync,
-        "state files and their directory are synced before a rename"
-    ),
+    allow!(SYS_fsync, "state files and their directory are synced before a rename"),
     allow!(SYS_fdatasync, "File::sync_data on state files"),
     allow!(SYS_flock, "the state directory's lock file"),
     allow!(SYS_fchmod, "tightening a state file's mode"),
     #[cfg(target_arch = "x86_64")]
-    allow!(
-        SYS_chmod,
-        "std::fs::set_permissions by path: glibc 2.36 chmod on x86_64 (the socket is made 0600)"
-    ),
-    allow!(
-        SYS_fchmodat,
-        "std::fs::set_permissions by path (glibc chmod on aarch64)"
-    ),
+    allow!(SYS_chmod,
+        "std::fs::set_permissions by path: glibc 2.36 chmod on x86_64 (the socket is made 0600)"),
+    allow!(SYS_fchmodat, "std::fs::set_permissions by path (glibc chmod on aarch64)"),
     #[cfg(target_arch = "x86_64")]
-    allow!(
-        SYS_rename,
-        "atomic replace of a state file (glibc rename on x86_64)"
-    ),
-    allow!(SYS_renameat, "atomic replace of a state file"),
-    allow!(
-        SYS_renameat2,
-        "atomic replace of a state file (glibc rename on aarch64)"
-    ),
+    allow!(SYS_rename, "atomic replace of a state file (glibc rename on x86_64)"),
+    allow!(SYS_renameat,
+        "atomic replace relative to a directory fd; glibc's rename on aarch64 (38)"),
+    allow!(SYS_renameat2, "glibc's rename where renameat does not exist; RENAME_NOREPLACE"),
     #[cfg(target_arch = "x86_64")]
-    allow!(
-        SYS_unlink,
-        "removing a state file or a stale socket (glibc unlink on x86_64)"
-    ),
+    allow!(SYS_unlink, "removing a state file or a stale socket (glibc unlink on x86_64)"),
     allow!(SYS_unlinkat, "removing a state file or directory entry"),
     #[cfg(target_arch = "x86_64")]
-    allow!(
-        SYS_mkdir,
-        "creating the state directory (glibc mkdir on x86_64)"
-    ),
+    allow!(SYS_mkdir, "creating the state directory (glibc mkdir on x86_64)"),
     allow!(SYS_mkdirat, "creating the state directory"),
     // --- Time and randomness ---
-    allow!(
-        SYS_clock_gettime,
-        "Instant/SystemTime when the vDSO is unavailable"
-    ),
+    allow!(SYS_clock_gettime, "Instant/SystemTime when the vDSO is unavailable"),
     allow!(SYS_clock_getres, "clock resolution (vDSO fallback)"),
-    allow!(
-        SYS_gettimeofday,
-        "SystemTime fallback when the vDSO is unavailable"
-    ),
+    allow!(SYS_gettimeofday, "SystemTime fallback when the vDSO is unavailable"),
     allow!(SYS_nanosleep, "std::thread::sleep"),
-    allow!(
-        SYS_clock_nanosleep,
-        "std::thread::sleep (glibc 2.31+ nanosleep)"
-    ),
-    allow!(
-        SYS_getrandom,
-        "HashMap seeds, tokio's scheduler RNG, mimalloc secure-mode cookies, tokens"
-    ),
+    allow!(SYS_clock_nanosleep, "std::thread::sleep (glibc 2.31+ nanosleep)"),
+    allow!(SYS_getrandom,
+        "HashMap seeds, tokio's scheduler RNG, mimalloc secure-mode cookies, tokens"),
 ];
 
 /// Compiles an allowlist into a BPF program for the running architecture: a listed syscall is
@@ -438,6 +320,7 @@ fn rule(conds: &[ArgIs]) -> Result<SeccompRule, seccompiler::BackendError> {
         ArgIs::NoneSet(i, m) => {
             SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(m), 0)
         }
+        ArgIs::Zero(i) => SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0),
     };
     SeccompRule::new(conds.iter().map(cond).collect::<Result<_, _>>()?)
 }
@@ -452,13 +335,73 @@ pub fn apply_all_threads(prog: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter_all_threads(prog).map_err(SeccompError::Install)
 }
 
-/// Compiles [`DAEMON_ALLOWLIST`] and installs it on all threads: the last hardening step of
+/// Syscalls the daemon is told do not exist (ENOSYS) rather than allowed or killed.
+///
+/// `clone3` passes its flags in memory, where seccomp cannot look, so allowing it would allow
+/// `fork`. glibc treats ENOSYS from `clone3` as "old kernel" and creates the thread with
+/// `clone`, whose flags [`DAEMON_ALLOWLIST`] does check (`CLONE_THREAD` required).
+#[rustfmt::skip]
+pub const DAEMON_ENOSYS: &[Allowed] = &[
+    allow!(SYS_clone3, "flags unreadable by seccomp: force glibc's fallback to the checked clone"),
+];
+
+/// Compiles a list whose calls all fail with ENOSYS; everything else is allowed (by this
+/// program: the allowlist, installed beside it, still decides).
+///
+/// # Errors
+/// [`SeccompError::Compile`] if the architecture is unsupported.
+pub fn compile_enosys(list: &[Allowed]) -> Result<BpfProgram, SeccompError> {
+    let compile_err = |e: seccompiler::BackendError| SeccompError::Compile(e.into());
+    let rules = list.iter().map(|e| (e.nr, Vec::new())).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(compile_err)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(compile_err)?;
+    filter.try_into().map_err(compile_err)
+}
+
+/// The daemon's two programs. The kernel runs every installed filter and the most severe
+/// answer wins (kill > errno > allow): the ENOSYS program turns `clone3` into ENOSYS although
+/// the allowlist allows it, and the allowlist kills anything it does not list.
+pub struct DaemonFilter {
+    enosys: BpfProgram,
+    allow: BpfProgram,
+}
+
+impl DaemonFilter {
+    /// Compiles [`DAEMON_ENOSYS`] and [`DAEMON_ALLOWLIST`].
+    ///
+    /// # Errors
+    /// [`SeccompError::Compile`].
+    pub fn compile() -> Result<DaemonFilter, SeccompError> {
+        Ok(DaemonFilter {
+            enosys: compile_enosys(DAEMON_ENOSYS)?,
+            allow: compile(DAEMON_ALLOWLIST)?,
+        })
+    }
+
+    /// Installs both programs on all threads. The ENOSYS one goes first: once the allowlist is
+    /// in place, `seccomp(2)` itself is no longer allowed.
+    ///
+    /// # Errors
+    /// [`SeccompError::Install`].
+    pub fn install(&self) -> Result<(), SeccompError> {
+        apply_all_threads(&self.enosys)?;
+        apply_all_threads(&self.allow)
+    }
+}
+
+/// Compiles the daemon's filters and installs them on all threads: the last hardening step of
 /// `agentkeysd` before its runtime starts.
 ///
 /// # Errors
 /// The step that failed, [`SeccompError::Compile`] or [`SeccompError::Install`].
 pub fn install_daemon_filter() -> Result<(), SeccompError> {
-    apply_all_threads(&compile(DAEMON_ALLOWLIST)?)
+    DaemonFilter::compile()?.install()
 }
 
 #[cfg(test)]
@@ -475,14 +418,14 @@ mod tests {
     /// Runs `body` in a forked child under `prog` and returns how the child ended. The program is
     /// compiled by the caller, before the fork: the test harness is multi-threaded, so the child
     /// must not allocate (another thread may have held the allocator's lock at the fork).
-    fn run_filtered(prog: &BpfProgram, body: fn() -> i32) -> WaitStatus {
+    fn run_filtered(filter: &DaemonFilter, body: fn() -> i32) -> WaitStatus {
         // SAFETY: the child only makes raw syscalls (prctl, seccomp, the body's) and `_exit`s;
         // it touches no lock, allocator or stdio that another thread might have held.
         match unsafe { fork() }.expect("fork") {
             ForkResult::Child => {
                 // No core file for the SIGSYS death we expect.
                 let _ = nix::sys::prctl::set_dumpable(false);
-                let code = match apply_all_threads(prog) {
+                let code = match filter.install() {
                     Ok(()) => body(),
                     Err(_) => INSTALL_FAILED,
                 };
@@ -493,8 +436,8 @@ mod tests {
         }
     }
 
-    fn daemon_filter() -> BpfProgram {
-        compile(DAEMON_ALLOWLIST).expect("the daemon allowlist compiles")
+    fn daemon_filter() -> DaemonFilter {
+        DaemonFilter::compile().expect("the daemon filters compile")
     }
 
     fn assert_sigsys(status: WaitStatus) {
@@ -543,6 +486,13 @@ mod tests {
                 if unix < 0 || libc::close(unix) != 0 {
                     return 4;
                 }
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_CORE, &mut lim) != 0 {
+                    return 5;
+                }
                 // Its result depends on the kernel (ENOSYS unless secretmem is enabled);
                 // reaching the next line is what counts.
                 let fd = libc::syscall(libc::SYS_memfd_secret, 0);
@@ -553,6 +503,23 @@ mod tests {
             0
         });
         assert_eq!(status, WaitStatus::Exited(status.pid().expect("pid"), 0));
+    }
+
+    #[test]
+    fn clone3_is_enosys_and_threads_still_start() {
+        let status = run_filtered(&daemon_filter(), || {
+            // SAFETY: clone3 with a null args pointer; under the filter it never runs.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            if r != -1 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+                return 1;
+            }
+            // glibc falls back to clone(CLONE_THREAD | ...), which the allowlist admits.
+            match std::thread::spawn(|| 7).join() {
+                Ok(7) => 0,
+                _ => 2,
+            }
+        });
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
     }
 
     #[test]
@@ -585,6 +552,19 @@ mod tests {
         assert_sigsys(run_filtered(&daemon_filter(), || {
             // SAFETY: socket takes no pointers.
             unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            0
+        }));
+    }
+
+    #[test]
+    fn setrlimit_is_killed() {
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            let lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `lim` outlives the call; lowering a limit is harmless if it got through.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
             0
         }));
     }

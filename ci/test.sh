@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command of the README: formatting, lints, and every test of the workspace.
+# Tests that need root or a kernel/CPU feature print "SKIP ..." with the reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+	# nextest runs each test in its own process: tests that change process state stay apart.
+	cargo nextest run --workspace --locked --no-fail-fast --success-output immediate --failure-output final
+else
+	cargo test --workspace --locked --no-fail-fast
+fi

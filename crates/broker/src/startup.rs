@@ -1,0 +1,79 @@
+//! Start-up hardening of agentkeysd, in the order DESIGN.md fixes, all before any thread or
+//! runtime exists. A failed step stops the daemon with an error naming the step.
+
+use std::os::fd::RawFd;
+
+use agentkeys_hardening::process::{self, HardenError, TracerCheck};
+use agentkeys_hardening::seccomp::{self, SeccompError};
+
+/// Environment variables the daemon keeps; everything else is removed at start.
+pub const ENV_ALLOWLIST: &[&str] = &[
+    "AGENTKEYS_HOME",
+    "AGENTKEYS_SOCKET",
+    "AGENTKEYS_LOG",
+    "RUST_LOG",
+    "XDG_RUNTIME_DIR",
+    "HOME",
+    "TZ",
+];
+
+/// Choices that change how strict start-up is.
+#[derive(Debug, Clone, Default)]
+pub struct StartupOptions {
+    /// Start even when a tracer is attached (with a loud warning).
+    pub allow_debugger: bool,
+    /// Refuse to start when ptrace_scope is 0 or the kernel has no Yama.
+    pub require_ptrace_scope: bool,
+    /// Inherited fds to keep open (e.g. a socket handed over by a service manager).
+    pub keep_fds: Vec<RawFd>,
+}
+
+/// What start-up found that the operator must hear about.
+#[derive(Debug, Default)]
+pub struct Hardened {
+    /// Warnings to print loudly (tracer allowed, weak ptrace scope).
+    pub warnings: Vec<String>,
+}
+
+/// A start-up step failed; the daemon must not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A process hardening step failed or refused.
+    #[error(transparent)]
+    Harden(#[from] HardenError),
+    /// The seccomp filter could not be built or installed.
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] SeccompError),
+}
+
+/// Runs every hardening step, in order.
+///
+/// # Errors
+/// The first step that fails, named in the error.
+pub fn harden(opts: &StartupOptions) -> Result<Hardened, StartupError> {
+    let mut out = Hardened::default();
+    process::fix_std_fds()?;
+    process::close_inherited_fds(&opts.keep_fds)?;
+    process::sanitize_env(ENV_ALLOWLIST)?;
+    process::set_dumpable(false)?;
+    process::set_core_limit_zero()?;
+    if let TracerCheck::TracedAllowed(pid) = process::check_tracer(opts.allow_debugger)? {
+        out.warnings.push(format!(
+            "running under a debugger (tracer pid {pid}) because --allow-debugger was given: \
+             the tracer can read every secret this daemon handles"
+        ));
+    }
+    let scope = process::ptrace_scope().map_err(|source| HardenError::Step {
+        step: "ptrace_scope check",
+        source,
+    })?;
+    if let Some(w) = process::assess_ptrace_scope(&scope, opts.require_ptrace_scope)? {
+        out.warnings.push(w);
+    }
+    // The launcher (daemon-mediated run) is forked here, before the filter: filters are
+    // inherited across exec, so children must not descend from the filtered daemon.
+    process::set_no_new_privs()?;
+    process::drop_capabilities()?;
+    seccomp::install_daemon_filter()?;
+    Ok(out)
+}
