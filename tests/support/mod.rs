@@ -24,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} not built; run the tests with --workspace (or set AGENTKEYS_BIN_DIR)",
+        "{} not built; run `cargo build --workspace --bins` first, or `bash ci/test.sh` (or set AGENTKEYS_BIN_DIR)",
         p.display()
     );
     p
