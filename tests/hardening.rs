@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! The real binaries harden themselves: `agentkeys doctor` on the CLI, and the daemon's full
 //! start-up sequence (`agentkeysd --self-test`), including refusal under a tracer.
 
