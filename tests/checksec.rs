@@ -1,4 +1,3 @@
-#![forbid(unsafe_code)]
 //! Tests for the release-binary hardening gate `ci/checksec.sh`.
 //!
 //! Small C programs are built with known-weak and known-hardened flags, and the gate must tell

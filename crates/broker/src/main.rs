@@ -1,12 +1,28 @@
-//! `agentkeysd`: parses arguments, hardens itself, and reports.
+//! `agentkeysd`: parses arguments, then starts in DESIGN.md's order: fds, (detach), process
+//! lock-down, state and socket while the sandbox is still open, sandbox, runtime, serve.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use agentkeys_broker::config::Config;
+use agentkeys_broker::connection::daemon_report;
+use agentkeys_broker::keys::KeyPage;
+use agentkeys_broker::server::{self, ConnTable, Shared};
+use agentkeys_broker::sessions::Sessions;
 use agentkeys_broker::startup::{self, StartupOptions};
 use agentkeys_hardening::alloc::WipingAllocator;
+use agentkeys_hardening::page::PagePolicy;
+use agentkeys_hardening::process::{self, Detached};
 use agentkeys_hardening::selftest::{Report, Status};
+use agentkeys_state::home::Home;
+use agentkeys_state::identity::load_identity;
+use agentkeys_state::keystore;
+use agentkeys_state::vault::VaultIndex;
 use clap::Parser;
+use tracing::{error, info, warn};
 
 #[global_allocator]
 static ALLOC: WipingAllocator = WipingAllocator;
@@ -15,20 +31,34 @@ static ALLOC: WipingAllocator = WipingAllocator;
 #[derive(Debug, Parser)]
 #[command(name = "agentkeysd", version, about, max_term_width = 100)]
 struct Args {
+    /// Stay in the foreground and log to stderr (for systemd and debugging). Without it the
+    /// daemon detaches and logs to $AGENTKEYS_HOME/agentkeysd.log.
+    #[arg(long)]
+    foreground: bool,
     /// Start even when a debugger is attached (prints a warning; the debugger sees secrets).
     #[arg(long)]
     allow_debugger: bool,
     /// Refuse to start when kernel.yama.ptrace_scope is 0 or the kernel has no Yama.
     #[arg(long)]
     require_ptrace_scope: bool,
+    /// Wipe a cached secret after this long without use (default 60s; overrides config).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_ttl: Option<Duration>,
+    /// Config file (default: $AGENTKEYS_HOME/config.toml, optional).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Run the full start-up hardening, print the self-test report, and exit
-    /// (0 when nothing is missing).
+    /// (0 when nothing is missing). Needs no initialized state.
     #[arg(long)]
     self_test: bool,
     /// With --self-test: print JSON.
     #[arg(long, requires = "self_test")]
     json: bool,
 }
+
+/// Exit codes (sysexits): configuration or environment refused, software failure.
+const EX_CONFIG: u8 = 78;
+const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -37,36 +67,204 @@ fn main() -> ExitCode {
         require_ptrace_scope: args.require_ptrace_scope,
         keep_fds: Vec::new(),
     };
-    let hardened = match startup::harden(&opts) {
+    if args.self_test {
+        return self_test(&opts, args.json);
+    }
+    match run(args, opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            // Before the subscriber exists (or in the parent) plain stderr is all there is.
+            eprintln!("agentkeysd: refusing to start: {msg}");
+            error!("refusing to start: {msg}");
+            ExitCode::from(EX_CONFIG)
+        }
+    }
+}
+
+fn self_test(opts: &StartupOptions, json: bool) -> ExitCode {
+    let hardened = match startup::harden(opts) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("agentkeysd: refusing to start: {e}");
-            return ExitCode::from(78); // EX_CONFIG
+            return ExitCode::from(EX_CONFIG);
         }
     };
     for w in &hardened.warnings {
         eprintln!("agentkeysd: WARNING: {w}");
     }
     let report = Report::for_current_process("agentkeysd");
-    if args.self_test {
-        if args.json {
-            match serde_json::to_string_pretty(&report) {
-                Ok(s) => println!("{s}"),
-                Err(e) => {
-                    eprintln!("agentkeysd: error: encoding report: {e}");
-                    return ExitCode::from(70);
-                }
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("agentkeysd: error: encoding report: {e}");
+                return ExitCode::from(EX_SOFTWARE);
             }
-        } else {
-            print!("{}", report.to_table());
         }
-        return if report.worst() == Status::Missing {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        };
+    } else {
+        print!("{}", report.to_table());
     }
-    eprint!("{}", report.to_table());
-    eprintln!("agentkeysd: the socket server is not built yet; use --self-test to check hardening");
-    ExitCode::from(2)
+    if report.worst() == Status::Missing {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn init_logging() {
+    let filter = std::env::var("AGENTKEYS_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
+    startup::early(&opts).map_err(|e| e.to_string())?;
+    let home = Home::resolve().map_err(|e| e.to_string())?;
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| home.path("config.toml"));
+    let mut cfg = Config::load(&config_path, args.config.is_some()).map_err(|e| e.to_string())?;
+    if let Some(ttl) = args.idle_ttl {
+        cfg.daemon.idle_ttl = ttl;
+    }
+    let opts = StartupOptions {
+        require_ptrace_scope: opts.require_ptrace_scope || cfg.daemon.require_ptrace_scope,
+        ..opts
+    };
+    let identity = load_identity(&home).map_err(|e| e.to_string())?;
+    let socket_path = agentkeys_proto::paths::socket_path(home.root());
+
+    // Detach before any thread exists; the parent reports and exits once we serve.
+    let ready = if args.foreground {
+        None
+    } else {
+        let log_path = home.path("agentkeysd.log");
+        let log = open_log(&log_path)?;
+        match process::detach(log.into()).map_err(|e| e.to_string())? {
+            Detached::Parent { child, ready } => {
+                if ready.wait() {
+                    println!("agentkeysd started (pid {child})");
+                    println!("  socket: {}", socket_path.display());
+                    println!("  log:    {}", log_path.display());
+                    return Ok(());
+                }
+                return Err(format!(
+                    "agentkeysd did not start; see {}",
+                    log_path.display()
+                ));
+            }
+            Detached::Child { ready } => Some(ready),
+        }
+    };
+    init_logging();
+
+    let hardened = startup::lock_down(&opts).map_err(|e| e.to_string())?;
+    for w in &hardened.warnings {
+        warn!("{w}");
+        if args.foreground {
+            eprintln!("agentkeysd: WARNING: {w}");
+        }
+    }
+
+    // State, while files and the keystore are still reachable.
+    let dek = keystore::load_dek(&home, &identity.keystore).map_err(|e| e.to_string())?;
+    let policy = if cfg.daemon.require_secretmem {
+        PagePolicy::RequireSecret
+    } else {
+        PagePolicy::PreferSecret
+    };
+    let key = KeyPage::new(&dek, policy).map_err(|e| format!("holding the DEK: {e}"))?;
+    drop(dek);
+    if key.describe().0.is_degraded() {
+        warn!("memfd_secret is unavailable: secret pages use the DEGRADED sealed-memfd fallback");
+    }
+    let keystore_detail = keystore::describe(&home, &identity.keystore);
+    key.with_key(|k| VaultIndex::read(&home)?.check_key(k))
+        .map_err(|e| e.to_string())?;
+    let sessions = Sessions::load(
+        home.clone(),
+        identity,
+        nix::unistd::geteuid().as_raw(),
+        &key,
+    )
+    .map_err(|e| e.to_string())?;
+    let listener = server::bind_socket(&socket_path, &cfg.daemon)?;
+
+    startup::sandbox().map_err(|e| e.to_string())?;
+
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        home,
+        sessions,
+        key,
+        cfg: cfg.daemon,
+        started: Instant::now(),
+        conns: Mutex::new(ConnTable::default()),
+        shutdown,
+        keystore_detail,
+    });
+    let report = daemon_report(&shared);
+    for item in &report.items {
+        info!(item = %item.name, status = ?item.status, "self-test: {}", item.detail);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agentkeysd")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        let signals = shared.clone();
+        tokio::spawn(async move { wait_for_signal(&signals).await });
+        if let Some(r) = ready {
+            r.signal();
+        }
+        server::serve(listener, shared.clone(), socket_path.clone()).await;
+    });
+    // Give connections a moment to close, then drop everything (the DEK page is wiped).
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let _ = std::fs::remove_file(&socket_path);
+    info!("agentkeysd stopped");
+    drop(shared);
+    Ok(())
+}
+
+fn open_log(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc_o_cloexec())
+        .open(path)
+        .map_err(|e| format!("opening log {}: {e}", path.display()))
+}
+
+/// O_CLOEXEC without depending on libc here (std opens with it anyway on Linux).
+fn libc_o_cloexec() -> i32 {
+    nix::fcntl::OFlag::O_CLOEXEC.bits()
+}
+
+async fn wait_for_signal(shared: &Shared) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop the daemon with `agentkeys daemon stop`");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = shared.shutdown.send(true);
 }

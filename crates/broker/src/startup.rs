@@ -46,14 +46,24 @@ pub enum StartupError {
     Seccomp(#[from] SeccompError),
 }
 
-/// Runs every hardening step, in order.
+/// Step 1: fds 0-2 and inherited fds, then a private umask. First thing in `main`.
 ///
 /// # Errors
-/// The first step that fails, named in the error.
-pub fn harden(opts: &StartupOptions) -> Result<Hardened, StartupError> {
-    let mut out = Hardened::default();
+/// The step that failed.
+pub fn early(opts: &StartupOptions) -> Result<(), StartupError> {
     process::fix_std_fds()?;
     process::close_inherited_fds(&opts.keep_fds)?;
+    // Every file and socket the daemon creates is private unless it widens one on purpose.
+    process::set_umask(0o077);
+    Ok(())
+}
+
+/// Step 2: environment, dumps, tracer, ptrace scope. Single-threaded, after any detach.
+///
+/// # Errors
+/// The step that failed or refused.
+pub fn lock_down(opts: &StartupOptions) -> Result<Hardened, StartupError> {
+    let mut out = Hardened::default();
     process::sanitize_env(ENV_ALLOWLIST)?;
     process::set_dumpable(false)?;
     process::set_core_limit_zero()?;
@@ -70,10 +80,29 @@ pub fn harden(opts: &StartupOptions) -> Result<Hardened, StartupError> {
     if let Some(w) = process::assess_ptrace_scope(&scope, opts.require_ptrace_scope)? {
         out.warnings.push(w);
     }
-    // The launcher (daemon-mediated run) is forked here, before the filter: filters are
-    // inherited across exec, so children must not descend from the filtered daemon.
+    Ok(out)
+}
+
+/// Step 3: no_new_privs, capabilities, seccomp. The launcher (daemon-mediated run) is forked
+/// before this: filters are inherited across exec, so children must not descend from the
+/// filtered daemon. Nothing that needs a syscall outside the allowlist may come after it.
+///
+/// # Errors
+/// The step that failed.
+pub fn sandbox() -> Result<(), StartupError> {
     process::set_no_new_privs()?;
     process::drop_capabilities()?;
     seccomp::install_daemon_filter()?;
+    Ok(())
+}
+
+/// Every step, in order (used by `--self-test`, which has no state to load in between).
+///
+/// # Errors
+/// The first step that fails, named in the error.
+pub fn harden(opts: &StartupOptions) -> Result<Hardened, StartupError> {
+    early(opts)?;
+    let out = lock_down(opts)?;
+    sandbox()?;
     Ok(out)
 }

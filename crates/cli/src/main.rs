@@ -2,13 +2,28 @@
 //!
 //! `main` hardens the process (no dumps, no core file), parses arguments and hands them to
 //! [`run`]; one place ([`CliError::exit_code`]) turns an error into a message and exit code.
+//!
+//! - owner commands that need no daemon work on `$AGENTKEYS_HOME` directly (`init`, `store`,
+//!   `list`, `delete`, `agent ...`, `whoami`), then tell a running daemon to reload;
+//! - agents (`AGENTKEYS_TOKEN` / `AGENTKEYS_TOKEN_FILE`) only ever talk to the daemon.
 #![forbid(unsafe_code)]
 
+mod agent_cmd;
+mod ctx;
+mod daemon_cmd;
 mod doctor;
+mod init_cmd;
+mod vault_cmd;
+mod whoami;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use agentkeys_hardening::{alloc::WipingAllocator, process};
+use agentkeys_proto::client::ClientError;
+use agentkeys_proto::wire::ErrorCode;
+use agentkeys_state::StateError;
 use clap::{Parser, Subcommand};
 
 #[global_allocator]
@@ -24,6 +39,62 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the identity, the data encryption key and the owner session.
+    Init {
+        /// Mint a new owner session (the identity, key and vault stay).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start agentkeysd in the background (`agentkeys daemon stop` stops it).
+    Daemon {
+        #[command(subcommand)]
+        action: Option<DaemonAction>,
+    },
+    /// Exit 0 when agentkeysd answers; otherwise print a hint and exit 3.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store a secret read from stdin (never from the command line).
+    Store {
+        /// Service name, e.g. github.
+        service: String,
+        /// Release only after a human approves each request.
+        #[arg(long)]
+        high_value: bool,
+        /// Let the daemon keep it cached this long after a fetch (e.g. 5m; default: no cache).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cache_ttl: Option<Duration>,
+        /// Allow delivery as inline bytes (default: fd delivery or `run` only).
+        #[arg(long)]
+        allow_inline: bool,
+        /// Keep a trailing newline from stdin (by default one is dropped).
+        #[arg(long)]
+        raw: bool,
+    },
+    /// List stored services and their policy (never values).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a stored service.
+    Delete {
+        /// Service name.
+        service: String,
+    },
+    /// Manage agents: scoped, expiring child sessions.
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
+    /// Show the identity, role, scope and expiry of this session (never a token).
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Report how this machine and agentkeys' processes are hardened.
     Doctor {
         /// Print JSON instead of a table.
@@ -32,12 +103,77 @@ enum Command {
     },
 }
 
-/// Everything the CLI can fail with; each maps to one exit code.
+#[derive(Debug, Subcommand)]
+enum DaemonAction {
+    /// Start agentkeysd (the default).
+    Start {
+        /// Extra arguments for agentkeysd (e.g. --idle-ttl 30s).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Stop agentkeysd.
+    Stop,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentAction {
+    /// Mint a session for an agent; its token is printed once, alone on stdout.
+    Add {
+        /// Agent name ([a-z0-9_-], up to 64).
+        name: String,
+        /// Services it may use, comma-separated (`*` for all).
+        #[arg(long, value_delimiter = ',', required = true)]
+        scope: Vec<String>,
+        /// Lifetime of the session.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The uid the agent runs as (default: this uid).
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Write the token to this new file (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List agents (never tokens).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent now; its open connections are closed.
+    Revoke {
+        /// Agent name.
+        name: String,
+    },
+}
+
+/// Everything the CLI can fail with; each maps to one exit code (see README, "Exit codes").
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CliError {
     /// A hardening step of the CLI itself failed.
     #[error("hardening the agentkeys process: {0}")]
     Harden(#[from] process::HardenError),
+    /// State under $AGENTKEYS_HOME.
+    #[error("{0}")]
+    State(#[from] StateError),
+    /// Talking to the daemon.
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    /// Bad input (stdin, files, environment).
+    #[error("{0}")]
+    Input(String),
+    /// Not allowed for this caller.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Session refused (owner session expired).
+    #[error("{0}")]
+    Auth(String),
+    /// No such service or agent.
+    #[error("{0}")]
+    NotFound(String),
+    /// The daemon could not be started or stopped.
+    #[error("{0}")]
+    Daemon(String),
     /// Writing output failed (e.g. a closed pipe).
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
@@ -46,8 +182,19 @@ pub(crate) enum CliError {
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
+            CliError::Client(ClientError::NotRunning { .. }) => 3,
+            CliError::Client(ClientError::Refused { code, .. }) => match code {
+                ErrorCode::Unauthenticated | ErrorCode::Revoked | ErrorCode::Expired => 4,
+                ErrorCode::Forbidden => 5,
+                ErrorCode::NotFound => 6,
+                _ => 1,
+            },
+            CliError::Auth(_) => 4,
+            CliError::Forbidden(_) => 5,
+            CliError::NotFound(_) => 6,
             CliError::Harden(_) => 70, // EX_SOFTWARE: the environment refused a safety step
             CliError::Output(_) => 74, // EX_IOERR
+            _ => 1,
         }
     }
 }
@@ -61,8 +208,58 @@ fn harden_client() -> Result<(), CliError> {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
+    let caller = ctx::Caller::from_env()?;
     match cli.command {
-        Command::Doctor { json } => doctor::run(json),
+        Command::Init { force } => {
+            ctx::require_owner(&caller, "init")?;
+            init_cmd::run(force)
+        }
+        Command::Daemon { action } => match action {
+            None => daemon_cmd::start(&caller, &[]),
+            Some(DaemonAction::Start { args }) => daemon_cmd::start(&caller, &args),
+            Some(DaemonAction::Stop) => daemon_cmd::stop(&caller),
+        },
+        Command::Status { json } => daemon_cmd::status(&caller, json),
+        Command::Store {
+            service,
+            high_value,
+            cache_ttl,
+            allow_inline,
+            raw,
+        } => vault_cmd::store(
+            &caller,
+            vault_cmd::StoreOpts {
+                service,
+                high_value,
+                cache_ttl,
+                allow_inline,
+                raw,
+            },
+        ),
+        Command::List { json } => vault_cmd::list(&caller, json),
+        Command::Delete { service } => vault_cmd::delete(&caller, &service),
+        Command::Agent { action } => match action {
+            AgentAction::Add {
+                name,
+                scope,
+                ttl,
+                uid,
+                out,
+            } => agent_cmd::add(
+                &caller,
+                agent_cmd::AddOpts {
+                    name,
+                    scope,
+                    ttl,
+                    uid,
+                    out,
+                },
+            ),
+            AgentAction::List { json } => agent_cmd::list(&caller, json),
+            AgentAction::Revoke { name } => agent_cmd::revoke(&caller, &name),
+        },
+        Command::Whoami { json } => whoami::run(&caller, json),
+        Command::Doctor { json } => doctor::run(&caller, json),
     }
 }
 

@@ -445,6 +445,100 @@ pub fn effective_caps() -> io::Result<u64> {
     Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
 }
 
+// --- detaching ------------------------------------------------------------------------
+
+/// The two ends of a fork into the background.
+pub enum Detached {
+    /// The original process: wait for the child's readiness, then exit.
+    Parent {
+        /// The detached child's pid.
+        child: u32,
+        /// Becomes readable when the child is ready (or has died).
+        ready: ReadyWait,
+    },
+    /// The detached child: a new session, stdio redirected; signal readiness when serving.
+    Child {
+        /// Write end of the readiness pipe.
+        ready: ReadySignal,
+    },
+}
+
+/// Parent side of the readiness pipe.
+pub struct ReadyWait(std::os::fd::OwnedFd);
+
+impl ReadyWait {
+    /// Blocks until the child signals readiness (true) or exits without doing so (false).
+    pub fn wait(self) -> bool {
+        let mut b = [0u8; 1];
+        loop {
+            match nix::unistd::read(&self.0, &mut b) {
+                Ok(1) => return b[0] == b'1',
+                Ok(_) => return false,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Child side of the readiness pipe.
+pub struct ReadySignal(std::os::fd::OwnedFd);
+
+impl ReadySignal {
+    /// Tells the waiting parent that the daemon is serving.
+    pub fn signal(self) {
+        let _ = nix::unistd::write(&self.0, b"1");
+    }
+}
+
+/// Forks into the background: the child starts a new session (no controlling terminal),
+/// takes `/dev/null` as stdin and `log` as stdout and stderr. Must run before any thread exists.
+///
+/// # Errors
+/// [`HardenError::NotSingleThreaded`], or the failing step (pipe, fork, setsid, dup2).
+pub fn detach(log: std::os::fd::OwnedFd) -> Result<Detached, HardenError> {
+    let threads = thread_count().map_err(step_err("detach"))?;
+    if threads != 1 {
+        return Err(HardenError::NotSingleThreaded("detach", threads));
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| step_err("detach (pipe)")(e.into()))?;
+    // SAFETY: only one thread exists (checked above), so the child inherits no lock held by
+    // another thread; both sides continue with ordinary code.
+    match unsafe { nix::unistd::fork() }.map_err(|e| step_err("detach (fork)")(e.into()))? {
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            drop(log);
+            Ok(Detached::Parent {
+                child: child.as_raw().unsigned_abs(),
+                ready: ReadyWait(r),
+            })
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            nix::unistd::setsid().map_err(|e| step_err("detach (setsid)")(e.into()))?;
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .open("/dev/null")
+                .map_err(step_err("detach (open /dev/null)"))?;
+            nix::unistd::dup2_stdin(&null).map_err(|e| step_err("detach (stdin)")(e.into()))?;
+            nix::unistd::dup2_stdout(&log).map_err(|e| step_err("detach (stdout)")(e.into()))?;
+            nix::unistd::dup2_stderr(&log).map_err(|e| step_err("detach (stderr)")(e.into()))?;
+            Ok(Detached::Child {
+                ready: ReadySignal(w),
+            })
+        }
+    }
+}
+
+/// Sets the file-mode creation mask (the daemon uses 0o077: every file and socket it creates
+/// is private to its uid unless it widens one on purpose).
+pub fn set_umask(mask: u32) {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        mask as libc::mode_t,
+    ));
+}
+
 // --- /proc/PID/status ---------------------------------------------------------------------
 
 /// The `Key:\tvalue` lines of `/proc/PID/status`, bounded in size.

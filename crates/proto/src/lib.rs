@@ -1,2 +1,13 @@
-//! placeholder
+//! The agentkeys wire protocol, shared by the daemon, the CLI, the MCP server and managed
+//! runtimes.
+//!
+//! - [`wire`]: message types, version, size and fd caps, decoding that never echoes input.
+//! - [`conn`]: one SOCK_SEQPACKET connection, packets with SCM_RIGHTS fds, caps enforced.
+//! - [`client`]: connect, hello with a session token, requests.
+//! - [`paths`]: where the socket is.
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod conn;
+pub mod paths;
+pub mod wire;

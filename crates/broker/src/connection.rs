@@ -1,0 +1,292 @@
+//! One client connection: a hello within the handshake timeout, then requests until the client
+//! leaves, its session stops being valid, or the daemon shuts down.
+//!
+//! Bad input never ends the daemon and never the connection of an authenticated client: an
+//! oversized packet, unexpected fds, malformed JSON or an unknown kind each get an error
+//! response. Before authentication, any of those closes the connection.
+
+use std::sync::Arc;
+
+use agentkeys_hardening::selftest::{Report, Status as ItemStatus};
+use agentkeys_proto::conn::{Conn, RecvError};
+use agentkeys_proto::wire::{
+    self, ErrorCode, PROTOCOL_VERSION, Request, RequestBody, Response, ResponseBody, ServiceInfo,
+};
+use agentkeys_state::vault::VaultIndex;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::server::Shared;
+use crate::sessions::{AuthError, Principal};
+
+/// What a request handler decided.
+struct Reply {
+    body: ResponseBody,
+    /// Close the connection after sending.
+    close: bool,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
+    ResponseBody::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn auth_error(e: &AuthError) -> ResponseBody {
+    let code = match e {
+        AuthError::Unknown | AuthError::WrongUid(_) => ErrorCode::Unauthenticated,
+        AuthError::Revoked(_) => ErrorCode::Revoked,
+        AuthError::Expired(..) => ErrorCode::Expired,
+    };
+    error(code, e.to_string())
+}
+
+async fn send(conn: &Conn, id: u64, body: ResponseBody) -> bool {
+    match wire::encode(&Response {
+        v: PROTOCOL_VERSION,
+        id,
+        body,
+    }) {
+        Ok(bytes) => conn.send(&bytes, &[]).await.is_ok(),
+        Err(e) => {
+            warn!("encoding a response failed: {e}");
+            false
+        }
+    }
+}
+
+/// Turns a receive into a request, or the error response to send instead.
+fn parse(
+    r: Result<agentkeys_proto::conn::Packet, RecvError>,
+) -> Result<Request, Option<ResponseBody>> {
+    let packet = match r {
+        Ok(p) => p,
+        Err(RecvError::Closed) | Err(RecvError::Io(_)) => return Err(None),
+        Err(RecvError::TooLarge) => {
+            return Err(Some(error(
+                ErrorCode::TooLarge,
+                format!("message exceeds {} bytes", wire::MAX_MESSAGE_BYTES),
+            )));
+        }
+        Err(RecvError::TooManyFds) => {
+            return Err(Some(error(
+                ErrorCode::UnexpectedFd,
+                "too many file descriptors on one message",
+            )));
+        }
+    };
+    if !packet.fds.is_empty() {
+        // No request kind takes descriptors (yet): close them and say so.
+        return Err(Some(error(
+            ErrorCode::UnexpectedFd,
+            "this request takes no file descriptors",
+        )));
+    }
+    wire::decode_request(&packet.data).map_err(|e| Some(error(e.code(), e.to_string())))
+}
+
+/// Serves one connection to the end.
+pub async fn run(
+    mut conn: Conn,
+    shared: &Arc<Shared>,
+    id: u64,
+    uid: u32,
+    pid: i32,
+    kick: Arc<Notify>,
+) {
+    let mut stop = shared.shutdown.subscribe();
+    // Handshake: the first message must be a hello, within the timeout.
+    let first = tokio::select! {
+        r = tokio::time::timeout(shared.cfg.handshake_timeout, conn.recv()) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                debug!(conn = id, "closing: no hello within the handshake timeout");
+                return;
+            }
+        },
+        _ = kick.notified() => return,
+        _ = stop.changed() => return,
+    };
+    let req = match parse(first) {
+        Ok(r) => r,
+        Err(Some(body)) => {
+            send(&conn, 0, body).await;
+            return;
+        }
+        Err(None) => return,
+    };
+    let principal = match req.body {
+        RequestBody::Hello { token } => match shared.sessions.authenticate(&token.0, uid) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(conn = id, uid, pid, "hello refused: {e}");
+                send(&conn, req.id, auth_error(&e)).await;
+                return;
+            }
+        },
+        _ => {
+            send(
+                &conn,
+                req.id,
+                error(
+                    ErrorCode::Unauthenticated,
+                    "the first message must be a hello with a session token",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    info!(conn = id, uid, pid, principal = ?principal, "session opened");
+    shared.authenticated(id, principal.clone());
+    if !send(
+        &conn,
+        req.id,
+        ResponseBody::Welcome(shared.sessions.info(&principal)),
+    )
+    .await
+    {
+        return;
+    }
+    loop {
+        let r = tokio::select! {
+            r = conn.recv() => r,
+            _ = kick.notified() => {
+                if let Err(e) = shared.sessions.check(&principal) {
+                    send(&conn, 0, auth_error(&e)).await;
+                }
+                return;
+            }
+            _ = stop.changed() => return,
+        };
+        let req = match parse(r) {
+            Ok(r) => r,
+            Err(Some(body)) => {
+                if !send(&conn, 0, body).await {
+                    return;
+                }
+                continue;
+            }
+            Err(None) => return,
+        };
+        // Revocation and expiry take effect on the next request.
+        shared.refresh();
+        if let Err(e) = shared.sessions.check(&principal) {
+            send(&conn, req.id, auth_error(&e)).await;
+            return;
+        }
+        let reply = handle(shared, &principal, req.body);
+        if !send(&conn, req.id, reply.body).await || reply.close {
+            return;
+        }
+    }
+}
+
+fn owner_only(p: &Principal) -> Option<Reply> {
+    (*p != Principal::Owner).then(|| Reply {
+        body: error(ErrorCode::Forbidden, "only the owner may do this"),
+        close: false,
+    })
+}
+
+fn handle(shared: &Arc<Shared>, p: &Principal, body: RequestBody) -> Reply {
+    let ok = |body| Reply { body, close: false };
+    match body {
+        RequestBody::Hello { .. } => ok(error(
+            ErrorCode::BadRequest,
+            "this connection is already authenticated",
+        )),
+        RequestBody::Whoami {} => ok(ResponseBody::Whoami(shared.sessions.info(p))),
+        RequestBody::Status {} => ok(ResponseBody::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: shared.started.elapsed().as_secs(),
+            connections: shared.conns.lock().expect("conn table").len(),
+        }),
+        RequestBody::SelfTest {} => owner_only(p).unwrap_or_else(|| ok(self_test(shared))),
+        RequestBody::Reload {} => owner_only(p).unwrap_or_else(|| {
+            shared.refresh();
+            ok(ResponseBody::Done)
+        }),
+        RequestBody::Shutdown {} => owner_only(p).unwrap_or_else(|| {
+            info!("shutdown requested by the owner");
+            let _ = shared.shutdown.send(true);
+            Reply {
+                body: ResponseBody::Done,
+                close: true,
+            }
+        }),
+        RequestBody::ListServices {} => ok(list_services(shared, p)),
+    }
+}
+
+/// The daemon's own report, made inside its sandbox, plus what only the daemon knows.
+pub fn daemon_report(shared: &Shared) -> Report {
+    let mut r = Report::for_current_process("agentkeysd");
+    r.push(
+        "keystore",
+        keystore_status(&shared.keystore_detail),
+        shared.keystore_detail.clone(),
+    );
+    let (backing, pkey) = shared.key.describe();
+    let status = if backing.is_degraded() {
+        ItemStatus::Degraded
+    } else {
+        ItemStatus::Ok
+    };
+    r.push(
+        "key_page",
+        status,
+        format!(
+            "DEK in {backing}{}",
+            if pkey {
+                ", pkey-protected"
+            } else {
+                ", no pkey"
+            }
+        ),
+    );
+    r
+}
+
+/// A key file is weaker than an OS keyring: reported as degraded.
+pub fn keystore_status(detail: &str) -> ItemStatus {
+    if detail.contains("key file") {
+        ItemStatus::Degraded
+    } else {
+        ItemStatus::Ok
+    }
+}
+
+fn self_test(shared: &Shared) -> ResponseBody {
+    match serde_json::to_value(daemon_report(shared)) {
+        Ok(report) => ResponseBody::SelfTest { report },
+        Err(e) => error(ErrorCode::Internal, format!("encoding the report: {e}")),
+    }
+}
+
+fn list_services(shared: &Shared, p: &Principal) -> ResponseBody {
+    let index = match VaultIndex::read(&shared.home) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("reading the vault failed: {e}");
+            return error(
+                ErrorCode::Internal,
+                "the vault could not be read; see the daemon log",
+            );
+        }
+    };
+    let services = index
+        .list()
+        .into_iter()
+        .filter(|m| shared.sessions.in_scope(p, &m.service))
+        .map(|m| ServiceInfo {
+            name: m.service,
+            high_value: m.policy.high_value,
+            cache_ttl_secs: m.policy.cache_ttl_secs,
+            allow_inline: m.policy.allow_inline,
+        })
+        .collect();
+    ResponseBody::Services { services }
+}

@@ -1,0 +1,325 @@
+//! The listener (after mini-redis `server.rs`): accept, check the peer's uid before reading a
+//! byte, enforce the connection caps, hand each connection to [`crate::connection`], and shut
+//! down on request.
+//!
+//! Caps: at most `max_connections` open; at most `max_pending` that have not authenticated.
+//! When the pending set is full the *oldest* pending connection is closed, so a client that
+//! opens idle connections cannot lock out one that says hello promptly.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentkeys_proto::conn::Conn;
+use agentkeys_proto::wire::{self, ErrorCode, PROTOCOL_VERSION, Response, ResponseBody};
+use agentkeys_state::home::Home;
+use tokio::sync::{Notify, watch};
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tracing::{debug, info, warn};
+
+use crate::config::DaemonConfig;
+use crate::keys::KeyPage;
+use crate::sessions::{Principal, Sessions};
+
+/// State shared by every connection.
+pub struct Shared {
+    /// State directory.
+    pub home: Home,
+    /// Sessions and agents.
+    pub sessions: Sessions,
+    /// The DEK.
+    pub key: KeyPage,
+    /// Settings.
+    pub cfg: DaemonConfig,
+    /// Start time, for `status`.
+    pub started: Instant,
+    /// Open connections.
+    pub conns: Mutex<ConnTable>,
+    /// Set to true to stop the daemon.
+    pub shutdown: watch::Sender<bool>,
+    /// How the DEK and keystore are held, for the self-test.
+    pub keystore_detail: String,
+}
+
+/// One open connection, as the server sees it.
+pub struct ConnEntry {
+    /// Set after hello.
+    pub principal: Option<Principal>,
+    /// Notified to make the connection close (revoked agent, evicted pending, shutdown).
+    pub kick: Arc<Notify>,
+}
+
+/// The open connections.
+#[derive(Default)]
+pub struct ConnTable {
+    next_id: u64,
+    live: HashMap<u64, ConnEntry>,
+    pending: VecDeque<u64>,
+}
+
+impl ConnTable {
+    /// Number of open connections.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// True when no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+}
+
+impl Shared {
+    /// Marks a connection authenticated.
+    pub fn authenticated(&self, id: u64, p: Principal) {
+        let mut t = self.conns.lock().expect("conn table");
+        t.pending.retain(|&x| x != id);
+        if let Some(e) = t.live.get_mut(&id) {
+            e.principal = Some(p);
+        }
+    }
+
+    /// Removes a closed connection.
+    pub fn closed(&self, id: u64) {
+        let mut t = self.conns.lock().expect("conn table");
+        t.pending.retain(|&x| x != id);
+        t.live.remove(&id);
+    }
+
+    /// Re-reads state files if they changed and closes connections whose agent is no longer
+    /// valid. Called periodically and on `reload`.
+    pub fn refresh(&self) {
+        match self.sessions.refresh(&self.key) {
+            Ok(true) => self.kick_invalid(),
+            Ok(false) => {}
+            Err(e) => warn!("state changed but could not be reloaded (keeping the old view): {e}"),
+        }
+    }
+
+    fn kick_invalid(&self) {
+        let t = self.conns.lock().expect("conn table");
+        for (id, e) in &t.live {
+            if let Some(p) = &e.principal
+                && self.sessions.check(p).is_err()
+            {
+                info!(conn = id, principal = ?p, "closing connection: session no longer valid");
+                e.kick.notify_one();
+            }
+        }
+    }
+}
+
+/// Creates the socket's directory if needed and checks it, removes a stale socket, binds and
+/// listens. Runs before the sandbox closes; the returned fd becomes the listener later.
+///
+/// # Errors
+/// A message naming the path and the problem.
+pub fn bind_socket(path: &Path, cfg: &DaemonConfig) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    let dir = path
+        .parent()
+        .ok_or_else(|| format!("socket path {} has no directory", path.display()))?;
+    let group = match &cfg.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(|e| format!("looking up socket_group {name:?}: {e}"))?
+                .ok_or_else(|| format!("socket_group {name:?} does not exist"))?,
+        ),
+        None => None,
+    };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let dir_mode = if group.is_some() { 0o710 } else { 0o700 };
+    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(format!(
+            "socket directory {} is owned by uid {}, not by this daemon's uid {euid}",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o777 != dir_mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(|e| format!("setting mode {dir_mode:o} on {}: {e}", dir.display()))?;
+    }
+    if let Some(g) = &group {
+        nix::unistd::chown(dir, None, Some(g.gid))
+            .map_err(|e| format!("chgrp {}: {e}", dir.display()))?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ));
+        }
+        if seqpacket_answers(path) {
+            return Err(format!(
+                "another agentkeysd is already listening at {}",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| format!("creating socket: {e}"))?;
+    let addr = UnixAddr::new(path).map_err(|e| format!("socket path {}: {e}", path.display()))?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
+        .map_err(|e| format!("binding {}: {e}", path.display()))?;
+    let sock_mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(sock_mode))
+        .map_err(|e| format!("setting mode {sock_mode:o} on {}: {e}", path.display()))?;
+    if let Some(g) = &group {
+        nix::unistd::chown(path, None, Some(g.gid))
+            .map_err(|e| format!("chgrp {}: {e}", path.display()))?;
+    }
+    listen(&fd, Backlog::new(128).expect("128 is a valid backlog"))
+        .map_err(|e| format!("listening on {}: {e}", path.display()))?;
+    Ok(fd)
+}
+
+/// Whether something accepts SOCK_SEQPACKET connections at `path`.
+fn seqpacket_answers(path: &Path) -> bool {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).is_ok()
+}
+
+/// Sends one error and closes, without reading anything.
+async fn refuse(sock: UnixSeqpacket, code: ErrorCode, message: &str) {
+    let conn = Conn::new(sock);
+    if let Ok(bytes) = wire::encode(&Response {
+        v: PROTOCOL_VERSION,
+        id: 0,
+        body: ResponseBody::Error {
+            code,
+            message: message.to_string(),
+        },
+    }) {
+        let _ = conn.send(&bytes, &[]).await;
+    }
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf) {
+    let mut listener = match UnixSeqpacketListener::try_from(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cannot register the listening socket: {e}");
+            let _ = shared.shutdown.send(true);
+            return;
+        }
+    };
+    let mut stop = shared.shutdown.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    info!(socket = %socket_path.display(), "agentkeysd serving");
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => shared.refresh(),
+            r = listener.accept() => match r {
+                Ok(sock) => accept_one(sock, &shared),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    // Ask every connection to close.
+    let t = shared.conns.lock().expect("conn table");
+    for e in t.live.values() {
+        e.kick.notify_one();
+    }
+}
+
+fn accept_one(sock: UnixSeqpacket, shared: &Arc<Shared>) {
+    // The peer's credentials come from the kernel at connect time: checked before any read.
+    let (uid, pid) = match sock.peer_cred() {
+        Ok(c) => (c.uid(), c.pid().unwrap_or(0)),
+        Err(e) => {
+            warn!("dropping connection: cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    if !shared.sessions.uid_allowed(uid) {
+        warn!(
+            uid,
+            pid, "refused connection: uid is not allowed (not the daemon's, not bound to an agent)"
+        );
+        drop(sock);
+        return;
+    }
+    let kick = Arc::new(Notify::new());
+    let (id, evict) = {
+        let mut t = shared.conns.lock().expect("conn table");
+        if t.live.len() >= shared.cfg.max_connections {
+            drop(t);
+            warn!(
+                uid,
+                pid,
+                "refused connection: {} connections open (max_connections)",
+                shared.cfg.max_connections
+            );
+            tokio::spawn(refuse(
+                sock,
+                ErrorCode::Busy,
+                "agentkeysd is at its connection limit; try again shortly",
+            ));
+            return;
+        }
+        t.next_id += 1;
+        let id = t.next_id;
+        t.live.insert(
+            id,
+            ConnEntry {
+                principal: None,
+                kick: kick.clone(),
+            },
+        );
+        t.pending.push_back(id);
+        let mut evict = None;
+        if t.pending.len() > shared.cfg.max_pending
+            && let Some(old) = t.pending.pop_front()
+        {
+            evict = t.live.get(&old).map(|e| e.kick.clone());
+        }
+        (id, evict)
+    };
+    if let Some(k) = evict {
+        debug!("closing the oldest connection that has not said hello (max_pending)");
+        k.notify_one();
+    }
+    debug!(conn = id, uid, pid, "accepted");
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        crate::connection::run(Conn::new(sock), &shared, id, uid, pid, kick).await;
+        shared.closed(id);
+    });
+}

@@ -1,0 +1,178 @@
+//! The client side: connect to agentkeysd, say hello with a session token, make requests.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+
+use crate::conn::{Conn, RecvError};
+use crate::wire::{
+    self, ErrorCode, PROTOCOL_VERSION, Request, RequestBody, ResponseBody, SessionInfo, WireToken,
+};
+
+/// What can go wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon listens at the socket path.
+    #[error("agentkeysd is not running (no daemon at {path}); start it with `agentkeys daemon`")]
+    NotRunning {
+        /// The socket path tried.
+        path: PathBuf,
+    },
+    /// The socket exists but cannot be used by this user.
+    #[error("cannot connect to agentkeysd at {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon closed the connection.
+    #[error(
+        "agentkeysd closed the connection (this uid may not be allowed to connect, or the session ended; see the daemon log)"
+    )]
+    Closed,
+    /// Sending or receiving failed.
+    #[error("talking to agentkeysd: {0}")]
+    Io(#[from] io::Error),
+    /// The daemon's answer was not understood.
+    #[error("unexpected answer from agentkeysd: {0}")]
+    Protocol(String),
+    /// The daemon refused the request.
+    #[error("{message}")]
+    Refused {
+        /// The daemon's code.
+        code: ErrorCode,
+        /// The daemon's message.
+        message: String,
+    },
+}
+
+impl From<RecvError> for ClientError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Closed => ClientError::Closed,
+            RecvError::Io(e) => io_error(e),
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// A reset or broken pipe means the daemon closed the connection on us.
+fn io_error(e: io::Error) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ClientError::Closed,
+        _ => ClientError::Io(e),
+    }
+}
+
+/// An answer with the fds that came with it.
+pub struct Answer {
+    /// The response body (never `Error`: that becomes [`ClientError::Refused`]).
+    pub body: ResponseBody,
+    /// Descriptors attached to the response.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// A connection to agentkeysd.
+pub struct Client {
+    conn: Conn,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects to the daemon's socket.
+    ///
+    /// # Errors
+    /// [`ClientError::NotRunning`] when nothing listens there; [`ClientError::Connect`] else.
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        match Conn::connect(path).await {
+            Ok(conn) => Ok(Client { conn, next_id: 1 }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Err(ClientError::NotRunning {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(source) => Err(ClientError::Connect {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Connects and authenticates in one step.
+    ///
+    /// # Errors
+    /// As [`Client::connect`] and [`Client::hello`].
+    pub async fn connect_with(
+        path: &Path,
+        token: &SecretString,
+    ) -> Result<(Client, SessionInfo), ClientError> {
+        let mut c = Client::connect(path).await?;
+        let info = c.hello(token).await?;
+        Ok((c, info))
+    }
+
+    /// Authenticates the connection.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] with `unauthenticated`, `revoked` or `expired`.
+    pub async fn hello(&mut self, token: &SecretString) -> Result<SessionInfo, ClientError> {
+        let body = RequestBody::Hello {
+            token: WireToken(token.clone()),
+        };
+        match self.call(body).await?.body {
+            ResponseBody::Welcome(info) => Ok(info),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a request and waits for its answer.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] when the daemon answers with an error; transport errors.
+    pub async fn call(&mut self, body: RequestBody) -> Result<Answer, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = wire::encode(&Request {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        })?;
+        self.conn.send(&bytes, &[]).await.map_err(io_error)?;
+        drop(bytes);
+        let packet = self.conn.recv().await?;
+        let resp = wire::decode_response(&packet.data)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if resp.id != id && resp.id != 0 {
+            return Err(ClientError::Protocol(format!(
+                "answer to request {} instead of {id}",
+                resp.id
+            )));
+        }
+        match resp.body {
+            ResponseBody::Error { code, message } => Err(ClientError::Refused { code, message }),
+            body => Ok(Answer {
+                body,
+                fds: packet.fds,
+            }),
+        }
+    }
+}
+
+/// An answer of the wrong kind.
+pub fn unexpected(body: &ResponseBody) -> ClientError {
+    ClientError::Protocol(
+        format!("unexpected response {body:?}")
+            .chars()
+            .take(200)
+            .collect(),
+    )
+}

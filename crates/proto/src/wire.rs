@@ -1,0 +1,406 @@
+//! Message types. One JSON object per packet:
+//!
+//! ```text
+//! request:  {"v":1,"id":7,"body":{"kind":"whoami"}}
+//! response: {"v":1,"id":7,"body":{"kind":"whoami", ...}}
+//!           {"v":1,"id":7,"body":{"kind":"error","code":"revoked","message":"..."}}
+//! ```
+//!
+//! `v` is the protocol version; `id` is chosen by the client and echoed. Packets are capped at
+//! [`MAX_MESSAGE_BYTES`] before parsing. Decoding never echoes input values into error text:
+//! a token put in the wrong field must not end up in a log line.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest packet either side accepts; anything longer is refused unread.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Most file descriptors one message may carry.
+pub const MAX_FDS_PER_MESSAGE: usize = 4;
+
+/// A session token on the wire: the only place a token is serialized, and only into a
+/// [`Zeroizing`] buffer by [`encode`]. No `Debug`, no `Display`.
+pub struct WireToken(pub SecretString);
+
+impl Serialize for WireToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.expose_secret())
+    }
+}
+
+impl<'de> Deserialize<'de> for WireToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        SecretString::deserialize(d).map(WireToken)
+    }
+}
+
+/// A request: version, id, body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Protocol version.
+    pub v: u32,
+    /// Client-chosen id, echoed in the response.
+    pub id: u64,
+    /// What is asked.
+    pub body: RequestBody,
+}
+
+/// The kinds of request.
+///
+/// Bodies without fields are written `Kind {}` rather than as unit variants: serde ignores
+/// unknown fields on unit variants of a tagged enum, and a request with fields it does not
+/// understand must be refused, not half-read.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RequestBody {
+    /// First message of every connection: authenticate with a session token.
+    Hello {
+        /// The owner's or an agent's session token.
+        token: WireToken,
+    },
+    /// Who am I: identity, role, scope, expiry.
+    Whoami {},
+    /// Is the daemon alive; its version, pid and uptime.
+    Status {},
+    /// The daemon's hardening self-test report (owner only).
+    SelfTest {},
+    /// Re-read state files now and close connections of revoked agents (owner only).
+    Reload {},
+    /// Stop the daemon gracefully (owner only).
+    Shutdown {},
+    /// Services visible to the caller (names and policy, never values).
+    ListServices {},
+}
+
+/// Every request kind, for telling "unknown kind" from "malformed".
+pub const REQUEST_KINDS: &[&str] = &[
+    "hello",
+    "whoami",
+    "status",
+    "self_test",
+    "reload",
+    "shutdown",
+    "list_services",
+];
+
+impl RequestBody {
+    /// The kind's name, for logs and audit (never the body).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestBody::Hello { .. } => "hello",
+            RequestBody::Whoami {} => "whoami",
+            RequestBody::Status {} => "status",
+            RequestBody::SelfTest {} => "self_test",
+            RequestBody::Reload {} => "reload",
+            RequestBody::Shutdown {} => "shutdown",
+            RequestBody::ListServices {} => "list_services",
+        }
+    }
+}
+
+/// A response: version, the request's id, body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version.
+    pub v: u32,
+    /// The id of the request this answers (0 when the request could not be parsed).
+    pub id: u64,
+    /// The answer.
+    pub body: ResponseBody,
+}
+
+/// Who a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The human who ran `agentkeys init`.
+    Owner,
+    /// A named agent with a scoped child session.
+    Agent,
+}
+
+/// Session metadata; never a token or a token hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The identity id (`ak-...`).
+    pub identity: String,
+    /// Owner or agent.
+    pub role: Role,
+    /// The agent's name (agents only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Services the session may use (`*` for all).
+    pub scope: Vec<String>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds.
+    pub expires: u64,
+    /// The uid an agent is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+}
+
+/// A service as listed: name and policy, never the value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// Service name.
+    pub name: String,
+    /// Needs a human's approval before release.
+    pub high_value: bool,
+    /// Seconds the daemon may keep it cached (0: never).
+    pub cache_ttl_secs: u64,
+    /// May be delivered as inline bytes.
+    pub allow_inline: bool,
+}
+
+/// The kinds of response.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ResponseBody {
+    /// Hello accepted.
+    Welcome(SessionInfo),
+    /// Answer to `whoami`.
+    Whoami(SessionInfo),
+    /// Answer to `status`.
+    Status {
+        /// agentkeysd's version.
+        version: String,
+        /// Its pid.
+        pid: u32,
+        /// Seconds since start.
+        uptime_secs: u64,
+        /// Open client connections.
+        connections: usize,
+    },
+    /// Answer to `self_test`: the daemon's own report (see agentkeys-hardening `selftest`).
+    SelfTest {
+        /// The report as JSON.
+        report: serde_json::Value,
+    },
+    /// Answer to `list_services`.
+    Services {
+        /// The visible services.
+        services: Vec<ServiceInfo>,
+    },
+    /// The request was carried out.
+    Done,
+    /// The request failed.
+    Error {
+        /// Stable machine-readable code.
+        code: ErrorCode,
+        /// What happened and what to do, for a human.
+        message: String,
+    },
+}
+
+/// Stable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not valid JSON or not a valid request.
+    BadRequest,
+    /// Over [`MAX_MESSAGE_BYTES`].
+    TooLarge,
+    /// A `kind` this daemon does not know.
+    UnknownKind,
+    /// A `v` this daemon does not speak.
+    UnsupportedVersion,
+    /// File descriptors on a message that takes none, or too many.
+    UnexpectedFd,
+    /// No valid hello yet, or an unknown token.
+    Unauthenticated,
+    /// The agent's session was revoked.
+    Revoked,
+    /// The session expired.
+    Expired,
+    /// Authenticated, but not allowed (scope, or owner-only request).
+    Forbidden,
+    /// No such service or agent.
+    NotFound,
+    /// Too many connections; try again.
+    Busy,
+    /// A failure inside the daemon; details are in its log.
+    Internal,
+}
+
+/// Why a packet could not be decoded. Messages carry positions, never input values.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// `v` missing or not [`PROTOCOL_VERSION`].
+    #[error("unsupported protocol version (this daemon speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion,
+    /// `body.kind` is not a known kind.
+    #[error("unknown request kind")]
+    UnknownKind,
+    /// Anything else.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+impl DecodeError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+            DecodeError::UnknownKind => ErrorCode::UnknownKind,
+            DecodeError::Malformed(_) => ErrorCode::BadRequest,
+        }
+    }
+}
+
+/// Describes a serde_json error by category and position only.
+fn describe(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "invalid JSON",
+        Category::Data => "JSON of the wrong shape for this request",
+        Category::Eof => "truncated JSON",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+/// The envelope fields alone, to report version and kind errors before shape errors.
+#[derive(Deserialize)]
+struct Probe {
+    v: Option<u32>,
+    body: Option<ProbeBody>,
+}
+
+#[derive(Deserialize)]
+struct ProbeBody {
+    kind: Option<String>,
+}
+
+/// Decodes a request packet.
+///
+/// # Errors
+/// [`DecodeError`] saying what is wrong, without quoting the input.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
+    let probe: Probe =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(describe(&e)))?;
+    if probe.v != Some(PROTOCOL_VERSION) {
+        return Err(DecodeError::UnsupportedVersion);
+    }
+    let kind = probe.body.and_then(|b| b.kind);
+    if !kind.as_deref().is_some_and(|k| REQUEST_KINDS.contains(&k)) {
+        return Err(DecodeError::UnknownKind);
+    }
+    serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(describe(&e)))
+}
+
+/// Decodes a response packet.
+///
+/// # Errors
+/// [`DecodeError`] when the daemon's answer is not understood.
+pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
+    let r: Response =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(describe(&e)))?;
+    if r.v != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion);
+    }
+    Ok(r)
+}
+
+/// Serializes a message into a buffer that is wiped when dropped (a hello carries a token).
+///
+/// # Errors
+/// Serialization failures (not expected for these types), or a message over the size cap.
+pub fn encode<T: Serialize>(msg: &T) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    // Reserve up front so the buffer never reallocates and leaves a partial copy behind.
+    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
+    serde_json::to_writer(&mut *buf, msg).map_err(std::io::Error::other)?;
+    if buf.len() > MAX_MESSAGE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "message of {} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit",
+            buf.len()
+        )));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip() {
+        let req = Request {
+            v: 1,
+            id: 9,
+            body: RequestBody::Hello {
+                token: WireToken(SecretString::from("akt_example")),
+            },
+        };
+        let bytes = encode(&req).unwrap();
+        let back = decode_request(&bytes).unwrap();
+        assert_eq!(back.id, 9);
+        match back.body {
+            RequestBody::Hello { token } => assert_eq!(token.0.expose_secret(), "akt_example"),
+            _ => panic!("wrong kind"),
+        }
+        let w = decode_request(br#"{"v":1,"id":1,"body":{"kind":"whoami"}}"#).unwrap();
+        assert_eq!(w.body.kind(), "whoami");
+    }
+
+    #[test]
+    fn decode_errors_are_classified_and_never_echo_input() {
+        let secret = "akt_SHOULD_NOT_BE_ECHOED";
+        let cases: [(String, ErrorCode); 6] = [
+            ("not json".into(), ErrorCode::BadRequest),
+            (
+                format!(r#"{{"v":2,"id":1,"body":{{"kind":"whoami","x":"{secret}"}}}}"#),
+                ErrorCode::UnsupportedVersion,
+            ),
+            (
+                format!(r#"{{"v":1,"id":1,"body":{{"kind":"{secret}"}}}}"#),
+                ErrorCode::UnknownKind,
+            ),
+            (
+                format!(r#"{{"v":1,"id":1,"body":{{"kind":"hello","token":7,"t":"{secret}"}}}}"#),
+                ErrorCode::BadRequest,
+            ),
+            (
+                format!(r#"{{"v":1,"id":"{secret}","body":{{"kind":"whoami"}}}}"#),
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"v":1,"id":1,"body":{"kind":"whoami","extra":true}}"#.into(),
+                ErrorCode::BadRequest,
+            ),
+        ];
+        for (input, code) in cases {
+            let e = decode_request(input.as_bytes())
+                .err()
+                .unwrap_or_else(|| panic!("accepted {input}"));
+            assert_eq!(e.code(), code, "{input}");
+            assert!(!e.to_string().contains("SHOULD_NOT"), "{e}");
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_crash() {
+        let deep = "[".repeat(100_000);
+        assert!(decode_request(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn oversized_encode_is_refused() {
+        let big = ResponseBody::Error {
+            code: ErrorCode::Internal,
+            message: "x".repeat(MAX_MESSAGE_BYTES),
+        };
+        assert!(
+            encode(&Response {
+                v: 1,
+                id: 1,
+                body: big
+            })
+            .is_err()
+        );
+    }
+}
