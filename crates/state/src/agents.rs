@@ -304,13 +304,13 @@ pub fn add_agent(
     verify_dek(home, dek)?;
     let mut reg = load_agents(home, dek.expose())?;
     let now = crate::now()?;
-    if let Some(existing) = reg.get(name) {
-        if existing.status(now) == AgentStatus::Active {
-            return Err(StateError::AgentExists {
-                name: name.to_owned(),
-                expires: existing.expires,
-            });
-        }
+    if let Some(existing) = reg.get(name)
+        && existing.status(now) == AgentStatus::Active
+    {
+        return Err(StateError::AgentExists {
+            name: name.to_owned(),
+            expires: existing.expires,
+        });
     }
     reg.agents.retain(|a| a.name != name);
     let token = SessionToken::generate()?;
