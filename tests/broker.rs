@@ -415,11 +415,43 @@ fn daemon_command_starts_in_background_and_stops() {
     );
 }
 
-/// `whoami_prints_metadata` and `whoami_no_token`: as owner and as agent, the metadata and never
-/// the token or its hash, in any output, log or file.
+/// `whoami_prints_metadata`: as owner and as agent, identity, role, scope, expiry, time left.
 #[test]
-fn whoami_prints_metadata_and_no_token() {
-    let mut h = TestHome::initialized("whoami");
+fn whoami_prints_metadata() {
+    let mut h = TestHome::initialized("whoami-meta");
+    h.start_daemon(&[]);
+    let token = h.add_agent("ci-bot", "github,npm", &["--ttl", "2h"]);
+
+    let owner = h.run(&["whoami"]);
+    assert!(owner.status.success(), "{}", text(&owner));
+    let o = String::from_utf8_lossy(&owner.stdout).to_string();
+    for want in ["identity", "ak-", "owner", "scope", "expires", "left"] {
+        assert!(o.contains(want), "owner whoami lacks {want}: {o}");
+    }
+    let agent = h.run_agent(&token, &["whoami"]);
+    assert!(agent.status.success(), "{}", text(&agent));
+    let a = String::from_utf8_lossy(&agent.stdout).to_string();
+    for want in ["agent ci-bot", "github,npm", "expires", "left"] {
+        assert!(a.contains(want), "agent whoami lacks {want}: {a}");
+    }
+    let aj = h.run_agent(&token, &["whoami", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&aj.stdout).unwrap();
+    assert_eq!(v["agent"], "ci-bot");
+    assert_eq!(v["role"], "agent");
+    assert_eq!(v["scope"], serde_json::json!(["github", "npm"]));
+    let left = v["time_left_secs"].as_u64().unwrap();
+    assert!((3600..=7200).contains(&left), "time left {left}");
+    let oj: serde_json::Value =
+        serde_json::from_slice(&h.run(&["whoami", "--json"]).stdout).unwrap();
+    assert_eq!(oj["role"], "owner");
+    assert_eq!(oj["identity"], v["identity"]);
+}
+
+/// `whoami_no_token`: neither the agent token nor its hash (raw, hex, base64) appears in any
+/// output, in the daemon's log, or in any file under AGENTKEYS_HOME.
+#[test]
+fn whoami_no_token() {
+    let mut h = TestHome::initialized("whoami-token");
     h.start_daemon(&[]);
     let token = h.add_agent("ci-bot", "github,npm", &["--ttl", "2h"]);
     let hash = sha2::Sha256::digest(token.as_bytes());
@@ -431,6 +463,10 @@ fn whoami_prints_metadata_and_no_token() {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
             .into_bytes(),
+        hash.iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<String>()
+            .into_bytes(),
         base64::engine::general_purpose::STANDARD
             .encode(hash)
             .into_bytes(),
@@ -438,33 +474,19 @@ fn whoami_prints_metadata_and_no_token() {
             .encode(hash)
             .into_bytes(),
     ];
-    let mut outputs = Vec::new();
-
-    let owner = h.run(&["whoami"]);
-    assert!(owner.status.success(), "{}", text(&owner));
-    let o = String::from_utf8_lossy(&owner.stdout).to_string();
-    for want in ["identity", "ak-", "owner", "scope", "expires", "left"] {
-        assert!(o.contains(want), "owner whoami lacks {want}: {o}");
-    }
-    outputs.push(owner);
-
-    let agent = h.run_agent(&token, &["whoami"]);
-    assert!(agent.status.success(), "{}", text(&agent));
-    let a = String::from_utf8_lossy(&agent.stdout).to_string();
-    for want in ["agent ci-bot", "github,npm", "expires", "left"] {
-        assert!(a.contains(want), "agent whoami lacks {want}: {a}");
-    }
-    let aj = h.run_agent(&token, &["whoami", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&aj.stdout).unwrap();
-    assert_eq!(v["agent"], "ci-bot");
-    assert_eq!(v["role"], "agent");
-    assert!(v["time_left_secs"].as_u64().unwrap() > 3600);
-    outputs.push(aj);
-    outputs.push(h.run_agent(&token, &["status"]));
-    outputs.push(h.run_agent(&token, &["list"]));
-    outputs.push(h.run(&["agent", "list", "--json"]));
-    outputs.push(h.run(&["doctor"]));
-
+    let outputs = vec![
+        h.run(&["whoami"]),
+        h.run(&["whoami", "--json"]),
+        h.run_agent(&token, &["whoami"]),
+        h.run_agent(&token, &["whoami", "--json"]),
+        h.run_agent(&token, &["status"]),
+        h.run_agent(&token, &["list"]),
+        h.run(&["agent", "list"]),
+        h.run(&["agent", "list", "--json"]),
+        h.run(&["doctor", "--json"]),
+        h.run(&["agent", "revoke", "ci-bot"]),
+        h.run_agent(&token, &["whoami"]),
+    ];
     let mut haystacks: Vec<(String, Vec<u8>)> = outputs
         .iter()
         .enumerate()
@@ -484,6 +506,121 @@ fn whoami_prints_metadata_and_no_token() {
             assert!(!contains(hay, n), "token or its hash found in {what}");
         }
     }
+}
+
+#[test]
+fn agent_token_can_go_to_a_private_file() {
+    let mut h = TestHome::initialized("tokenfile");
+    h.start_daemon(&[]);
+    let path = h.dir.join("bot.token");
+    let out = h.run(&[
+        "agent",
+        "add",
+        "bot",
+        "--scope",
+        "github",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "token printed although --out was given"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    let mut c = h.cli(&["whoami"]);
+    c.env("AGENTKEYS_TOKEN_FILE", &path).stdin(Stdio::null());
+    let who = c.output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&who.stdout).contains("agent bot"),
+        "{}",
+        text(&who)
+    );
+    // Never overwrites an existing file.
+    let again = h.run(&[
+        "agent",
+        "add",
+        "bot2",
+        "--scope",
+        "github",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success(), "{}", text(&again));
+}
+
+#[test]
+fn sigterm_stops_the_daemon_gracefully() {
+    let mut h = TestHome::initialized("sigterm");
+    let pid = h.start_daemon(&[]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.daemon_alive() {
+        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!h.socket().exists(), "socket left behind");
+    assert!(h.daemon_log().contains("SIGTERM"), "{}", h.daemon_log());
+    assert_eq!(h.run(&["status"]).status.code(), Some(3));
+    // And it starts again on the same socket path.
+    h.start_daemon(&[]);
+}
+
+#[test]
+fn store_from_a_terminal_does_not_echo_the_secret() {
+    if Command::new("python3")
+        .arg("-c")
+        .arg("import pty")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        eprintln!(
+            "SKIP store_from_a_terminal_does_not_echo_the_secret: python3 with the pty module is needed for a terminal"
+        );
+        return;
+    }
+    let h = TestHome::initialized("tty");
+    // python3 runs `agentkeys store ttysvc` on a pseudo-terminal, types the secret, and prints
+    // everything the terminal showed.
+    let script = r#"
+import os, pty, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], [sys.argv[1], "store", "ttysvc"])
+out = b""
+time.sleep(0.3)
+out += os.read(fd, 4096)
+os.write(fd, sys.argv[2].encode() + bytes([10]))
+while True:
+    try:
+        d = os.read(fd, 4096)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+_, st = os.waitpid(pid, 0)
+sys.stdout.buffer.write(out)
+sys.exit(os.waitstatus_to_exitcode(st))
+"#;
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(script).arg(bin("agentkeys")).arg(CANARY);
+    h.env(&mut c);
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("input hidden"), "{shown}");
+    assert!(
+        !shown.contains(CANARY),
+        "the terminal echoed the secret: {shown}"
+    );
+    let listed = String::from_utf8_lossy(&h.run(&["list"]).stdout).to_string();
+    assert!(listed.contains("ttysvc"), "{listed}");
 }
 
 #[test]

@@ -75,8 +75,8 @@ fn read_secret(service: &str, raw: bool) -> Result<Zeroizing<Vec<u8>>, CliError>
         std::io::stderr().flush().map_err(CliError::Output)?;
         let _echo = EchoOff::new(&stdin)?;
         let mut line = Zeroizing::new(String::with_capacity(4096));
+        // ECHONL stays on, so the terminal itself moves to the next line.
         stdin.read_line(&mut line).map_err(CliError::Output)?;
-        eprintln!();
         buf.extend_from_slice(line.as_bytes());
     } else {
         stdin
