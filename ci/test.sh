@@ -13,7 +13,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests"
 # The end-to-end tests drive the real binaries; cargo builds a package's binaries only for that
 # package's own tests, so build them explicitly.
-cargo build --workspace --bins --locked
+cargo build --workspace --bins --examples --locked
 if cargo nextest --version >/dev/null 2>&1; then
 	# nextest runs each test in its own process: tests that change process state stay apart.
 	cargo nextest run --workspace --locked --no-fail-fast --success-output immediate --failure-output final

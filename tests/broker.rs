@@ -898,3 +898,95 @@ fn hostile_clients_do_not_stop_the_daemon() {
     c.env("AGENTKEYS_TOKEN_FILE", &f);
     assert!(run_with_stdin(c, b"").status.success());
 }
+
+#[test]
+fn init_force_closes_connections_of_the_old_owner_session() {
+    let mut h = TestHome::initialized("ownerkick");
+    h.start_daemon(&[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = h.socket();
+    // The owner's token, read the way the owner's CLI reads it.
+    let home = agentkeys_state::home::Home::at(h.home());
+    let (_, dek) = agentkeys_state::init::open_owner(&home).unwrap();
+    let session = agentkeys_state::session::load_owner_session(&home, dek.expose()).unwrap();
+    let owner_tok = secrecy::SecretString::from(session.token.expose().to_string());
+    drop(session);
+    let (mut held_owner, _) = rt
+        .block_on(agentkeys_proto::client::Client::connect_with(
+            &socket, &owner_tok,
+        ))
+        .unwrap();
+    let agent = secrecy::SecretString::from(h.add_agent("watcher", "*", &[]));
+    let (mut held_agent, _) = rt
+        .block_on(agentkeys_proto::client::Client::connect_with(
+            &socket, &agent,
+        ))
+        .unwrap();
+
+    let out = h.run(&["init", "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r = rt.block_on(held_owner.call(agentkeys_proto::wire::RequestBody::Whoami {}));
+    assert!(
+        r.is_err(),
+        "a connection of the old owner session still answered"
+    );
+    // The old token is refused on a new connection; the CLI works with the new session.
+    let again = rt.block_on(agentkeys_proto::client::Client::connect_with(
+        &socket, &owner_tok,
+    ));
+    assert!(
+        again.is_err(),
+        "old owner token accepted after init --force"
+    );
+    assert!(h.run(&["status"]).status.success());
+    // Agents are untouched by a new owner session.
+    assert!(
+        rt.block_on(held_agent.call(agentkeys_proto::wire::RequestBody::Whoami {}))
+            .is_ok()
+    );
+}
+
+#[test]
+fn config_writable_by_others_is_refused() {
+    let h = TestHome::initialized("configperm");
+    let cfg = h.home().join("config.toml");
+    std::fs::write(&cfg, "[daemon]\nidle_ttl = \"5s\"\n").unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut c = Command::new(bin("agentkeysd"));
+    c.arg("--foreground");
+    h.env(&mut c);
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.toml") && err.contains("write"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_existing_open_socket_directory_is_refused_not_changed() {
+    let h = TestHome::initialized("sockdir");
+    let open_dir = h.dir.join("shared");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = Command::new(bin("agentkeysd"));
+    c.arg("--foreground");
+    h.env(&mut c);
+    c.env("AGENTKEYS_SOCKET", open_dir.join("s.sock"));
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("755"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::metadata(&open_dir).unwrap().mode() & 0o777,
+        0o755,
+        "directory mode was changed"
+    );
+}

@@ -131,6 +131,37 @@ impl Config {
                 });
             }
         };
+        // A config others can write could switch protections off: same rule as state files,
+        // except that it may be readable.
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata().map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let euid = nix::unistd::geteuid().as_raw();
+            let problem = if !meta.is_file() {
+                Some("not a regular file".to_string())
+            } else if meta.uid() != euid && meta.uid() != 0 {
+                Some(format!(
+                    "owned by uid {}, not by {euid} or root",
+                    meta.uid()
+                ))
+            } else if meta.mode() & 0o022 != 0 {
+                Some(format!(
+                    "mode {:o} lets group or others write it (chmod go-w)",
+                    meta.mode() & 0o777
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = problem {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message,
+                });
+            }
+        }
         let mut text = String::new();
         file.take(MAX_CONFIG_BYTES + 1)
             .read_to_string(&mut text)

@@ -12,10 +12,12 @@ use agentkeys_proto::conn::{Conn, RecvError};
 use agentkeys_proto::wire::{
     self, ErrorCode, PROTOCOL_VERSION, Request, RequestBody, Response, ResponseBody, ServiceInfo,
 };
-use agentkeys_state::vault::VaultIndex;
+use agentkeys_state::audit::{Event, Peer};
+use std::os::fd::AsFd;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::delivery::AfterSend;
 use crate::server::Shared;
 use crate::sessions::{AuthError, Principal};
 
@@ -24,6 +26,8 @@ struct Reply {
     body: ResponseBody,
     /// Close the connection after sending.
     close: bool,
+    /// An fd to attach and audit to write once the answer is out.
+    after: Option<AfterSend>,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
@@ -43,12 +47,21 @@ fn auth_error(e: &AuthError) -> ResponseBody {
 }
 
 async fn send(conn: &Conn, id: u64, body: ResponseBody) -> bool {
+    send_with(conn, id, body, &[]).await
+}
+
+async fn send_with(
+    conn: &Conn,
+    id: u64,
+    body: ResponseBody,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> bool {
     match wire::encode(&Response {
         v: PROTOCOL_VERSION,
         id,
         body,
     }) {
-        Ok(bytes) => conn.send(&bytes, &[]).await.is_ok(),
+        Ok(bytes) => conn.send(&bytes, fds).await.is_ok(),
         Err(e) => {
             warn!("encoding a response failed: {e}");
             false
@@ -116,28 +129,40 @@ pub async fn run(
         }
         Err(None) => return,
     };
-    let principal = match req.body {
-        RequestBody::Hello { token } => match shared.sessions.authenticate(&token.0, uid) {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(conn = id, uid, pid, "hello refused: {e}");
-                send(&conn, req.id, auth_error(&e)).await;
+    let principal =
+        match req.body {
+            RequestBody::Hello { token } => match shared
+                .sessions
+                .authenticate(&token.0, uid)
+                .or_else(|e| match e {
+                    // A token minted a moment ago (`init --force`, `agent add`) may be newer than the
+                    // last reload: re-check the state files (a stat each) and try once more.
+                    AuthError::Unknown => {
+                        shared.refresh();
+                        shared.sessions.authenticate(&token.0, uid)
+                    }
+                    other => Err(other),
+                }) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(conn = id, uid, pid, "hello refused: {e}");
+                    send(&conn, req.id, auth_error(&e)).await;
+                    return;
+                }
+            },
+            _ => {
+                send(
+                    &conn,
+                    req.id,
+                    error(
+                        ErrorCode::Unauthenticated,
+                        "the first message must be a hello with a session token",
+                    ),
+                )
+                .await;
                 return;
             }
-        },
-        _ => {
-            send(
-                &conn,
-                req.id,
-                error(
-                    ErrorCode::Unauthenticated,
-                    "the first message must be a hello with a session token",
-                ),
-            )
-            .await;
-            return;
-        }
-    };
+        };
     info!(conn = id, uid, pid, principal = ?principal, "session opened");
     shared.authenticated(id, principal.clone());
     if !send(
@@ -176,8 +201,35 @@ pub async fn run(
             send(&conn, req.id, auth_error(&e)).await;
             return;
         }
-        let reply = handle(shared, &principal, req.body);
-        if !send(&conn, req.id, reply.body).await || reply.close {
+        let peer = Peer { uid, pid };
+        let reply = handle(shared, &principal, peer, req.body);
+        let sent = match &reply.after {
+            Some(AfterSend { fd: Some(fd), .. }) => {
+                send_with(&conn, req.id, reply.body, &[fd.as_fd()]).await
+            }
+            _ => send(&conn, req.id, reply.body).await,
+        };
+        if let Some(after) = reply.after {
+            // The daemon's copy of a delivered page goes now; the receiver holds the memory.
+            drop(after.fd);
+            if let Some((service, delivery)) = after.drop {
+                shared.audit_best_effort(&Event {
+                    event: "drop",
+                    agent: Some(crate::delivery::who(&principal)),
+                    service: Some(&service),
+                    delivery: Some(delivery),
+                    degraded: false,
+                    peer: Some(peer),
+                    outcome: if sent { "ok" } else { "error" },
+                    detail: if sent {
+                        None
+                    } else {
+                        Some("the answer could not be sent")
+                    },
+                });
+            }
+        }
+        if !sent || reply.close {
             return;
         }
     }
@@ -187,11 +239,16 @@ fn owner_only(p: &Principal) -> Option<Reply> {
     (*p != Principal::Owner).then(|| Reply {
         body: error(ErrorCode::Forbidden, "only the owner may do this"),
         close: false,
+        after: None,
     })
 }
 
-fn handle(shared: &Arc<Shared>, p: &Principal, body: RequestBody) -> Reply {
-    let ok = |body| Reply { body, close: false };
+fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) -> Reply {
+    let ok = |body| Reply {
+        body,
+        close: false,
+        after: None,
+    };
     match body {
         RequestBody::Hello { .. } => ok(error(
             ErrorCode::BadRequest,
@@ -215,9 +272,18 @@ fn handle(shared: &Arc<Shared>, p: &Principal, body: RequestBody) -> Reply {
             Reply {
                 body: ResponseBody::Done,
                 close: true,
+                after: None,
             }
         }),
         RequestBody::ListServices {} => ok(list_services(shared, p)),
+        RequestBody::GetCredential { service, inline } => {
+            let d = crate::delivery::get_credential(shared, p, peer, &service, inline);
+            Reply {
+                body: d.body,
+                close: false,
+                after: Some(d.after),
+            }
+        }
     }
 }
 
@@ -267,7 +333,7 @@ fn self_test(shared: &Shared) -> ResponseBody {
 }
 
 fn list_services(shared: &Shared, p: &Principal) -> ResponseBody {
-    let index = match VaultIndex::read(&shared.home) {
+    let index = match shared.vault_index() {
         Ok(i) => i,
         Err(e) => {
             warn!("reading the vault failed: {e}");

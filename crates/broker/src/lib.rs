@@ -2,14 +2,18 @@
 //!
 //! - [`startup`]: the hardening sequence, in phases, run before anything else.
 //! - [`config`]: the `config.toml` file.
-//! - [`keys`]: the DEK in a (pkey-protected) secret page.
+//! - [`keys`]: guarded (pkey-protected) secret pages: the DEK, cached credentials.
+//! - [`cache`]: cached credentials, idle and TTL eviction.
+//! - [`delivery`]: `get_credential`: scope, fetch, audit, fd or inline delivery, drop.
 //! - [`sessions`]: owner and agent sessions, authentication bound to the peer's uid.
 //! - [`server`]: socket, accept loop, peer check, connection caps, shutdown.
 //! - [`connection`]: one client: handshake, requests, responses.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod config;
 pub mod connection;
+pub mod delivery;
 pub mod keys;
 pub mod server;
 pub mod sessions;

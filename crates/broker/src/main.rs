@@ -17,6 +17,7 @@ use agentkeys_hardening::alloc::WipingAllocator;
 use agentkeys_hardening::page::PagePolicy;
 use agentkeys_hardening::process::{self, Detached};
 use agentkeys_hardening::selftest::{Report, Status};
+use agentkeys_state::audit::AuditLog;
 use agentkeys_state::home::Home;
 use agentkeys_state::identity::load_identity;
 use agentkeys_state::keystore;
@@ -195,6 +196,9 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         &key,
     )
     .map_err(|e| e.to_string())?;
+    // The audit trail is opened now, while the file can still be created; appends later only
+    // write and sync.
+    let audit = AuditLog::open(&home).map_err(|e| format!("opening the audit log: {e}"))?;
     let listener = server::bind_socket(&socket_path, &cfg.daemon)?;
 
     startup::sandbox().map_err(|e| e.to_string())?;
@@ -209,6 +213,9 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         conns: Mutex::new(ConnTable::default()),
         shutdown,
         keystore_detail,
+        cache: Default::default(),
+        audit: Mutex::new(audit),
+        vault: Mutex::new(None),
     });
     let report = daemon_report(&shared);
     for item in &report.items {

@@ -12,13 +12,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentkeys_hardening::page::PagePolicy;
 use agentkeys_proto::conn::Conn;
 use agentkeys_proto::wire::{self, ErrorCode, PROTOCOL_VERSION, Response, ResponseBody};
+use agentkeys_state::StateError;
+use agentkeys_state::audit::{AuditLog, Event};
 use agentkeys_state::home::Home;
+use agentkeys_state::vault::{VaultIndex, vault_stamp};
 use tokio::sync::{Notify, watch};
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::cache::{Cache, EvictReason};
 use crate::config::DaemonConfig;
 use crate::keys::KeyPage;
 use crate::sessions::{Principal, Sessions};
@@ -41,6 +46,12 @@ pub struct Shared {
     pub shutdown: watch::Sender<bool>,
     /// How the DEK and keystore are held, for the self-test.
     pub keystore_detail: String,
+    /// Cached credentials (services with a cache_ttl only).
+    pub cache: Cache,
+    /// The audit trail; a delivery whose record cannot be written does not happen.
+    pub audit: Mutex<AuditLog>,
+    /// The parsed vault, re-read when its file changes.
+    pub vault: Mutex<Option<Arc<VaultIndex>>>,
 }
 
 /// One open connection, as the server sees it.
@@ -72,6 +83,85 @@ impl ConnTable {
 }
 
 impl Shared {
+    /// Writes an audit record; the error message is for the client of a refused delivery.
+    ///
+    /// # Errors
+    /// The record could not be written (fail closed: the caller must not deliver).
+    pub fn audit(&self, ev: &Event<'_>) -> Result<(), String> {
+        let mut log = self.audit.lock().expect("audit lock");
+        log.append(ev).map(drop).map_err(|e| {
+            error!("AUDIT WRITE FAILED, refusing deliveries until it works again: {e}");
+            format!("the audit log cannot be written ({e}); delivery refused")
+        })
+    }
+
+    /// Writes an audit record for an event that happens whatever the log says (a denial, an
+    /// eviction); a failure is logged loudly.
+    pub fn audit_best_effort(&self, ev: &Event<'_>) {
+        let _ = self.audit(ev);
+    }
+
+    /// The secret-page policy: memfd_secret, with or without the degraded fallback.
+    pub fn page_policy(&self) -> PagePolicy {
+        if self.cfg.require_secretmem {
+            PagePolicy::RequireSecret
+        } else {
+            PagePolicy::PreferSecret
+        }
+    }
+
+    /// The vault as it is now on disk: re-read when its file changed, which also empties the
+    /// cache (a cached value may have been replaced or deleted).
+    ///
+    /// # Errors
+    /// The vault cannot be read.
+    pub fn vault_index(&self) -> Result<Arc<VaultIndex>, StateError> {
+        let stamp = vault_stamp(&self.home);
+        let mut slot = self.vault.lock().expect("vault lock");
+        if let Some(v) = slot.as_ref()
+            && v.stamp() == stamp
+        {
+            return Ok(v.clone());
+        }
+        let fresh = Arc::new(VaultIndex::read(&self.home)?);
+        let changed = slot.is_some();
+        *slot = Some(fresh.clone());
+        drop(slot);
+        if changed {
+            self.evicted(self.cache.clear(EvictReason::VaultChanged));
+        }
+        Ok(fresh)
+    }
+
+    /// Audits cache evictions.
+    fn evicted(&self, gone: Vec<(String, EvictReason)>) {
+        for (service, reason) in gone {
+            info!(service, reason = reason.as_str(), "evicted cached secret");
+            self.audit_best_effort(&Event {
+                event: "evict",
+                agent: None,
+                service: Some(&service),
+                delivery: None,
+                degraded: false,
+                peer: None,
+                outcome: "ok",
+                detail: Some(reason.as_str()),
+            });
+        }
+    }
+
+    /// Evicts idle and expired cache entries (called every second).
+    pub fn sweep_cache(&self) {
+        if !self.cache.is_empty() {
+            self.evicted(self.cache.sweep(self.cfg.idle_ttl));
+        }
+    }
+
+    /// Wipes the whole cache (shutdown).
+    pub fn clear_cache(&self) {
+        self.evicted(self.cache.clear(EvictReason::Shutdown));
+    }
+
     /// Marks a connection authenticated.
     pub fn authenticated(&self, id: u64, p: Principal) {
         let mut t = self.conns.lock().expect("conn table");
@@ -92,17 +182,19 @@ impl Shared {
     /// valid. Called periodically and on `reload`.
     pub fn refresh(&self) {
         match self.sessions.refresh(&self.key) {
-            Ok(true) => self.kick_invalid(),
-            Ok(false) => {}
+            Ok(changed) if changed.owner || changed.agents => self.kick_invalid(changed.owner),
+            Ok(_) => {}
             Err(e) => warn!("state changed but could not be reloaded (keeping the old view): {e}"),
         }
     }
 
-    fn kick_invalid(&self) {
+    /// Closes connections whose session is no longer valid; with `owner_changed` (a new owner
+    /// session from `init --force`), every owner connection, since they used the old token.
+    fn kick_invalid(&self, owner_changed: bool) {
         let t = self.conns.lock().expect("conn table");
         for (id, e) in &t.live {
             if let Some(p) = &e.principal
-                && self.sessions.check(p).is_err()
+                && ((owner_changed && *p == Principal::Owner) || self.sessions.check(p).is_err())
             {
                 info!(conn = id, principal = ?p, "closing connection: session no longer valid");
                 e.kick.notify_one();
@@ -133,10 +225,19 @@ pub fn bind_socket(path: &Path, cfg: &DaemonConfig) -> Result<OwnedFd, String> {
         ),
         None => None,
     };
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
+    // A directory we create gets the mode we want; an existing one is checked, never changed
+    // (AGENTKEYS_SOCKET=/tmp/x.sock must not make /tmp private, nor socket_group open the home).
     let dir_mode = if group.is_some() { 0o710 } else { 0o700 };
+    let created = !dir.exists();
+    if created {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(|e| format!("setting mode {dir_mode:o} on {}: {e}", dir.display()))?;
+        if let Some(g) = &group {
+            nix::unistd::chown(dir, None, Some(g.gid))
+                .map_err(|e| format!("chgrp {}: {e}", dir.display()))?;
+        }
+    }
     let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let euid = nix::unistd::geteuid().as_raw();
     if meta.uid() != euid {
@@ -146,13 +247,25 @@ pub fn bind_socket(path: &Path, cfg: &DaemonConfig) -> Result<OwnedFd, String> {
             meta.uid()
         ));
     }
-    if meta.mode() & 0o777 != dir_mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
-            .map_err(|e| format!("setting mode {dir_mode:o} on {}: {e}", dir.display()))?;
-    }
-    if let Some(g) = &group {
-        nix::unistd::chown(dir, None, Some(g.gid))
-            .map_err(|e| format!("chgrp {}: {e}", dir.display()))?;
+    let mode = meta.mode() & 0o777;
+    match &group {
+        None if mode & 0o077 != 0 => {
+            return Err(format!(
+                "socket directory {} has mode {mode:o}: group and others must have no access \
+                 (chmod 700 it, or point AGENTKEYS_SOCKET into a private directory)",
+                dir.display()
+            ));
+        }
+        Some(g) if mode != 0o710 || meta.gid() != g.gid.as_raw() => {
+            return Err(format!(
+                "with socket_group the socket needs a directory of its own, mode 710 and group {}: \
+                 {} has mode {mode:o}; set AGENTKEYS_SOCKET to a path in a directory that does not \
+                 exist yet (agentkeysd creates it)",
+                g.name,
+                dir.display()
+            ));
+        }
+        _ => {}
     }
     if let Ok(m) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -241,7 +354,10 @@ pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf)
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            _ = tick.tick() => shared.refresh(),
+            _ = tick.tick() => {
+                shared.refresh();
+                shared.sweep_cache();
+            }
             r = listener.accept() => match r {
                 Ok(sock) => accept_one(sock, &shared),
                 Err(e) => {
@@ -252,11 +368,13 @@ pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf)
             },
         }
     }
-    // Ask every connection to close.
+    // Ask every connection to close, and wipe the cache.
     let t = shared.conns.lock().expect("conn table");
     for e in t.live.values() {
         e.kick.notify_one();
     }
+    drop(t);
+    shared.clear_cache();
 }
 
 fn accept_one(sock: UnixSeqpacket, shared: &Arc<Shared>) {

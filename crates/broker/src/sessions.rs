@@ -44,6 +44,15 @@ pub enum AuthError {
     WrongUid(u32),
 }
 
+/// Which state files changed in a [`Sessions::refresh`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Changed {
+    /// A new owner session (`init --force`): the old owner token is dead.
+    pub owner: bool,
+    /// The agent registry.
+    pub agents: bool,
+}
+
 struct OwnerView {
     hash: TokenHash,
     created: u64,
@@ -116,21 +125,24 @@ impl Sessions {
         })
     }
 
-    /// Re-reads whichever file changed. Returns true when the agent registry changed.
+    /// Re-reads whichever file changed and says which did.
     ///
     /// # Errors
     /// A file changed but cannot be read: the old view stays in force.
-    pub fn refresh(&self, key: &KeyPage) -> Result<bool, StateError> {
+    pub fn refresh(&self, key: &KeyPage) -> Result<Changed, StateError> {
+        let mut changed = Changed::default();
         if owner_session_stamp(&self.home) != self.owner.read().expect("owner lock").stamp {
             let fresh = read_owner(&self.home, key)?;
-            *self.owner.write().expect("owner lock") = fresh;
+            let mut o = self.owner.write().expect("owner lock");
+            changed.owner = !o.hash.ct_eq(&fresh.hash);
+            *o = fresh;
         }
         if agents_stamp(&self.home) != self.agents.read().expect("agents lock").stamp {
             let fresh = read_agents(&self.home, key)?;
             *self.agents.write().expect("agents lock") = fresh;
-            return Ok(true);
+            changed.agents = true;
         }
-        Ok(false)
+        Ok(changed)
     }
 
     /// Whether a connection from `uid` may be read at all: the daemon's uid, or a uid bound

@@ -15,6 +15,8 @@ pub const ENV_ALLOWLIST: &[&str] = &[
     "XDG_RUNTIME_DIR",
     "HOME",
     "TZ",
+    // An `os-keyring` build reads the DEK from the Secret Service before the sandbox closes.
+    "DBUS_SESSION_BUS_ADDRESS",
 ];
 
 /// Choices that change how strict start-up is.

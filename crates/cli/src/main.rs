@@ -9,10 +9,12 @@
 #![forbid(unsafe_code)]
 
 mod agent_cmd;
+mod audit_cmd;
 mod ctx;
 mod daemon_cmd;
 mod doctor;
 mod init_cmd;
+mod read_cmd;
 mod vault_cmd;
 mod whoami;
 
@@ -79,6 +81,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a credential's exact bytes to stdout (received as an fd, mapped, unmapped).
+    Read {
+        /// Service name.
+        service: String,
+        /// Ask for inline bytes instead of an fd (only for services stored with --allow-inline).
+        #[arg(long)]
+        inline: bool,
+    },
     /// Delete a stored service.
     Delete {
         /// Service name.
@@ -98,6 +108,18 @@ enum Command {
     /// Report how this machine and agentkeys' processes are hardened.
     Doctor {
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the audit trail (who got which secret, when); `audit verify` checks its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Audit {
+        #[command(subcommand)]
+        action: Option<audit_cmd::AuditAction>,
+        /// Keep printing records as agentkeysd appends them.
+        #[arg(long)]
+        follow: bool,
+        /// Print the records exactly as stored (JSON lines).
         #[arg(long)]
         json: bool,
     },
@@ -177,6 +199,9 @@ pub(crate) enum CliError {
     /// Writing output failed (e.g. a closed pipe).
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    /// `audit verify` found a broken hash chain.
+    #[error("{0}")]
+    AuditBroken(String),
 }
 
 impl CliError {
@@ -192,6 +217,7 @@ impl CliError {
             CliError::Auth(_) => 4,
             CliError::Forbidden(_) => 5,
             CliError::NotFound(_) => 6,
+            CliError::AuditBroken(_) => 7,
             CliError::Harden(_) => 70, // EX_SOFTWARE: the environment refused a safety step
             CliError::Output(_) => 74, // EX_IOERR
             _ => 1,
@@ -237,6 +263,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             },
         ),
         Command::List { json } => vault_cmd::list(&caller, json),
+        Command::Read { service, inline } => read_cmd::run(&caller, &service, inline),
         Command::Delete { service } => vault_cmd::delete(&caller, &service),
         Command::Agent { action } => match action {
             AgentAction::Add {
@@ -260,6 +287,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         },
         Command::Whoami { json } => whoami::run(&caller, json),
         Command::Doctor { json } => doctor::run(&caller, json),
+        Command::Audit {
+            action,
+            follow,
+            json,
+        } => audit_cmd::run(&caller, action, follow, json),
     }
 }
 

@@ -4,7 +4,9 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use agentkeys_hardening::page::MappedSecret;
 use secrecy::SecretString;
+use zeroize::Zeroizing;
 
 use crate::conn::{Conn, RecvError};
 use crate::wire::{
@@ -163,6 +165,87 @@ impl Client {
                 body,
                 fds: packet.fds,
             }),
+        }
+    }
+}
+
+/// A credential as received.
+pub enum Delivered {
+    /// A secret page mapped read-only (unmapped and closed on drop).
+    Fd(MappedSecret),
+    /// Inline bytes (wiped on drop).
+    Inline(Zeroizing<Vec<u8>>),
+}
+
+impl Delivered {
+    /// The secret's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Delivered::Fd(m) => m,
+            Delivered::Inline(b) => b,
+        }
+    }
+
+    /// Whether the daemon used the degraded sealed-memfd fallback.
+    pub fn degraded(&self) -> bool {
+        matches!(self, Delivered::Fd(m) if m.backing().is_degraded())
+    }
+}
+
+impl Client {
+    /// Asks for a credential: as an fd (the default) or, with `inline`, as bytes.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] (scope, not found, inline not allowed, approval needed);
+    /// [`ClientError::Protocol`] when the answer carries no fd, a bad fd, or a length that does
+    /// not match the page.
+    pub async fn get_credential(
+        &mut self,
+        service: &str,
+        inline: bool,
+    ) -> Result<Delivered, ClientError> {
+        let answer = self
+            .call(RequestBody::GetCredential {
+                service: service.to_string(),
+                inline,
+            })
+            .await?;
+        let (len, value_b64, delivery) = match answer.body {
+            ResponseBody::Credential {
+                len,
+                value_b64,
+                delivery,
+                ..
+            } => (len, value_b64, delivery),
+            other => return Err(unexpected(&other)),
+        };
+        let mut fds = answer.fds.into_iter();
+        match (delivery.as_str(), value_b64) {
+            ("fd", None) => {
+                let fd = fds
+                    .next()
+                    .ok_or_else(|| ClientError::Protocol("fd delivery without an fd".into()))?;
+                let mapped =
+                    MappedSecret::map(fd).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if mapped.len() != len {
+                    return Err(ClientError::Protocol(
+                        "delivered page does not match the announced length".into(),
+                    ));
+                }
+                Ok(Delivered::Fd(mapped))
+            }
+            ("inline", Some(b64)) => {
+                use base64::Engine;
+                let b64 = Zeroizing::new(b64);
+                let mut out = Zeroizing::new(Vec::with_capacity(b64.len()));
+                base64::engine::general_purpose::STANDARD
+                    .decode_vec(b64.as_bytes(), &mut out)
+                    .map_err(|_| ClientError::Protocol("inline value is not base64".into()))?;
+                Ok(Delivered::Inline(out))
+            }
+            _ => Err(ClientError::Protocol(format!(
+                "unknown delivery {delivery:?}"
+            ))),
         }
     }
 }

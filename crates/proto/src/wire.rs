@@ -74,6 +74,15 @@ pub enum RequestBody {
     Shutdown {},
     /// Services visible to the caller (names and policy, never values).
     ListServices {},
+    /// A credential: by default as a `memfd_secret` fd attached to the answer; as inline
+    /// bytes only when asked and the service allows it.
+    GetCredential {
+        /// Service name.
+        service: String,
+        /// Ask for inline bytes instead of an fd.
+        #[serde(default)]
+        inline: bool,
+    },
 }
 
 /// Every request kind, for telling "unknown kind" from "malformed".
@@ -85,6 +94,7 @@ pub const REQUEST_KINDS: &[&str] = &[
     "reload",
     "shutdown",
     "list_services",
+    "get_credential",
 ];
 
 impl RequestBody {
@@ -98,6 +108,7 @@ impl RequestBody {
             RequestBody::Reload {} => "reload",
             RequestBody::Shutdown {} => "shutdown",
             RequestBody::ListServices {} => "list_services",
+            RequestBody::GetCredential { .. } => "get_credential",
         }
     }
 }
@@ -185,6 +196,21 @@ pub enum ResponseBody {
     Services {
         /// The visible services.
         services: Vec<ServiceInfo>,
+    },
+    /// Answer to `get_credential`. With `delivery: "fd"` one fd is attached: a `memfd_secret`
+    /// (or, `degraded`, a sealed memfd) whose size is the secret's length; map it read-only.
+    Credential {
+        /// The service.
+        service: String,
+        /// `fd` or `inline`.
+        delivery: String,
+        /// True when the fd is the sealed-memfd fallback rather than `memfd_secret`.
+        degraded: bool,
+        /// Length of the secret in bytes.
+        len: usize,
+        /// Inline delivery only: the bytes, base64.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value_b64: Option<String>,
     },
     /// The request was carried out.
     Done,

@@ -225,6 +225,19 @@ pub enum StateError {
     #[error("the system clock is not usable (before 1970?): fix the clock and retry")]
     Clock,
 
+    /// The audit trail cannot be opened or a record cannot be written. Whatever was to be
+    /// recorded must not happen (fail closed).
+    #[error(
+        "audit log {} is unavailable: {reason}; nothing is delivered without an audit record",
+        path.display()
+    )]
+    AuditUnavailable {
+        /// The log file.
+        path: PathBuf,
+        /// What failed, with the errno where there is one, and what to do.
+        reason: String,
+    },
+
     /// The OS keyring failed.
     #[error("OS keyring (Secret Service) failed to {op}: {detail}")]
     Keyring {

@@ -15,6 +15,8 @@
 //! - [`agents`]: the agent registry (token hashes, scopes, expiry, revocation), sealed in
 //!   `agents.enc`.
 //! - [`vault`]: the local vault `vault.enc`, each entry sealed on its own.
+//! - [`audit`]: the audit trail `audit.jsonl` (hash-chained JSON lines): [`audit::AuditLog`]
+//!   for the daemon, [`audit::verify`] and [`audit::AuditReader`] for the CLI.
 //! - [`mod@init`]: [`init()`] / `init --force` and [`open_owner`].
 //! - [`error`]: the one error type, [`StateError`].
 //!
@@ -27,6 +29,7 @@
 //! | `session.enc`   | owner token, created, expires, scope      | whole file (`agentkeys session.enc v1`) |
 //! | `agents.enc`    | agents with token hashes                  | whole file (`agentkeys agents.enc v1`)  |
 //! | `vault.enc`     | names, policies, times; sealed values     | per entry (service + policy)      |
+//! | `audit.jsonl`   | audit records (names, never secrets)      | no: hash-chained, daemon appends  |
 //! | `state.lock`    | empty; `flock`ed by writers               | n/a                               |
 //!
 //! Secrets (DEK, tokens, plaintext) live only in types that wipe themselves on drop and have no
@@ -36,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod agents;
+pub mod audit;
 pub mod crypto;
 pub mod error;
 pub mod home;

@@ -1,0 +1,187 @@
+//! Cached credentials: only for services stored with a `cache_ttl`. Each lives in a guarded
+//! secret page; a use within the TTL copies it into a fresh delivery page (inside the pkey
+//! window) instead of fetching again. An entry is wiped and evicted after `idle_ttl` without use,
+//! after its `cache_ttl`, when the vault changes, and at shutdown.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use agentkeys_hardening::page::{PageError, PagePolicy, SecretPage};
+
+use crate::keys::GuardedPage;
+
+struct Entry {
+    page: GuardedPage,
+    fetched: Instant,
+    last_used: Instant,
+    ttl: Duration,
+}
+
+/// Why an entry left the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EvictReason {
+    /// Not used for `idle_ttl`.
+    Idle,
+    /// Older than its `cache_ttl`.
+    Expired,
+    /// The vault changed (the value may have been replaced or deleted).
+    VaultChanged,
+    /// The daemon is stopping.
+    Shutdown,
+}
+
+impl EvictReason {
+    /// The word used in the audit record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Idle => "idle",
+            EvictReason::Expired => "cache_ttl",
+            EvictReason::VaultChanged => "vault changed",
+            EvictReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The cache.
+#[derive(Default)]
+pub struct Cache {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl Cache {
+    /// A delivery copy of a live entry, refreshing its idle timer; `None` on a miss.
+    ///
+    /// # Errors
+    /// [`PageError`] if the copy's page cannot be made.
+    pub fn copy(&self, service: &str, policy: PagePolicy) -> Result<Option<SecretPage>, PageError> {
+        let mut entries = self.entries.lock().expect("cache lock");
+        let Some(e) = entries.get_mut(service) else {
+            return Ok(None);
+        };
+        if e.fetched.elapsed() >= e.ttl {
+            // Expired entries are swept by the timer; never serve one.
+            return Ok(None);
+        }
+        e.last_used = Instant::now();
+        e.page.copy_out(policy).map(Some)
+    }
+
+    /// Keeps a copy of a fetched secret for `ttl`.
+    pub fn insert(&self, service: &str, page: GuardedPage, ttl: Duration) {
+        let now = Instant::now();
+        let old = self.entries.lock().expect("cache lock").insert(
+            service.to_string(),
+            Entry {
+                page,
+                fetched: now,
+                last_used: now,
+                ttl,
+            },
+        );
+        drop(old); // a replaced entry is wiped here
+    }
+
+    /// Wipes and removes entries idle for `idle_ttl` or older than their TTL; returns them.
+    pub fn sweep(&self, idle_ttl: Duration) -> Vec<(String, EvictReason)> {
+        let mut entries = self.entries.lock().expect("cache lock");
+        let mut gone = Vec::new();
+        entries.retain(|name, e| {
+            let reason = if e.fetched.elapsed() >= e.ttl {
+                Some(EvictReason::Expired)
+            } else if e.last_used.elapsed() >= idle_ttl {
+                Some(EvictReason::Idle)
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                gone.push((name.clone(), r));
+            }
+            reason.is_none()
+        });
+        gone
+    }
+
+    /// Wipes everything (vault changed, shutdown); returns what was there.
+    pub fn clear(&self, reason: EvictReason) -> Vec<(String, EvictReason)> {
+        let mut entries = self.entries.lock().expect("cache lock");
+        let gone = entries.keys().map(|k| (k.clone(), reason)).collect();
+        entries.clear();
+        gone
+    }
+
+    /// Number of cached secrets.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("cache lock").len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the entry for `service` is guarded by a protection key.
+    pub fn is_pkey_protected(&self, service: &str) -> Option<bool> {
+        self.entries
+            .lock()
+            .expect("cache lock")
+            .get(service)
+            .map(|e| e.page.describe().1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guarded(b: &[u8]) -> GuardedPage {
+        GuardedPage::new(b, PagePolicy::PreferSecret).unwrap()
+    }
+
+    #[test]
+    fn hit_copies_and_miss_is_none() {
+        let c = Cache::default();
+        assert!(c.copy("gh", PagePolicy::PreferSecret).unwrap().is_none());
+        c.insert("gh", guarded(b"tok"), Duration::from_secs(60));
+        let copy = c.copy("gh", PagePolicy::PreferSecret).unwrap().unwrap();
+        assert_eq!(&*copy, b"tok");
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn idle_and_ttl_eviction() {
+        let c = Cache::default();
+        c.insert("idle", guarded(b"a"), Duration::from_secs(60));
+        c.insert("old", guarded(b"b"), Duration::from_millis(0));
+        // An expired entry is never served, even before the sweep.
+        assert!(c.copy("old", PagePolicy::PreferSecret).unwrap().is_none());
+        let mut gone = c.sweep(Duration::from_secs(3600));
+        gone.sort();
+        assert_eq!(gone, vec![("old".to_string(), EvictReason::Expired)]);
+        let gone = c.sweep(Duration::ZERO);
+        assert_eq!(gone, vec![("idle".to_string(), EvictReason::Idle)]);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn cached_pages_are_pkey_protected_where_pkeys_exist() {
+        let c = Cache::default();
+        c.insert("gh", guarded(b"tok"), Duration::from_secs(60));
+        let expected = agentkeys_hardening::pkey::supported().is_ok();
+        if !expected {
+            eprintln!(
+                "SKIP (partly) cached_pages_are_pkey_protected_where_pkeys_exist: no pkeys here"
+            );
+        }
+        assert_eq!(c.is_pkey_protected("gh"), Some(expected));
+    }
+
+    #[test]
+    fn clear_wipes_everything() {
+        let c = Cache::default();
+        c.insert("a", guarded(b"1"), Duration::from_secs(60));
+        c.insert("b", guarded(b"2"), Duration::from_secs(60));
+        assert_eq!(c.clear(EvictReason::Shutdown).len(), 2);
+        assert!(c.is_empty());
+    }
+}

@@ -1,0 +1,252 @@
+//! `get_credential`: check scope and policy, fetch from the vault (or copy from the cache) into
+//! a secret page, write the audit record, and only then deliver: the page's fd travels with the
+//! answer (`SCM_RIGHTS`), or, for services that allow it, the bytes inline. Afterwards the
+//! daemon's copy is closed and `drop` is audited, unless the service is cached.
+//!
+//! Every step that fails refuses the delivery; a delivery whose audit record cannot be written
+//! does not happen.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use agentkeys_hardening::page::SecretPage;
+use agentkeys_proto::wire::{ErrorCode, ResponseBody};
+use agentkeys_state::audit::{Event, Peer};
+use agentkeys_state::vault::validate_service_name;
+use base64::Engine;
+use tracing::{debug, warn};
+use zeroize::Zeroizing;
+
+use crate::keys::GuardedPage;
+use crate::server::Shared;
+use crate::sessions::Principal;
+
+/// What must happen after the answer is sent.
+pub struct AfterSend {
+    /// The delivered page's fd: attached to the answer, then closed.
+    pub fd: Option<OwnedFd>,
+    /// Audit `drop` for this (service, delivery) once the answer is out.
+    pub drop: Option<(String, &'static str)>,
+}
+
+/// A reply with what goes along with it.
+pub struct Delivery {
+    /// The answer.
+    pub body: ResponseBody,
+    /// Fd to attach, audit to write after sending.
+    pub after: AfterSend,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Delivery {
+    Delivery {
+        body: ResponseBody::Error {
+            code,
+            message: message.into(),
+        },
+        after: AfterSend {
+            fd: None,
+            drop: None,
+        },
+    }
+}
+
+/// The name recorded for a principal.
+pub fn who(p: &Principal) -> &str {
+    match p {
+        Principal::Owner => "owner",
+        Principal::Agent(name) => name,
+    }
+}
+
+/// Serves one `get_credential`.
+pub fn get_credential(
+    shared: &Shared,
+    p: &Principal,
+    peer: Peer,
+    service: &str,
+    inline: bool,
+) -> Delivery {
+    let agent = who(p);
+    let ev = |event, outcome, delivery, degraded, detail| Event {
+        event,
+        agent: Some(agent),
+        service: Some(service),
+        delivery,
+        degraded,
+        peer: Some(peer),
+        outcome,
+        detail,
+    };
+    if validate_service_name(service).is_err() {
+        return refuse(ErrorCode::BadRequest, "invalid service name");
+    }
+    let kind = if inline { "inline" } else { "fd" };
+    if !shared.sessions.in_scope(p, service) {
+        shared.audit_best_effort(&ev(
+            "deny",
+            "denied",
+            Some(kind),
+            false,
+            Some("outside the agent's scope"),
+        ));
+        return refuse(
+            ErrorCode::Forbidden,
+            format!("agent {agent:?} may not use service {service:?} (outside its scope)"),
+        );
+    }
+    let index = match shared.vault_index() {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("reading the vault failed: {e}");
+            return refuse(
+                ErrorCode::Internal,
+                "the vault could not be read; see the daemon log",
+            );
+        }
+    };
+    let Some(meta) = index.meta(service) else {
+        shared.audit_best_effort(&ev(
+            "deny",
+            "not_found",
+            Some(kind),
+            false,
+            Some("no such service"),
+        ));
+        return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
+    };
+    let policy = meta.policy;
+    if policy.high_value {
+        // Human approval comes with its own issue; until then a high-value secret is never
+        // released (fail closed).
+        shared.audit_best_effort(&ev(
+            "deny",
+            "denied",
+            Some(kind),
+            false,
+            Some("high-value: approval required"),
+        ));
+        return refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "{service:?} is high-value: it is released only after a human approves, which this version cannot do yet"
+            ),
+        );
+    }
+    if inline && !policy.allow_inline {
+        shared.audit_best_effort(&ev(
+            "deny",
+            "denied",
+            Some(kind),
+            false,
+            Some("inline delivery not allowed"),
+        ));
+        return refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "{service:?} does not allow inline delivery: take it as an fd (`agentkeys read {service}` or a managed runtime) or let the daemon launch the program (`agentkeys run`)"
+            ),
+        );
+    }
+    let page_policy = shared.page_policy();
+    let cache_ttl = Duration::from_secs(policy.cache_ttl_secs);
+
+    // The delivery page: a copy from the cache, or a fresh fetch.
+    let cached = if cache_ttl.is_zero() {
+        None
+    } else {
+        match shared.cache.copy(service, page_policy) {
+            Ok(c) => c,
+            Err(e) => return refuse(ErrorCode::Internal, format!("making a secret page: {e}")),
+        }
+    };
+    let page = match cached {
+        Some(page) => {
+            if let Err(e) = shared.audit(&ev("cache_hit", "ok", None, false, None)) {
+                return refuse(ErrorCode::Internal, e);
+            }
+            page
+        }
+        None => {
+            let plaintext: Zeroizing<Vec<u8>> = match shared
+                .key
+                .with_key(|k| index.open_entry(k, service))
+            {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
+                }
+                Err(e) => {
+                    shared.audit_best_effort(&ev(
+                        "fetch",
+                        "error",
+                        None,
+                        false,
+                        Some("vault entry failed to open"),
+                    ));
+                    warn!(service, "fetch failed: {e}");
+                    return refuse(
+                        ErrorCode::Internal,
+                        format!("fetching {service:?} failed: {e}"),
+                    );
+                }
+            };
+            if let Err(e) = shared.audit(&ev("fetch", "ok", None, false, None)) {
+                return refuse(ErrorCode::Internal, e);
+            }
+            let page = match SecretPage::from_bytes(&plaintext, page_policy) {
+                Ok(p) => p,
+                Err(e) => return refuse(ErrorCode::Internal, format!("making a secret page: {e}")),
+            };
+            if !cache_ttl.is_zero() {
+                match GuardedPage::new(&plaintext, page_policy) {
+                    Ok(g) => shared.cache.insert(service, g, cache_ttl),
+                    Err(e) => warn!(service, "not caching: {e}"),
+                }
+            }
+            page
+        }
+    };
+    let degraded = page.backing().is_degraded();
+    if let Err(e) = shared.audit(&ev("deliver", "ok", Some(kind), degraded, None)) {
+        return refuse(ErrorCode::Internal, e);
+    }
+    let len = page.len();
+    // Cached services keep the daemon's copy (evicted later); others drop theirs now.
+    let drop = cache_ttl
+        .is_zero()
+        .then(|| (service.to_string(), if inline { "inline" } else { "fd" }));
+    if inline {
+        let value = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*page));
+        drop_page(page);
+        debug!(service, agent, "delivered inline");
+        return Delivery {
+            body: ResponseBody::Credential {
+                service: service.to_string(),
+                delivery: "inline".into(),
+                degraded,
+                len,
+                value_b64: Some(value.to_string()),
+            },
+            after: AfterSend { fd: None, drop },
+        };
+    }
+    debug!(service, agent, "delivering fd");
+    Delivery {
+        body: ResponseBody::Credential {
+            service: service.to_string(),
+            delivery: "fd".into(),
+            degraded,
+            len,
+            value_b64: None,
+        },
+        after: AfterSend {
+            fd: Some(page.into_fd()),
+            drop,
+        },
+    }
+}
+
+/// Wipes a page that was not handed over.
+fn drop_page(page: SecretPage) {
+    drop(page);
+}

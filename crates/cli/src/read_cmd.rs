@@ -1,0 +1,23 @@
+//! `agentkeys read SERVICE`: the CLI as a managed runtime. The daemon sends a `memfd_secret`
+//! fd; it is mapped read-only, exactly its bytes go to stdout, and it is unmapped and closed.
+//! Meant for pipes into programs that read a secret from stdin, not for terminals.
+
+use std::io::Write;
+
+use crate::CliError;
+use crate::ctx::{self, Caller};
+
+pub(crate) fn run(caller: &Caller, service: &str, inline: bool) -> Result<(), CliError> {
+    let home = ctx::home()?;
+    ctx::runtime()?.block_on(async {
+        let (mut c, _) = ctx::connect(&home, caller).await?;
+        let secret = c.get_credential(service, inline).await?;
+        if secret.degraded() {
+            eprintln!("agentkeys: warning: delivered through the degraded sealed-memfd fallback (no memfd_secret)");
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(secret.bytes())?;
+        out.flush()?;
+        Ok(())
+    })
+}
