@@ -84,8 +84,10 @@ fn daemon_memory_contains(pid: u32, needle: &[u8]) -> bool {
     false
 }
 
+/// `audit_lifecycle_logged`: `agentkeys read` prints exactly the secret, and the audit shows
+/// fetch -> deliver (fd) -> drop with agent, service, peer and µs times; verify passes.
 #[test]
-fn read_prints_exactly_the_secret_and_the_lifecycle_is_audited() {
+fn audit_lifecycle_logged() {
     let mut h = TestHome::initialized("read");
     assert!(
         h.run_stdin(&["store", "openai"], CANARY.as_bytes())
@@ -101,7 +103,7 @@ fn read_prints_exactly_the_secret_and_the_lifecycle_is_audited() {
         "read must print exactly the secret"
     );
 
-    // audit_lifecycle_logged: fetch -> deliver (fd) -> drop, with agent, service, peer, µs times.
+    // fetch -> deliver (fd) -> drop, with agent, service, peer, µs times.
     let recs: Vec<_> = audit(&h)
         .into_iter()
         .filter(|r| r["service"] == "openai")

@@ -163,6 +163,62 @@ mod tests {
         assert!(c.is_empty());
     }
 
+    /// `pkey_protected_pages`: a cached page faults when read outside its access window. The
+    /// faulting read runs in a child process (this test binary, re-run on the ignored test
+    /// below), which must die of SIGSEGV.
+    #[test]
+    fn pkey_protected_pages() {
+        if let Err(e) = agentkeys_hardening::pkey::supported() {
+            eprintln!("SKIP pkey_protected_pages: {e}");
+            return;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "cache::tests::pkey_fault_child",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("AK_PKEY_FAULT_CHILD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(11),
+            "expected SIGSEGV, child ended with {status:?}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by pkey_protected_pages in a child process; it must die"]
+    fn pkey_fault_child() {
+        assert_eq!(
+            std::env::var("AK_PKEY_FAULT_CHILD").as_deref(),
+            Ok("1"),
+            "run only as a child"
+        );
+        agentkeys_hardening::process::set_core_limit_zero().unwrap();
+        let c = Cache::default();
+        c.insert("gh", guarded(b"tok"), Duration::from_secs(60));
+        // Inside the window: fine.
+        assert_eq!(
+            c.copy("gh", PagePolicy::PreferSecret)
+                .unwrap()
+                .unwrap()
+                .len(),
+            3
+        );
+        let entries = c.entries.lock().unwrap();
+        let GuardedPage::Protected(p) = &entries["gh"].page else {
+            panic!("cached page is not pkey-protected");
+        };
+        let _ = p.read_outside_window();
+        // Reaching here means the read did not fault: the parent sees a normal exit and fails.
+    }
+
     #[test]
     fn cached_pages_are_pkey_protected_where_pkeys_exist() {
         let c = Cache::default();

@@ -222,6 +222,15 @@ impl ProtectedPage {
     pub(crate) fn raw_ptr(&self) -> *const u8 {
         self.page.raw_region().0
     }
+
+    /// Reads the first byte WITHOUT opening the access window: on a CPU with pkeys this faults
+    /// (SIGSEGV, SEGV_PKUERR) and the process dies. Exists only for tests that prove it.
+    #[cfg(feature = "fault-probe")]
+    pub fn read_outside_window(&self) -> u8 {
+        // SAFETY: the page is mapped and readable by its protection bits for its whole life;
+        // only the protection key denies access, which turns this read into a fault, not UB.
+        unsafe { std::ptr::read_volatile(self.page.raw_region().0) }
+    }
 }
 
 impl Drop for ProtectedPage {
@@ -291,6 +300,27 @@ mod tests {
             matches!(st, WaitStatus::Signaled(_, Signal::SIGSEGV, _)),
             "expected SIGSEGV, child: {st:?}"
         );
+    }
+
+    /// `credential_zeroize_on_drop`: dropping a protected (cached) page wipes its memory; a
+    /// second reference to the same pages sees zeros afterwards.
+    #[test]
+    fn credential_zeroize_on_drop() {
+        if !have_pkeys("credential_zeroize_on_drop") {
+            return;
+        }
+        let st = in_child(|| {
+            let p = protected();
+            let extra = p.page.fd().try_clone_to_owned().unwrap();
+            drop(p);
+            let seen = crate::page::MappedSecret::map(extra).unwrap();
+            if seen.len() == CANARY.len() && seen.iter().all(|&b| b == 0) {
+                0
+            } else {
+                1
+            }
+        });
+        assert!(matches!(st, WaitStatus::Exited(_, 0)), "child: {st:?}");
     }
 
     #[test]
