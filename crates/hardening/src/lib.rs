@@ -7,6 +7,7 @@
 //! - [`process`]: process hardening steps, in the order a daemon takes them: fds 0-2, inherited
 //!   fds, environment, dumpable, core limit, tracer, ptrace scope, no_new_privs, capabilities.
 //! - [`seccomp`]: the syscall allowlist (reviewed data) and its installation on all threads.
+//! - [`launcher`]: the process, forked before the sandbox, that starts programs for `run`.
 //! - [`peer`]: credentials of the process at the other end of a unix socket.
 //! - [`alloc`]: the global allocator for both binaries: mimalloc (secure) that wipes on free.
 //! - [`selftest`]: the structured hardening report behind `agentkeys doctor`.
@@ -16,6 +17,7 @@
 
 pub mod alloc;
 pub mod errno;
+pub mod launcher;
 pub mod page;
 pub mod peer;
 pub mod pkey;
