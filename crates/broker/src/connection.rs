@@ -72,7 +72,7 @@ async fn send_with(
 /// Turns a receive into a request, or the error response to send instead.
 fn parse(
     r: Result<agentkeys_proto::conn::Packet, RecvError>,
-) -> Result<Request, Option<ResponseBody>> {
+) -> Result<(Request, Vec<std::os::fd::OwnedFd>), Option<ResponseBody>> {
     let packet = match r {
         Ok(p) => p,
         Err(RecvError::Closed) | Err(RecvError::Io(_)) => return Err(None),
@@ -89,14 +89,17 @@ fn parse(
             )));
         }
     };
-    if !packet.fds.is_empty() {
-        // No request kind takes descriptors (yet): close them and say so.
+    let req =
+        wire::decode_request(&packet.data).map_err(|e| Some(error(e.code(), e.to_string())))?;
+    // Only `run` takes descriptors (the caller's stdio); anything else carrying some is
+    // refused and they are closed.
+    if !packet.fds.is_empty() && !matches!(req.body, RequestBody::Run { .. }) {
         return Err(Some(error(
             ErrorCode::UnexpectedFd,
             "this request takes no file descriptors",
         )));
     }
-    wire::decode_request(&packet.data).map_err(|e| Some(error(e.code(), e.to_string())))
+    Ok((req, packet.fds))
 }
 
 /// Serves one connection to the end.
@@ -122,7 +125,7 @@ pub async fn run(
         _ = stop.changed() => return,
     };
     let req = match parse(first) {
-        Ok(r) => r,
+        Ok((r, _)) => r,
         Err(Some(body)) => {
             send(&conn, 0, body).await;
             return;
@@ -185,7 +188,7 @@ pub async fn run(
             }
             _ = stop.changed() => return,
         };
-        let req = match parse(r) {
+        let (req, fds) = match parse(r) {
             Ok(r) => r,
             Err(Some(body)) => {
                 if !send(&conn, 0, body).await {
@@ -202,6 +205,32 @@ pub async fn run(
             return;
         }
         let peer = Peer { uid, pid };
+        if let RequestBody::Run {
+            argv,
+            env,
+            files,
+            caller_env,
+            cwd,
+            masking,
+        } = req.body
+        {
+            let run_req = crate::run::RunRequest {
+                argv,
+                env,
+                files,
+                caller_env,
+                cwd,
+                masking,
+            };
+            if !serve_run(
+                &mut conn, shared, &principal, peer, req.id, run_req, fds, &mut stop,
+            )
+            .await
+            {
+                return;
+            }
+            continue;
+        }
         let reply = handle(shared, &principal, peer, req.body);
         let sent = match &reply.after {
             Some(AfterSend { fd: Some(fd), .. }) => {
@@ -233,6 +262,68 @@ pub async fn run(
             return;
         }
     }
+}
+
+/// One `run`: start it, answer `run_started`, forward `signal` requests while it runs, then
+/// answer `run_exit`. Returns false when the connection is finished.
+#[allow(clippy::too_many_arguments)]
+async fn serve_run(
+    conn: &mut Conn,
+    shared: &Arc<Shared>,
+    principal: &Principal,
+    peer: Peer,
+    id: u64,
+    req: crate::run::RunRequest,
+    fds: Vec<std::os::fd::OwnedFd>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let mut running = match crate::run::start(shared, principal, peer, req, fds).await {
+        Ok(r) => r,
+        Err(body) => return send(conn, id, body).await,
+    };
+    if !send(conn, id, ResponseBody::RunStarted { pid: running.pid }).await {
+        // The caller is gone: its program goes too.
+        if let Some(l) = shared.launcher.get() {
+            l.signal(running.id, libc_sigterm()).await;
+        }
+    }
+    let mut caller_gone = false;
+    let exit = loop {
+        tokio::select! {
+            ex = &mut running.exited => break ex.ok(),
+            r = conn.recv(), if !caller_gone => match parse(r) {
+                Ok((Request { body: RequestBody::Signal { signal }, .. }, _)) => {
+                    if let Some(l) = shared.launcher.get() {
+                        l.signal(running.id, signal).await;
+                    }
+                }
+                Ok((other, _)) => {
+                    let _ = send(conn, other.id, error(ErrorCode::BadRequest, "a run is in progress on this connection: only `signal` is accepted until it ends")).await;
+                }
+                Err(Some(body)) => {
+                    let _ = send(conn, 0, body).await;
+                }
+                Err(None) => {
+                    // The caller went away (an agent harness killed the CLI): end the program.
+                    caller_gone = true;
+                    if let Some(l) = shared.launcher.get() {
+                        l.signal(running.id, libc_sigterm()).await;
+                    }
+                }
+            },
+            _ = stop.changed() => {
+                if let Some(l) = shared.launcher.get() {
+                    l.signal(running.id, libc_sigterm()).await;
+                }
+            }
+        }
+    };
+    let body = crate::run::finish(shared, principal, peer, running, exit).await;
+    !caller_gone && send(conn, id, body).await
+}
+
+fn libc_sigterm() -> i32 {
+    nix::sys::signal::Signal::SIGTERM as i32
 }
 
 fn owner_only(p: &Principal) -> Option<Reply> {
@@ -276,6 +367,14 @@ fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) ->
             }
         }),
         RequestBody::ListServices {} => ok(list_services(shared, p)),
+        RequestBody::Run { .. } => ok(error(
+            ErrorCode::Internal,
+            "run is served by the connection loop",
+        )),
+        RequestBody::Signal { .. } => ok(error(
+            ErrorCode::BadRequest,
+            "no program is running on this connection",
+        )),
         RequestBody::GetCredential { service, inline } => {
             let d = crate::delivery::get_credential(shared, p, peer, &service, inline);
             Reply {

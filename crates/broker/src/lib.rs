@@ -4,10 +4,12 @@
 //! - [`config`]: the `config.toml` file.
 //! - [`keys`]: guarded (pkey-protected) secret pages: the DEK, cached credentials.
 //! - [`cache`]: cached credentials, idle and TTL eviction.
+//! - [`run`], [`launch`], [`pump`]: daemon-mediated `run`: the launcher link, the masked output.
 //! - [`delivery`]: `get_credential`: scope, fetch, audit, fd or inline delivery, drop.
 //! - [`sessions`]: owner and agent sessions, authentication bound to the peer's uid.
 //! - [`server`]: socket, accept loop, peer check, connection caps, shutdown.
 //! - [`connection`]: one client: handshake, requests, responses.
+//! - [`mask`]: streaming masker for `run` output: secrets and their encodings become `********`.
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -15,6 +17,10 @@ pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod keys;
+pub mod launch;
+pub mod mask;
+pub mod pump;
+pub mod run;
 pub mod server;
 pub mod sessions;
 pub mod startup;

@@ -174,6 +174,11 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         }
     }
 
+    // The launcher, before anything secret is loaded (it inherits no key page or state fd) and
+    // before the sandbox (its children must not inherit the daemon's seccomp filter).
+    let launcher = agentkeys_hardening::launcher::spawn().map_err(|e| e.to_string())?;
+    info!(pid = launcher.pid, "launcher started");
+
     // State, while files and the keystore are still reachable.
     let dek = keystore::load_dek(&home, &identity.keystore).map_err(|e| e.to_string())?;
     let policy = if cfg.daemon.require_secretmem {
@@ -216,6 +221,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         cache: Default::default(),
         audit: Mutex::new(audit),
         vault: Mutex::new(None),
+        launcher: std::sync::OnceLock::new(),
     });
     let report = daemon_report(&shared);
     for item in &report.items {
@@ -229,6 +235,12 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(async {
+        match agentkeys_broker::launch::LauncherLink::start(launcher.sock) {
+            Ok(link) => {
+                let _ = shared.launcher.set(link);
+            }
+            Err(e) => warn!("the launcher link failed; `run` is unavailable: {e}"),
+        }
         let signals = shared.clone();
         tokio::spawn(async move { wait_for_signal(&signals).await });
         if let Some(r) = ready {

@@ -52,6 +52,8 @@ pub struct Shared {
     pub audit: Mutex<AuditLog>,
     /// The parsed vault, re-read when its file changes.
     pub vault: Mutex<Option<Arc<VaultIndex>>>,
+    /// The launcher, once the runtime runs (`run` is refused before).
+    pub launcher: std::sync::OnceLock<Arc<crate::launch::LauncherLink>>,
 }
 
 /// One open connection, as the server sees it.

@@ -15,6 +15,7 @@ mod daemon_cmd;
 mod doctor;
 mod init_cmd;
 mod read_cmd;
+mod run_cmd;
 mod vault_cmd;
 mod whoami;
 
@@ -88,6 +89,26 @@ enum Command {
         /// Ask for inline bytes instead of an fd (only for services stored with --allow-inline).
         #[arg(long)]
         inline: bool,
+    },
+    /// Run a program with secrets in its environment; the daemon launches it and masks the
+    /// secrets in its output. Exit status is the program's (127: not found, 126: cannot run).
+    Run {
+        /// VAR=SERVICE: the secret becomes the value of VAR (repeatable).
+        #[arg(long = "env", value_name = "VAR=SERVICE")]
+        env: Vec<String>,
+        /// VAR=SERVICE: VAR names a readable file holding the secret, kept out of the
+        /// environment (repeatable).
+        #[arg(long = "file", value_name = "VAR=SERVICE")]
+        file: Vec<String>,
+        /// Give the program this terminal directly (no masking of its output).
+        #[arg(long)]
+        no_masking: bool,
+        /// Working directory (default: the current one).
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Delete a stored service.
     Delete {
@@ -202,6 +223,9 @@ pub(crate) enum CliError {
     /// `audit verify` found a broken hash chain.
     #[error("{0}")]
     AuditBroken(String),
+    /// `run`: the program's own exit status, passed on without a message.
+    #[error("exit status {0}")]
+    Exit(u8),
 }
 
 impl CliError {
@@ -220,6 +244,7 @@ impl CliError {
             CliError::AuditBroken(_) => 7,
             CliError::Harden(_) => 70, // EX_SOFTWARE: the environment refused a safety step
             CliError::Output(_) => 74, // EX_IOERR
+            CliError::Exit(code) => *code,
             _ => 1,
         }
     }
@@ -264,6 +289,22 @@ fn run(cli: Cli) -> Result<(), CliError> {
         ),
         Command::List { json } => vault_cmd::list(&caller, json),
         Command::Read { service, inline } => read_cmd::run(&caller, &service, inline),
+        Command::Run {
+            env,
+            file,
+            no_masking,
+            cwd,
+            command,
+        } => run_cmd::run(
+            &caller,
+            run_cmd::RunOpts {
+                env,
+                file,
+                no_masking,
+                cwd,
+                command,
+            },
+        ),
         Command::Delete { service } => vault_cmd::delete(&caller, &service),
         Command::Agent { action } => match action {
             AgentAction::Add {
@@ -303,9 +344,23 @@ fn main() -> ExitCode {
         Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::from(141)
         }
+        // `run` passes the program's status on; the program said what it had to say.
+        Err(CliError::Exit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("agentkeys: error: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap checks the whole command definition (conflicting settings, duplicate flags).
+    #[test]
+    fn command_line_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -136,6 +136,43 @@ impl Client {
         }
     }
 
+    /// Sends a request with fds attached and returns its id, without waiting.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn send(
+        &mut self,
+        body: RequestBody,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = wire::encode(&Request {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        })?;
+        self.conn.send(&bytes, fds).await.map_err(io_error)?;
+        Ok(id)
+    }
+
+    /// Waits for the daemon's next answer (after [`Client::send`]).
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] for an error answer; transport errors.
+    pub async fn recv(&mut self) -> Result<Answer, ClientError> {
+        let packet = self.conn.recv().await?;
+        let resp = wire::decode_response(&packet.data)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match resp.body {
+            ResponseBody::Error { code, message } => Err(ClientError::Refused { code, message }),
+            body => Ok(Answer {
+                body,
+                fds: packet.fds,
+            }),
+        }
+    }
+
     /// Sends a request and waits for its answer.
     ///
     /// # Errors

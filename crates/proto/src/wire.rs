@@ -83,6 +83,37 @@ pub enum RequestBody {
         #[serde(default)]
         inline: bool,
     },
+    /// Launch a program with secrets in its environment (or files). Exactly three fds are
+    /// attached: the caller's stdin, stdout and stderr. The answer is `run_started`, then, when
+    /// the program ends, `run_exit`; meanwhile the caller may send `signal`.
+    Run {
+        /// The program and its arguments.
+        argv: Vec<String>,
+        /// `VAR -> service`: the secret becomes the value of VAR.
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+        /// `VAR -> service`: VAR names a readable file (`/dev/fd/N`) holding the secret.
+        #[serde(default)]
+        files: std::collections::BTreeMap<String, String>,
+        /// The caller's environment, `NAME=value` (without agentkeys tokens).
+        #[serde(default)]
+        caller_env: Vec<String>,
+        /// Working directory (absolute).
+        #[serde(default)]
+        cwd: Option<String>,
+        /// Mask the secrets in stdout and stderr (default true).
+        #[serde(default = "yes")]
+        masking: bool,
+    },
+    /// Forward a signal (SIGINT, SIGTERM, SIGHUP) to the running program of this connection.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Every request kind, for telling "unknown kind" from "malformed".
@@ -95,6 +126,8 @@ pub const REQUEST_KINDS: &[&str] = &[
     "shutdown",
     "list_services",
     "get_credential",
+    "run",
+    "signal",
 ];
 
 impl RequestBody {
@@ -109,6 +142,8 @@ impl RequestBody {
             RequestBody::Shutdown {} => "shutdown",
             RequestBody::ListServices {} => "list_services",
             RequestBody::GetCredential { .. } => "get_credential",
+            RequestBody::Run { .. } => "run",
+            RequestBody::Signal { .. } => "signal",
         }
     }
 }
@@ -212,6 +247,18 @@ pub enum ResponseBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         value_b64: Option<String>,
     },
+    /// The program of a `run` is running.
+    RunStarted {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The program of a `run` ended (its output has been delivered).
+    RunExit {
+        /// Exit code, when it exited.
+        code: Option<i32>,
+        /// Signal, when a signal killed it.
+        signal: Option<i32>,
+    },
     /// The request was carried out.
     Done,
     /// The request failed.
@@ -251,6 +298,10 @@ pub enum ErrorCode {
     Busy,
     /// A failure inside the daemon; details are in its log.
     Internal,
+    /// `run`: the program was not found (the CLI exits 127).
+    CommandNotFound,
+    /// `run`: the program could not be executed (the CLI exits 126).
+    CannotExecute,
 }
 
 /// Why a packet could not be decoded. Messages carry positions, never input values.

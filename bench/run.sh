@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Delivery benchmark, one command from a fresh clone:
+#
+#   bash bench/run.sh
+#
+# Builds release, sets up a throwaway AGENTKEYS_HOME with two 40-byte random secrets
+# (bench-uncached; bench-cached with --cache-ttl 10m), starts agentkeysd in the foreground,
+# mints an agent scoped to both, runs target/release/examples/bench_delivery as that agent,
+# stops the daemon and prints the report. The last line of stdout is one JSON object.
+#
+# Environment:
+#   BENCH_ITERS / BENCH_WARMUP   timed / warm-up iterations per measurement (2000 / 200)
+#   BENCH_PROFILE=strace         attach `strace -c -w -f` to the daemon for the measured run
+#   BENCH_PROFILE=perf           attach `perf stat` (software events) to the daemon instead
+#   BENCH_PROFILE=perf-record    sample the daemon on cpu-clock with call graphs and print the
+#                                hottest kernel/user symbols (the release binaries are stripped,
+#                                so user frames show as addresses in agentkeysd)
+#                                (profiled figures are inflated; profiles go to stderr)
+#   BENCH_KEEP=1                 keep the temporary directory (daemon log, audit log)
+# Progress, build output and profiles go to stderr; stdout is the report only.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+echo "bench: cargo build --release --bins --examples" >&2
+cargo build --release --bins --examples >&2
+bin=$root/target/release
+bench_exe=$bin/examples/bench_delivery
+for f in "$bin/agentkeys" "$bin/agentkeysd" "$bench_exe"; do
+    [[ -x $f ]] || { echo "bench: $f was not built" >&2; exit 2; }
+done
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/agentkeys-bench.XXXXXX")
+export AGENTKEYS_HOME=$dir/home AGENTKEYS_SOCKET=$dir/run/agentkeysd.sock
+unset AGENTKEYS_TOKEN AGENTKEYS_TOKEN_FILE AGENTKEYS_LOG
+daemon_pid=
+profiler_pid=
+
+ak() { "$bin/agentkeys" "$@"; }
+
+cleanup() {
+    local rc=$?
+    if [[ -n $profiler_pid ]] && kill -0 "$profiler_pid" 2>/dev/null; then
+        kill -INT "$profiler_pid" 2>/dev/null || true
+        wait "$profiler_pid" 2>/dev/null || true
+    fi
+    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
+        ak daemon stop >/dev/null 2>&1 || true
+        for _ in $(seq 50); do
+            kill -0 "$daemon_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill "$daemon_pid" 2>/dev/null || true
+        wait "$daemon_pid" 2>/dev/null || true
+    fi
+    if [[ -n ${BENCH_KEEP:-} ]]; then
+        echo "bench: kept $dir" >&2
+    else
+        rm -rf "$dir"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+
+# 30 random bytes -> exactly 40 base64 characters; piped, never on a command line.
+secret() { head -c 30 /dev/urandom | base64 -w0; }
+
+echo "bench: state in $dir" >&2
+ak init >/dev/null
+secret | ak store bench-uncached >/dev/null
+secret | ak store bench-cached --cache-ttl 10m >/dev/null
+
+"$bin/agentkeysd" --foreground >"$dir/agentkeysd.log" 2>&1 &
+daemon_pid=$!
+for _ in $(seq 200); do
+    if ak status >/dev/null 2>&1; then
+        break
+    fi
+    if ! kill -0 "$daemon_pid" 2>/dev/null; then
+        echo "bench: agentkeysd exited during start; its log:" >&2
+        cat "$dir/agentkeysd.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+if ! ak status >/dev/null 2>&1; then
+    echo "bench: agentkeysd did not answer within 20 s; its log:" >&2
+    cat "$dir/agentkeysd.log" >&2
+    exit 1
+fi
+
+token=$(ak agent add bench --scope bench-uncached,bench-cached | tail -n 1)
+[[ $token == akt_* ]] || { echo "bench: agent add printed no token" >&2; exit 1; }
+
+case ${BENCH_PROFILE:-} in
+    "") ;;
+    strace)
+        strace -c -w -f -p "$daemon_pid" -o "$dir/profile.txt" 2>/dev/null &
+        profiler_pid=$!
+        sleep 0.5
+        ;;
+    perf)
+        perf stat -e task-clock,context-switches,cpu-migrations,page-faults \
+            -p "$daemon_pid" -o "$dir/profile.txt" &
+        profiler_pid=$!
+        sleep 0.5
+        ;;
+    perf-record)
+        perf record -q -e cpu-clock -F 4999 -g -p "$daemon_pid" -o "$dir/perf.data" 2>/dev/null &
+        profiler_pid=$!
+        sleep 0.5
+        ;;
+    *) echo "bench: unknown BENCH_PROFILE=${BENCH_PROFILE} (strace, perf or perf-record)" >&2; exit 2 ;;
+esac
+
+AGENTKEYS_TOKEN=$token "$bench_exe" --sync-dir "$AGENTKEYS_HOME" >"$dir/report.txt"
+unset token
+
+if [[ -n $profiler_pid ]]; then
+    kill -INT "$profiler_pid" 2>/dev/null || true
+    wait "$profiler_pid" 2>/dev/null || true
+    profiler_pid=
+    echo "bench: daemon profile (${BENCH_PROFILE}) during the run:" >&2
+    if [[ $BENCH_PROFILE == perf-record ]]; then
+        perf report -i "$dir/perf.data" --stdio --no-children --percent-limit 1 \
+            --sort dso,sym -g none 2>/dev/null | grep -v '^$' >&2 || true
+    else
+        cat "$dir/profile.txt" >&2
+    fi
+fi
+
+ak daemon stop >/dev/null
+for _ in $(seq 50); do
+    kill -0 "$daemon_pid" 2>/dev/null || break
+    sleep 0.1
+done
+wait "$daemon_pid" 2>/dev/null || true
+daemon_pid=
+
+cat "$dir/report.txt"

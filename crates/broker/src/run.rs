@@ -1,0 +1,520 @@
+//! `run`: the daemon launches a program with secrets in its environment (or in readable
+//! files), through the launcher, and the caller never holds the plaintext. With masking (the
+//! default) the program's stdout and stderr come back through daemon-side pipes and the
+//! masker; without it the program gets the caller's fds directly.
+//!
+//! Order: validate -> per secret: scope, policy, fetch -> `run_start` and one `deliver` per
+//! secret audited (fail closed) -> launch -> the daemon's copies dropped (`drop`) -> on exit,
+//! output drained, `run_exit` audited.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentkeys_hardening::launcher::{FromLauncher, LaunchSpec};
+use agentkeys_hardening::page::{PagePolicy, SecretPage};
+use agentkeys_proto::wire::{ErrorCode, ResponseBody};
+use agentkeys_state::audit::{Event, Peer};
+use agentkeys_state::vault::validate_service_name;
+use sha2::Digest;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::delivery::who;
+use crate::launch::LaunchError;
+use crate::mask::Masker;
+use crate::server::Shared;
+use crate::sessions::Principal;
+
+/// Most secrets one run may take.
+pub const MAX_RUN_SECRETS: usize = 16;
+/// Most arguments.
+pub const MAX_ARGS: usize = 4096;
+
+/// The request, as received.
+pub struct RunRequest {
+    /// argv.
+    pub argv: Vec<String>,
+    /// VAR -> service, as environment values.
+    pub env: BTreeMap<String, String>,
+    /// VAR -> service, as readable files.
+    pub files: BTreeMap<String, String>,
+    /// The caller's environment.
+    pub caller_env: Vec<String>,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// Mask secrets in the output.
+    pub masking: bool,
+}
+
+/// A running program.
+pub struct Running {
+    /// Launch id, for signals.
+    pub id: u64,
+    /// pid.
+    pub pid: u32,
+    /// Resolves when it exits.
+    pub exited: oneshot::Receiver<FromLauncher>,
+    pumps: Vec<oneshot::Receiver<()>>,
+    started: Instant,
+    program: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
+    ResponseBody::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn valid_var(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128
+}
+
+/// A printable program name for the audit trail: the basename, restricted to a safe alphabet.
+fn program_name(argv0: &str) -> String {
+    let base = argv0.rsplit('/').next().unwrap_or(argv0);
+    let clean: String = base
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
+        .take(64)
+        .collect();
+    if clean.is_empty() { "?".into() } else { clean }
+}
+
+/// SHA-256 of the argv, NUL-separated: identifies the exact command without recording it.
+pub fn argv_hash(argv: &[String]) -> String {
+    let mut h = sha2::Sha256::new();
+    for a in argv {
+        h.update(a.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(refuse(ErrorCode::BadRequest, "run needs a command"));
+    }
+    if req.argv.len() > MAX_ARGS {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("at most {MAX_ARGS} arguments"),
+        ));
+    }
+    if req.env.len() + req.files.len() > MAX_RUN_SECRETS {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("at most {MAX_RUN_SECRETS} secrets per run"),
+        ));
+    }
+    for (var, service) in req.env.iter().chain(&req.files) {
+        if !valid_var(var) {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                "invalid variable name (use letters, digits and _)",
+            ));
+        }
+        if validate_service_name(service).is_err() {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("invalid service name for {var}"),
+            ));
+        }
+    }
+    if req.env.keys().any(|k| req.files.contains_key(k)) {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "a variable is given both as --env and --file",
+        ));
+    }
+    if let Some(cwd) = &req.cwd
+        && !cwd.starts_with('/')
+    {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "--cwd must be an absolute path",
+        ));
+    }
+    if req
+        .argv
+        .iter()
+        .chain(&req.caller_env)
+        .any(|s| s.contains('\0'))
+    {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "arguments and environment may not contain NUL bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Fetches one secret for a run (cache or vault), with its audit record.
+fn fetch(
+    shared: &Shared,
+    p: &Principal,
+    peer: Peer,
+    service: &str,
+) -> Result<Zeroizing<Vec<u8>>, ResponseBody> {
+    let agent = who(p);
+    let ev = |event, outcome, detail| Event {
+        event,
+        agent: Some(agent),
+        service: Some(service),
+        delivery: None,
+        degraded: false,
+        peer: Some(peer),
+        outcome,
+        detail,
+    };
+    if !shared.sessions.in_scope(p, service) {
+        shared.audit_best_effort(&ev("deny", "denied", Some("outside the agent's scope")));
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            format!("agent {agent:?} may not use service {service:?} (outside its scope)"),
+        ));
+    }
+    let index = shared.vault_index().map_err(|e| {
+        warn!("reading the vault failed: {e}");
+        refuse(
+            ErrorCode::Internal,
+            "the vault could not be read; see the daemon log",
+        )
+    })?;
+    let Some(meta) = index.meta(service) else {
+        shared.audit_best_effort(&ev("deny", "not_found", Some("no such service")));
+        return Err(refuse(
+            ErrorCode::NotFound,
+            format!("no service named {service:?}"),
+        ));
+    };
+    if meta.policy.high_value {
+        shared.audit_best_effort(&ev("deny", "denied", Some("high-value: approval required")));
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "{service:?} is high-value: it is released only after a human approves, which this version cannot do yet"
+            ),
+        ));
+    }
+    let cache_ttl = Duration::from_secs(meta.policy.cache_ttl_secs);
+    if !cache_ttl.is_zero()
+        && let Ok(Some(copy)) = shared.cache.copy(service, shared.page_policy())
+    {
+        shared
+            .audit(&ev("cache_hit", "ok", None))
+            .map_err(|e| refuse(ErrorCode::Internal, e))?;
+        let mut out = Zeroizing::new(Vec::with_capacity(copy.len()));
+        out.extend_from_slice(&copy);
+        return Ok(out);
+    }
+    let plaintext = match shared.key.with_key(|k| index.open_entry(k, service)) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(refuse(
+                ErrorCode::NotFound,
+                format!("no service named {service:?}"),
+            ));
+        }
+        Err(e) => {
+            shared.audit_best_effort(&ev("fetch", "error", Some("vault entry failed to open")));
+            return Err(refuse(
+                ErrorCode::Internal,
+                format!("fetching {service:?} failed: {e}"),
+            ));
+        }
+    };
+    shared
+        .audit(&ev("fetch", "ok", None))
+        .map_err(|e| refuse(ErrorCode::Internal, e))?;
+    if !cache_ttl.is_zero()
+        && let Ok(g) = crate::keys::GuardedPage::new(&plaintext, shared.page_policy())
+    {
+        shared.cache.insert(service, g, cache_ttl);
+    }
+    Ok(plaintext)
+}
+
+/// Starts a run. `fds` are the caller's stdin, stdout, stderr.
+///
+/// # Errors
+/// The error answer for the caller; nothing was launched.
+pub async fn start(
+    shared: &Arc<Shared>,
+    p: &Principal,
+    peer: Peer,
+    req: RunRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<Running, ResponseBody> {
+    if fds.len() != 3 {
+        return Err(refuse(
+            ErrorCode::UnexpectedFd,
+            "run takes exactly three fds: stdin, stdout, stderr",
+        ));
+    }
+    if peer.uid != nix::unistd::geteuid().as_raw() {
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            "run starts programs as the daemon's uid; callers of other uids are not supported in this version",
+        ));
+    }
+    validate(&req)?;
+    let Some(launcher) = shared.launcher.get().cloned() else {
+        return Err(refuse(ErrorCode::Internal, "the launcher is not running"));
+    };
+    let agent = who(p).to_string();
+    let program = program_name(&req.argv[0]);
+    let hash = argv_hash(&req.argv);
+
+    // Fetch every secret first: nothing is audited as delivered unless all are available.
+    let mut plain: Vec<(String, String, bool, Zeroizing<Vec<u8>>)> = Vec::new();
+    for (var, service) in &req.env {
+        plain.push((
+            var.clone(),
+            service.clone(),
+            false,
+            fetch(shared, p, peer, service)?,
+        ));
+    }
+    for (var, service) in &req.files {
+        plain.push((
+            var.clone(),
+            service.clone(),
+            true,
+            fetch(shared, p, peer, service)?,
+        ));
+    }
+    // Environment secrets in memfd_secret pages (the child maps them); file secrets in sealed,
+    // readable memfds (a program must be able to read(2) them).
+    let mut pages: Vec<SecretPage> = Vec::with_capacity(plain.len());
+    for (_, _, is_file, bytes) in &plain {
+        let policy = if *is_file {
+            PagePolicy::ForceFallback
+        } else {
+            shared.page_policy()
+        };
+        pages.push(
+            SecretPage::from_bytes(bytes, policy)
+                .map_err(|e| refuse(ErrorCode::Internal, format!("making a secret page: {e}")))?,
+        );
+    }
+    let masker = if req.masking {
+        let secrets: Vec<&[u8]> = plain.iter().map(|(_, _, _, b)| b.as_slice()).collect();
+        Some(Arc::new(Masker::new(&secrets)))
+    } else {
+        None
+    };
+    let secret_names: Vec<(String, String, bool)> = plain
+        .iter()
+        .map(|(v, s, f, _)| (v.clone(), s.clone(), *f))
+        .collect();
+    drop(plain);
+
+    let detail = format!(
+        "program={program} argv_sha256={hash} masking={}",
+        req.masking
+    );
+    let start_ev = Event {
+        event: "run_start",
+        agent: Some(&agent),
+        service: None,
+        delivery: None,
+        degraded: false,
+        peer: Some(peer),
+        outcome: "ok",
+        detail: Some(&detail),
+    };
+    shared
+        .audit(&start_ev)
+        .map_err(|e| refuse(ErrorCode::Internal, e))?;
+    for ((_, service, is_file), page) in secret_names.iter().zip(&pages) {
+        shared
+            .audit(&Event {
+                event: "deliver",
+                agent: Some(&agent),
+                service: Some(service),
+                delivery: Some(if *is_file { "file" } else { "env" }),
+                degraded: page.backing().is_degraded() && !*is_file,
+                peer: Some(peer),
+                outcome: "ok",
+                detail: None,
+            })
+            .map_err(|e| refuse(ErrorCode::Internal, e))?;
+    }
+
+    // stdout/stderr: through the masker, or the caller's own fds.
+    let mut fds = fds.into_iter();
+    let (stdin, out, err) = (
+        fds.next().expect("3 fds"),
+        fds.next().expect("3 fds"),
+        fds.next().expect("3 fds"),
+    );
+    let mut pumps = Vec::new();
+    let (child_out, child_err) = match &masker {
+        Some(m) => {
+            let (r1, w1) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| refuse(ErrorCode::Internal, format!("pipe: {e}")))?;
+            let (r2, w2) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| refuse(ErrorCode::Internal, format!("pipe: {e}")))?;
+            pumps.push(crate::pump::spawn(r1, out, m.clone()));
+            pumps.push(crate::pump::spawn(r2, err, m.clone()));
+            (w1, w2)
+        }
+        None => (out, err),
+    };
+    let env: Vec<String> = req
+        .caller_env
+        .into_iter()
+        .filter(|e| {
+            let name = e.split('=').next().unwrap_or("");
+            !name.starts_with("AGENTKEYS_TOKEN") && !secret_names.iter().any(|(v, _, _)| v == name)
+        })
+        .collect();
+    let (secret_env, files): (Vec<_>, Vec<_>) = secret_names.iter().partition(|(_, _, f)| !*f);
+    let spec = LaunchSpec {
+        id: 0,
+        argv: req.argv,
+        env,
+        secret_env: secret_env.iter().map(|(v, _, _)| v.clone()).collect(),
+        files: files.iter().map(|(v, _, _)| v.clone()).collect(),
+        cwd: req.cwd,
+    };
+    // Pages in the order the launcher expects: env secrets, then files.
+    let mut ordered: Vec<&SecretPage> = Vec::new();
+    for want_file in [false, true] {
+        for ((_, _, is_file), page) in secret_names.iter().zip(&pages) {
+            if *is_file == want_file {
+                ordered.push(page);
+            }
+        }
+    }
+    let mut send: Vec<BorrowedFd<'_>> = vec![stdin.as_fd(), child_out.as_fd(), child_err.as_fd()];
+    send.extend(ordered.iter().map(|p| p.fd()));
+    let launched = launcher.launch(spec, &send).await;
+    drop(send);
+    // The daemon's copies go now, launched or not; the child has mapped (or the launch failed).
+    drop((stdin, child_out, child_err));
+    for ((_, service, is_file), page) in secret_names.iter().zip(pages) {
+        drop(page.into_fd());
+        shared.audit_best_effort(&Event {
+            event: "drop",
+            agent: Some(&agent),
+            service: Some(service),
+            delivery: Some(if *is_file { "file" } else { "env" }),
+            degraded: false,
+            peer: Some(peer),
+            outcome: "ok",
+            detail: None,
+        });
+    }
+    match launched {
+        Ok(s) => {
+            info!(pid = s.pid, program, agent, "run started");
+            Ok(Running {
+                id: s.id,
+                pid: s.pid,
+                exited: s.exited,
+                pumps,
+                started: Instant::now(),
+                program,
+            })
+        }
+        Err(e) => {
+            let (code, message) = match e {
+                LaunchError::Failed { errno, step } if step == "exec" && errno == libc_enoent() => {
+                    (ErrorCode::CommandNotFound, format!("command not found: {program}"))
+                }
+                LaunchError::Failed { errno, step } if step == "exec" => (
+                    ErrorCode::CannotExecute,
+                    format!("cannot execute {program}: {}", std::io::Error::from_raw_os_error(errno)),
+                ),
+                LaunchError::Failed { errno, step } if step == "chdir" => (
+                    ErrorCode::BadRequest,
+                    format!("cannot change to the working directory: {}", std::io::Error::from_raw_os_error(errno)),
+                ),
+                LaunchError::Failed { step, .. } if step == "secret" => (
+                    ErrorCode::BadRequest,
+                    "a secret cannot be put in an environment variable (it contains a NUL byte); use --file".to_string(),
+                ),
+                LaunchError::Failed { errno, step } => (
+                    ErrorCode::CannotExecute,
+                    format!("starting {program} failed at {step}: {}", std::io::Error::from_raw_os_error(errno)),
+                ),
+                LaunchError::Unavailable(m) => (ErrorCode::Internal, m),
+            };
+            for p in pumps {
+                let _ = p.await;
+            }
+            shared.audit_best_effort(&Event {
+                event: "run_exit",
+                agent: Some(&agent),
+                service: None,
+                delivery: None,
+                degraded: false,
+                peer: Some(peer),
+                outcome: "error",
+                detail: Some(&format!("program={program} not started")),
+            });
+            Err(refuse(code, message))
+        }
+    }
+}
+
+fn libc_enoent() -> i32 {
+    nix::errno::Errno::ENOENT as i32
+}
+
+/// Waits for the output to drain after the program ended, audits `run_exit`, and returns the
+/// answer for the caller.
+pub async fn finish(
+    shared: &Shared,
+    p: &Principal,
+    peer: Peer,
+    run: Running,
+    exit: Option<FromLauncher>,
+) -> ResponseBody {
+    let (code, signal) = match exit {
+        Some(FromLauncher::Exited { code, signal, .. }) => (code, signal),
+        _ => (None, None),
+    };
+    for pump in run.pumps {
+        let _ = pump.await;
+    }
+    let status = match (code, signal) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown (launcher gone)".into(),
+    };
+    let detail = format!(
+        "program={} status={status} duration_ms={}",
+        run.program,
+        run.started.elapsed().as_millis()
+    );
+    shared.audit_best_effort(&Event {
+        event: "run_exit",
+        agent: Some(who(p)),
+        service: None,
+        delivery: None,
+        degraded: false,
+        peer: Some(peer),
+        outcome: if code.is_some() || signal.is_some() {
+            "ok"
+        } else {
+            "error"
+        },
+        detail: Some(&detail),
+    });
+    if code.is_none() && signal.is_none() {
+        return refuse(
+            ErrorCode::Internal,
+            "the launcher went away while the program ran",
+        );
+    }
+    ResponseBody::RunExit { code, signal }
+}
