@@ -8,13 +8,18 @@ file size is the secret's length), mmap to read it (read() does not work on memf
         python3 agentkeys_fd.py github
 """
 import array
+import fcntl
 import json
 import mmap
 import os
 import socket
+import stat
 import sys
 
 MAX_MESSAGE = 64 * 1024
+MAX_SECRET = 1 << 20
+if not hasattr(fcntl, "F_SEAL_FUTURE_WRITE"):
+    fcntl.F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; Python names it from 3.12 on
 
 
 def call(sock, req_id, body):
@@ -53,7 +58,20 @@ def with_credential(service, use):
         raise RuntimeError("expected exactly one fd")
     fd = fds[0]
     try:
-        size = os.fstat(fd).st_size
+        # Check what arrived before mapping it: a regular memory file of a sane size, and, if
+        # it is a memfd (the degraded fallback), one sealed against growing, shrinking and
+        # writing. memfd_secret refuses F_GET_SEALS (EINVAL), which is fine.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= MAX_SECRET:
+            raise RuntimeError("the received fd is not a secret page")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            need = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            if seals & need != need or not seals & (fcntl.F_SEAL_WRITE | fcntl.F_SEAL_FUTURE_WRITE):
+                raise RuntimeError("the received memfd is not sealed")
+        except OSError:
+            pass  # memfd_secret: no seals to check
+        size = st.st_size
         if size != body["len"]:
             raise RuntimeError("page size does not match the announced length")
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as page:

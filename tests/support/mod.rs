@@ -221,7 +221,8 @@ impl Drop for TestHome {
     }
 }
 
-/// Runs `cmd` with `input` on stdin.
+/// Runs `cmd` with `input` on stdin, written from another thread while the output is read
+/// (a program that echoes its input would otherwise fill the pipes and stop).
 pub fn run_with_stdin(mut cmd: Command, input: &[u8]) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -229,11 +230,17 @@ pub fn run_with_stdin(mut cmd: Command, input: &[u8]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    // A command that fails before reading stdin closes it: EPIPE here is not the test's concern.
-    if let Err(e) = child.stdin.take().expect("stdin").write_all(input) {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
-    }
-    child.wait_with_output().expect("wait")
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        // A command that fails before reading stdin closes it: EPIPE is not the test's concern.
+        if let Err(e) = stdin.write_all(&input) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+        }
+    });
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("stdin writer");
+    out
 }
 
 /// stdout and stderr together, for assertion messages and leak checks.

@@ -207,6 +207,16 @@ pub fn get_credential(
         }
     };
     let degraded = page.backing().is_degraded();
+    // Inline bytes travel base64 in one answer: refuse before anything is recorded as delivered.
+    if inline && page.len().div_ceil(3) * 4 + 1024 > agentkeys_proto::wire::MAX_MESSAGE_BYTES {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!(
+                "{service:?} is too large for inline delivery ({} bytes); take it as an fd",
+                page.len()
+            ),
+        );
+    }
     if let Err(e) = shared.audit(&ev("deliver", "ok", Some(kind), degraded, None)) {
         return refuse(ErrorCode::Internal, e);
     }

@@ -68,7 +68,11 @@ fn pump(src: &OwnedFd, dst: &OwnedFd, masker: Arc<Masker>) {
                 }
             },
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return,
+            Err(_) => {
+                stream.flush(&mut out);
+                write_all(dst, &out, &mut sink_open);
+                return;
+            }
         }
         write_all(dst, &out, &mut sink_open);
         out.clear();

@@ -155,6 +155,11 @@ impl Shared {
     /// Evicts idle and expired cache entries (called every second).
     pub fn sweep_cache(&self) {
         if !self.cache.is_empty() {
+            // A vault change (a value replaced or deleted by the owner) empties the cache now,
+            // not only at the next request that reads the vault.
+            if let Err(e) = self.vault_index() {
+                warn!("checking the vault for changes failed: {e}");
+            }
             self.evicted(self.cache.sweep(self.cfg.idle_ttl));
         }
     }

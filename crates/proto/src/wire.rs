@@ -270,6 +270,24 @@ pub enum ResponseBody {
     },
 }
 
+impl ResponseBody {
+    /// The kind's name, for messages (never the body: an inline credential is in it).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResponseBody::Welcome(_) => "welcome",
+            ResponseBody::Whoami(_) => "whoami",
+            ResponseBody::Status { .. } => "status",
+            ResponseBody::SelfTest { .. } => "self_test",
+            ResponseBody::Services { .. } => "services",
+            ResponseBody::Credential { .. } => "credential",
+            ResponseBody::RunStarted { .. } => "run_started",
+            ResponseBody::RunExit { .. } => "run_exit",
+            ResponseBody::Done => "done",
+            ResponseBody::Error { .. } => "error",
+        }
+    }
+}
+
 /// Stable error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
