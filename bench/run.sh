@@ -130,6 +130,26 @@ if [[ -n $profiler_pid ]]; then
     fi
 fi
 
+# `agentkeys run` against the program alone: whole processes, medians, interleaved so both see
+# the same machine. run: CLI -> daemon -> fetch + audit -> launcher -> fork/exec -> exit back.
+runs=${BENCH_RUN_ITERS:-40}
+ns() { date +%s%N; }
+: >"$dir/run.ms"
+: >"$dir/env.ms"
+for _ in $(seq "$runs"); do
+    t0=$(ns)
+    ak run --env T=bench-uncached -- /bin/true
+    t1=$(ns)
+    /usr/bin/env T=x /bin/true
+    t2=$(ns)
+    echo "$(( (t1 - t0) / 1000 ))" >>"$dir/run.ms"
+    echo "$(( (t2 - t1) / 1000 ))" >>"$dir/env.ms"
+done
+median() { sort -n "$1" | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+run_us=$(median "$dir/run.ms")
+env_us=$(median "$dir/env.ms")
+ratio=$(awk -v a="$run_us" -v b="$env_us" 'BEGIN {printf "%.2f", a / b}')
+
 ak daemon stop >/dev/null
 for _ in $(seq 50); do
     kill -0 "$daemon_pid" 2>/dev/null || break
@@ -138,4 +158,12 @@ done
 wait "$daemon_pid" 2>/dev/null || true
 daemon_pid=
 
-cat "$dir/report.txt"
+# The example's report, with the run figures added to its final JSON line.
+head -n -1 "$dir/report.txt"
+cat <<TXT
+agentkeys run vs. the program alone ($runs runs each, medians of whole processes):
+  agentkeys run --env T=svc -- /bin/true   ${run_us} us
+  /usr/bin/env T=x /bin/true               ${env_us} us
+  run_overhead_ratio                       ${ratio}
+TXT
+tail -n 1 "$dir/report.txt" | sed "s/}\$/,\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio}}/"
