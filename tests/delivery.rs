@@ -103,7 +103,14 @@ fn audit_lifecycle_logged() {
         "read must print exactly the secret"
     );
 
-    // fetch -> deliver (fd) -> drop, with agent, service, peer, µs times.
+    // fetch -> deliver (fd) -> drop, with agent, service, peer, µs times. `drop` is written
+    // just after the answer went out (the fd must stay open until it is sent): wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !events(&h, "openai").contains(&"drop".to_string())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let recs: Vec<_> = audit(&h)
         .into_iter()
         .filter(|r| r["service"] == "openai")

@@ -65,6 +65,13 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
         .collect();
     let home = ctx::home()?;
     let code = ctx::runtime()?.block_on(async {
+        // Handlers first: a signal that arrives while the program starts is held and forwarded
+        // once it runs, instead of killing this process with the default action.
+        let (mut int, mut term, mut hup) = (
+            signal(SignalKind::interrupt()).map_err(CliError::Output)?,
+            signal(SignalKind::terminate()).map_err(CliError::Output)?,
+            signal(SignalKind::hangup()).map_err(CliError::Output)?,
+        );
         let (mut client, _) = ctx::connect(&home, caller).await?;
         let stdin = std::io::stdin();
         let stdout = std::io::stdout();
@@ -95,11 +102,6 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
             }
             Err(e) => return Err(e.into()),
         }
-        let (mut int, mut term, mut hup) = (
-            signal(SignalKind::interrupt()).map_err(CliError::Output)?,
-            signal(SignalKind::terminate()).map_err(CliError::Output)?,
-            signal(SignalKind::hangup()).map_err(CliError::Output)?,
-        );
         loop {
             let forward = tokio::select! {
                 answer = client.recv() => {
