@@ -438,9 +438,13 @@ pub async fn start(
                     ErrorCode::BadRequest,
                     format!("cannot change to the working directory: {}", std::io::Error::from_raw_os_error(errno)),
                 ),
-                LaunchError::Failed { step, .. } if step == "secret" => (
+                LaunchError::Failed { errno, step } if step == "secret" && errno == nix::errno::Errno::EILSEQ as i32 => (
                     ErrorCode::BadRequest,
                     "a secret cannot be put in an environment variable (it contains a NUL byte); use --file".to_string(),
+                ),
+                LaunchError::Failed { errno, step } if step == "secret" => (
+                    ErrorCode::Internal,
+                    format!("the program could not map its secret: {}", std::io::Error::from_raw_os_error(errno)),
                 ),
                 LaunchError::Failed { errno, step } => (
                     ErrorCode::CannotExecute,

@@ -231,8 +231,9 @@ fn pidfd_open(pid: nix::unistd::Pid) -> std::io::Result<OwnedFd> {
 fn launcher_main(sock: OwnedFd) -> std::io::Result<()> {
     crate::process::close_inherited_fds(&[sock.as_raw_fd()]).map_err(std::io::Error::other)?;
     // The daemon's own capabilities are not the children's business; with none, a daemon
-    // started as root does not hand root's capabilities to agents' programs.
-    let _ = crate::process::drop_capabilities();
+    // started as root does not hand root's capabilities to agents' programs. If they cannot be
+    // dropped the launcher does not serve (fail closed: `run` is then unavailable).
+    crate::process::drop_capabilities().map_err(std::io::Error::other)?;
     let mut children: HashMap<u64, Child> = HashMap::new();
     let mut buf = vec![0u8; MAX_LAUNCH_MESSAGE];
     loop {
