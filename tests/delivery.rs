@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use agentkeys_e2e::{TestHome, bin, bin_dir, is_root, text};
+use agentkeys_e2e::{TestHome, bin, bin_dir, is_root, memory_contains, text};
 use sha2::Digest;
 
 const CANARY: &str = "ak-canary-delivery-9d8c7b6a5f4e3d2c";
@@ -26,62 +26,6 @@ fn events(h: &TestHome, service: &str) -> Vec<String> {
         .filter(|r| r["service"] == service)
         .map(|r| r["event"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// Every readable, resident page of `pid`, read through /proc/PID/mem. Pages that are not
-/// present (mimalloc reserves a large arena it never touches) are skipped using
-/// /proc/PID/pagemap; secret pages fail to read (EIO) and are skipped too: that they cannot be
-/// read is the point. Runs of present pages are read whole, so a needle across a page boundary
-/// is still found.
-fn daemon_memory_contains(pid: u32, needle: &[u8]) -> bool {
-    use std::os::unix::fs::FileExt;
-    const PAGE: u64 = 4096;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
-    let scan = |start: u64, end: u64| {
-        let mut buf = vec![0u8; (end - start) as usize];
-        mem.read_exact_at(&mut buf, start).is_ok() && buf.windows(needle.len()).any(|w| w == needle)
-    };
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if !perms.starts_with('r') || line.contains("[vvar") || line.contains("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut entries = vec![0u8; ((b - a) / PAGE * 8) as usize];
-        if pagemap.read_exact_at(&mut entries, a / PAGE * 8).is_err() {
-            continue;
-        }
-        let mut run: Option<u64> = None;
-        for (i, e) in entries.chunks_exact(8).enumerate() {
-            let present = u64::from_ne_bytes(e.try_into().unwrap()) & (1 << 63) != 0;
-            let addr = a + i as u64 * PAGE;
-            match (present, run) {
-                (true, None) => run = Some(addr),
-                (false, Some(start)) => {
-                    if scan(start, addr) {
-                        return true;
-                    }
-                    run = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(start) = run
-            && scan(start, b)
-        {
-            return true;
-        }
-    }
-    false
 }
 
 /// `audit_lifecycle_logged`: `agentkeys read` prints exactly the secret, and the audit shows
@@ -300,13 +244,13 @@ fn credential_dropped_after_delivery() {
     let identity: serde_json::Value =
         serde_json::from_slice(&h.run(&["whoami", "--json"]).stdout).unwrap();
     assert!(
-        daemon_memory_contains(pid, identity["identity"].as_str().unwrap().as_bytes()),
+        memory_contains(pid, identity["identity"].as_str().unwrap().as_bytes()),
         "scan sees nothing at all"
     );
 
     assert_eq!(h.run(&["read", "openai"]).stdout, CANARY.as_bytes());
     assert!(
-        !daemon_memory_contains(pid, CANARY.as_bytes()),
+        !memory_contains(pid, CANARY.as_bytes()),
         "plaintext left in the daemon after delivery"
     );
 
@@ -321,7 +265,7 @@ fn credential_dropped_after_delivery() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        !daemon_memory_contains(pid, cached.as_bytes()),
+        !memory_contains(pid, cached.as_bytes()),
         "cached plaintext left after eviction"
     );
 }

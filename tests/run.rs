@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agentkeys_e2e::{TestHome, contains, is_root, text};
+use agentkeys_e2e::{TestHome, contains, is_root, memory_contains, text};
 use base64::Engine;
 
 const CANARY: &str = "ghp_AkRunCanary7e6d5c4b3a29180";
@@ -266,44 +266,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
-}
-
-fn memory_contains(pid: u32, needle: &[u8]) -> bool {
-    use std::os::unix::fs::FileExt;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if !perms.starts_with('r') || line.contains("[vvar") || line.contains("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        let mut entries = vec![0u8; ((b - a) / 4096 * 8) as usize];
-        if pagemap.read_exact_at(&mut entries, a / 4096 * 8).is_err() {
-            continue;
-        }
-        for (i, e) in entries.chunks_exact(8).enumerate() {
-            if u64::from_ne_bytes(e.try_into().unwrap()) & (1 << 63) == 0 {
-                continue;
-            }
-            // Read the page plus the next few bytes, so a needle across a boundary is seen.
-            let at = a + i as u64 * 4096;
-            let len = (4096 + needle.len() as u64).min(b - at) as usize;
-            let mut buf = vec![0u8; len];
-            if mem.read_exact_at(&mut buf, at).is_ok() && contains(&buf, needle) {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// `mediated_run_drops_parent_copy`: after the run returns, no copy of the secret in the

@@ -286,3 +286,48 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Whether `needle` is in any resident, readable page of `pid`, read through /proc/PID/mem
+/// (root only). Pages that are not present (mimalloc reserves a large arena it never touches)
+/// are skipped via /proc/PID/pagemap; secret pages fail to read (EIO) and are skipped too: that
+/// they cannot be read is the point. Each page is read with the next few bytes, so a needle
+/// across a page boundary is still found.
+pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).expect("pagemap");
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.contains("[vvar") || line.contains("[vsyscall]") {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let mut entries = vec![0u8; ((b - a) / PAGE * 8) as usize];
+        if pagemap.read_exact_at(&mut entries, a / PAGE * 8).is_err() {
+            continue;
+        }
+        for (i, e) in entries.chunks_exact(8).enumerate() {
+            let entry = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+            if entry & (1 << 63) == 0 {
+                continue;
+            }
+            let at = a + i as u64 * PAGE;
+            let len = (PAGE + needle.len() as u64).min(b - at) as usize;
+            let mut buf = vec![0u8; len];
+            if mem.read_exact_at(&mut buf, at).is_ok() && contains(&buf, needle) {
+                return true;
+            }
+        }
+    }
+    false
+}

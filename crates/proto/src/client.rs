@@ -178,31 +178,8 @@ impl Client {
     /// # Errors
     /// [`ClientError::Refused`] when the daemon answers with an error; transport errors.
     pub async fn call(&mut self, body: RequestBody) -> Result<Answer, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let bytes = wire::encode(&Request {
-            v: PROTOCOL_VERSION,
-            id,
-            body,
-        })?;
-        self.conn.send(&bytes, &[]).await.map_err(io_error)?;
-        drop(bytes);
-        let packet = self.conn.recv().await?;
-        let resp = wire::decode_response(&packet.data)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if resp.id != id && resp.id != 0 {
-            return Err(ClientError::Protocol(format!(
-                "answer to request {} instead of {id}",
-                resp.id
-            )));
-        }
-        match resp.body {
-            ResponseBody::Error { code, message } => Err(ClientError::Refused { code, message }),
-            body => Ok(Answer {
-                body,
-                fds: packet.fds,
-            }),
-        }
+        self.send(body, &[]).await?;
+        self.recv().await
     }
 }
 
