@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main flow on the embedded default (local encrypted vault, no server), in a throwaway
 # AGENTKEYS_HOME so it never touches ~/.agentkeys: init, store a secret, start the daemon, mint
-# a scoped agent, act as that agent, show the hardening report, stop the daemon.
+# a scoped agent, act as that agent (fd delivery, a masked `run`, a refusal), show the audit
+# trail and the hardening report, stop the daemon.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${AGENTKEYS_BIN:-$root/target/release}
@@ -28,6 +29,15 @@ step 'AGENTKEYS_TOKEN=$TOKEN agentkeys whoami'
 AGENTKEYS_TOKEN=$token ak whoami
 step 'AGENTKEYS_TOKEN=$TOKEN agentkeys list'
 AGENTKEYS_TOKEN=$token ak list
+step 'AGENTKEYS_TOKEN=$TOKEN agentkeys read github | wc -c     # an fd, mapped, exact bytes'
+AGENTKEYS_TOKEN=$token ak read github | wc -c
+step "AGENTKEYS_TOKEN=\$TOKEN agentkeys run --env GH_TOKEN=github -- sh -c 'echo \"the child sees \$GH_TOKEN\"'"
+AGENTKEYS_TOKEN=$token ak run --env GH_TOKEN=github -- sh -c 'echo "the child sees $GH_TOKEN"; printf %s "$GH_TOKEN" | base64'
+step "AGENTKEYS_TOKEN=\$TOKEN agentkeys read openai    # outside the agent's scope"
+AGENTKEYS_TOKEN=$token ak read openai || echo "(refused, exit $?)"
+step 'agentkeys audit && agentkeys audit verify'
+ak audit
+ak audit verify
 step agentkeys doctor
 ak doctor
 step agentkeys daemon stop
