@@ -107,7 +107,7 @@ impl Sessions {
     /// Loads both files.
     ///
     /// # Errors
-    /// A [`StateError`] naming the file (wrong key, corrupt, unsafe permissions).
+    /// A [`StateError`] naming the file (wrong key, corrupt, loose permissions).
     pub fn load(
         home: Home,
         identity: Identity,

@@ -15,10 +15,10 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::{Deserialize, Serialize};
 
 use crate::errno::cerr;
@@ -183,35 +183,15 @@ pub fn recv_msg<T: for<'de> Deserialize<'de>>(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> std::io::Result<Option<(T, Vec<OwnedFd>)>> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_LAUNCH_FDS]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel installed these descriptors for us alone.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    let n = msg.bytes;
-    let truncated = msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-    if truncated {
+    let got = crate::peer::recv_with_fds(sock, buf, MAX_LAUNCH_FDS)?;
+    if got.truncated {
         return Err(std::io::Error::other("launcher message truncated"));
     }
-    if n == 0 && fds.is_empty() {
+    if got.len == 0 && got.fds.is_empty() {
         return Ok(None);
     }
-    let parsed = serde_json::from_slice(&iov[0][..n]).map_err(std::io::Error::other)?;
-    Ok(Some((parsed, fds)))
+    let parsed = serde_json::from_slice(&buf[..got.len]).map_err(std::io::Error::other)?;
+    Ok(Some((parsed, got.fds)))
 }
 
 struct Child {

@@ -33,6 +33,56 @@ pub fn peer_credentials(sock: &impl AsFd) -> io::Result<PeerCred> {
     })
 }
 
+/// One packet received with [`recv_with_fds`].
+pub struct Received {
+    /// Bytes written into the buffer.
+    pub len: usize,
+    /// The descriptors that came with it (close-on-exec), owned.
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    /// The packet or its control data did not fit (`MSG_TRUNC` / `MSG_CTRUNC`).
+    pub truncated: bool,
+}
+
+/// Receives one packet from a SOCK_SEQPACKET socket (blocking), taking ownership of up to
+/// `max_fds` descriptors sent with it (`SCM_RIGHTS`, `MSG_CMSG_CLOEXEC`). The safe wrapper every
+/// synchronous receiver uses; async code uses tokio-seqpacket's own.
+///
+/// # Errors
+/// The OS error of `recvmsg`.
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Received> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds.max(1)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel installed these descriptors in our table for this message;
+                // nothing else refers to them.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok(Received {
+        len: msg.bytes,
+        fds,
+        truncated: msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,10 +32,11 @@
 //! Adding a measurement (issue 9: throughput with 8 clients, run overhead, RSS, start-up ...):
 //! write a `fn(&Config, &mut Report) -> Result<(), Error>` and list it in `main`;
 //! `Report::timed` records p50/p99 under a key prefix, `Report::value` a single number.
+#![forbid(unsafe_code)]
 
 use std::hint::black_box;
-use std::io::{IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -44,8 +45,7 @@ use agentkeys_proto::client::Client;
 use agentkeys_proto::conn::Conn;
 use agentkeys_proto::wire::{RequestBody, ResponseBody};
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recv,
-    recvmsg, send, sendmsg, socketpair,
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, recv, send, sendmsg, socketpair,
 };
 use secrecy::SecretString;
 use tokio_seqpacket::UnixSeqpacket;
@@ -346,23 +346,20 @@ fn bench_conn(cfg: &Config, r: &mut Report) -> Result<(), Error> {
 }
 
 /// Receives one packet and the fd that came with it (blocking).
-fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> Result<Option<OwnedFd>, Error> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    if msg.bytes == 0 {
+fn recv_with_fd(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<Option<OwnedFd>, Error> {
+    // The hardening crate owns the one place that turns received fds into OwnedFd.
+    let got = agentkeys_hardening::peer::recv_with_fds(sock, buf, 1)?;
+    if got.len == 0 && got.fds.is_empty() {
         return Ok(None);
     }
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = c
-            && let Some(&fd) = fds.first()
-        {
-            // SAFETY: SCM_RIGHTS installed this descriptor in our table just now; nothing
-            // else refers to it, so taking ownership is sound (one fd is sent per message).
-            return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
-        }
-    }
-    Err("message without an fd".into())
+    got.fds
+        .into_iter()
+        .next()
+        .map(Some)
+        .ok_or_else(|| "message without an fd".into())
 }
 
 /// Create page, write, send fd; peer maps, reads, unmaps, replies.
@@ -378,7 +375,7 @@ fn bench_memfd(cfg: &Config, r: &mut Report) -> Result<(), Error> {
     let echo = std::thread::spawn(move || -> Result<(), String> {
         let mut buf = [0u8; MSG_LEN];
         loop {
-            let fd = match recv_with_fd(b.as_raw_fd(), &mut buf) {
+            let fd = match recv_with_fd(b.as_fd(), &mut buf) {
                 Ok(Some(fd)) => fd,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
