@@ -14,6 +14,7 @@ mod ctx;
 mod daemon_cmd;
 mod doctor;
 mod init_cmd;
+mod mcp_cmd;
 mod read_cmd;
 mod run_cmd;
 mod vault_cmd;
@@ -131,6 +132,14 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the MCP tools (run, get_credential, list_credentials, whoami) on stdio, as the
+    /// agent of AGENTKEYS_TOKEN_FILE / AGENTKEYS_TOKEN (for MCP hosts; never the owner).
+    Mcp {
+        /// An inherited unix socket to hand credential fds to a runtime advertising the
+        /// `agentkeys/fd` capability.
+        #[arg(long, value_name = "FD")]
+        fd_channel: Option<i32>,
     },
     /// Show the audit trail (who got which secret, when); `audit verify` checks its hash chain.
     #[command(args_conflicts_with_subcommands = true)]
@@ -328,6 +337,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         },
         Command::Whoami { json } => whoami::run(&caller, json),
         Command::Doctor { json } => doctor::run(&caller, json),
+        Command::Mcp { fd_channel } => mcp_cmd::run(caller, fd_channel),
         Command::Audit {
             action,
             follow,
