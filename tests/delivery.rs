@@ -211,10 +211,11 @@ fn high_value_is_never_released_without_approval() {
             .success()
     );
     h.start_daemon(&[]);
+    // Even the owner's own read waits for an approval: pending (exit 10), nothing released.
     let out = h.run(&["read", "prod"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
     assert!(out.stdout.is_empty(), "{}", text(&out));
-    assert_eq!(events(&h, "prod"), ["deny"]);
+    assert_eq!(events(&h, "prod"), ["pending"]);
 }
 
 /// `credential_dropped_after_delivery`: no copy of the secret in the daemon's readable memory

@@ -425,3 +425,45 @@ fn the_same_flows_with_the_python_sdk() {
         .count();
     assert!(denies >= 2, "audit: {:?}", audit(&h));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_value_tools_return_a_pending_result_with_the_code() {
+    let mut h = TestHome::initialized("mcp-pending");
+    let out = h.run_stdin(&["store", "vaulted", "--high-value"], CANARY.as_bytes());
+    assert!(out.status.success(), "{}", text(&out));
+    h.start_daemon(&[]);
+    let token_file = h.dir.join("agent.token");
+    let out = h.run(&[
+        "agent",
+        "add",
+        "bot",
+        "--scope",
+        "vaulted",
+        "--out",
+        token_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let c = connect(&h, &token_file, &[], false).await;
+    for (tool, args) in [
+        ("get_credential", serde_json::json!({"service": "vaulted"})),
+        (
+            "run",
+            serde_json::json!({"command": "true", "env": {"T": "vaulted"}}),
+        ),
+    ] {
+        let r = call(&c, tool, args).await.expect("tool call");
+        assert!(is_error(&r), "{tool} was not refused");
+        let whole = serde_json::to_string(&r).unwrap();
+        assert!(
+            whole.contains("agentkeys approve "),
+            "{tool}: no approval command in {whole}"
+        );
+        assert!(whole.contains("pending"), "{tool}: {whole}");
+        assert!(
+            !whole.contains(CANARY),
+            "{tool}: secret in the pending result"
+        );
+    }
+    assert!(audit(&h).iter().any(|r| r["event"] == "pending"));
+    c.cancel().await.ok();
+}

@@ -36,6 +36,9 @@ pub struct DaemonConfig {
     /// Seconds a new connection has to say hello.
     #[serde(with = "humantime_serde_compat")]
     pub handshake_timeout: Duration,
+    /// How long an approval request waits for the owner (default 5 minutes).
+    #[serde(with = "humantime_serde_compat")]
+    pub approval_ttl: Duration,
     /// Group allowed to reach the socket (for agents under other uids): the socket becomes
     /// 0660 and its directory 0710, both of this group. The peer uid check still applies.
     pub socket_group: Option<String>,
@@ -50,6 +53,7 @@ impl Default for DaemonConfig {
             max_connections: 512,
             max_pending: 64,
             handshake_timeout: Duration::from_secs(10),
+            approval_ttl: Duration::from_secs(300),
             socket_group: None,
         }
     }

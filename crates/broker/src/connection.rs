@@ -367,6 +367,11 @@ fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) ->
             }
         }),
         RequestBody::ListServices {} => ok(list_services(shared, p)),
+        RequestBody::ListPending {} => owner_only(p).unwrap_or_else(|| ok(list_pending(shared))),
+        RequestBody::Approve { code, for_secs } => {
+            ok(decide(shared, p, peer, &code, Some(for_secs)))
+        }
+        RequestBody::Deny { code } => ok(decide(shared, p, peer, &code, None)),
         RequestBody::Run { .. } => ok(error(
             ErrorCode::Internal,
             "run is served by the connection loop",
@@ -382,6 +387,107 @@ fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) ->
                 close: false,
                 after: Some(d.after),
             }
+        }
+    }
+}
+
+fn list_pending(shared: &Shared) -> ResponseBody {
+    let requests = shared
+        .approvals
+        .lock()
+        .expect("approvals")
+        .list()
+        .into_iter()
+        .map(|l| agentkeys_proto::wire::PendingInfo {
+            code: l.code,
+            agent: l.subject.agent,
+            service: l.subject.service,
+            command: l.command,
+            age_secs: l.age.as_secs(),
+            expires_in_secs: l.left.as_secs(),
+        })
+        .collect();
+    ResponseBody::PendingList { requests }
+}
+
+/// `approve` (`approve: Some(window)`) or `deny` (`None`): only the owner decides; an agent's
+/// attempt is refused and audited, as are wrong codes.
+fn decide(
+    shared: &Shared,
+    p: &Principal,
+    peer: Peer,
+    code: &str,
+    approve: Option<Option<u64>>,
+) -> ResponseBody {
+    use crate::approvals::DecideError;
+    let event = if approve.is_some() { "approve" } else { "deny" };
+    let who = crate::delivery::who(p);
+    if *p != Principal::Owner {
+        shared.audit_best_effort(&Event {
+            event,
+            agent: Some(who),
+            service: None,
+            delivery: None,
+            degraded: false,
+            peer: Some(peer),
+            outcome: "denied",
+            detail: Some("only the owner decides approval requests"),
+        });
+        return error(
+            ErrorCode::Forbidden,
+            "only the owner may approve or deny requests",
+        );
+    }
+    let result = {
+        let mut a = shared.approvals.lock().expect("approvals");
+        match approve {
+            Some(window) => a.approve(code, window.map(std::time::Duration::from_secs)),
+            None => a.deny(code),
+        }
+    };
+    match result {
+        Ok(subject) => {
+            let detail = match approve {
+                Some(Some(secs)) => format!("for agent {} for {secs} s", subject.agent),
+                Some(None) => format!("for agent {} once", subject.agent),
+                None => format!("for agent {}", subject.agent),
+            };
+            shared.audit_best_effort(&Event {
+                event,
+                agent: Some(who),
+                service: Some(&subject.service),
+                delivery: None,
+                degraded: false,
+                peer: Some(peer),
+                outcome: "ok",
+                detail: Some(&detail),
+            });
+            ResponseBody::Done
+        }
+        Err(e) => {
+            let (code, message, detail) = match e {
+                DecideError::UnknownCode => (
+                    ErrorCode::NotFound,
+                    "no open request has that code (wrong, expired, or already decided)",
+                    "unknown code",
+                ),
+                DecideError::RateLimited => (
+                    ErrorCode::Busy,
+                    "too many wrong codes in the last minute; wait and try again",
+                    "rate limited",
+                ),
+            };
+            shared.audit_best_effort(&Event {
+                event,
+                agent: Some(who),
+                service: None,
+                delivery: None,
+                degraded: false,
+                peer: Some(peer),
+                outcome: "error",
+                detail: Some(detail),
+            });
+            error(code, message)
         }
     }
 }

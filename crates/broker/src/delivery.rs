@@ -115,22 +115,16 @@ pub fn get_credential(
         return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
     };
     let policy = meta.policy;
-    if policy.high_value {
-        // Human approval comes with its own issue; until then a high-value secret is never
-        // released (fail closed).
-        shared.audit_best_effort(&ev(
-            "deny",
-            "denied",
-            Some(kind),
-            false,
-            Some("high-value: approval required"),
-        ));
-        return refuse(
-            ErrorCode::Forbidden,
-            format!(
-                "{service:?} is high-value: it is released only after a human approves, which this version cannot do yet"
-            ),
-        );
+    if policy.high_value
+        && let Err(body) = shared.high_value(agent, peer, service, None)
+    {
+        return Delivery {
+            body,
+            after: AfterSend {
+                fd: None,
+                drop: None,
+            },
+        };
     }
     if inline && !policy.allow_inline {
         shared.audit_best_effort(&ev(

@@ -3,6 +3,7 @@
 //! - [`startup`]: the hardening sequence, in phases, run before anything else.
 //! - [`config`]: the `config.toml` file.
 //! - [`keys`]: guarded (pkey-protected) secret pages: the DEK, cached credentials.
+//! - [`approvals`]: pending requests, the owner's decisions, grants for high-value services.
 //! - [`cache`]: cached credentials, idle and TTL eviction.
 //! - [`run`], [`launch`], [`pump`]: daemon-mediated `run`: the launcher link, the masked output.
 //! - [`delivery`]: `get_credential`: scope, fetch, audit, fd or inline delivery, drop.
@@ -12,6 +13,7 @@
 //! - [`mask`]: streaming masker for `run` output: secrets and their encodings become `********`.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod cache;
 pub mod config;
 pub mod connection;

@@ -209,6 +209,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     startup::sandbox().map_err(|e| e.to_string())?;
 
     let (shutdown, _) = tokio::sync::watch::channel(false);
+    let cfg_approval_ttl = cfg.daemon.approval_ttl;
     let shared = Arc::new(Shared {
         home,
         sessions,
@@ -222,6 +223,9 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         audit: Mutex::new(audit),
         vault: Mutex::new(None),
         launcher: std::sync::OnceLock::new(),
+        approvals: Mutex::new(agentkeys_broker::approvals::Approvals::new(
+            cfg_approval_ttl,
+        )),
     });
     let report = daemon_report(&shared);
     for item in &report.items {

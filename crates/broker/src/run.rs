@@ -161,6 +161,7 @@ fn fetch(
     p: &Principal,
     peer: Peer,
     service: &str,
+    run: (&str, &str),
 ) -> Result<Zeroizing<Vec<u8>>, ResponseBody> {
     let agent = who(p);
     let ev = |event, outcome, detail| Event {
@@ -195,13 +196,7 @@ fn fetch(
         ));
     };
     if meta.policy.high_value {
-        shared.audit_best_effort(&ev("deny", "denied", Some("high-value: approval required")));
-        return Err(refuse(
-            ErrorCode::Forbidden,
-            format!(
-                "{service:?} is high-value: it is released only after a human approves, which this version cannot do yet"
-            ),
-        ));
+        shared.high_value(agent, peer, service, Some(run))?;
     }
     let cache_ttl = Duration::from_secs(meta.policy.cache_ttl_secs);
     if !cache_ttl.is_zero()
@@ -273,13 +268,15 @@ pub async fn start(
     let hash = argv_hash(&req.argv);
 
     // Fetch every secret first: nothing is audited as delivered unless all are available.
+    let command = req.argv.join(" ");
+    let run = (hash.as_str(), command.as_str());
     let mut plain: Vec<(String, String, bool, Zeroizing<Vec<u8>>)> = Vec::new();
     for (var, service) in &req.env {
         plain.push((
             var.clone(),
             service.clone(),
             false,
-            fetch(shared, p, peer, service)?,
+            fetch(shared, p, peer, service, run)?,
         ));
     }
     for (var, service) in &req.files {
@@ -287,7 +284,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             true,
-            fetch(shared, p, peer, service)?,
+            fetch(shared, p, peer, service, run)?,
         ));
     }
     // Environment secrets in memfd_secret pages (the child maps them); file secrets in sealed,

@@ -54,6 +54,8 @@ pub struct Shared {
     pub vault: Mutex<Option<Arc<VaultIndex>>>,
     /// The launcher, once the runtime runs (`run` is refused before).
     pub launcher: std::sync::OnceLock<Arc<crate::launch::LauncherLink>>,
+    /// Pending approval requests and grants for high-value services.
+    pub approvals: Mutex<crate::approvals::Approvals>,
 }
 
 /// One open connection, as the server sees it.
@@ -161,6 +163,122 @@ impl Shared {
                 warn!("checking the vault for changes failed: {e}");
             }
             self.evicted(self.cache.sweep(self.cfg.idle_ttl));
+        }
+    }
+
+    /// A high-value service: `Ok` when a grant covers this request (audited `grant_used`),
+    /// else the answer to send: `pending` with a code (audited `pending`), or a refusal after
+    /// the owner denied it (audited `deny`). `run` is (argv SHA-256, command line).
+    pub fn high_value(
+        &self,
+        agent: &str,
+        peer: agentkeys_state::audit::Peer,
+        service: &str,
+        run: Option<(&str, &str)>,
+    ) -> Result<(), agentkeys_proto::wire::ResponseBody> {
+        use crate::approvals::{Check, Subject};
+        use agentkeys_proto::wire::{ErrorCode, ResponseBody};
+        let subject = Subject {
+            agent: agent.to_string(),
+            service: service.to_string(),
+            argv: run.map(|(h, _)| h.to_string()),
+        };
+        let detail = run.map(|(h, _)| format!("argv_sha256={h}"));
+        fn ev<'a>(
+            event: &'a str,
+            outcome: &'a str,
+            detail: Option<&'a str>,
+            agent: &'a str,
+            service: &'a str,
+            peer: agentkeys_state::audit::Peer,
+        ) -> Event<'a> {
+            Event {
+                event,
+                agent: Some(agent),
+                service: Some(service),
+                delivery: None,
+                degraded: false,
+                peer: Some(peer),
+                outcome,
+                detail,
+            }
+        }
+        let check = self
+            .approvals
+            .lock()
+            .expect("approvals")
+            .check(&subject, run.map(|(_, c)| c.to_string()));
+        match check {
+            Check::Granted { consumed } => {
+                let d = format!(
+                    "{}{}",
+                    if consumed { "once" } else { "window" },
+                    detail
+                        .as_deref()
+                        .map(|d| format!(" {d}"))
+                        .unwrap_or_default()
+                );
+                self.audit(&ev("grant_used", "ok", Some(&d), agent, service, peer))
+                    .map_err(|e| ResponseBody::Error {
+                        code: ErrorCode::Internal,
+                        message: e,
+                    })
+            }
+            Check::Denied => {
+                self.audit_best_effort(&ev(
+                    "deny",
+                    "denied",
+                    Some("denied by the owner"),
+                    agent,
+                    service,
+                    peer,
+                ));
+                Err(ResponseBody::Error {
+                    code: ErrorCode::Forbidden,
+                    message: format!("the owner denied this request for {service:?}"),
+                })
+            }
+            Check::Pending {
+                code,
+                expires_in,
+                new,
+            } => {
+                if new {
+                    self.audit_best_effort(&ev(
+                        "pending",
+                        "pending",
+                        detail.as_deref(),
+                        agent,
+                        service,
+                        peer,
+                    ));
+                }
+                Err(ResponseBody::Pending {
+                    message: format!(
+                        "{service:?} is high-value: a human must approve this request. The owner runs `agentkeys approve {code}` (or `agentkeys deny {code}`); it expires in {expires_in} s."
+                    ),
+                    code,
+                    service: service.to_string(),
+                    expires_in_secs: expires_in,
+                })
+            }
+        }
+    }
+
+    /// Expires old approval requests (audited `expired`).
+    pub fn sweep_approvals(&self) {
+        let gone = self.approvals.lock().expect("approvals").sweep();
+        for (_, subject) in gone {
+            self.audit_best_effort(&Event {
+                event: "expired",
+                agent: Some(&subject.agent),
+                service: Some(&subject.service),
+                delivery: None,
+                degraded: false,
+                peer: None,
+                outcome: "ok",
+                detail: Some("approval request expired"),
+            });
         }
     }
 
@@ -364,6 +482,7 @@ pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf)
             _ = tick.tick() => {
                 shared.refresh();
                 shared.sweep_cache();
+                shared.sweep_approvals();
             }
             r = listener.accept() => match r {
                 Ok(sock) => accept_one(sock, &shared),

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod agent_cmd;
+mod approve_cmd;
 mod audit_cmd;
 mod ctx;
 mod daemon_cmd;
@@ -87,6 +88,9 @@ enum Command {
     Read {
         /// Service name.
         service: String,
+        /// For a high-value service: wait until the owner decides (or the request expires).
+        #[arg(long)]
+        wait: bool,
         /// Ask for inline bytes instead of an fd (only for services stored with --allow-inline).
         #[arg(long)]
         inline: bool,
@@ -104,12 +108,34 @@ enum Command {
         /// Give the program this terminal directly (no masking of its output).
         #[arg(long)]
         no_masking: bool,
+        /// For high-value services: wait until the owner decides (or the request expires).
+        #[arg(long)]
+        wait: bool,
         /// Working directory (default: the current one).
         #[arg(long)]
         cwd: Option<PathBuf>,
         /// The program and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// List requests waiting for your approval (high-value services).
+    Pending {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a request by its code: once, or for a window (--for 10m).
+    Approve {
+        /// The code the requester was shown.
+        code: String,
+        /// Allow repeats of the same request for this long instead of once.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        window: Option<Duration>,
+    },
+    /// Deny a request by its code.
+    Deny {
+        /// The code the requester was shown.
+        code: String,
     },
     /// Delete a stored service.
     Delete {
@@ -241,6 +267,7 @@ impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
             CliError::Client(ClientError::NotRunning { .. }) => 3,
+            CliError::Client(ClientError::Pending { .. }) => 10,
             CliError::Client(ClientError::Refused { code, .. }) => match code {
                 ErrorCode::Unauthenticated | ErrorCode::Revoked | ErrorCode::Expired => 4,
                 ErrorCode::Forbidden => 5,
@@ -297,11 +324,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
             },
         ),
         Command::List { json } => vault_cmd::list(&caller, json),
-        Command::Read { service, inline } => read_cmd::run(&caller, &service, inline),
+        Command::Read {
+            service,
+            inline,
+            wait,
+        } => read_cmd::run(&caller, &service, inline, wait),
         Command::Run {
             env,
             file,
             no_masking,
+            wait,
             cwd,
             command,
         } => run_cmd::run(
@@ -310,10 +342,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 env,
                 file,
                 no_masking,
+                wait,
                 cwd,
                 command,
             },
         ),
+        Command::Pending { json } => approve_cmd::pending(&caller, json),
+        Command::Approve { code, window } => approve_cmd::approve(&caller, &code, window),
+        Command::Deny { code } => approve_cmd::deny(&caller, &code),
         Command::Delete { service } => vault_cmd::delete(&caller, &service),
         Command::Agent { action } => match action {
             AgentAction::Add {
@@ -353,6 +389,10 @@ fn main() -> ExitCode {
         // A reader that went away (`agentkeys doctor | head`) is not worth a message.
         Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::from(141)
+        }
+        Err(CliError::Client(ClientError::Pending { message, .. })) => {
+            eprintln!("agentkeys: approval required: {message}");
+            ExitCode::from(10)
         }
         // `run` passes the program's status on; the program said what it had to say.
         Err(CliError::Exit(code)) => ExitCode::from(code),

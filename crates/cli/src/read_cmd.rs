@@ -7,11 +7,28 @@ use std::io::Write;
 use crate::CliError;
 use crate::ctx::{self, Caller};
 
-pub(crate) fn run(caller: &Caller, service: &str, inline: bool) -> Result<(), CliError> {
+pub(crate) fn run(
+    caller: &Caller,
+    service: &str,
+    inline: bool,
+    wait: bool,
+) -> Result<(), CliError> {
     let home = ctx::home()?;
     ctx::runtime()?.block_on(async {
         let (mut c, _) = ctx::connect(&home, caller).await?;
-        let secret = c.get_credential(service, inline).await?;
+        let mut told = false;
+        let secret = loop {
+            match c.get_credential(service, inline).await {
+                Err(agentkeys_proto::client::ClientError::Pending { message, .. }) if wait => {
+                    if !told {
+                        eprintln!("agentkeys: waiting for approval: {message}");
+                        told = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                other => break other?,
+            }
+        };
         if secret.degraded() {
             eprintln!("agentkeys: warning: delivered through the degraded sealed-memfd fallback (no memfd_secret)");
         }

@@ -19,6 +19,7 @@ pub(crate) struct RunOpts {
     pub env: Vec<String>,
     pub file: Vec<String>,
     pub no_masking: bool,
+    pub wait: bool,
     pub cwd: Option<PathBuf>,
     pub command: Vec<String>,
 }
@@ -76,31 +77,42 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
         let stdin = std::io::stdin();
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
-        client
-            .send(
-                RequestBody::Run {
-                    argv: o.command,
-                    env,
-                    files,
-                    caller_env,
-                    cwd: Some(cwd),
-                    masking: !o.no_masking,
-                },
-                &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
-            )
-            .await?;
-        match client.recv().await {
-            Ok(a) if matches!(a.body, ResponseBody::RunStarted { .. }) => {}
-            Ok(a) => return Err(CliError::Client(agentkeys_proto::client::unexpected(&a.body))),
-            Err(ClientError::Refused { code: ErrorCode::CommandNotFound, message }) => {
-                eprintln!("agentkeys: {message}");
-                return Ok(127);
+        let mut told = false;
+        loop {
+            client
+                .send(
+                    RequestBody::Run {
+                        argv: o.command.clone(),
+                        env: env.clone(),
+                        files: files.clone(),
+                        caller_env: caller_env.clone(),
+                        cwd: Some(cwd.clone()),
+                        masking: !o.no_masking,
+                    },
+                    &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
+                )
+                .await?;
+            match client.recv().await {
+                Ok(a) if matches!(a.body, ResponseBody::RunStarted { .. }) => break,
+                Ok(a) => return Err(CliError::Client(agentkeys_proto::client::unexpected(&a.body))),
+                Err(ClientError::Refused { code: ErrorCode::CommandNotFound, message }) => {
+                    eprintln!("agentkeys: {message}");
+                    return Ok(127);
+                }
+                Err(ClientError::Refused { code: ErrorCode::CannotExecute, message }) => {
+                    eprintln!("agentkeys: {message}");
+                    return Ok(126);
+                }
+                // A high-value service with --wait: ask again until the owner decides.
+                Err(ClientError::Pending { message, .. }) if o.wait => {
+                    if !told {
+                        eprintln!("agentkeys: waiting for approval: {message}");
+                        told = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(ClientError::Refused { code: ErrorCode::CannotExecute, message }) => {
-                eprintln!("agentkeys: {message}");
-                return Ok(126);
-            }
-            Err(e) => return Err(e.into()),
         }
         loop {
             let forward = tokio::select! {

@@ -193,6 +193,15 @@ fn describe_refusal(e: &ClientError) -> String {
                 .unwrap_or_default();
             format!("agentkeys: {what} ({code}): {message}")
         }
+        ClientError::Pending {
+            code,
+            service,
+            message,
+        } => {
+            format!(
+                "agentkeys: approval required (pending, code {code}) for {service:?}: {message}"
+            )
+        }
         other => format!("agentkeys: {other}"),
     }
 }

@@ -42,6 +42,16 @@ pub enum ClientError {
     /// The daemon's answer was not understood.
     #[error("unexpected answer from agentkeysd: {0}")]
     Protocol(String),
+    /// A high-value service waits for a human's approval.
+    #[error("{message}")]
+    Pending {
+        /// The approval code.
+        code: String,
+        /// The service.
+        service: String,
+        /// What the human must run.
+        message: String,
+    },
     /// The daemon refused the request.
     #[error("{message}")]
     Refused {
@@ -166,6 +176,16 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         match resp.body {
             ResponseBody::Error { code, message } => Err(ClientError::Refused { code, message }),
+            ResponseBody::Pending {
+                code,
+                service,
+                message,
+                ..
+            } => Err(ClientError::Pending {
+                code,
+                service,
+                message,
+            }),
             body => Ok(Answer {
                 body,
                 fds: packet.fds,

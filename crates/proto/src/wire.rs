@@ -110,6 +110,21 @@ pub enum RequestBody {
         /// Signal number.
         signal: i32,
     },
+    /// Open approval requests (owner only).
+    ListPending {},
+    /// Approve a request by its code (owner only): once, or for `for_secs` seconds.
+    Approve {
+        /// The code shown to the requester.
+        code: String,
+        /// A window instead of a single use.
+        #[serde(default)]
+        for_secs: Option<u64>,
+    },
+    /// Deny a request by its code (owner only).
+    Deny {
+        /// The code shown to the requester.
+        code: String,
+    },
 }
 
 fn yes() -> bool {
@@ -128,6 +143,9 @@ pub const REQUEST_KINDS: &[&str] = &[
     "get_credential",
     "run",
     "signal",
+    "list_pending",
+    "approve",
+    "deny",
 ];
 
 impl RequestBody {
@@ -144,6 +162,9 @@ impl RequestBody {
             RequestBody::GetCredential { .. } => "get_credential",
             RequestBody::Run { .. } => "run",
             RequestBody::Signal { .. } => "signal",
+            RequestBody::ListPending {} => "list_pending",
+            RequestBody::Approve { .. } => "approve",
+            RequestBody::Deny { .. } => "deny",
         }
     }
 }
@@ -203,6 +224,24 @@ pub struct ServiceInfo {
     pub allow_inline: bool,
 }
 
+/// One open approval request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingInfo {
+    /// The code.
+    pub code: String,
+    /// Who asked.
+    pub agent: String,
+    /// For which service.
+    pub service: String,
+    /// For `run`: the command line (as the requester gave it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Seconds since the request.
+    pub age_secs: u64,
+    /// Seconds until it expires.
+    pub expires_in_secs: u64,
+}
+
 /// The kinds of response.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -259,6 +298,22 @@ pub enum ResponseBody {
         /// Signal, when a signal killed it.
         signal: Option<i32>,
     },
+    /// A high-value service needs a human's approval first.
+    Pending {
+        /// The approval code (give it to the owner).
+        code: String,
+        /// The service.
+        service: String,
+        /// Seconds until the request expires.
+        expires_in_secs: u64,
+        /// What happened and what the human must run.
+        message: String,
+    },
+    /// Answer to `list_pending`.
+    PendingList {
+        /// Open requests.
+        requests: Vec<PendingInfo>,
+    },
     /// The request was carried out.
     Done,
     /// The request failed.
@@ -282,6 +337,8 @@ impl ResponseBody {
             ResponseBody::Credential { .. } => "credential",
             ResponseBody::RunStarted { .. } => "run_started",
             ResponseBody::RunExit { .. } => "run_exit",
+            ResponseBody::Pending { .. } => "pending",
+            ResponseBody::PendingList { .. } => "pending_list",
             ResponseBody::Done => "done",
             ResponseBody::Error { .. } => "error",
         }
