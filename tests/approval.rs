@@ -229,3 +229,54 @@ fn wait_blocks_until_the_owner_decides() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.stdout, CANARY.as_bytes(), "{}", text(&out));
 }
+
+/// An approval covers the exact request: the same argv with another PATH (which decides which
+/// program runs) is a new request.
+#[test]
+fn an_approved_run_cannot_be_replayed_with_another_path() {
+    let (h, token) = setup("replay", None);
+    let args = ["run", "--env", "T=sensitive", "--", "true"];
+    let first = h.run_agent(&token, &args);
+    assert_eq!(first.status.code(), Some(10), "{}", text(&first));
+    let pending: serde_json::Value =
+        serde_json::from_slice(&h.run(&["pending", "--json"]).stdout).unwrap();
+    assert!(
+        pending[0]["command"].as_str().unwrap().contains("(in "),
+        "{pending}"
+    );
+    assert!(
+        h.run(&["approve", &code_from(&first), "--for", "10m"])
+            .status
+            .success()
+    );
+    assert!(h.run_agent(&token, &args).status.success());
+    let evil = h.dir.join("evil");
+    std::fs::create_dir_all(&evil).unwrap();
+    let mut c = h.cli(&args);
+    c.env("AGENTKEYS_TOKEN", &token)
+        .env("PATH", format!("{}:/usr/bin:/bin", evil.display()));
+    let replay = c.stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(
+        replay.status.code(),
+        Some(10),
+        "a changed PATH reused the approval: {}",
+        text(&replay)
+    );
+}
+
+#[test]
+fn a_huge_approval_window_is_clamped_not_fatal() {
+    let (mut h, token) = setup("window", None);
+    let out = h.run_agent(&token, &["read", "sensitive"]);
+    assert!(
+        h.run(&["approve", &code_from(&out), "--for", "500000000000years"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        h.run_agent(&token, &["read", "sensitive"]).stdout,
+        CANARY.as_bytes()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(h.daemon_alive(), "daemon died:\n{}", h.daemon_log());
+}

@@ -317,3 +317,39 @@ fn mediated_run_drops_parent_copy() {
     );
     let _ = std::io::stderr().write_all(b"");
 }
+
+/// Revoking an agent stops its running program: the revocation is immediate, runs included.
+#[test]
+fn revoking_an_agent_stops_its_running_program() {
+    let h = ready("run-revoke");
+    let token = h.add_agent("temp", "github", &[]);
+    let marker = h.dir.join("finished");
+    let mut c = h.cli(&[
+        "run",
+        "--env",
+        "T=github",
+        "--",
+        "sh",
+        "-c",
+        &format!("sleep 5; touch {}", marker.display()),
+    ]);
+    c.env("AGENTKEYS_TOKEN", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    assert!(h.run(&["agent", "revoke", "temp"]).status.success());
+    let status = child.wait().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the run went on after the revocation"
+    );
+    assert!(!status.success(), "the run of a revoked agent succeeded");
+    std::thread::sleep(Duration::from_millis(5000));
+    assert!(
+        !marker.exists(),
+        "the program of a revoked agent ran to completion"
+    );
+}

@@ -20,6 +20,14 @@ pub const CODE_CHARS: usize = 10;
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Wrong codes accepted per minute before further guesses are refused unread.
 pub const MAX_WRONG_PER_MINUTE: usize = 20;
+/// Open requests one agent may have at once, and in all: a request is cheap to make.
+pub const MAX_PENDING_PER_AGENT: usize = 8;
+/// Open requests in all.
+pub const MAX_PENDING: usize = 128;
+/// Longest approval window.
+pub const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest command line kept for display.
+const MAX_COMMAND_DISPLAY: usize = 256;
 
 /// What a grant or request is for. `argv` is the SHA-256 of a `run`'s argv, `None` for a
 /// credential fetch (`read`, `get_credential`).
@@ -65,6 +73,8 @@ pub enum Check {
     },
     /// The owner denied this request.
     Denied,
+    /// Too many open requests (from this agent, or in all).
+    Full,
 }
 
 /// Why a decision was refused.
@@ -108,6 +118,24 @@ fn new_code() -> String {
         .map(|b| ALPHABET[(b & 31) as usize] as char)
         .collect();
     format!("{}-{}", &chars[..5], &chars[5..])
+}
+
+/// A command line as the owner sees it: control characters escaped (so a request cannot
+/// disguise itself on a terminal), cut to a bounded length.
+fn display_command(c: &str) -> String {
+    let mut out = String::with_capacity(c.len().min(MAX_COMMAND_DISPLAY) + 8);
+    for ch in c.chars() {
+        if out.len() >= MAX_COMMAND_DISPLAY {
+            out.push_str(" [...]");
+            break;
+        }
+        if ch.is_control() {
+            out.extend(ch.escape_default());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// How a stored (normalised) code is shown: two groups of five.
@@ -172,6 +200,15 @@ impl Approvals {
                 new: false,
             };
         }
+        let open_here = self
+            .pending
+            .values()
+            .filter(|p| p.subject.agent == subject.agent && !p.denied)
+            .count();
+        if open_here >= MAX_PENDING_PER_AGENT || self.pending.len() >= MAX_PENDING {
+            return Check::Full;
+        }
+        let command = command.map(|c| display_command(&c));
         let code = new_code();
         self.pending.insert(
             normalise(&code),
@@ -222,10 +259,17 @@ impl Approvals {
         window: Option<Duration>,
     ) -> Result<Subject, DecideError> {
         let key = self.find(code)?;
-        let p = self.pending.remove(&key).expect("found above");
+        let Some(p) = self.pending.remove(&key) else {
+            return Err(DecideError::UnknownCode);
+        };
+        // Clamped, and computed without overflow: a window is a decision, not a crash.
+        let until = window.map(|w| {
+            let now = Instant::now();
+            now.checked_add(w.min(MAX_WINDOW)).unwrap_or(now)
+        });
         self.grants.push(Grant {
             subject: p.subject.clone(),
-            until: window.map(|w| Instant::now() + w),
+            until,
         });
         Ok(p.subject)
     }
@@ -236,7 +280,9 @@ impl Approvals {
     /// As [`Approvals::approve`].
     pub fn deny(&mut self, code: &str) -> Result<Subject, DecideError> {
         let key = self.find(code)?;
-        let p = self.pending.get_mut(&key).expect("found above");
+        let Some(p) = self.pending.get_mut(&key) else {
+            return Err(DecideError::UnknownCode);
+        };
         p.denied = true;
         Ok(p.subject.clone())
     }
@@ -357,6 +403,44 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(a.approve(&code, None), Err(DecideError::UnknownCode));
+    }
+
+    #[test]
+    fn requests_are_capped_commands_escaped_and_windows_clamped() {
+        let mut a = Approvals::new(Duration::from_secs(300));
+        for i in 0..MAX_PENDING_PER_AGENT {
+            assert!(matches!(
+                a.check(&subj("a", "db", Some(&i.to_string())), None),
+                Check::Pending { .. }
+            ));
+        }
+        assert_eq!(
+            a.check(&subj("a", "db", Some("one more")), None),
+            Check::Full
+        );
+        assert!(matches!(
+            a.check(&subj("b", "db", None), None),
+            Check::Pending { .. }
+        ));
+        let Check::Pending { code, .. } = a.check(
+            &subj("c", "db", Some("x")),
+            Some(format!("ls \x1b[2K\r{}", "y".repeat(1000))),
+        ) else {
+            panic!()
+        };
+        let listed = a.list().into_iter().find(|l| l.code == code).unwrap();
+        let shown = listed.command.unwrap();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.len() < 300, "{}", shown.len());
+        // A window far beyond the clamp does not overflow.
+        assert!(
+            a.approve(&code, Some(Duration::from_secs(u64::MAX)))
+                .is_ok()
+        );
+        assert_eq!(
+            a.check(&subj("c", "db", Some("x")), None),
+            Check::Granted { consumed: false }
+        );
     }
 
     #[test]

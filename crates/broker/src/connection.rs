@@ -223,7 +223,7 @@ pub async fn run(
                 masking,
             };
             if !serve_run(
-                &mut conn, shared, &principal, peer, req.id, run_req, fds, &mut stop,
+                &mut conn, shared, &principal, peer, req.id, run_req, fds, &mut stop, &kick,
             )
             .await
             {
@@ -276,6 +276,7 @@ async fn serve_run(
     req: crate::run::RunRequest,
     fds: Vec<std::os::fd::OwnedFd>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
+    kick: &Notify,
 ) -> bool {
     let mut running = match crate::run::start(shared, principal, peer, req, fds).await {
         Ok(r) => r,
@@ -288,9 +289,19 @@ async fn serve_run(
         }
     }
     let mut caller_gone = false;
+    let mut revoked = false;
     let exit = loop {
         tokio::select! {
             ex = &mut running.exited => break ex.ok(),
+            // The agent was revoked (or its session ended) mid-run: the program stops now,
+            // then the connection closes.
+            _ = kick.notified(), if !revoked => {
+                revoked = true;
+                warn!(agent = crate::delivery::who(principal), "session ended during a run: stopping the program");
+                if let Some(l) = shared.launcher.get() {
+                    l.signal(running.id, libc_sigterm()).await;
+                }
+            }
             r = conn.recv(), if !caller_gone => match parse(r) {
                 Ok((Request { body: RequestBody::Signal { signal }, .. }, _)) => {
                     if let Some(l) = shared.launcher.get() {
@@ -319,6 +330,12 @@ async fn serve_run(
         }
     };
     let body = crate::run::finish(shared, principal, peer, running, exit).await;
+    if revoked {
+        if let Err(e) = shared.sessions.check(principal) {
+            send(conn, id, auth_error(&e)).await;
+        }
+        return false;
+    }
     !caller_gone && send(conn, id, body).await
 }
 

@@ -87,6 +87,60 @@ fn program_name(argv0: &str) -> String {
     if clean.is_empty() { "?".into() } else { clean }
 }
 
+/// SHA-256 of everything that decides what a run does: argv, working directory, the secret
+/// mappings, masking, and the caller's environment (PATH, LD_PRELOAD, ... decide which program
+/// runs and how). An approval for a `run` is bound to this, so an approved `true` cannot be
+/// replayed with another PATH or directory.
+pub fn request_hash(req: &RunRequest) -> String {
+    let mut h = sha2::Sha256::new();
+    let mut field = |tag: &str, value: &str| {
+        h.update(tag.as_bytes());
+        h.update([0u8]);
+        h.update(value.as_bytes());
+        h.update([0u8]);
+    };
+    for a in &req.argv {
+        field("argv", a);
+    }
+    field("cwd", req.cwd.as_deref().unwrap_or(""));
+    for (k, v) in &req.env {
+        field("env", &format!("{k}={v}"));
+    }
+    for (k, v) in &req.files {
+        field("file", &format!("{k}={v}"));
+    }
+    field("masking", if req.masking { "1" } else { "0" });
+    let mut env: Vec<&String> = req.caller_env.iter().collect();
+    env.sort();
+    for e in env {
+        field("caller_env", e);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The command as the owner is shown it: each argument shell-quoted, and the directory.
+fn shown_command(req: &RunRequest) -> String {
+    let quoted: Vec<String> = req
+        .argv
+        .iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
+    format!(
+        "{}  (in {})",
+        quoted.join(" "),
+        req.cwd.as_deref().unwrap_or("?")
+    )
+}
+
 /// SHA-256 of the argv, NUL-separated: identifies the exact command without recording it.
 pub fn argv_hash(argv: &[String]) -> String {
     let mut h = sha2::Sha256::new();
@@ -268,8 +322,9 @@ pub async fn start(
     let hash = argv_hash(&req.argv);
 
     // Fetch every secret first: nothing is audited as delivered unless all are available.
-    let command = req.argv.join(" ");
-    let run = (hash.as_str(), command.as_str());
+    let command = shown_command(&req);
+    let bound = request_hash(&req);
+    let run = (bound.as_str(), command.as_str());
     let mut plain: Vec<(String, String, bool, Zeroizing<Vec<u8>>)> = Vec::new();
     for (var, service) in &req.env {
         plain.push((

@@ -183,7 +183,7 @@ impl Shared {
             service: service.to_string(),
             argv: run.map(|(h, _)| h.to_string()),
         };
-        let detail = run.map(|(h, _)| format!("argv_sha256={h}"));
+        let detail = run.map(|(h, _)| format!("request_sha256={h}"));
         fn ev<'a>(
             event: &'a str,
             outcome: &'a str,
@@ -223,6 +223,20 @@ impl Shared {
                         code: ErrorCode::Internal,
                         message: e,
                     })
+            }
+            Check::Full => {
+                self.audit_best_effort(&ev(
+                    "deny",
+                    "denied",
+                    Some("too many open approval requests"),
+                    agent,
+                    service,
+                    peer,
+                ));
+                Err(ResponseBody::Error {
+                    code: ErrorCode::Busy,
+                    message: "too many approval requests are open; wait for the owner to decide or for them to expire".into(),
+                })
             }
             Check::Denied => {
                 self.audit_best_effort(&ev(

@@ -286,10 +286,6 @@ impl Client {
 
 /// An answer of the wrong kind.
 pub fn unexpected(body: &ResponseBody) -> ClientError {
-    ClientError::Protocol(
-        format!("unexpected response {body:?}")
-            .chars()
-            .take(200)
-            .collect(),
-    )
+    // By kind only: a `credential` answer carries the secret for inline delivery.
+    ClientError::Protocol(format!("unexpected answer of kind {}", body.kind()))
 }
