@@ -280,3 +280,46 @@ fn a_huge_approval_window_is_clamped_not_fatal() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(h.daemon_alive(), "daemon died:\n{}", h.daemon_log());
 }
+
+/// One code covers every high-value service of a run: approved once, the run goes through.
+#[test]
+fn one_approval_covers_a_run_with_two_high_value_services() {
+    let (h, _) = setup("two", None);
+    assert!(
+        h.run_stdin(&["store", "second", "--high-value"], b"two-two")
+            .status
+            .success()
+    );
+    let token = h.add_agent("both", "sensitive,second", &[]);
+    let args = [
+        "run",
+        "--env",
+        "A=sensitive",
+        "--env",
+        "B=second",
+        "--",
+        "sh",
+        "-c",
+        "test -n \"$A\" && test -n \"$B\"",
+    ];
+    let first = h.run_agent(&token, &args);
+    assert_eq!(first.status.code(), Some(10), "{}", text(&first));
+    assert!(h.run(&["approve", &code_from(&first)]).status.success());
+    let ok = h.run_agent(&token, &args);
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+#[test]
+fn wait_stops_when_the_request_expires() {
+    let (h, token) = setup("waitexpire", Some("[daemon]\napproval_ttl = \"1s\"\n"));
+    let started = std::time::Instant::now();
+    let out = h.run_agent(&token, &["read", "sensitive", "--wait"]);
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(out.stdout.is_empty());
+}

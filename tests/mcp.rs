@@ -429,7 +429,12 @@ fn the_same_flows_with_the_python_sdk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn high_value_tools_return_a_pending_result_with_the_code() {
     let mut h = TestHome::initialized("mcp-pending");
-    let out = h.run_stdin(&["store", "vaulted", "--high-value"], CANARY.as_bytes());
+    // --allow-inline too: without it this client could never take the value, so the request is
+    // refused before anyone is asked to approve it.
+    let out = h.run_stdin(
+        &["store", "vaulted", "--high-value", "--allow-inline"],
+        CANARY.as_bytes(),
+    );
     assert!(out.status.success(), "{}", text(&out));
     h.start_daemon(&[]);
     let token_file = h.dir.join("agent.token");

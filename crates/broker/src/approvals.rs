@@ -29,15 +29,15 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest command line kept for display.
 const MAX_COMMAND_DISPLAY: usize = 256;
 
-/// What a grant or request is for. `argv` is the SHA-256 of a `run`'s argv, `None` for a
-/// credential fetch (`read`, `get_credential`).
+/// What a grant or request is for. `argv` is the SHA-256 of a `run`'s whole request, `None` for
+/// a credential fetch (`read`, `get_credential`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Subject {
     /// The agent (or "owner").
     pub agent: String,
     /// The service.
     pub service: String,
-    /// For `run`: SHA-256 of the argv.
+    /// For `run`: SHA-256 of the whole request (see `run::request_hash`).
     pub argv: Option<String>,
 }
 
@@ -102,6 +102,8 @@ pub struct Listed {
 
 /// The approval table.
 pub struct Approvals {
+    /// Requests that expired since the last `take_expired`, whoever noticed: all are audited.
+    expired: Vec<Subject>,
     ttl: Duration,
     pending: HashMap<String, Pending>,
     grants: Vec<Grant>,
@@ -155,6 +157,7 @@ impl Approvals {
     /// A table whose requests live `ttl`.
     pub fn new(ttl: Duration) -> Approvals {
         Approvals {
+            expired: Vec::new(),
             ttl,
             pending: HashMap::new(),
             grants: Vec::new(),
@@ -175,7 +178,13 @@ impl Approvals {
             }
             keep
         });
+        self.expired.extend(gone.iter().map(|(_, s)| s.clone()));
         gone
+    }
+
+    /// Every request that expired since the last call, for the audit trail.
+    pub fn take_expired(&mut self) -> Vec<Subject> {
+        std::mem::take(&mut self.expired)
     }
 
     /// Asks for `subject`: a grant, the pending request (created if needed), or a denial.

@@ -115,17 +115,6 @@ pub fn get_credential(
         return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
     };
     let policy = meta.policy;
-    if policy.high_value
-        && let Err(body) = shared.high_value(agent, peer, service, None)
-    {
-        return Delivery {
-            body,
-            after: AfterSend {
-                fd: None,
-                drop: None,
-            },
-        };
-    }
     if inline && !policy.allow_inline {
         shared.audit_best_effort(&ev(
             "deny",
@@ -140,6 +129,18 @@ pub fn get_credential(
                 "{service:?} does not allow inline delivery: take it as an fd (`agentkeys read {service}` or a managed runtime) or let the daemon launch the program (`agentkeys run`)"
             ),
         );
+    }
+    // After every other check: a once-grant is used up only by a request that then succeeds.
+    if policy.high_value
+        && let Err(body) = shared.high_value(agent, peer, service, None)
+    {
+        return Delivery {
+            body,
+            after: AfterSend {
+                fd: None,
+                drop: None,
+            },
+        };
     }
     let page_policy = shared.page_policy();
     let cache_ttl = Duration::from_secs(policy.cache_ttl_secs);

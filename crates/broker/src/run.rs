@@ -215,7 +215,6 @@ fn fetch(
     p: &Principal,
     peer: Peer,
     service: &str,
-    run: (&str, &str),
 ) -> Result<Zeroizing<Vec<u8>>, ResponseBody> {
     let agent = who(p);
     let ev = |event, outcome, detail| Event {
@@ -249,9 +248,7 @@ fn fetch(
             format!("no service named {service:?}"),
         ));
     };
-    if meta.policy.high_value {
-        shared.high_value(agent, peer, service, Some(run))?;
-    }
+    // High-value services were approved for the whole request before any fetch (see `start`).
     let cache_ttl = Duration::from_secs(meta.policy.cache_ttl_secs);
     if !cache_ttl.is_zero()
         && let Ok(Some(copy)) = shared.cache.copy(service, shared.page_policy())
@@ -325,13 +322,36 @@ pub async fn start(
     let command = shown_command(&req);
     let bound = request_hash(&req);
     let run = (bound.as_str(), command.as_str());
+    // One approval for the whole run: every high-value service it names, under one code, so a
+    // run with two of them is not stuck using up one once-grant while asking for the other.
+    let index = shared.vault_index().map_err(|e| {
+        warn!("reading the vault failed: {e}");
+        refuse(
+            ErrorCode::Internal,
+            "the vault could not be read; see the daemon log",
+        )
+    })?;
+    let mut high: Vec<&str> = req
+        .env
+        .values()
+        .chain(req.files.values())
+        .filter(|svc| {
+            shared.sessions.in_scope(p, svc) && index.meta(svc).is_some_and(|m| m.policy.high_value)
+        })
+        .map(String::as_str)
+        .collect();
+    high.sort_unstable();
+    high.dedup();
+    if !high.is_empty() {
+        shared.high_value(who(p), peer, &high.join(","), Some(run))?;
+    }
     let mut plain: Vec<(String, String, bool, Zeroizing<Vec<u8>>)> = Vec::new();
     for (var, service) in &req.env {
         plain.push((
             var.clone(),
             service.clone(),
             false,
-            fetch(shared, p, peer, service, run)?,
+            fetch(shared, p, peer, service)?,
         ));
     }
     for (var, service) in &req.files {
@@ -339,7 +359,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             true,
-            fetch(shared, p, peer, service, run)?,
+            fetch(shared, p, peer, service)?,
         ));
     }
     // Environment secrets in memfd_secret pages (the child maps them); file secrets in sealed,

@@ -281,8 +281,12 @@ impl Shared {
 
     /// Expires old approval requests (audited `expired`).
     pub fn sweep_approvals(&self) {
-        let gone = self.approvals.lock().expect("approvals").sweep();
-        for (_, subject) in gone {
+        let gone = {
+            let mut a = self.approvals.lock().expect("approvals");
+            a.sweep();
+            a.take_expired()
+        };
+        for subject in gone {
             self.audit_best_effort(&Event {
                 event: "expired",
                 agent: Some(&subject.agent),

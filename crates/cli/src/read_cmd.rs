@@ -16,13 +16,24 @@ pub(crate) fn run(
     let home = ctx::home()?;
     ctx::runtime()?.block_on(async {
         let (mut c, _) = ctx::connect(&home, caller).await?;
-        let mut told = false;
+        let mut waiting_on: Option<String> = None;
         let secret = loop {
             match c.get_credential(service, inline).await {
-                Err(agentkeys_proto::client::ClientError::Pending { message, .. }) if wait => {
-                    if !told {
-                        eprintln!("agentkeys: waiting for approval: {message}");
-                        told = true;
+                Err(agentkeys_proto::client::ClientError::Pending { message, code, service }) if wait => {
+                    // A new code means the request expired undecided: stop, do not start over.
+                    match &waiting_on {
+                        None => {
+                            eprintln!("agentkeys: waiting for approval: {message}");
+                            waiting_on = Some(code);
+                        }
+                        Some(first) if *first != code => {
+                            return Err(CliError::Client(agentkeys_proto::client::ClientError::Pending {
+                                code: first.clone(),
+                                service,
+                                message: "the request expired without a decision".into(),
+                            }));
+                        }
+                        Some(_) => {}
                     }
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }

@@ -77,7 +77,7 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
         let stdin = std::io::stdin();
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
-        let mut told = false;
+        let mut waiting_on: Option<String> = None;
         loop {
             client
                 .send(
@@ -104,10 +104,21 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
                     return Ok(126);
                 }
                 // A high-value service with --wait: ask again until the owner decides.
-                Err(ClientError::Pending { message, .. }) if o.wait => {
-                    if !told {
-                        eprintln!("agentkeys: waiting for approval: {message}");
-                        told = true;
+                Err(ClientError::Pending { message, code, service }) if o.wait => {
+                    // A new code means the request expired undecided: stop, do not start over.
+                    match &waiting_on {
+                        None => {
+                            eprintln!("agentkeys: waiting for approval: {message}");
+                            waiting_on = Some(code);
+                        }
+                        Some(first) if *first != code => {
+                            return Err(CliError::Client(agentkeys_proto::client::ClientError::Pending {
+                                code: first.clone(),
+                                service,
+                                message: "the request expired without a decision".into(),
+                            }));
+                        }
+                        Some(_) => {}
                     }
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
