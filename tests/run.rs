@@ -353,3 +353,80 @@ fn revoking_an_agent_stops_its_running_program() {
         "the program of a revoked agent ran to completion"
     );
 }
+
+/// A secret with a NUL byte cannot be an environment variable: a clear error pointing to
+/// --file, which works.
+#[test]
+fn a_secret_with_a_nul_byte_goes_through_file_not_env() {
+    let h = ready("run-nul");
+    assert!(
+        h.run_stdin(&["store", "binary", "--raw"], b"ab\0cd")
+            .status
+            .success()
+    );
+    let env = h.run(&["run", "--env", "T=binary", "--", "true"]);
+    assert!(!env.status.success(), "{}", text(&env));
+    assert!(
+        String::from_utf8_lossy(&env.stderr).contains("--file"),
+        "{}",
+        text(&env)
+    );
+    let file = h.run(&[
+        "run",
+        "--file",
+        "F=binary",
+        "--",
+        "sh",
+        "-c",
+        "test \"$(wc -c < \"$F\")\" -eq 5",
+    ]);
+    assert!(file.status.success(), "{}", text(&file));
+}
+
+/// `run` starts programs as the daemon's uid; an agent connecting from another uid is told so.
+#[test]
+fn run_from_another_uid_is_refused_clearly() {
+    if !is_root() {
+        eprintln!(
+            "SKIP run_from_another_uid_is_refused_clearly: needs root to run a client as another uid"
+        );
+        return;
+    }
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIP run_from_another_uid_is_refused_clearly: setpriv (util-linux) is not installed"
+        );
+        return;
+    }
+    let mut h = TestHome::initialized("run-uid");
+    assert!(
+        h.run_stdin(&["store", "github"], CANARY.as_bytes())
+            .status
+            .success()
+    );
+    std::fs::write(
+        h.home().join("config.toml"),
+        "[daemon]\nsocket_group = \"nogroup\"\n",
+    )
+    .unwrap();
+    h.start_daemon(&[]);
+    let token = h.add_agent("other-uid", "github", &["--uid", "65534"]);
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(agentkeys_e2e::bin("agentkeys"))
+        .args(["run", "--env", "T=github", "--", "true"]);
+    h.env(&mut c);
+    c.env("AGENTKEYS_TOKEN", &token).current_dir("/");
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("daemon's uid"),
+        "{}",
+        text(&out)
+    );
+    assert!(!contains(&out.stdout, CANARY.as_bytes()));
+}
