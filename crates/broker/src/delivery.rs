@@ -222,7 +222,7 @@ pub fn get_credential(
         .then(|| (service.to_string(), if inline { "inline" } else { "fd" }));
     if inline {
         let value = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*page));
-        drop_page(page);
+        std::mem::drop(page); // not handed over: wiped here
         debug!(service, agent, "delivered inline");
         return Delivery {
             body: ResponseBody::Credential {
@@ -249,9 +249,4 @@ pub fn get_credential(
             drop,
         },
     }
-}
-
-/// Wipes a page that was not handed over.
-fn drop_page(page: SecretPage) {
-    drop(page);
 }

@@ -499,7 +499,7 @@ pub async fn start(
         }
         Err(e) => {
             let (code, message) = match e {
-                LaunchError::Failed { errno, step } if step == "exec" && errno == libc_enoent() => {
+                LaunchError::Failed { errno, step } if step == "exec" && errno == nix::errno::Errno::ENOENT as i32 => {
                     (ErrorCode::CommandNotFound, format!("command not found: {program}"))
                 }
                 LaunchError::Failed { errno, step } if step == "exec" => (
@@ -540,10 +540,6 @@ pub async fn start(
             Err(refuse(code, message))
         }
     }
-}
-
-fn libc_enoent() -> i32 {
-    nix::errno::Errno::ENOENT as i32
 }
 
 /// Waits for the output to drain after the program ended, audits `run_exit`, and returns the

@@ -171,3 +171,26 @@ pub(crate) fn left(expires: u64) -> String {
         humantime::format_duration(rounded).to_string()
     }
 }
+
+/// One `pending` answer while `--wait`ing: announce the first, and stop (as still pending) when a
+/// new code shows that the request expired undecided, rather than start over unannounced.
+pub(crate) fn keep_waiting(
+    waiting_on: &mut Option<String>,
+    code: String,
+    service: String,
+    message: &str,
+) -> Result<(), CliError> {
+    match waiting_on {
+        None => {
+            eprintln!("agentkeys: waiting for approval: {message}");
+            *waiting_on = Some(code);
+            Ok(())
+        }
+        Some(first) if *first != code => Err(CliError::Client(ClientError::Pending {
+            code: first.clone(),
+            service,
+            message: "the request expired without a decision".into(),
+        })),
+        Some(_) => Ok(()),
+    }
+}

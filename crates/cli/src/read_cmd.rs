@@ -20,21 +20,7 @@ pub(crate) fn run(
         let secret = loop {
             match c.get_credential(service, inline).await {
                 Err(agentkeys_proto::client::ClientError::Pending { message, code, service }) if wait => {
-                    // A new code means the request expired undecided: stop, do not start over.
-                    match &waiting_on {
-                        None => {
-                            eprintln!("agentkeys: waiting for approval: {message}");
-                            waiting_on = Some(code);
-                        }
-                        Some(first) if *first != code => {
-                            return Err(CliError::Client(agentkeys_proto::client::ClientError::Pending {
-                                code: first.clone(),
-                                service,
-                                message: "the request expired without a decision".into(),
-                            }));
-                        }
-                        Some(_) => {}
-                    }
+                    ctx::keep_waiting(&mut waiting_on, code, service, &message)?;
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
                 other => break other?,

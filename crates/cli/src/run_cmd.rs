@@ -105,21 +105,7 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
                 }
                 // A high-value service with --wait: ask again until the owner decides.
                 Err(ClientError::Pending { message, code, service }) if o.wait => {
-                    // A new code means the request expired undecided: stop, do not start over.
-                    match &waiting_on {
-                        None => {
-                            eprintln!("agentkeys: waiting for approval: {message}");
-                            waiting_on = Some(code);
-                        }
-                        Some(first) if *first != code => {
-                            return Err(CliError::Client(agentkeys_proto::client::ClientError::Pending {
-                                code: first.clone(),
-                                service,
-                                message: "the request expired without a decision".into(),
-                            }));
-                        }
-                        Some(_) => {}
-                    }
+                    ctx::keep_waiting(&mut waiting_on, code, service, &message)?;
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
                 Err(e) => return Err(e.into()),
