@@ -1,6 +1,28 @@
-//! `config.toml`: daemon settings. Unknown keys are errors (a typo must not silently leave a
-//! protection off), and every error names the file and the key.
+//! `config.toml`: daemon settings, remote backends and the services mapped onto them. Unknown
+//! keys are errors (a typo must not silently leave a protection off), and every error names the
+//! file and the key.
+//!
+//! ```toml
+//! [backends.bao]
+//! kind = "openbao"                 # or "vault": the same KV v2 and AppRole API
+//! address = "https://bao.example:8200"
+//! ca_file = "/etc/agentkeys/bao-ca.pem"   # optional: trust only this CA
+//! mount = "secret"                 # KV v2 mount (default "secret")
+//! approle = { role_id_file = "/etc/agentkeys/role-id", secret_id_file = "/etc/agentkeys/secret-id" }
+//! # or: token_file = "/etc/agentkeys/bao-token"
+//! timeout = "5s"                   # per HTTP request (default 5 s)
+//!
+//! [services.gh]
+//! backend = "bao"
+//! path = "secret/github"           # as `bao kv get` takes it: the mount, then the secret's path
+//! field = "token"
+//! cache_ttl = "5m"                 # optional policy, as `agentkeys store` flags set it locally
+//! high_value = false
+//! allow_inline = false
+//! ```
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,7 +38,104 @@ pub struct Config {
     /// `[daemon]`.
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// `[backends.NAME]`: remote secret stores.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// `[services.NAME]`: services read from a remote backend instead of the local vault.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
 }
+
+/// The kinds of remote backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// OpenBao.
+    Openbao,
+    /// HashiCorp Vault: the same KV v2, AppRole and token API.
+    Vault,
+}
+
+/// `[backends.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `openbao` or `vault`.
+    pub kind: BackendKind,
+    /// `https://host:port`; plain `http://` only to a loopback address.
+    pub address: String,
+    /// PEM file of the CA(s) to trust instead of the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// The KV v2 mount.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// A file holding a token for the daemon (renewed if renewable; re-read when refused).
+    pub token_file: Option<PathBuf>,
+    /// The daemon's own AppRole identity.
+    pub approle: Option<AppRoleConfig>,
+    /// Limit on each HTTP request, connection included.
+    #[serde(default = "default_timeout", with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+/// `approle = { ... }` of a backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRoleConfig {
+    /// File holding the role_id.
+    pub role_id_file: PathBuf,
+    /// File holding the secret_id (mode 0600 or tighter).
+    pub secret_id_file: PathBuf,
+    /// Where the AppRole auth method is mounted (default `approle`).
+    #[serde(default = "default_approle_mount")]
+    pub mount: String,
+}
+
+/// `[services.NAME]`: a service whose secret is one field of a KV v2 secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The backend's name (a `[backends.NAME]` section).
+    pub backend: String,
+    /// The secret's path as `bao kv get` takes it (`secret/github`: mount, then path).
+    pub path: String,
+    /// The field of the secret to deliver.
+    pub field: String,
+    /// How long the daemon may keep a copy (default 0: never).
+    #[serde(default, with = "humantime_serde_compat")]
+    pub cache_ttl: Duration,
+    /// Never released without a human grant.
+    #[serde(default)]
+    pub high_value: bool,
+    /// May be delivered as inline bytes.
+    #[serde(default)]
+    pub allow_inline: bool,
+}
+
+impl ServiceConfig {
+    /// The path inside the backend's mount (`secret/github` with mount `secret` is `github`).
+    pub fn path_in_mount<'a>(&'a self, mount: &str) -> &'a str {
+        self.path
+            .strip_prefix(mount)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or(&self.path)
+    }
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Bounds on a backend's request timeout.
+const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(120));
 
 /// `[daemon]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -108,11 +227,20 @@ impl Config {
             path: path.to_path_buf(),
             message: e.message().to_string() + &location(text, e.span()),
         })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         if cfg.daemon.max_connections == 0 || cfg.daemon.max_pending == 0 {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message: "daemon.max_connections and daemon.max_pending must be at least 1".into(),
-            });
+            return Err(invalid(
+                "daemon.max_connections and daemon.max_pending must be at least 1".into(),
+            ));
+        }
+        for (name, b) in &cfg.backends {
+            check_backend(name, b).map_err(invalid)?;
+        }
+        for (name, s) in &cfg.services {
+            check_service(name, s, &cfg.backends).map_err(invalid)?;
         }
         Ok(cfg)
     }
@@ -179,6 +307,148 @@ impl Config {
             });
         }
         Config::parse(&text, path)
+    }
+}
+
+/// Checks one `[backends.NAME]`; the message names the key.
+fn check_backend(name: &str, b: &BackendConfig) -> Result<(), String> {
+    let key = format!("backends.{name}");
+    check_ident(name).map_err(|e| format!("{key}: the backend name {e}"))?;
+    check_address(&b.address).map_err(|e| format!("{key}.address: {e}"))?;
+    check_kv_path(&b.mount).map_err(|e| format!("{key}.mount: {e}"))?;
+    match (&b.token_file, &b.approle) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{key}: give either token_file or approle, not both"
+            ));
+        }
+        (None, None) => {
+            return Err(format!(
+                "{key}: the daemon needs its own identity: set approle = {{ role_id_file = ..., secret_id_file = ... }} or token_file"
+            ));
+        }
+        (None, Some(a)) => {
+            check_kv_path(&a.mount).map_err(|e| format!("{key}.approle.mount: {e}"))?
+        }
+        (Some(_), None) => {}
+    }
+    for (k, p) in [
+        ("ca_file", b.ca_file.as_ref()),
+        ("token_file", b.token_file.as_ref()),
+        (
+            "approle.role_id_file",
+            b.approle.as_ref().map(|a| &a.role_id_file),
+        ),
+        (
+            "approle.secret_id_file",
+            b.approle.as_ref().map(|a| &a.secret_id_file),
+        ),
+    ] {
+        if let Some(p) = p
+            && !p.is_absolute()
+        {
+            return Err(format!("{key}.{k}: must be an absolute path"));
+        }
+    }
+    if b.timeout < TIMEOUT_RANGE.0 || b.timeout > TIMEOUT_RANGE.1 {
+        return Err(format!(
+            "{key}.timeout: must be between {} and {}",
+            humantime::format_duration(TIMEOUT_RANGE.0),
+            humantime::format_duration(TIMEOUT_RANGE.1)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one `[services.NAME]`.
+fn check_service(
+    name: &str,
+    s: &ServiceConfig,
+    backends: &BTreeMap<String, BackendConfig>,
+) -> Result<(), String> {
+    let key = format!("services.{name}");
+    agentkeys_state::vault::validate_service_name(name).map_err(|e| format!("{key}: {e}"))?;
+    if !backends.contains_key(&s.backend) {
+        return Err(format!(
+            "{key}.backend: no [backends.{}] section",
+            s.backend
+        ));
+    }
+    check_kv_path(&s.path).map_err(|e| format!("{key}.path: {e}"))?;
+    if s.field.is_empty() || s.field.len() > 256 || s.field.chars().any(char::is_control) {
+        return Err(format!(
+            "{key}.field: must be 1 to 256 characters without control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// A backend name: like a service name.
+fn check_ident(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1 to 64 of a-z 0-9 _ -".into())
+    }
+}
+
+/// A mount or secret path: segments of `A-Z a-z 0-9 . _ -` separated by single slashes, no `.`
+/// or `..` segment (a path must not climb out of the mount it names).
+fn check_kv_path(s: &str) -> Result<(), String> {
+    let seg_ok = |seg: &str| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if !s.is_empty() && s.len() <= 512 && s.split('/').all(seg_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a path of A-Z a-z 0-9 . _ - segments separated by single slashes (no leading or trailing slash, no . or ..)"
+        ))
+    }
+}
+
+/// `https://host[:port]`, or `http://` to a loopback address: a token must not cross a network
+/// in clear. No user, path, query or fragment.
+pub fn check_address(address: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(address).map_err(|e| format!("{address:?} is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain a user name or password".into());
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{address:?} must be scheme://host[:port] without a path, query or fragment"
+        ));
+    }
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(&url) => Ok(()),
+        "http" => Err(format!(
+            "{address:?}: plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1, localhost); use https://"
+        )),
+        other => Err(format!(
+            "{address:?}: scheme {other:?} is not https or http"
+        )),
+    }
+}
+
+/// The URL's host is a loopback IP literal or `localhost` (which the backend pins to 127.0.0.1).
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
 

@@ -37,7 +37,8 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
     }
 }
 
-fn auth_error(e: &AuthError) -> ResponseBody {
+/// The answer for a session that is no longer valid.
+pub(crate) fn auth_error(e: &AuthError) -> ResponseBody {
     let code = match e {
         AuthError::Unknown | AuthError::WrongUid(_) => ErrorCode::Unauthenticated,
         AuthError::Revoked(_) => ErrorCode::Revoked,
@@ -231,7 +232,7 @@ pub async fn run(
             }
             continue;
         }
-        let reply = handle(shared, &principal, peer, req.body);
+        let reply = handle(shared, &principal, peer, req.body).await;
         let sent = match &reply.after {
             Some(AfterSend { fd: Some(fd), .. }) => {
                 send_with(&conn, req.id, reply.body, &[fd.as_fd()]).await
@@ -351,7 +352,7 @@ fn owner_only(p: &Principal) -> Option<Reply> {
     })
 }
 
-fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) -> Reply {
+async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) -> Reply {
     let ok = |body| Reply {
         body,
         close: false,
@@ -398,7 +399,7 @@ fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) ->
             "no program is running on this connection",
         )),
         RequestBody::GetCredential { service, inline } => {
-            let d = crate::delivery::get_credential(shared, p, peer, &service, inline);
+            let d = crate::delivery::get_credential(shared, p, peer, &service, inline).await;
             Reply {
                 body: d.body,
                 close: false,
@@ -565,16 +566,27 @@ fn list_services(shared: &Shared, p: &Principal) -> ResponseBody {
             );
         }
     };
-    let services = index
+    // Remote services shadow local entries of the same name (see `backends`).
+    let mut services: Vec<ServiceInfo> = index
         .list()
         .into_iter()
-        .filter(|m| shared.sessions.in_scope(p, &m.service))
+        .filter(|m| shared.backends.service(&m.service).is_none())
         .map(|m| ServiceInfo {
             name: m.service,
             high_value: m.policy.high_value,
             cache_ttl_secs: m.policy.cache_ttl_secs,
             allow_inline: m.policy.allow_inline,
+            backend: None,
         })
+        .chain(shared.backends.services().map(|(name, r)| ServiceInfo {
+            name: name.clone(),
+            high_value: r.policy.high_value,
+            cache_ttl_secs: r.policy.cache_ttl_secs,
+            allow_inline: r.policy.allow_inline,
+            backend: Some(r.backend.name().to_string()),
+        }))
+        .filter(|s| shared.sessions.in_scope(p, &s.name))
         .collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name));
     ResponseBody::Services { services }
 }

@@ -1,5 +1,5 @@
-//! `get_credential`: check scope and policy, fetch from the vault (or copy from the cache) into
-//! a secret page, write the audit record, and only then deliver: the page's fd travels with the
+//! `get_credential`: check scope and policy, fetch from the vault or a remote backend (or copy
+//! from the cache) into a secret page, write the audit record, and only then deliver: the page's fd travels with the
 //! answer (`SCM_RIGHTS`), or, for services that allow it, the bytes inline. Afterwards the
 //! daemon's copy is closed and `drop` is audited, unless the service is cached.
 //!
@@ -59,7 +59,7 @@ pub fn who(p: &Principal) -> &str {
 }
 
 /// Serves one `get_credential`.
-pub fn get_credential(
+pub async fn get_credential(
     shared: &Shared,
     p: &Principal,
     peer: Peer,
@@ -94,17 +94,11 @@ pub fn get_credential(
             format!("agent {agent:?} may not use service {service:?} (outside its scope)"),
         );
     }
-    let index = match shared.vault_index() {
-        Ok(i) => i,
-        Err(e) => {
-            warn!("reading the vault failed: {e}");
-            return refuse(
-                ErrorCode::Internal,
-                "the vault could not be read; see the daemon log",
-            );
-        }
+    let resolved = match shared.resolve(service) {
+        Ok(r) => r,
+        Err(e) => return refuse(e.code, e.message),
     };
-    let Some(meta) = index.meta(service) else {
+    let Some(resolved) = resolved else {
         shared.audit_best_effort(&ev(
             "deny",
             "not_found",
@@ -114,7 +108,7 @@ pub fn get_credential(
         ));
         return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
     };
-    let policy = meta.policy;
+    let policy = resolved.policy;
     if inline && !policy.allow_inline {
         shared.audit_best_effort(&ev(
             "deny",
@@ -162,29 +156,27 @@ pub fn get_credential(
             page
         }
         None => {
-            let plaintext: Zeroizing<Vec<u8>> = match shared
-                .key
-                .with_key(|k| index.open_entry(k, service))
-            {
-                Ok(Some(p)) => p,
-                Ok(None) => {
-                    return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
-                }
+            let plaintext: Zeroizing<Vec<u8>> = match shared.fetch_plain(service, &resolved).await {
+                Ok(p) => p,
                 Err(e) => {
-                    shared.audit_best_effort(&ev(
-                        "fetch",
-                        "error",
-                        None,
-                        false,
-                        Some("vault entry failed to open"),
-                    ));
-                    warn!(service, "fetch failed: {e}");
-                    return refuse(
-                        ErrorCode::Internal,
-                        format!("fetching {service:?} failed: {e}"),
-                    );
+                    if let Some(detail) = e.audit {
+                        shared.audit_best_effort(&ev("fetch", "error", None, false, Some(detail)));
+                    }
+                    return refuse(e.code, e.message);
                 }
             };
+            // A remote read can take a while: a session revoked meanwhile gets nothing.
+            if resolved.backend.is_some()
+                && let Err(e) = shared.sessions.check(p)
+            {
+                return Delivery {
+                    body: crate::connection::auth_error(&e),
+                    after: AfterSend {
+                        fd: None,
+                        drop: None,
+                    },
+                };
+            }
             if let Err(e) = shared.audit(&ev("fetch", "ok", None, false, None)) {
                 return refuse(ErrorCode::Internal, e);
             }

@@ -2,6 +2,8 @@
 //!
 //! - [`startup`]: the hardening sequence, in phases, run before anything else.
 //! - [`config`]: the `config.toml` file.
+//! - [`backends`], [`openbao`]: where secrets come from: the local vault or OpenBao / Vault KV v2
+//!   with the daemon's own AppRole identity.
 //! - [`keys`]: guarded (pkey-protected) secret pages: the DEK, cached credentials.
 //! - [`approvals`]: pending requests, the owner's decisions, grants for high-value services.
 //! - [`cache`]: cached credentials, idle and TTL eviction.
@@ -14,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approvals;
+pub mod backends;
 pub mod cache;
 pub mod config;
 pub mod connection;
@@ -21,6 +24,7 @@ pub mod delivery;
 pub mod keys;
 pub mod launch;
 pub mod mask;
+pub mod openbao;
 pub mod pump;
 pub mod run;
 pub mod server;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentkeys_broker::backends::Backends;
 use agentkeys_broker::config::Config;
 use agentkeys_broker::connection::daemon_report;
 use agentkeys_broker::keys::KeyPage;
@@ -205,8 +206,12 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     // write and sync.
     let audit = AuditLog::open(&home).map_err(|e| format!("opening the audit log: {e}"))?;
     let listener = server::bind_socket(&socket_path, &cfg.daemon)?;
+    // Remote backends: HTTP clients and CA files, before the sandbox. No request yet: the
+    // refreshers log in once the runtime runs, so an unreachable backend does not stop the
+    // daemon from serving the local vault and other backends.
+    let backends = Backends::from_config(&cfg)?;
 
-    startup::sandbox().map_err(|e| e.to_string())?;
+    startup::sandbox(!backends.is_empty()).map_err(|e| e.to_string())?;
 
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let cfg_approval_ttl = cfg.daemon.approval_ttl;
@@ -226,6 +231,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         approvals: Mutex::new(agentkeys_broker::approvals::Approvals::new(
             cfg_approval_ttl,
         )),
+        backends,
     });
     let report = daemon_report(&shared);
     for item in &report.items {
@@ -245,6 +251,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
             }
             Err(e) => warn!("the launcher link failed; `run` is unavailable: {e}"),
         }
+        shared.backends.start();
         let signals = shared.clone();
         tokio::spawn(async move { wait_for_signal(&signals).await });
         if let Some(r) = ready {

@@ -19,7 +19,7 @@ use agentkeys_state::audit::{Event, Peer};
 use agentkeys_state::vault::validate_service_name;
 use sha2::Digest;
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::info;
 use zeroize::Zeroizing;
 
 use crate::delivery::who;
@@ -209,8 +209,8 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
     Ok(())
 }
 
-/// Fetches one secret for a run (cache or vault), with its audit record.
-fn fetch(
+/// Fetches one secret for a run (cache, vault or remote backend), with its audit record.
+async fn fetch(
     shared: &Shared,
     p: &Principal,
     peer: Peer,
@@ -234,14 +234,10 @@ fn fetch(
             format!("agent {agent:?} may not use service {service:?} (outside its scope)"),
         ));
     }
-    let index = shared.vault_index().map_err(|e| {
-        warn!("reading the vault failed: {e}");
-        refuse(
-            ErrorCode::Internal,
-            "the vault could not be read; see the daemon log",
-        )
-    })?;
-    let Some(meta) = index.meta(service) else {
+    let resolved = shared
+        .resolve(service)
+        .map_err(|e| refuse(e.code, e.message))?;
+    let Some(resolved) = resolved else {
         shared.audit_best_effort(&ev("deny", "not_found", Some("no such service")));
         return Err(refuse(
             ErrorCode::NotFound,
@@ -249,7 +245,7 @@ fn fetch(
         ));
     };
     // High-value services were approved for the whole request before any fetch (see `start`).
-    let cache_ttl = Duration::from_secs(meta.policy.cache_ttl_secs);
+    let cache_ttl = Duration::from_secs(resolved.policy.cache_ttl_secs);
     if !cache_ttl.is_zero()
         && let Ok(Some(copy)) = shared.cache.copy(service, shared.page_policy())
     {
@@ -260,20 +256,13 @@ fn fetch(
         out.extend_from_slice(&copy);
         return Ok(out);
     }
-    let plaintext = match shared.key.with_key(|k| index.open_entry(k, service)) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            return Err(refuse(
-                ErrorCode::NotFound,
-                format!("no service named {service:?}"),
-            ));
-        }
+    let plaintext = match shared.fetch_plain(service, &resolved).await {
+        Ok(p) => p,
         Err(e) => {
-            shared.audit_best_effort(&ev("fetch", "error", Some("vault entry failed to open")));
-            return Err(refuse(
-                ErrorCode::Internal,
-                format!("fetching {service:?} failed: {e}"),
-            ));
+            if let Some(detail) = e.audit {
+                shared.audit_best_effort(&ev("fetch", "error", Some(detail)));
+            }
+            return Err(refuse(e.code, e.message));
         }
     };
     shared
@@ -324,22 +313,15 @@ pub async fn start(
     let run = (bound.as_str(), command.as_str());
     // One approval for the whole run: every high-value service it names, under one code, so a
     // run with two of them is not stuck using up one once-grant while asking for the other.
-    let index = shared.vault_index().map_err(|e| {
-        warn!("reading the vault failed: {e}");
-        refuse(
-            ErrorCode::Internal,
-            "the vault could not be read; see the daemon log",
-        )
-    })?;
-    let mut high: Vec<&str> = req
-        .env
-        .values()
-        .chain(req.files.values())
-        .filter(|svc| {
-            shared.sessions.in_scope(p, svc) && index.meta(svc).is_some_and(|m| m.policy.high_value)
-        })
-        .map(String::as_str)
-        .collect();
+    let mut high: Vec<&str> = Vec::new();
+    for svc in req.env.values().chain(req.files.values()) {
+        if shared.sessions.in_scope(p, svc)
+            && let Some(r) = shared.resolve(svc).map_err(|e| refuse(e.code, e.message))?
+            && r.policy.high_value
+        {
+            high.push(svc);
+        }
+    }
     high.sort_unstable();
     high.dedup();
     if !high.is_empty() {
@@ -351,7 +333,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             false,
-            fetch(shared, p, peer, service)?,
+            fetch(shared, p, peer, service).await?,
         ));
     }
     for (var, service) in &req.files {
@@ -359,7 +341,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             true,
-            fetch(shared, p, peer, service)?,
+            fetch(shared, p, peer, service).await?,
         ));
     }
     // Environment secrets in memfd_secret pages (the child maps them); file secrets in sealed,

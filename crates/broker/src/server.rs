@@ -56,6 +56,8 @@ pub struct Shared {
     pub launcher: std::sync::OnceLock<Arc<crate::launch::LauncherLink>>,
     /// Pending approval requests and grants for high-value services.
     pub approvals: Mutex<crate::approvals::Approvals>,
+    /// Remote backends (OpenBao / Vault) and the services mapped onto them.
+    pub backends: crate::backends::Backends,
 }
 
 /// One open connection, as the server sees it.

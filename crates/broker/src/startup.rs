@@ -91,10 +91,10 @@ pub fn lock_down(opts: &StartupOptions) -> Result<Hardened, StartupError> {
 ///
 /// # Errors
 /// The step that failed.
-pub fn sandbox() -> Result<(), StartupError> {
+pub fn sandbox(network: bool) -> Result<(), StartupError> {
     process::set_no_new_privs()?;
     process::drop_capabilities()?;
-    seccomp::install_daemon_filter()?;
+    seccomp::install_daemon_filter(network)?;
     Ok(())
 }
 
@@ -105,6 +105,6 @@ pub fn sandbox() -> Result<(), StartupError> {
 pub fn harden(opts: &StartupOptions) -> Result<Hardened, StartupError> {
     early(opts)?;
     let out = lock_down(opts)?;
-    sandbox()?;
+    sandbox(false)?;
     Ok(out)
 }

@@ -272,6 +272,7 @@ impl CliError {
                 ErrorCode::Unauthenticated | ErrorCode::Revoked | ErrorCode::Expired => 4,
                 ErrorCode::Forbidden => 5,
                 ErrorCode::NotFound => 6,
+                ErrorCode::Unavailable => 69, // EX_UNAVAILABLE: a remote backend is down
                 _ => 1,
             },
             CliError::Auth(_) => 4,

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 use agentkeys_hardening::page::MAX_SECRET_LEN;
+use agentkeys_proto::client::ClientError;
 use agentkeys_proto::wire::{RequestBody, ResponseBody, ServiceInfo};
 use agentkeys_state::init::open_owner;
 use agentkeys_state::vault::{
@@ -137,21 +138,8 @@ impl Drop for EchoOff {
 
 pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
     let home = ctx::home()?;
-    let services: Vec<ServiceInfo> = match caller {
-        Caller::Owner => {
-            open_owner(&home)?;
-            VaultIndex::read(&home)?
-                .list()
-                .into_iter()
-                .map(|m| ServiceInfo {
-                    name: m.service,
-                    high_value: m.policy.high_value,
-                    cache_ttl_secs: m.policy.cache_ttl_secs,
-                    allow_inline: m.policy.allow_inline,
-                })
-                .collect()
-        }
-        Caller::Agent(_) => ctx::runtime()?.block_on(async {
+    let ask_daemon = || {
+        ctx::runtime()?.block_on(async {
             let (mut c, _) = ctx::connect(&home, caller).await?;
             match c.call(RequestBody::ListServices {}).await?.body {
                 ResponseBody::Services { services } => Ok(services),
@@ -159,7 +147,36 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
                     &other,
                 ))),
             }
-        })?,
+        })
+    };
+    let services: Vec<ServiceInfo> = match caller {
+        // The owner asks the running daemon, which also knows the services of remote
+        // backends (config.toml); without a daemon, the local vault is listed.
+        Caller::Owner => match ask_daemon() {
+            Ok(s) => s,
+            Err(CliError::Client(ClientError::NotRunning { .. })) => {
+                open_owner(&home)?;
+                let local: Vec<ServiceInfo> = VaultIndex::read(&home)?
+                    .list()
+                    .into_iter()
+                    .map(|m| ServiceInfo {
+                        name: m.service,
+                        high_value: m.policy.high_value,
+                        cache_ttl_secs: m.policy.cache_ttl_secs,
+                        allow_inline: m.policy.allow_inline,
+                        backend: None,
+                    })
+                    .collect();
+                if !json {
+                    eprintln!(
+                        "(agentkeysd is not running: the local vault only; services of remote backends are listed by a running daemon)"
+                    );
+                }
+                local
+            }
+            Err(e) => return Err(e),
+        },
+        Caller::Agent(_) => ask_daemon()?,
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -182,8 +199,8 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
         .max(7);
     writeln!(
         out,
-        "{:<w$}  {:<10}  {:<9}  INLINE",
-        "SERVICE", "HIGH-VALUE", "CACHE-TTL"
+        "{:<w$}  {:<10}  {:<9}  {:<6}  SOURCE",
+        "SERVICE", "HIGH-VALUE", "CACHE-TTL", "INLINE"
     )?;
     for s in &services {
         let ttl = if s.cache_ttl_secs == 0 {
@@ -193,11 +210,12 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
         };
         writeln!(
             out,
-            "{:<w$}  {:<10}  {:<9}  {}",
+            "{:<w$}  {:<10}  {:<9}  {:<6}  {}",
             s.name,
             if s.high_value { "yes" } else { "no" },
             ttl,
-            if s.allow_inline { "yes" } else { "no" }
+            if s.allow_inline { "yes" } else { "no" },
+            s.backend.as_deref().unwrap_or("vault")
         )?;
     }
     Ok(())

@@ -273,6 +273,25 @@ pub const DAEMON_ALLOWLIST: &[Allowed] = &[
         "HashMap seeds, tokio's scheduler RNG, mimalloc secure-mode cookies, tokens"),
 ];
 
+/// What networking adds, only when `config.toml` names a remote backend (OpenBao / Vault): a
+/// daemon with only the local vault keeps `connect` and internet sockets forbidden.
+///
+/// `connect` cannot be limited to the backend's address (seccomp cannot read the sockaddr it
+/// points to), so this list is the price of a remote backend, reviewed here. Name resolution
+/// goes through glibc's `getaddrinfo` (files, then DNS over UDP): covered by the same entries
+/// plus `openat`/`read` of /etc/hosts, /etc/resolv.conf, already allowed.
+#[rustfmt::skip]
+pub const DAEMON_NETWORK_ALLOWLIST: &[Allowed] = &[
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_INET as u32)],
+        "HTTP(S) to an IPv4 backend (TCP); DNS queries (UDP)"),
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_INET6 as u32)],
+        "HTTP(S) to an IPv6 backend (TCP); DNS queries (UDP)"),
+    allow!(SYS_connect, "connecting to the backend, and to the DNS server (UDP connect)"),
+    allow!(SYS_setsockopt, "TCP_NODELAY / keep-alive on backend connections"),
+    allow!(SYS_getpeername, "hyper records the connected peer's address"),
+    allow!(SYS_sendmmsg, "glibc's resolver sends the A and AAAA queries together"),
+];
+
 /// Compiles an allowlist into a BPF program for the running architecture: a listed syscall is
 /// allowed (when its argument conditions hold), anything else kills the process.
 ///
@@ -373,14 +392,25 @@ pub struct DaemonFilter {
 }
 
 impl DaemonFilter {
-    /// Compiles [`DAEMON_ENOSYS`] and [`DAEMON_ALLOWLIST`].
+    /// Compiles [`DAEMON_ENOSYS`] and [`DAEMON_ALLOWLIST`], plus [`DAEMON_NETWORK_ALLOWLIST`]
+    /// when `network` (a remote backend is configured).
     ///
     /// # Errors
     /// [`SeccompError::Compile`].
-    pub fn compile() -> Result<DaemonFilter, SeccompError> {
+    pub fn compile(network: bool) -> Result<DaemonFilter, SeccompError> {
+        let allow = if network {
+            let both: Vec<Allowed> = DAEMON_ALLOWLIST
+                .iter()
+                .chain(DAEMON_NETWORK_ALLOWLIST)
+                .copied()
+                .collect();
+            compile(&both)?
+        } else {
+            compile(DAEMON_ALLOWLIST)?
+        };
         Ok(DaemonFilter {
             enosys: compile_enosys(DAEMON_ENOSYS)?,
-            allow: compile(DAEMON_ALLOWLIST)?,
+            allow,
         })
     }
 
@@ -400,8 +430,8 @@ impl DaemonFilter {
 ///
 /// # Errors
 /// The step that failed, [`SeccompError::Compile`] or [`SeccompError::Install`].
-pub fn install_daemon_filter() -> Result<(), SeccompError> {
-    DaemonFilter::compile()?.install()
+pub fn install_daemon_filter(network: bool) -> Result<(), SeccompError> {
+    DaemonFilter::compile(network)?.install()
 }
 
 #[cfg(test)]
@@ -437,7 +467,7 @@ mod tests {
     }
 
     fn daemon_filter() -> DaemonFilter {
-        DaemonFilter::compile().expect("the daemon filters compile")
+        DaemonFilter::compile(false).expect("the daemon filters compile")
     }
 
     fn assert_sigsys(status: WaitStatus) {
@@ -557,6 +587,56 @@ mod tests {
     }
 
     #[test]
+    fn network_list_allows_inet_sockets_and_connect_only_when_asked() {
+        let with_net = DaemonFilter::compile(true).expect("compile");
+        let code = run_filtered(&with_net, || {
+            // SAFETY: socket takes no pointers; the fd is closed below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                return 1;
+            }
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 9u16.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: `addr` is a valid sockaddr_in that outlives the call. Refused (nothing
+            // listens on port 9) is fine: the point is that the call is not killed.
+            unsafe {
+                libc::connect(
+                    fd,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                libc::close(fd);
+            }
+            0
+        });
+        assert!(
+            matches!(code, WaitStatus::Exited(_, 0)),
+            "with the network list, socket+connect must be allowed: {code:?}"
+        );
+        // Without it, connect stays forbidden (AF_UNIX socket first, which is allowed).
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            // SAFETY: socket takes no pointers; connect with a null address never gets far.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::connect(fd, std::ptr::null(), 0);
+            }
+            0
+        }));
+        // Raw and packet sockets stay forbidden either way.
+        assert_sigsys(run_filtered(&with_net, || {
+            // SAFETY: socket takes no pointers.
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            0
+        }));
+    }
+
+    #[test]
     fn setrlimit_is_killed() {
         assert_sigsys(run_filtered(&daemon_filter(), || {
             let lim = libc::rlimit {
@@ -571,8 +651,13 @@ mod tests {
 
     #[test]
     fn every_entry_has_a_reason() {
+        let both: Vec<Allowed> = DAEMON_ALLOWLIST
+            .iter()
+            .chain(DAEMON_NETWORK_ALLOWLIST)
+            .copied()
+            .collect();
         let mut seen = HashSet::new();
-        for e in DAEMON_ALLOWLIST {
+        for e in &both {
             assert!(
                 !e.name.is_empty() && !e.why.trim().is_empty(),
                 "{} needs a reason",
@@ -581,17 +666,17 @@ mod tests {
             assert!(seen.insert((e.nr, e.only_if)), "{} is listed twice", e.name);
         }
         // A number appears more than once only as alternative conditions, never beside an
-        // unconditional entry that would make them moot.
-        for e in DAEMON_ALLOWLIST.iter().filter(|e| e.only_if.is_empty()) {
-            let n = DAEMON_ALLOWLIST.iter().filter(|o| o.nr == e.nr).count();
+        // unconditional entry that would make them moot (in either list, or across them).
+        for e in both.iter().filter(|e| e.only_if.is_empty()) {
+            let n = both.iter().filter(|o| o.nr == e.nr).count();
             assert_eq!(
                 n, 1,
                 "{} is allowed outright and also listed with conditions",
                 e.name
             );
         }
-        for e in DAEMON_ALLOWLIST {
-            let same_name = DAEMON_ALLOWLIST.iter().find(|o| o.name == e.name).unwrap();
+        for e in &both {
+            let same_name = both.iter().find(|o| o.name == e.name).unwrap();
             assert_eq!(same_name.nr, e.nr, "{} names two numbers", e.name);
         }
     }

@@ -185,6 +185,9 @@ fn describe_refusal(e: &ClientError) -> String {
                     "the agent session is not valid (the owner must mint a new token with `agentkeys agent add`)"
                 }
                 ErrorCode::Busy => "agentkeysd is busy, try again",
+                ErrorCode::Unavailable => {
+                    "the secret store behind agentkeysd is unavailable; try again later"
+                }
                 _ => "refused",
             };
             let code = serde_json::to_value(code)

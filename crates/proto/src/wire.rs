@@ -222,6 +222,9 @@ pub struct ServiceInfo {
     pub cache_ttl_secs: u64,
     /// May be delivered as inline bytes.
     pub allow_inline: bool,
+    /// The remote backend it is read from; absent for the local vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 /// One open approval request.
@@ -377,6 +380,9 @@ pub enum ErrorCode {
     CommandNotFound,
     /// `run`: the program could not be executed (the CLI exits 126).
     CannotExecute,
+    /// A remote backend could not be reached in time or refused the daemon's own login; the
+    /// daemon retries by itself (the CLI exits 69).
+    Unavailable,
 }
 
 /// Why a packet could not be decoded. Messages carry positions, never input values.

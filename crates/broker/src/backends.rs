@@ -1,0 +1,215 @@
+//! Where a service's secret comes from: the local vault (the embedded default) or a remote
+//! backend named in `config.toml`. A service configured under `[services.NAME]` is read from
+//! its backend, even if the local vault also has an entry of that name (the config is the
+//! operator's decision; `agentkeys list` shows the backend).
+//!
+//! [`Shared::resolve`] finds a service and its policy; [`Shared::fetch_plain`] reads its
+//! plaintext into a zeroizing buffer. Scope, approval, cache and audit stay with the callers
+//! (`delivery`, `run`), which decide in what order they happen.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentkeys_proto::wire::ErrorCode;
+use agentkeys_state::vault::{Policy, VaultIndex};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::openbao::{BackendError, OpenBao};
+use crate::server::Shared;
+
+/// A service read from a remote backend.
+pub struct RemoteService {
+    /// The backend.
+    pub backend: Arc<OpenBao>,
+    /// The secret's path inside the backend's mount.
+    pub path: String,
+    /// The field delivered.
+    pub field: String,
+    /// Delivery policy from `config.toml`.
+    pub policy: Policy,
+}
+
+/// The remote backends and the services mapped onto them.
+#[derive(Default)]
+pub struct Backends {
+    backends: BTreeMap<String, Arc<OpenBao>>,
+    services: BTreeMap<String, RemoteService>,
+}
+
+impl Backends {
+    /// Builds every configured backend (HTTP clients, trust roots). Reads CA files: call
+    /// before the sandbox. Makes no request.
+    ///
+    /// # Errors
+    /// A message naming the backend and the problem.
+    pub fn from_config(cfg: &Config) -> Result<Backends, String> {
+        let mut backends = BTreeMap::new();
+        for (name, b) in &cfg.backends {
+            backends.insert(name.clone(), Arc::new(OpenBao::new(name, b)?));
+        }
+        let mut services = BTreeMap::new();
+        for (name, s) in &cfg.services {
+            let backend = backends
+                .get(&s.backend)
+                .cloned()
+                .ok_or_else(|| format!("services.{name}.backend: no [backends.{}]", s.backend))?;
+            services.insert(
+                name.clone(),
+                RemoteService {
+                    path: s.path_in_mount(backend.mount()).to_string(),
+                    backend,
+                    field: s.field.clone(),
+                    policy: Policy {
+                        high_value: s.high_value,
+                        cache_ttl_secs: s.cache_ttl.as_secs(),
+                        allow_inline: s.allow_inline,
+                    },
+                },
+            );
+        }
+        Ok(Backends { backends, services })
+    }
+
+    /// True when no remote backend is configured: the daemon needs no network.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+    }
+
+    /// A service mapped onto a backend.
+    pub fn service(&self, name: &str) -> Option<&RemoteService> {
+        self.services.get(name)
+    }
+
+    /// Every remote service, by name.
+    pub fn services(&self) -> impl Iterator<Item = (&String, &RemoteService)> {
+        self.services.iter()
+    }
+
+    /// Each backend with its state, for `status`: never a token.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        self.backends
+            .iter()
+            .map(|(n, b)| (n.clone(), b.describe()))
+            .collect()
+    }
+
+    /// Starts each backend's token refresher (it logs in at once). Needs the runtime.
+    pub fn start(&self) {
+        for b in self.backends.values() {
+            info!(backend = b.name(), "starting the token refresher");
+            tokio::spawn(b.clone().refresh_forever());
+        }
+    }
+}
+
+/// A service found, with its policy and where to read it.
+pub struct Resolved<'a> {
+    /// Delivery policy.
+    pub policy: Policy,
+    /// The backend's name, or None for the local vault.
+    pub backend: Option<&'a str>,
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    Local(Arc<VaultIndex>),
+    Remote(&'a RemoteService),
+}
+
+/// A read that failed: the caller's answer, and a fixed phrase for the audit record when the
+/// failure is one to audit.
+pub struct FetchError {
+    /// Wire code.
+    pub code: ErrorCode,
+    /// For the caller (never a value).
+    pub message: String,
+    /// For the audit record's `detail`.
+    pub audit: Option<&'static str>,
+}
+
+impl From<BackendError> for FetchError {
+    fn from(e: BackendError) -> FetchError {
+        FetchError {
+            code: e.code(),
+            audit: Some(e.audit_detail()),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Shared {
+    /// Finds `service`: a remote mapping first, else the local vault.
+    ///
+    /// # Errors
+    /// The local vault could not be read.
+    pub fn resolve(&self, service: &str) -> Result<Option<Resolved<'_>>, FetchError> {
+        if let Some(r) = self.backends.service(service) {
+            return Ok(Some(Resolved {
+                policy: r.policy,
+                backend: Some(r.backend.name()),
+                source: Source::Remote(r),
+            }));
+        }
+        let index = self.vault_index().map_err(|e| {
+            warn!("reading the vault failed: {e}");
+            FetchError {
+                code: ErrorCode::Internal,
+                message: "the vault could not be read; see the daemon log".into(),
+                audit: None,
+            }
+        })?;
+        Ok(index.meta(service).map(|m| Resolved {
+            policy: m.policy,
+            backend: None,
+            source: Source::Local(index.clone()),
+        }))
+    }
+
+    /// Reads the plaintext of a resolved service. No cache, no audit: the caller does both.
+    ///
+    /// # Errors
+    /// [`FetchError`] with the answer for the caller.
+    pub async fn fetch_plain(
+        &self,
+        service: &str,
+        resolved: &Resolved<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, FetchError> {
+        match &resolved.source {
+            Source::Local(index) => match self.key.with_key(|k| index.open_entry(k, service)) {
+                Ok(Some(p)) => Ok(p),
+                Ok(None) => Err(FetchError {
+                    code: ErrorCode::NotFound,
+                    message: format!("no service named {service:?}"),
+                    audit: None,
+                }),
+                Err(e) => {
+                    warn!(service, "fetch failed: {e}");
+                    Err(FetchError {
+                        code: ErrorCode::Internal,
+                        message: format!("fetching {service:?} failed: {e}"),
+                        audit: Some("vault entry failed to open"),
+                    })
+                }
+            },
+            Source::Remote(r) => {
+                let started = std::time::Instant::now();
+                let out = r.backend.read(&r.path, &r.field).await;
+                let took = started.elapsed();
+                if took > Duration::from_secs(1) {
+                    info!(
+                        service,
+                        backend = r.backend.name(),
+                        "backend read took {took:?}"
+                    );
+                }
+                out.map_err(|e| {
+                    warn!(service, "{e}");
+                    FetchError::from(e)
+                })
+            }
+        }
+    }
+}

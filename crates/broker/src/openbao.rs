@@ -1,0 +1,962 @@
+//! The OpenBao / HashiCorp Vault backend: KV v2 reads with the daemon's own identity.
+//!
+//! The daemon logs in with its own AppRole (or a token file an operator provisions for it),
+//! never with a human's token. Its token is a [`SecretString`], sent only as the
+//! `X-Vault-Token` header marked sensitive. A background task renews it at about two thirds of
+//! its TTL; when renewal is refused, or the server caps the renewal because the token's max
+//! TTL is near, the daemon logs in afresh. Logins are single-flight and at most one per
+//! [`MIN_LOGIN_INTERVAL`] per backend, whoever asks (the refresher or a read that found no
+//! token), so an outage or a wrong secret_id cannot turn into a login storm; the refresher
+//! backs off exponentially (1 s to 30 s, with jitter) while failures last.
+//!
+//! Every request has a time limit (`timeout` in the config, connection included), redirects
+//! are not followed (a redirect would carry the token elsewhere), no proxy is used, and
+//! response bodies are read into zeroize-on-drop buffers of at most [`MAX_BODY`] bytes.
+//! Errors name the backend, its address and the path, never a value or a token.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentkeys_proto::wire::ErrorCode;
+use reqwest::header::HeaderValue;
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use crate::config::{BackendConfig, is_loopback};
+
+/// Largest response body read from a backend.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest credential file (token, role_id, secret_id) read.
+const MAX_CRED_FILE: u64 = 4096;
+/// At most one login per backend in this interval.
+pub const MIN_LOGIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between the refresher's attempts while a backend is failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A token this close to its expiry is not used; a fresh one is obtained first.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
+/// Shortest time between two renewals, however short the TTL.
+const MIN_REFRESH: Duration = Duration::from_millis(200);
+
+/// Why a read from a backend failed. Messages name the backend, address and path; never a
+/// value, a token or a secret_id.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// No connection (refused, unreachable, DNS, TLS).
+    #[error("backend {backend:?} ({address}) is unreachable: {detail}")]
+    Unreachable {
+        /// The backend's name.
+        backend: String,
+        /// Its address.
+        address: String,
+        /// What failed.
+        detail: String,
+    },
+    /// No answer in time.
+    #[error("backend {backend:?} ({address}) did not answer within {secs:.1} s")]
+    Timeout {
+        /// The backend's name.
+        backend: String,
+        /// Its address.
+        address: String,
+        /// The limit.
+        secs: f64,
+    },
+    /// The daemon's own login was refused (wrong secret_id, revoked token, ...).
+    #[error("backend {backend:?} refused the daemon's login: {detail}")]
+    Auth {
+        /// The backend's name.
+        backend: String,
+        /// What the server or the check said.
+        detail: String,
+    },
+    /// The daemon's identity may not read the path.
+    #[error(
+        "backend {backend:?} denied the daemon's identity access to {path:?} (check the policy of its AppRole)"
+    )]
+    Denied {
+        /// The backend's name.
+        backend: String,
+        /// The KV path.
+        path: String,
+    },
+    /// No secret at the path.
+    #[error("backend {backend:?} has no secret at {path:?}")]
+    NotFound {
+        /// The backend's name.
+        backend: String,
+        /// The KV path.
+        path: String,
+    },
+    /// The secret has no such field, or it is not a string.
+    #[error("secret {path:?} in backend {backend:?}: {detail}")]
+    Field {
+        /// The backend's name.
+        backend: String,
+        /// The KV path.
+        path: String,
+        /// Which field and what is wrong with it.
+        detail: String,
+    },
+    /// An answer that is not what the API promises.
+    #[error("backend {backend:?} gave an unexpected answer: {detail}")]
+    Protocol {
+        /// The backend's name.
+        backend: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl BackendError {
+    /// The wire code the caller gets.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BackendError::NotFound { .. } | BackendError::Field { .. } => ErrorCode::NotFound,
+            _ => ErrorCode::Unavailable,
+        }
+    }
+
+    /// A fixed phrase for the audit record.
+    pub fn audit_detail(&self) -> &'static str {
+        match self {
+            BackendError::Unreachable { .. } => "backend unreachable",
+            BackendError::Timeout { .. } => "backend timed out",
+            BackendError::Auth { .. } => "backend login refused",
+            BackendError::Denied { .. } => "backend denied access",
+            BackendError::NotFound { .. } => "no secret at the backend path",
+            BackendError::Field { .. } => "no such field in the backend secret",
+            BackendError::Protocol { .. } => "unexpected backend answer",
+        }
+    }
+}
+
+/// How the daemon proves who it is.
+enum AuthMethod {
+    /// A token an operator provisions in a file (re-read when the server refuses the old one).
+    TokenFile(PathBuf),
+    /// AppRole: role_id and secret_id from files, read at each login.
+    AppRole {
+        role_id_file: PathBuf,
+        secret_id_file: PathBuf,
+        mount: String,
+    },
+}
+
+/// The daemon's current token.
+struct Token {
+    value: SecretString,
+    /// Bumped at each login; a 403 invalidates only the token it was answered to.
+    generation: u64,
+    /// When it was obtained (renewals keep the login's time).
+    obtained: Instant,
+    /// The TTL granted at login: a renewal granting less means the max TTL is near.
+    login_ttl: Duration,
+    /// None: the token does not expire (a root or periodic token without TTL).
+    expires: Option<Instant>,
+    /// When the refresher acts next.
+    refresh_at: Option<Instant>,
+    renewable: bool,
+    /// The next refresh is a login, not a renewal.
+    relogin: bool,
+}
+
+impl Token {
+    fn usable(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|e| e > now + EXPIRY_MARGIN)
+    }
+}
+
+/// The last login attempt, for single-flight logins and the rate limit.
+#[derive(Default)]
+struct LoginGate {
+    last_attempt: Option<Instant>,
+    last_error: Option<BackendError>,
+}
+
+/// One configured OpenBao / Vault backend.
+pub struct OpenBao {
+    name: String,
+    address: String,
+    mount: String,
+    auth: AuthMethod,
+    client: reqwest::Client,
+    timeout: Duration,
+    token: Mutex<Option<Arc<Token>>>,
+    generation: AtomicU64,
+    gate: tokio::sync::Mutex<LoginGate>,
+}
+
+/// What `/v1/auth/...` answers on login and renewal.
+#[derive(Deserialize)]
+struct AuthAnswer {
+    auth: Option<AuthBody>,
+}
+
+#[derive(Deserialize)]
+struct AuthBody {
+    client_token: SecretString,
+    #[serde(default)]
+    lease_duration: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
+/// What `lookup-self` answers.
+#[derive(Deserialize)]
+struct LookupAnswer {
+    data: Option<LookupBody>,
+}
+
+#[derive(Deserialize)]
+struct LookupBody {
+    #[serde(default)]
+    ttl: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
+/// What a KV v2 read answers.
+#[derive(Deserialize)]
+struct KvAnswer {
+    data: Option<KvData>,
+}
+
+#[derive(Deserialize)]
+struct KvData {
+    data: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The error list Vault and OpenBao answer with.
+#[derive(Deserialize)]
+struct ErrorsAnswer {
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+impl OpenBao {
+    /// Builds the backend: the HTTP client, its trust roots (the `ca_file` only, or the host's
+    /// trust store). Reads files, so it runs before the sandbox. Makes no request.
+    ///
+    /// # Errors
+    /// A message naming the backend and what is wrong (CA file unreadable, no roots, ...).
+    pub fn new(name: &str, cfg: &BackendConfig) -> Result<OpenBao, String> {
+        let url = reqwest::Url::parse(&cfg.address)
+            .map_err(|e| format!("backends.{name}.address: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &cfg.ca_file {
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("backends.{name}.ca_file {}: {e}", ca.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("backends.{name}.ca_file {}: {e}", ca.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "backends.{name}.ca_file {}: no PEM certificate in it",
+                    ca.display()
+                ));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("backends.{name}.ca_file {}: {e}", ca.display()))?;
+            }
+        } else if url.scheme() == "https" {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(format!(
+                    "backends.{name}: no system CA certificates found; set ca_file"
+                ));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("backends.{name}: TLS set-up: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(url.scheme() == "https")
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("agentkeysd/", env!("CARGO_PKG_VERSION")));
+        // `localhost` is allowed over plain http because it is the loopback: make it so,
+        // whatever /etc/hosts or a resolver says.
+        if is_loopback(&url)
+            && url
+                .host_str()
+                .is_some_and(|h| h.eq_ignore_ascii_case("localhost"))
+        {
+            let port = url.port_or_known_default().unwrap_or(8200);
+            builder = builder.resolve("localhost", ([127, 0, 0, 1], port).into());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("backends.{name}: HTTP client: {e}"))?;
+        let auth = match (&cfg.token_file, &cfg.approle) {
+            (Some(f), None) => AuthMethod::TokenFile(f.clone()),
+            (None, Some(a)) => AuthMethod::AppRole {
+                role_id_file: a.role_id_file.clone(),
+                secret_id_file: a.secret_id_file.clone(),
+                mount: a.mount.clone(),
+            },
+            _ => return Err(format!("backends.{name}: give token_file or approle")),
+        };
+        Ok(OpenBao {
+            name: name.to_string(),
+            address: cfg.address.trim_end_matches('/').to_string(),
+            mount: cfg.mount.clone(),
+            auth,
+            client,
+            timeout: cfg.timeout,
+            token: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            gate: tokio::sync::Mutex::new(LoginGate::default()),
+        })
+    }
+
+    /// The backend's name in `config.toml`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The KV v2 mount.
+    pub fn mount(&self) -> &str {
+        &self.mount
+    }
+
+    /// A short state for `status` and logs: never the token.
+    pub fn describe(&self) -> String {
+        let now = Instant::now();
+        match self.current() {
+            Some(t) => match t.expires {
+                Some(e) => format!(
+                    "logged in, token valid for {:.0} s more",
+                    e.saturating_duration_since(now).as_secs_f64()
+                ),
+                None => "logged in, token without expiry".into(),
+            },
+            None => "not logged in".into(),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Token>> {
+        self.token.lock().expect("token lock").clone()
+    }
+
+    /// Reads `field` of the KV v2 secret at `path` (inside the mount).
+    ///
+    /// # Errors
+    /// [`BackendError`]: unreachable, timeout, login refused, denied, not found, no field.
+    pub async fn read(&self, path: &str, field: &str) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        let url = format!("{}/v1/{}/data/{}", self.address, self.mount, path);
+        let shown = format!("{}/{}", self.mount, path);
+        let mut retried = false;
+        loop {
+            let token = self.token_for_use().await?;
+            let (status, body) = self
+                .send(Method::GET, &url, Some(&token.value), None)
+                .await?;
+            match status {
+                StatusCode::OK => return self.field_of(&body, &shown, field),
+                StatusCode::NOT_FOUND => {
+                    return Err(BackendError::NotFound {
+                        backend: self.name.clone(),
+                        path: shown,
+                    });
+                }
+                // A 403 is a token the server no longer knows (restarted, revoked, expired
+                // early) or a policy that does not cover the path. Log in once more to tell,
+                // unless the token is brand new (then it is the policy).
+                StatusCode::FORBIDDEN
+                    if !retried && token.obtained.elapsed() >= MIN_LOGIN_INTERVAL =>
+                {
+                    retried = true;
+                    debug!(backend = %self.name, "403 on a read: logging in again");
+                    self.invalidate(token.generation);
+                }
+                StatusCode::FORBIDDEN => {
+                    return Err(BackendError::Denied {
+                        backend: self.name.clone(),
+                        path: shown,
+                    });
+                }
+                other => return Err(self.unexpected(other, &body)),
+            }
+        }
+    }
+
+    /// Extracts one string field from a KV v2 answer into a zeroizing buffer. The parsed
+    /// document's other strings are freed (and wiped by the daemon's allocator) on return.
+    fn field_of(
+        &self,
+        body: &[u8],
+        shown: &str,
+        field: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        let answer: KvAnswer =
+            serde_json::from_slice(body).map_err(|e| BackendError::Protocol {
+                backend: self.name.clone(),
+                detail: format!(
+                    "the KV answer is not valid JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            })?;
+        let Some(mut map) = answer.data.and_then(|d| d.data) else {
+            // A deleted or destroyed version answers with null data.
+            return Err(BackendError::NotFound {
+                backend: self.name.clone(),
+                path: shown.to_string(),
+            });
+        };
+        let bad = |detail: String| BackendError::Field {
+            backend: self.name.clone(),
+            path: shown.to_string(),
+            detail,
+        };
+        match map.remove(field) {
+            Some(serde_json::Value::String(s)) => Ok(Zeroizing::new(s.into_bytes())),
+            Some(other) => Err(bad(format!(
+                "field {field:?} is {}, not a string",
+                json_kind(&other)
+            ))),
+            None => {
+                let mut names: Vec<&str> = map.keys().map(String::as_str).take(20).collect();
+                names.sort_unstable();
+                Err(bad(format!(
+                    "no field {field:?} (fields: {})",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )))
+            }
+        }
+    }
+
+    /// A token that is valid now: the current one, or a fresh login (single-flight, rate
+    /// limited).
+    async fn token_for_use(&self) -> Result<Arc<Token>, BackendError> {
+        if let Some(t) = self.current()
+            && t.usable(Instant::now())
+        {
+            return Ok(t);
+        }
+        self.login_gated(false).await
+    }
+
+    /// Drops the token answered with a 403, unless a newer one replaced it already.
+    fn invalidate(&self, generation: u64) {
+        let mut slot = self.token.lock().expect("token lock");
+        if slot.as_ref().is_some_and(|t| t.generation == generation) {
+            *slot = None;
+        }
+    }
+
+    /// Logs in unless another caller did so while this one waited. A login attempted less
+    /// than [`MIN_LOGIN_INTERVAL`] ago is not repeated: its error is returned. `force` logs in
+    /// even when a usable token exists (the refresher's re-login near the max TTL).
+    async fn login_gated(&self, force: bool) -> Result<Arc<Token>, BackendError> {
+        let seen = self.current().map(|t| t.generation);
+        let mut gate = self.gate.lock().await;
+        if let Some(t) = self.current()
+            && t.usable(Instant::now())
+            && (!force || Some(t.generation) != seen)
+        {
+            return Ok(t);
+        }
+        if let Some(at) = gate.last_attempt
+            && at.elapsed() < MIN_LOGIN_INTERVAL
+        {
+            match &gate.last_error {
+                Some(err) => return Err(err.clone()),
+                // The last login succeeded moments ago and its token is already gone: wait
+                // out the interval rather than log in at the rate requests arrive.
+                None => tokio::time::sleep(MIN_LOGIN_INTERVAL - at.elapsed()).await,
+            }
+        }
+        gate.last_attempt = Some(Instant::now());
+        match self.login().await {
+            Ok(t) => {
+                gate.last_error = None;
+                let t = Arc::new(t);
+                *self.token.lock().expect("token lock") = Some(t.clone());
+                info!(backend = %self.name, "logged in ({})", self.describe());
+                Ok(t)
+            }
+            Err(e) => {
+                warn!(backend = %self.name, "login failed: {e}");
+                gate.last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// One login: AppRole, or the token file (checked with `lookup-self`).
+    async fn login(&self) -> Result<Token, BackendError> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        match &self.auth {
+            AuthMethod::AppRole {
+                role_id_file,
+                secret_id_file,
+                mount,
+            } => {
+                let role_id = read_cred_file(role_id_file, false).map_err(|e| self.auth_err(e))?;
+                let secret_id =
+                    read_cred_file(secret_id_file, true).map_err(|e| self.auth_err(e))?;
+                #[derive(serde::Serialize)]
+                struct Login<'a> {
+                    role_id: &'a str,
+                    secret_id: &'a str,
+                }
+                let body = Zeroizing::new(
+                    serde_json::to_vec(&Login {
+                        role_id: role_id.expose_secret(),
+                        secret_id: secret_id.expose_secret(),
+                    })
+                    .map_err(|e| self.auth_err(format!("encoding the login: {e}")))?,
+                );
+                let url = format!("{}/v1/auth/{mount}/login", self.address);
+                let (status, answer) = self
+                    .send(Method::POST, &url, None, Some(body.to_vec()))
+                    .await?;
+                match status {
+                    StatusCode::OK => self.token_from(&answer, generation, None),
+                    StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+                        Err(self.auth_err(
+                            first_error(&answer)
+                                .unwrap_or_else(|| format!("HTTP {}", status.as_u16())),
+                        ))
+                    }
+                    other => Err(self.unexpected(other, &answer)),
+                }
+            }
+            AuthMethod::TokenFile(path) => {
+                let value = read_cred_file(path, true).map_err(|e| self.auth_err(e))?;
+                let url = format!("{}/v1/auth/token/lookup-self", self.address);
+                let (status, answer) = self.send(Method::GET, &url, Some(&value), None).await?;
+                match status {
+                    StatusCode::OK => {
+                        let info: LookupAnswer = serde_json::from_slice(&answer).map_err(|_| {
+                            BackendError::Protocol {
+                                backend: self.name.clone(),
+                                detail: "lookup-self answer is not the expected JSON".into(),
+                            }
+                        })?;
+                        let info = info.data.ok_or_else(|| BackendError::Protocol {
+                            backend: self.name.clone(),
+                            detail: "lookup-self answer has no data".into(),
+                        })?;
+                        Ok(self.token_with(value, generation, info.ttl, info.renewable))
+                    }
+                    StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+                        Err(self.auth_err(format!("the token in {} is not valid", path.display())))
+                    }
+                    other => Err(self.unexpected(other, &answer)),
+                }
+            }
+        }
+    }
+
+    /// A token from a login or renewal answer. `keep` is the token being renewed (the answer
+    /// repeats it, but the one we hold is kept).
+    fn token_from(
+        &self,
+        answer: &[u8],
+        generation: u64,
+        renewing: Option<&Token>,
+    ) -> Result<Token, BackendError> {
+        let parsed: AuthAnswer =
+            serde_json::from_slice(answer).map_err(|_| BackendError::Protocol {
+                backend: self.name.clone(),
+                detail: "the auth answer is not the expected JSON".into(),
+            })?;
+        let auth = parsed.auth.ok_or_else(|| BackendError::Protocol {
+            backend: self.name.clone(),
+            detail: "the auth answer has no auth section".into(),
+        })?;
+        if auth.client_token.expose_secret().is_empty() {
+            return Err(BackendError::Protocol {
+                backend: self.name.clone(),
+                detail: "the auth answer has an empty token".into(),
+            });
+        }
+        match renewing {
+            None => Ok(self.token_with(
+                auth.client_token,
+                generation,
+                auth.lease_duration,
+                auth.renewable,
+            )),
+            Some(old) => {
+                let mut t = self.token_with(
+                    old.value.clone(),
+                    old.generation,
+                    auth.lease_duration,
+                    auth.renewable,
+                );
+                t.login_ttl = old.login_ttl;
+                t.obtained = old.obtained;
+                // The server grants less than a full TTL when the max TTL is near: the
+                // next refresh logs in afresh, at two thirds of what is left.
+                t.relogin = Duration::from_secs(auth.lease_duration) < old.login_ttl;
+                Ok(t)
+            }
+        }
+    }
+
+    fn token_with(&self, value: SecretString, generation: u64, ttl: u64, renewable: bool) -> Token {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(ttl);
+        let (expires, refresh_at) = if ttl.is_zero() {
+            (None, None)
+        } else {
+            (Some(now + ttl), Some(now + (ttl * 2 / 3).max(MIN_REFRESH)))
+        };
+        Token {
+            value,
+            generation,
+            obtained: now,
+            login_ttl: ttl,
+            expires,
+            refresh_at,
+            renewable,
+            relogin: false,
+        }
+    }
+
+    /// Renews the current token (`renew-self`).
+    async fn renew(&self, t: &Token) -> Result<Token, BackendError> {
+        let url = format!("{}/v1/auth/token/renew-self", self.address);
+        let body = format!("{{\"increment\":\"{}s\"}}", t.login_ttl.as_secs()).into_bytes();
+        let (status, answer) = self
+            .send(Method::POST, &url, Some(&t.value), Some(body))
+            .await?;
+        match status {
+            StatusCode::OK => self.token_from(&answer, t.generation, Some(t)),
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST => Err(self
+                .auth_err(
+                    first_error(&answer)
+                        .unwrap_or_else(|| format!("renewal refused (HTTP {})", status.as_u16())),
+                )),
+            other => Err(self.unexpected(other, &answer)),
+        }
+    }
+
+    /// The refresher: renews before expiry, logs in again when renewal is refused or capped,
+    /// backs off while the backend fails. Runs until the runtime stops.
+    pub async fn refresh_forever(self: Arc<Self>) {
+        let mut failures: u32 = 0;
+        loop {
+            let now = Instant::now();
+            let wait = if failures > 0 {
+                backoff(failures)
+            } else {
+                match self.current() {
+                    Some(t) => match t.refresh_at {
+                        Some(at) => at.saturating_duration_since(now),
+                        // No expiry: nothing to do; look again later (a 403 clears it).
+                        None => Duration::from_secs(60),
+                    },
+                    None => Duration::ZERO,
+                }
+            };
+            tokio::time::sleep(wait).await;
+            let result = match self.current() {
+                Some(t) if t.renewable && !t.relogin && t.usable(Instant::now()) => {
+                    match self.renew(&t).await {
+                        Ok(renewed) => {
+                            let mut slot = self.token.lock().expect("token lock");
+                            if slot.as_ref().is_some_and(|c| c.generation == t.generation) {
+                                *slot = Some(Arc::new(renewed));
+                            }
+                            drop(slot);
+                            debug!(backend = %self.name, "token renewed ({})", self.describe());
+                            Ok(())
+                        }
+                        Err(e @ (BackendError::Auth { .. } | BackendError::Protocol { .. })) => {
+                            // Refused: the token is no good; a login follows at once.
+                            info!(backend = %self.name, "renewal refused, logging in again: {e}");
+                            self.invalidate(t.generation);
+                            self.login_gated(false).await.map(drop)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(t) if t.refresh_at.is_none() && t.usable(Instant::now()) => Ok(()),
+                _ => self.login_gated(true).await.map(drop),
+            };
+            match result {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures.is_power_of_two() {
+                        warn!(backend = %self.name, failures, "token refresh failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One HTTP exchange with the time limit; the body is read into a bounded, zeroizing buffer.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&SecretString>,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), BackendError> {
+        let mut req = self.client.request(method, url);
+        if let Some(t) = token {
+            let mut value = HeaderValue::from_str(t.expose_secret()).map_err(|_| {
+                self.auth_err("the token contains characters not allowed in a header".into())
+            })?;
+            value.set_sensitive(true);
+            req = req.header("X-Vault-Token", value);
+        }
+        if let Some(b) = body {
+            req = req.header("Content-Type", "application/json").body(b);
+        }
+        let exchange = async {
+            let mut resp = req.send().await?;
+            let status = resp.status();
+            let mut buf = Zeroizing::new(Vec::new());
+            while let Some(chunk) = resp.chunk().await? {
+                if buf.len() + chunk.len() > MAX_BODY {
+                    return Ok((status, None));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>((status, Some(buf)))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(self.timeout_err()),
+            Ok(Err(e)) if e.is_timeout() => Err(self.timeout_err()),
+            Ok(Err(e)) => Err(BackendError::Unreachable {
+                backend: self.name.clone(),
+                address: self.address.clone(),
+                detail: error_chain(&e),
+            }),
+            Ok(Ok((_, None))) => Err(BackendError::Protocol {
+                backend: self.name.clone(),
+                detail: format!("an answer larger than {MAX_BODY} bytes"),
+            }),
+            Ok(Ok((status, Some(buf)))) => Ok((status, buf)),
+        }
+    }
+
+    fn timeout_err(&self) -> BackendError {
+        BackendError::Timeout {
+            backend: self.name.clone(),
+            address: self.address.clone(),
+            secs: self.timeout.as_secs_f64(),
+        }
+    }
+
+    fn auth_err(&self, detail: String) -> BackendError {
+        BackendError::Auth {
+            backend: self.name.clone(),
+            detail,
+        }
+    }
+
+    fn unexpected(&self, status: StatusCode, body: &[u8]) -> BackendError {
+        let said = first_error(body)
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        let detail = match status {
+            StatusCode::SERVICE_UNAVAILABLE => format!("HTTP 503, sealed or in standby{said}"),
+            s => format!("HTTP {}{said}", s.as_u16()),
+        };
+        if status.is_server_error() {
+            BackendError::Unreachable {
+                backend: self.name.clone(),
+                address: self.address.clone(),
+                detail,
+            }
+        } else {
+            BackendError::Protocol {
+                backend: self.name.clone(),
+                detail,
+            }
+        }
+    }
+}
+
+/// The refresher's wait after `failures` failures in a row: 1 s doubling to 30 s, plus up to
+/// a quarter of random jitter so that many daemons do not retry in step.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(MAX_BACKOFF);
+    let mut r = [0u8; 2];
+    let jitter = if getrandom::fill(&mut r).is_ok() {
+        base / 4 * u32::from(u16::from_le_bytes(r)) / u32::from(u16::MAX)
+    } else {
+        Duration::ZERO
+    };
+    base + jitter
+}
+
+/// The first message of an `{"errors": [...]}` answer, bounded and without control characters
+/// (servers do not echo secrets in these, but the length and the characters are ours to bound).
+fn first_error(body: &[u8]) -> Option<String> {
+    let parsed: ErrorsAnswer = serde_json::from_slice(body).ok()?;
+    let first = parsed.errors.into_iter().find(|m| !m.trim().is_empty())?;
+    let clean: String = first
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    Some(clean.trim().to_string())
+}
+
+/// An error and its causes, innermost last ("error sending request ...: tcp connect error:
+/// Connection refused (os error 111)"), bounded.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    // The outermost message repeats the URL; the causes say what happened.
+    let shown = if parts.len() > 1 {
+        parts[1..].join(": ")
+    } else {
+        parts.join(": ")
+    };
+    shown.chars().take(300).collect()
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Reads a small credential file (role_id, secret_id, token): trimmed, non-empty, visible
+/// ASCII. `private` files must not be readable by group or others and must belong to us or
+/// root, as ssh treats a private key.
+fn read_cred_file(path: &Path, private: bool) -> Result<SecretString, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if private {
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(format!(
+                "{} is owned by uid {}, not by {euid} or root",
+                path.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "{} has mode {:o}: group and others must have no access (chmod 600)",
+                path.display(),
+                meta.mode() & 0o777
+            ));
+        }
+    }
+    let mut buf = Zeroizing::new(Vec::with_capacity(256));
+    file.take(MAX_CRED_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if buf.len() as u64 > MAX_CRED_FILE {
+        return Err(format!(
+            "{} is larger than {MAX_CRED_FILE} bytes",
+            path.display()
+        ));
+    }
+    let text = std::str::from_utf8(&buf)
+        .map_err(|_| format!("{} is not text", path.display()))?
+        .trim();
+    if text.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{} holds characters other than visible ASCII",
+            path.display()
+        ));
+    }
+    Ok(SecretString::from(text.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b1 = backoff(1);
+        assert!(b1 >= Duration::from_secs(1) && b1 <= Duration::from_millis(1250));
+        let b3 = backoff(3);
+        assert!(b3 >= Duration::from_secs(4) && b3 <= Duration::from_secs(5));
+        let b20 = backoff(20);
+        assert!(b20 >= Duration::from_secs(30) && b20 <= Duration::from_millis(37_500));
+    }
+
+    #[test]
+    fn first_error_is_bounded_and_clean() {
+        let long = format!("{{\"errors\":[\"\", \"bad\\nthing {}\"]}}", "x".repeat(500));
+        let e = first_error(long.as_bytes()).unwrap();
+        assert!(e.starts_with("bad thing"));
+        assert_eq!(e.chars().count(), 200);
+        assert!(first_error(b"not json").is_none());
+        assert!(first_error(br#"{"errors":[]}"#).is_none());
+    }
+
+    #[test]
+    fn cred_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ak-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret-id");
+        std::fs::write(&f, "  abc-123\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_cred_file(&f, true).err().unwrap();
+        assert!(e.contains("chmod 600"), "{e}");
+        assert!(read_cred_file(&f, false).is_ok(), "role_id may be readable");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = read_cred_file(&f, true).unwrap();
+        assert_eq!(s.expose_secret(), "abc-123");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(read_cred_file(&f, true).err().unwrap().contains("empty"));
+        std::fs::write(&f, "a b").unwrap();
+        assert!(
+            read_cred_file(&f, true)
+                .err()
+                .unwrap()
+                .contains("visible ASCII")
+        );
+        std::fs::write(&f, vec![b'a'; 5000]).unwrap();
+        assert!(read_cred_file(&f, true).err().unwrap().contains("larger"));
+        assert!(read_cred_file(&dir.join("missing"), true).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
