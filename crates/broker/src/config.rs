@@ -490,4 +490,80 @@ mod tests {
         assert!(e.contains("demon"), "{e}");
         assert!(Config::parse("[daemon]\nmax_pending = 0\n", p).is_err());
     }
+
+    #[test]
+    fn backends_and_services() {
+        let p = Path::new("c.toml");
+        let text = r#"
+[backends.bao]
+kind = "openbao"
+address = "http://127.0.0.1:8200"
+approle = { role_id_file = "/r", secret_id_file = "/s" }
+
+[backends.v]
+kind = "vault"
+address = "https://vault.example:8200"
+mount = "kv/team"
+token_file = "/t"
+timeout = "2s"
+
+[services.gh]
+backend = "bao"
+path = "secret/github"
+field = "token"
+cache_ttl = "5m"
+high_value = true
+"#;
+        let c = Config::parse(text, p).unwrap();
+        let b = &c.backends["bao"];
+        assert_eq!(b.kind, BackendKind::Openbao);
+        assert_eq!(b.mount, "secret");
+        assert_eq!(b.timeout, Duration::from_secs(5));
+        assert_eq!(b.approle.as_ref().unwrap().mount, "approle");
+        assert_eq!(c.backends["v"].mount, "kv/team");
+        let gh = &c.services["gh"];
+        assert_eq!(gh.cache_ttl, Duration::from_secs(300));
+        assert!(gh.high_value && !gh.allow_inline);
+        assert_eq!(gh.path_in_mount("secret"), "github");
+        assert_eq!(gh.path_in_mount("other"), "secret/github");
+    }
+
+    #[test]
+    fn only_loopback_may_use_plain_http() {
+        for ok in [
+            "http://127.0.0.1:8200",
+            "http://127.9.9.9:1",
+            "http://[::1]:8200",
+            "http://localhost:8200",
+            "https://bao.example",
+            "https://10.0.0.1:8200/",
+        ] {
+            assert!(check_address(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("http://10.0.0.1:8200", "loopback"),
+            ("http://localhost.evil.example", "loopback"),
+            ("http://[::ffff:10.0.0.1]:1", "loopback"),
+            ("ftp://127.0.0.1", "scheme"),
+            ("https://b/v1/secret", "without a path"),
+            ("https://b?x=1", "without a path"),
+            ("https://user@b", "user name"),
+            ("bao:8200", "scheme"),
+        ] {
+            let e = check_address(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn kv_paths_cannot_climb() {
+        for ok in ["secret", "kv/team-a", "a.b/c_d"] {
+            assert!(check_kv_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "/secret", "secret/", "a//b", "../x", "a/./b", "a b", "a%2F..", "é",
+        ] {
+            assert!(check_kv_path(bad).is_err(), "{bad:?}");
+        }
+    }
 }
