@@ -346,6 +346,11 @@ fn read_through_fd_with_approle_login() {
         "first read's lifecycle: {events:?}"
     );
     assert!(h.daemon_log().contains("logged in"), "AppRole login logged");
+    let doctor = text(&h.run(&["doctor"]));
+    assert!(
+        doctor.contains("backend_bao") && doctor.contains("token valid for"),
+        "doctor reports the backend logged in: {doctor}"
+    );
     assert!(h.run(&["audit", "verify"]).status.success());
 }
 
@@ -524,6 +529,11 @@ fn wrong_secret_id_is_a_clear_auth_error() {
         audit(&h)
             .iter()
             .any(|r| r["detail"] == "backend login refused")
+    );
+    let doctor = text(&h.run(&["doctor"]));
+    assert!(
+        doctor.contains("backend_bao") && doctor.contains("last login failed"),
+        "doctor reports the backend's state: {doctor}"
     );
 
     // Fix the secret_id but make the file world-readable: refused, naming the fix.

@@ -88,11 +88,15 @@ impl Backends {
         self.services.iter()
     }
 
-    /// Each backend with its state, for `status`: never a token.
-    pub fn describe(&self) -> Vec<(String, String)> {
+    /// Each backend: its name, whether it holds a usable token, its state in words (never a
+    /// token), for `agentkeys doctor`.
+    pub fn health(&self) -> Vec<(String, bool, String)> {
         self.backends
             .iter()
-            .map(|(n, b)| (n.clone(), b.describe()))
+            .map(|(n, b)| {
+                let (ok, detail) = b.health();
+                (n.clone(), ok, detail)
+            })
             .collect()
     }
 

@@ -536,6 +536,15 @@ pub fn daemon_report(shared: &Shared) -> Report {
             }
         ),
     );
+    // Remote backends: degraded while the daemon holds no usable token for one.
+    for (name, ok, detail) in shared.backends.health() {
+        let status = if ok {
+            ItemStatus::Ok
+        } else {
+            ItemStatus::Degraded
+        };
+        r.push(&format!("backend_{name}"), status, detail);
+    }
     r
 }
 

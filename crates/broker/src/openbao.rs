@@ -347,6 +347,22 @@ impl OpenBao {
         }
     }
 
+    /// Whether the daemon holds a usable token, and the state in words (with the last login
+    /// error, if the last attempt failed): for `agentkeys doctor`. Never the token.
+    pub fn health(&self) -> (bool, String) {
+        let ok = self.current().is_some_and(|t| t.usable(Instant::now()));
+        let mut detail = format!("{} at {}: {}", self.name, self.address, self.describe());
+        match self.gate.try_lock() {
+            Ok(g) => {
+                if let Some(e) = &g.last_error {
+                    detail.push_str(&format!("; last login failed: {e}"));
+                }
+            }
+            Err(_) => detail.push_str("; a login is in progress"),
+        }
+        (ok, detail)
+    }
+
     fn current(&self) -> Option<Arc<Token>> {
         self.token.lock().expect("token lock").clone()
     }
