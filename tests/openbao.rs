@@ -707,3 +707,145 @@ fn unresolvable_backend_is_a_clear_error_under_seccomp() {
     );
     assert!(h.run(&["status"]).status.success());
 }
+
+/// What one request of the outage-under-load test saw.
+struct Sample {
+    at: Duration,
+    service: &'static str,
+    took: Duration,
+    outcome: Result<(), agentkeys_proto::wire::ErrorCode>,
+}
+
+/// An OpenBao outage under load (issue 10's fault): 8 clients read a backend service and a
+/// local one back to back while the server is killed and, 3 s later, restarted. The local
+/// service never fails; backend reads fail only as `unavailable`, each within the timeout;
+/// reads succeed again soon after the server is back; every successful delivery has its
+/// `deliver` record and the audit chain verifies.
+#[test]
+fn outage_under_load_fails_only_the_backend_and_recovers() {
+    use agentkeys_proto::client::{Client, ClientError};
+    use std::sync::{Arc, Mutex};
+    let Some(bin) = need_bao("outage_under_load_fails_only_the_backend_and_recovers") else {
+        return;
+    };
+    let mut h = TestHome::initialized("bao-load");
+    let mut bao = Bao::start(&bin, &h.dir, false);
+    bao.seed();
+    approle_config(&h, &bao.addr(), SECRET_ID, "");
+    assert!(
+        h.run_stdin(&["store", "local"], b"local-value")
+            .status
+            .success()
+    );
+    h.start_daemon(&[]);
+    let token = h.add_agent("load", "gh,local", &[]);
+
+    let start = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (socket, token, stop, samples) =
+            (h.socket(), token.clone(), stop.clone(), samples.clone());
+        clients.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let token = secrecy::SecretString::from(token);
+            let (mut c, _) = rt
+                .block_on(Client::connect_with(&socket, &token))
+                .expect("connect");
+            let mut mine = Vec::new();
+            let mut n = i;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let service = if n % 2 == 0 { "gh" } else { "local" };
+                n += 1;
+                let t = Instant::now();
+                let outcome = match rt.block_on(c.get_credential(service, false)) {
+                    Ok(d) => {
+                        let want: &[u8] = if service == "gh" {
+                            GH_TOKEN.as_bytes()
+                        } else {
+                            b"local-value"
+                        };
+                        assert_eq!(d.bytes(), want, "{service}: wrong bytes delivered");
+                        Ok(())
+                    }
+                    Err(ClientError::Refused { code, .. }) => Err(code),
+                    Err(e) => panic!("transport error under load: {e}"),
+                };
+                mine.push(Sample {
+                    at: start.elapsed(),
+                    service,
+                    took: t.elapsed(),
+                    outcome,
+                });
+            }
+            samples.lock().expect("samples").extend(mine);
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = start.elapsed();
+    bao.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    bao.spawn();
+    bao.seed();
+    let back_at = start.elapsed();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("a client thread failed");
+    }
+    let samples = samples.lock().expect("samples");
+    let count = |f: &dyn Fn(&Sample) -> bool| samples.iter().filter(|s| f(s)).count();
+    let local_bad = count(&|s| s.service == "local" && s.outcome.is_err());
+    let gh_ok = count(&|s| s.service == "gh" && s.outcome.is_ok());
+    let gh_unavailable = count(&|s| {
+        s.service == "gh" && s.outcome == Err(agentkeys_proto::wire::ErrorCode::Unavailable)
+    });
+    let gh_other = count(&|s| {
+        s.service == "gh"
+            && s.outcome.is_err()
+            && s.outcome != Err(agentkeys_proto::wire::ErrorCode::Unavailable)
+    });
+    let slowest = samples.iter().map(|s| s.took).max().unwrap_or_default();
+    // Allow 1.5 s after the restart for the refresher's back-off or the one-login-per-second
+    // limit; after that every backend read must succeed.
+    let late_failures = count(&|s| {
+        s.service == "gh" && s.outcome.is_err() && s.at > back_at + Duration::from_millis(1500)
+    });
+    let early_failures = count(&|s| s.service == "gh" && s.outcome.is_err() && s.at < killed_at);
+    println!(
+        "{} requests: local failures {local_bad}; gh ok {gh_ok}, unavailable {gh_unavailable}, other errors {gh_other}; slowest {slowest:?}",
+        samples.len()
+    );
+    assert_eq!(
+        local_bad, 0,
+        "the local vault is served throughout the outage"
+    );
+    assert_eq!(
+        gh_other, 0,
+        "backend failures are `unavailable`, nothing else"
+    );
+    assert!(gh_unavailable > 0, "the outage was seen");
+    assert_eq!(early_failures, 0, "no failure before the outage");
+    assert_eq!(late_failures, 0, "recovered after the restart");
+    assert!(
+        slowest < Duration::from_secs(2 + 2),
+        "every answer within the 2 s backend timeout (plus scheduling): {slowest:?}"
+    );
+    assert!(h.daemon_alive());
+
+    let delivered = samples.iter().filter(|s| s.outcome.is_ok()).count();
+    let deliver_records = audit(&h)
+        .iter()
+        .filter(|r| r["event"] == "deliver" && r["agent"] == "load")
+        .count();
+    assert_eq!(
+        deliver_records, delivered,
+        "one deliver record per delivery"
+    );
+    let verify = h.run(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+}
