@@ -536,6 +536,46 @@ fn wrong_secret_id_is_a_clear_auth_error() {
         "doctor reports the backend's state: {doctor}"
     );
 
+    // No login storm: 3 s of reads as fast as one client can ask cause at most about one login
+    // attempt per second (single-flight, rate limited), all answered with the auth error.
+    let logins_before = h.daemon_log().matches("login failed:").count();
+    let t = Instant::now();
+    let refused = {
+        use agentkeys_proto::client::{Client, ClientError};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let token = secrecy::SecretString::from(h.add_agent("storm", "gh", &[]));
+        let (mut c, _) = rt
+            .block_on(Client::connect_with(&h.socket(), &token))
+            .expect("connect");
+        let (mut reads, mut refused) = (0usize, 0usize);
+        while t.elapsed() < Duration::from_secs(3) {
+            reads += 1;
+            if matches!(
+                rt.block_on(c.get_credential("gh", false)),
+                Err(ClientError::Refused {
+                    code: agentkeys_proto::wire::ErrorCode::Unavailable,
+                    ..
+                })
+            ) {
+                refused += 1;
+            }
+        }
+        (reads, refused)
+    };
+    let (reads, refused) = refused;
+    let secs = t.elapsed().as_secs_f64();
+    let attempts = h.daemon_log().matches("login failed:").count() - logins_before;
+    println!("{reads} reads in {secs:.2} s: {refused} refused, {attempts} login attempts");
+    assert_eq!(refused, reads, "every read gets the auth error");
+    assert!(reads > 10 * attempts, "far fewer logins than reads");
+    assert!(
+        attempts as f64 <= secs.ceil() + 2.0,
+        "at most one login per second (plus the refresher's): {attempts} in {secs:.2} s"
+    );
+
     // Fix the secret_id but make the file world-readable: refused, naming the fix.
     let f = secret_file(&h.dir, "secret-id", SECRET_ID);
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
