@@ -307,7 +307,12 @@ fn read_through_fd_with_approle_login() {
     let mut h = TestHome::initialized("bao-read");
     let bao = Bao::start(&bin, &h.dir, false);
     bao.seed();
-    approle_config(&h, &bao.addr(), SECRET_ID, "");
+    approle_config(
+        &h,
+        &bao.addr(),
+        SECRET_ID,
+        "\n[services.gh-hv]\nbackend = \"bao\"\npath = \"secret/github\"\nfield = \"token\"\nhigh_value = true\n\n[services.gh-cached]\nbackend = \"bao\"\npath = \"secret/github\"\nfield = \"token\"\ncache_ttl = \"1m\"\n",
+    );
     h.start_daemon(&[]);
 
     let out = h.run(&["read", "gh"]);
@@ -350,6 +355,28 @@ fn read_through_fd_with_approle_login() {
     assert!(
         doctor.contains("backend_bao") && doctor.contains("token valid for"),
         "doctor reports the backend logged in: {doctor}"
+    );
+    // Policy from config.toml: high_value waits for the owner; cache_ttl keeps a copy.
+    let out = h.run(&["read", "gh-hv"]);
+    assert_eq!(
+        out.status.code(),
+        Some(10),
+        "high-value is pending: {}",
+        text(&out)
+    );
+    assert!(out.stdout.is_empty());
+    for _ in 0..2 {
+        assert_eq!(h.run(&["read", "gh-cached"]).stdout, GH_TOKEN.as_bytes());
+    }
+    let cached: Vec<String> = audit(&h)
+        .iter()
+        .filter(|r| r["service"] == "gh-cached")
+        .map(|r| r["event"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        cached,
+        ["fetch", "deliver", "cache_hit", "deliver"],
+        "the second read comes from the cache"
     );
     assert!(h.run(&["audit", "verify"]).status.success());
 }
