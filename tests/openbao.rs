@@ -270,6 +270,22 @@ fn write_config(h: &TestHome, text: &str) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
+/// A seeded server, a daemon with the AppRole backend (`gh`) and a local service `local`
+/// (`local-value`).
+fn daemon_with_bao_and_local(tag: &str, bin: &Path) -> (TestHome, Bao) {
+    let mut h = TestHome::initialized(tag);
+    let bao = Bao::start(bin, &h.dir, false);
+    bao.seed();
+    approle_config(&h, &bao.addr(), SECRET_ID, "");
+    assert!(
+        h.run_stdin(&["store", "local"], b"local-value")
+            .status
+            .success()
+    );
+    h.start_daemon(&[]);
+    (h, bao)
+}
+
 fn audit(h: &TestHome) -> Vec<serde_json::Value> {
     std::fs::read_to_string(h.home().join("audit.jsonl"))
         .unwrap_or_default()
@@ -454,16 +470,7 @@ fn outage_is_a_clear_error_and_the_daemon_recovers() {
     let Some(bin) = need_bao("outage_is_a_clear_error_and_the_daemon_recovers") else {
         return;
     };
-    let mut h = TestHome::initialized("bao-outage");
-    let mut bao = Bao::start(&bin, &h.dir, false);
-    bao.seed();
-    approle_config(&h, &bao.addr(), SECRET_ID, "");
-    assert!(
-        h.run_stdin(&["store", "local"], b"local-value")
-            .status
-            .success()
-    );
-    h.start_daemon(&[]);
+    let (mut h, mut bao) = daemon_with_bao_and_local("bao-outage", &bin);
     assert_eq!(h.run(&["read", "gh"]).stdout, GH_TOKEN.as_bytes());
 
     bao.kill();
@@ -795,16 +802,7 @@ fn outage_under_load_fails_only_the_backend_and_recovers() {
     let Some(bin) = need_bao("outage_under_load_fails_only_the_backend_and_recovers") else {
         return;
     };
-    let mut h = TestHome::initialized("bao-load");
-    let mut bao = Bao::start(&bin, &h.dir, false);
-    bao.seed();
-    approle_config(&h, &bao.addr(), SECRET_ID, "");
-    assert!(
-        h.run_stdin(&["store", "local"], b"local-value")
-            .status
-            .success()
-    );
-    h.start_daemon(&[]);
+    let (mut h, mut bao) = daemon_with_bao_and_local("bao-load", &bin);
     let token = h.add_agent("load", "gh,local", &[]);
 
     let start = Instant::now();
