@@ -226,7 +226,16 @@ struct KvAnswer {
 
 #[derive(Deserialize)]
 struct KvData {
-    data: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Absent in a KV v1 answer; null for a deleted or destroyed version.
+    #[serde(default, deserialize_with = "present_or_null")]
+    data: Option<Option<serde_json::Map<String, serde_json::Value>>>,
+}
+
+/// Tells a present `null` (Some(None)) from an absent field (None, via `default`).
+fn present_or_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<serde_json::Map<String, serde_json::Value>>>, D::Error> {
+    Option::deserialize(d).map(Some)
 }
 
 /// The error list Vault and OpenBao answer with.
@@ -424,12 +433,30 @@ impl OpenBao {
                     e.column()
                 ),
             })?;
-        let Some(mut map) = answer.data.and_then(|d| d.data) else {
+        let mut map = match answer.data.map(|d| d.data) {
+            Some(Some(Some(map))) => map,
             // A deleted or destroyed version answers with null data.
-            return Err(BackendError::NotFound {
-                backend: self.name.clone(),
-                path: shown.to_string(),
-            });
+            Some(Some(None)) => {
+                return Err(BackendError::NotFound {
+                    backend: self.name.clone(),
+                    path: shown.to_string(),
+                });
+            }
+            Some(None) => {
+                return Err(BackendError::Protocol {
+                    backend: self.name.clone(),
+                    detail: format!(
+                        "the answer for {shown:?} has no data.data: is {:?} a KV version 2 mount?",
+                        self.mount
+                    ),
+                });
+            }
+            None => {
+                return Err(BackendError::Protocol {
+                    backend: self.name.clone(),
+                    detail: format!("the answer for {shown:?} has no data"),
+                });
+            }
         };
         let bad = |detail: String| BackendError::Field {
             backend: self.name.clone(),
@@ -929,6 +956,51 @@ fn read_cred_file(path: &Path, private: bool) -> Result<SecretString, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn backend() -> OpenBao {
+        let cfg: crate::config::Config = toml::from_str(
+            "[backends.b]\nkind = \"openbao\"\naddress = \"http://127.0.0.1:1\"\ntoken_file = \"/t\"\n",
+        )
+        .unwrap();
+        OpenBao::new("b", &cfg.backends["b"]).unwrap()
+    }
+
+    #[test]
+    fn kv_answers_are_read_strictly_and_errors_never_quote_values() {
+        let b = backend();
+        let ok = br#"{"data":{"data":{"token":"s3cret","n":5},"metadata":{}}}"#;
+        assert_eq!(&*b.field_of(ok, "secret/x", "token").unwrap(), b"s3cret");
+        let e = b.field_of(ok, "secret/x", "n").err().unwrap().to_string();
+        assert!(e.contains("is a number, not a string"), "{e}");
+        let e = b
+            .field_of(ok, "secret/x", "nope")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("fields: n, token") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let deleted = br#"{"data":{"data":null,"metadata":{"deletion_time":"x"}}}"#;
+        assert!(matches!(
+            b.field_of(deleted, "secret/x", "token"),
+            Err(BackendError::NotFound { .. })
+        ));
+        let v1 = br#"{"data":{"token":"s3cret"}}"#;
+        let e = b
+            .field_of(v1, "secret/x", "token")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("KV version 2") && !e.contains("s3cret"), "{e}");
+        let broken = br#"{"data":{"data":{"token":"s3cret""#;
+        let e = b
+            .field_of(broken, "secret/x", "token")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not valid JSON") && !e.contains("s3cret"), "{e}");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
