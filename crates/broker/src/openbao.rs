@@ -376,11 +376,24 @@ impl OpenBao {
         self.token.lock().expect("token lock").clone()
     }
 
-    /// Reads `field` of the KV v2 secret at `path` (inside the mount).
+    /// Reads `field` of the KV v2 secret at `path` (inside the mount), answering within the
+    /// backend's `timeout` all told: a read that has to log in first, or to tell a 403 apart,
+    /// shares that one budget (a login cut short is retried by the next caller or the
+    /// refresher).
     ///
     /// # Errors
     /// [`BackendError`]: unreachable, timeout, login refused, denied, not found, no field.
     pub async fn read(&self, path: &str, field: &str) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        tokio::time::timeout(self.timeout, self.read_unbounded(path, field))
+            .await
+            .unwrap_or_else(|_| Err(self.timeout_err()))
+    }
+
+    async fn read_unbounded(
+        &self,
+        path: &str,
+        field: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         let url = format!("{}/v1/{}/data/{}", self.address, self.mount, path);
         let shown = format!("{}/{}", self.mount, path);
         let mut retried = false;
@@ -535,6 +548,8 @@ impl OpenBao {
             }
         }
         gate.last_attempt = Some(Instant::now());
+        // If this caller's time runs out mid-login (see `read`), the attempt counts as timed out.
+        gate.last_error = Some(self.timeout_err());
         match self.login().await {
             Ok(t) => {
                 gate.last_error = None;
