@@ -299,7 +299,11 @@ fn back_to(pid: u32, base: Option<usize>, round: usize) {
 fn hostile_clients_leave_the_daemon_up_with_bounded_memory_and_fds() {
     let mut h = TestHome::initialized("hostile2");
     h.write_config("[daemon]\nhandshake_timeout = \"1s\"\n");
-    assert!(h.run_stdin(&["store", "github"], b"hostile-value").status.success());
+    assert!(
+        h.run_stdin(&["store", "github"], b"hostile-value")
+            .status
+            .success()
+    );
     let pid = h.start_daemon(&[]);
     let token = h.add_agent("probe", "github", &[]);
     let socket = h.socket();
@@ -314,7 +318,10 @@ fn hostile_clients_leave_the_daemon_up_with_bounded_memory_and_fds() {
         fds_everywhere(&socket, &token);
         let (welcome, busy) = thousand_connections(&h, &token);
         assert_eq!(welcome + busy, 1000);
-        assert!(welcome >= 500 && busy >= 480, "{welcome} served, {busy} busy");
+        assert!(
+            welcome >= 500 && busy >= 480,
+            "{welcome} served, {busy} busy"
+        );
         // The 1,000 are closed on the daemon's side before the next step needs free slots.
         back_to(pid, fds_base, round);
         let silent = silent_clients(&socket, 100);

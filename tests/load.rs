@@ -87,7 +87,10 @@ fn hundred_agents_times_a_thousand_mixed_requests() {
     println!(
         "load: {} audit records written, verify: {}",
         recs.len() - audit_before,
-        String::from_utf8_lossy(&v.stdout).lines().next().unwrap_or("")
+        String::from_utf8_lossy(&v.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
     );
 
     // The connections are gone again.
@@ -100,6 +103,8 @@ fn hundred_agents_times_a_thousand_mixed_requests() {
             agentkeys_e2e::fd_targets(pid)
         );
     } else {
-        println!("SKIP part of hundred_agents_times_a_thousand_mixed_requests: counting the daemon's fds needs root");
+        println!(
+            "SKIP part of hundred_agents_times_a_thousand_mixed_requests: counting the daemon's fds needs root"
+        );
     }
 }

@@ -186,7 +186,13 @@ impl TestHome {
         }
         std::fs::create_dir_all(path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()
             .map_err(|e| format!("running mount: {e}"))?;
@@ -594,7 +600,9 @@ pub mod load {
                         .map_err(|e| format!("request {i}: run {name}: {e}"))?;
                     let ok = match &a.body {
                         ResponseBody::RunStarted { .. } => want == "run_started",
-                        ResponseBody::RunExit { code, .. } => want == "run_exit" && *code == Some(0),
+                        ResponseBody::RunExit { code, .. } => {
+                            want == "run_exit" && *code == Some(0)
+                        }
                         _ => false,
                     };
                     if !ok {

@@ -499,10 +499,7 @@ async fn refuse(sock: UnixSeqpacket, code: ErrorCode, message: &str) {
         Duration::ZERO
     };
     let _ = tokio::time::timeout(linger, async {
-        while !matches!(
-            conn.recv().await,
-            Err(RecvError::Closed | RecvError::Io(_))
-        ) {}
+        while !matches!(conn.recv().await, Err(RecvError::Closed | RecvError::Io(_))) {}
     })
     .await;
     LINGERING.fetch_sub(1, Ordering::Relaxed);

@@ -1,2 +1,0 @@
-//! placeholder
-#![forbid(unsafe_code)]
