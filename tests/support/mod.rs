@@ -356,6 +356,12 @@ pub fn is_root() -> bool {
 /// they cannot be read is the point. Each page is read with the next few bytes, so a needle
 /// across a page boundary is still found.
 pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    memory_find(pid, needle).is_some()
+}
+
+/// Like [`memory_contains`], naming where: the `/proc/PID/maps` line of the first region that
+/// holds `needle` and the page's offset in it (for messages that must not show the needle).
+pub fn memory_find(pid: u32, needle: &[u8]) -> Option<String> {
     use std::os::unix::fs::FileExt;
     const PAGE: u64 = 4096;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
@@ -388,11 +394,11 @@ pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
             let len = (PAGE + needle.len() as u64).min(b - at) as usize;
             let mut buf = vec![0u8; len];
             if mem.read_exact_at(&mut buf, at).is_ok() && contains(&buf, needle) {
-                return true;
+                return Some(format!("{line} (page at +{:#x})", at - a));
             }
         }
     }
-    false
+    None
 }
 
 /// How many descriptors `pid` has open (needs root for a non-dumpable process such as the
