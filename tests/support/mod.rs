@@ -521,6 +521,9 @@ pub mod load {
 
     use super::Prng;
 
+    /// Services with their values, shared by the agents.
+    pub type Services = Arc<Vec<(String, Vec<u8>)>>;
+
     /// What the agents got done (successful requests only).
     #[derive(Default)]
     pub struct Tally {
@@ -559,7 +562,7 @@ pub mod load {
     pub async fn agent(
         socket: PathBuf,
         token: SecretString,
-        services: Arc<Vec<(String, Vec<u8>)>>,
+        services: Services,
         requests: usize,
         mix: Mix,
         seed: u64,
@@ -638,7 +641,7 @@ pub mod load {
         h: &super::TestHome,
         services: usize,
         agents: usize,
-    ) -> (Arc<Vec<(String, Vec<u8>)>>, Vec<SecretString>) {
+    ) -> (Services, Vec<SecretString>) {
         let mut list = Vec::new();
         for i in 0..services {
             let name = format!("svc{i}");
@@ -662,7 +665,7 @@ pub mod load {
     pub fn run_agents(
         socket: &std::path::Path,
         tokens: &[SecretString],
-        services: &Arc<Vec<(String, Vec<u8>)>>,
+        services: &Services,
         requests: usize,
         mix: Mix,
         rng: &mut Prng,
