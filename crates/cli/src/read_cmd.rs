@@ -33,6 +33,7 @@ pub(crate) fn run(
         let mut rest = secret.bytes();
         while !rest.is_empty() {
             match nix::unistd::write(&stdout, rest) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
                 Ok(n) => rest = &rest[n..],
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(std::io::Error::from(e).into()),
