@@ -150,6 +150,15 @@ fn drain(mut child: Child, r: OwnedFd) -> Vec<u8> {
     all[start..].to_vec()
 }
 
+/// The scan is not blind: `pid` is seen to hold its socket path (in its environment).
+fn assert_sees(h: &TestHome, pid: u32, who: &str) {
+    let sock = h.socket().display().to_string();
+    assert!(
+        memory_find(pid, sock.as_bytes()).is_some(),
+        "the scan of {who} (pid {pid}) sees nothing at all"
+    );
+}
+
 /// fd delivery: while `agentkeys read` writes the value out, neither it nor the daemon holds
 /// the canary in readable memory (the CLI writes straight from the secret page).
 #[test]
@@ -161,6 +170,7 @@ fn canary_fd_delivery() {
     let (cli, r) = blocked_read(&h, &["read", "svc"]);
     let t0 = Instant::now();
     let cli_holds = holds(cli.id());
+    assert_sees(&h, cli.id(), "agentkeys read");
     let daemon_window = gone_after(daemon, t0);
     let out = drain(cli, r);
     assert!(out == CANARY.as_bytes(), "read printed the wrong bytes");
@@ -242,6 +252,7 @@ fn canary_run_env_and_file() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let c = holds(cli.id());
+        assert_sees(&h, cli.id(), "agentkeys run");
         let l = holds(launcher);
         let d = holds(daemon);
         assert!(
@@ -409,6 +420,7 @@ fn canary_mcp() {
     let mut m = Mcp::start(&h, &token_file, Some(theirs.as_raw_fd()));
     drop(theirs);
     let pid = m.child.id();
+    assert_sees(&h, pid, "agentkeys mcp");
 
     let r = m.tool(
         "run",
