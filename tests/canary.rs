@@ -392,31 +392,9 @@ fn canary_mcp() {
     if skip("canary_mcp") {
         return;
     }
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let (h, daemon, launcher) = ready("canary-mcp");
-    let token_file = h.dir.join("agent.token");
-    let out = h.run(&[
-        "agent",
-        "add",
-        "bot",
-        "--scope",
-        "svc,open",
-        "--out",
-        token_file.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::empty(),
-    )
-    .unwrap();
-    nix::fcntl::fcntl(
-        &ours,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .unwrap();
+    let token_file = h.agent_token_file("bot", "svc,open");
+    let (ours, theirs) = agentkeys_e2e::fd_channel_pair();
     let mut m = Mcp::start(&h, &token_file, Some(theirs.as_raw_fd()));
     drop(theirs);
     let pid = m.child.id();

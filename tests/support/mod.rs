@@ -238,6 +238,16 @@ impl TestHome {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Mints agent `name` with `scope` into a new token file (`agent add --out`), as an MCP
+    /// host would be configured; returns the file.
+    pub fn agent_token_file(&self, name: &str, scope: &str) -> PathBuf {
+        let token_file = self.dir.join(format!("{name}.token"));
+        let file = token_file.to_str().expect("utf-8 path");
+        let out = self.run(&["agent", "add", name, "--scope", scope, "--out", file]);
+        assert!(out.status.success(), "agent add --out: {}", text(&out));
+        token_file
+    }
+
     /// Mints an agent and returns its token (the last line of stdout).
     pub fn add_agent(&self, name: &str, scope: &str, extra: &[&str]) -> String {
         let mut args = vec!["agent", "add", name, "--scope", scope];
@@ -407,6 +417,22 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()
         .map(|d| d.count())
+}
+
+/// A `SOCK_SEQPACKET` pair for `agentkeys mcp --fd-channel`: our end close-on-exec, the child's
+/// end inheritable (its number goes on the command line).
+pub fn fd_channel_pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::empty(),
+    )
+    .expect("socketpair");
+    fcntl(&ours, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).expect("FD_CLOEXEC");
+    (ours, theirs)
 }
 
 /// What each open fd of `pid` points to (for failure messages).
