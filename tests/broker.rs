@@ -232,47 +232,6 @@ fn concurrent_stores_all_survive() {
     }
 }
 
-#[test]
-fn kill_9_during_store_leaves_the_vault_readable() {
-    let h = TestHome::initialized("kill9");
-    assert!(h.run_stdin(&["store", "keeper"], b"kept").status.success());
-    let big = vec![b'k'; 1 << 20];
-    for i in 0..12u64 {
-        let mut c = h.cli(&["store", &format!("victim{i}")]);
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let payload = big.clone();
-        let writer = std::thread::spawn(move || {
-            use std::io::Write;
-            let _ = stdin.write_all(&payload);
-        });
-        // Kill at different moments: while reading stdin, while sealing, while writing.
-        std::thread::sleep(Duration::from_millis(i * 3));
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = writer.join();
-        let out = h.run(&["list", "--json"]);
-        assert!(
-            out.status.success(),
-            "vault unreadable after kill -9 #{i}: {}",
-            text(&out)
-        );
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(
-            json.as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["name"] == "keeper"),
-            "earlier entry lost"
-        );
-    }
-}
-
 fn status_field(pid: u32, key: &str) -> String {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     st.lines()

@@ -36,17 +36,7 @@ fn ready(tag: &str) -> (TestHome, PathBuf) {
         assert!(out.status.success(), "{}", text(&out));
     }
     h.start_daemon(&[]);
-    let token_file = h.dir.join("agent.token");
-    let out = h.run(&[
-        "agent",
-        "add",
-        "bot",
-        "--scope",
-        "github,pub",
-        "--out",
-        token_file.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let token_file = h.agent_token_file("bot", "github,pub");
     (h, token_file)
 }
 
@@ -311,19 +301,11 @@ async fn refuses_to_start_without_an_agent_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fd_channel_delivers_an_fd_that_maps_to_the_value() {
     use agentkeys_hardening::page::MappedSecret;
-    use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
     let (h, token_file) = ready("mcp-fd");
     // Our end close-on-exec; the child's end inheritable, its number passed on the command line.
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::empty(),
-    )
-    .expect("socketpair");
-    fcntl(&ours, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).unwrap();
+    let (ours, theirs) = agentkeys_e2e::fd_channel_pair();
     let extra = vec!["--fd-channel".to_string(), theirs.as_raw_fd().to_string()];
     let c = connect(&h, &token_file, &extra, true).await;
     drop(theirs);
@@ -437,17 +419,7 @@ async fn high_value_tools_return_a_pending_result_with_the_code() {
     );
     assert!(out.status.success(), "{}", text(&out));
     h.start_daemon(&[]);
-    let token_file = h.dir.join("agent.token");
-    let out = h.run(&[
-        "agent",
-        "add",
-        "bot",
-        "--scope",
-        "vaulted",
-        "--out",
-        token_file.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let token_file = h.agent_token_file("bot", "vaulted");
     let c = connect(&h, &token_file, &[], false).await;
     for (tool, args) in [
         ("get_credential", serde_json::json!({"service": "vaulted"})),

@@ -21,6 +21,10 @@ use crate::delivery::AfterSend;
 use crate::server::Shared;
 use crate::sessions::{AuthError, Principal};
 
+/// How long a pending connection evicted by `max_pending` may still deliver a hello that is
+/// already on its way.
+const KICK_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What a request handler decided.
 struct Reply {
     body: ResponseBody,
@@ -114,7 +118,12 @@ pub async fn run(
 ) {
     let mut stop = shared.shutdown.subscribe();
     // Handshake: the first message must be a hello, within the timeout.
+    // `biased`, receive first: a client evicted as the oldest pending connection (max_pending)
+    // whose hello is already queued is served, not dropped. Only silent connections go; a
+    // burst of clients connecting at once, slower to be scheduled than to be accepted, used
+    // to lose some of theirs (tests/hostile.rs `a_burst_of_clients_saying_hello_at_once_is_served`).
     let first = tokio::select! {
+        biased;
         r = tokio::time::timeout(shared.cfg.handshake_timeout, conn.recv()) => match r {
             Ok(r) => r,
             Err(_) => {
@@ -122,7 +131,13 @@ pub async fn run(
                 return;
             }
         },
-        _ = kick.notified() => return,
+        // Evicted as the oldest pending connection: its hello may be queued already without
+        // the reactor having reported it yet (a new socket's first poll knows no readiness),
+        // so it gets a short grace to be read. Silent connections still go.
+        _ = kick.notified() => match tokio::time::timeout(KICK_GRACE, conn.recv()).await {
+            Ok(r) => r,
+            Err(_) => return,
+        },
         _ = stop.changed() => return,
     };
     let req = match parse(first) {
@@ -167,6 +182,10 @@ pub async fn run(
                 return;
             }
         };
+    // A kick stored while the hello waited in the queue can only be the max_pending eviction
+    // (revocations kick only authenticated connections; shutdown also signals `stop`): this
+    // client said hello in time, so the kick is discarded instead of closing its new session.
+    let _ = tokio::time::timeout(std::time::Duration::ZERO, kick.notified()).await;
     info!(conn = id, uid, pid, principal = ?principal, "session opened");
     shared.authenticated(id, principal.clone());
     if !send(

@@ -121,6 +121,10 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // A log that cannot be written (disk full, a file size limit) must not stop the daemon:
+        // reporting that failure uses `eprintln!`, which panics when stderr cannot be written
+        // either, and a panic aborts the release build (tests/faults.rs).
+        .log_internal_errors(false)
         .with_ansi(false)
         .try_init();
 }
@@ -285,6 +289,23 @@ fn libc_o_cloexec() -> i32 {
 
 async fn wait_for_signal(shared: &Shared) {
     use tokio::signal::unix::{SignalKind, signal};
+    // SIGXFSZ: a lowered RLIMIT_FSIZE (any process of this uid can set one with prlimit) used to
+    // kill the daemon at its next audit write. Handled, the write fails with EFBIG and the
+    // delivery is refused (fail closed) until the limit is raised (tests/faults.rs).
+    match signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    )) {
+        Ok(mut xfsz) => {
+            tokio::spawn(async move {
+                while xfsz.recv().await.is_some() {
+                    warn!(
+                        "SIGXFSZ: a file size limit (RLIMIT_FSIZE) stops a write; deliveries whose audit record cannot be written are refused"
+                    );
+                }
+            });
+        }
+        Err(e) => warn!("cannot handle SIGXFSZ (a file size limit would stop the daemon): {e}"),
+    }
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

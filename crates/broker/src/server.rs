@@ -468,10 +468,19 @@ fn seqpacket_answers(path: &Path) -> bool {
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).is_ok()
 }
 
-/// Sends one error and closes, without reading anything.
+/// Refused connections waiting for their client to hang up (see [`refuse`]).
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sends one error, then discards (never parses) what the client sends until it hangs up, for at
+/// most a second, and closes. Closing a unix socket with unread data makes the kernel report
+/// ECONNRESET to the peer *before* the queued error: a client that sent its hello at once (the
+/// CLI does) would see a reset instead of the reason (tests/hostile.rs). At most 128 refused
+/// connections linger; beyond that only what is already queued is discarded before closing.
 async fn refuse(sock: UnixSeqpacket, code: ErrorCode, message: &str) {
-    let conn = Conn::new(sock);
-    if let Ok(bytes) = wire::encode(&Response {
+    use agentkeys_proto::conn::RecvError;
+    use std::sync::atomic::Ordering;
+    let mut conn = Conn::new(sock);
+    let sent = match wire::encode(&Response {
         v: PROTOCOL_VERSION,
         id: 0,
         body: ResponseBody::Error {
@@ -479,8 +488,23 @@ async fn refuse(sock: UnixSeqpacket, code: ErrorCode, message: &str) {
             message: message.to_string(),
         },
     }) {
-        let _ = conn.send(&bytes, &[]).await;
+        Ok(bytes) => conn.send(&bytes, &[]).await.is_ok(),
+        Err(_) => false,
+    };
+    if !sent {
+        return;
     }
+    // Past 128 lingering, only what is already queued is discarded (a zero timeout polls once).
+    let linger = if LINGERING.fetch_add(1, Ordering::Relaxed) < 128 {
+        Duration::from_secs(1)
+    } else {
+        Duration::ZERO
+    };
+    let _ = tokio::time::timeout(linger, async {
+        while !matches!(conn.recv().await, Err(RecvError::Closed | RecvError::Io(_))) {}
+    })
+    .await;
+    LINGERING.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Accepts connections until shutdown.

@@ -2,8 +2,6 @@
 //! fd; it is mapped read-only, exactly its bytes go to stdout, and it is unmapped and closed.
 //! Meant for pipes into programs that read a secret from stdin, not for terminals.
 
-use std::io::Write;
-
 use crate::CliError;
 use crate::ctx::{self, Caller};
 
@@ -29,9 +27,18 @@ pub(crate) fn run(
         if secret.degraded() {
             eprintln!("agentkeys: warning: delivered through the degraded sealed-memfd fallback (no memfd_secret)");
         }
-        let mut out = std::io::stdout().lock();
-        out.write_all(secret.bytes())?;
-        out.flush()?;
+        // Straight from the page to fd 1 with write(2): std's stdout buffer would keep a copy
+        // of the value in the heap for the rest of the process (tests/canary.rs).
+        let stdout = std::io::stdout().lock();
+        let mut rest = secret.bytes();
+        while !rest.is_empty() {
+            match nix::unistd::write(&stdout, rest) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                Ok(n) => rest = &rest[n..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            }
+        }
         Ok(())
     })
 }

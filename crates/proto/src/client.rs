@@ -140,7 +140,15 @@ impl Client {
         let body = RequestBody::Hello {
             token: WireToken(token.clone()),
         };
-        match self.call(body).await?.body {
+        if let Err(e) = self.send(body, &[]).await {
+            // A daemon at its connection limit answers `busy` and closes, possibly before the
+            // hello arrived (EPIPE here): its reason is still queued for us.
+            return Err(match self.recv().await {
+                Err(refused @ ClientError::Refused { .. }) => refused,
+                _ => e,
+            });
+        }
+        match self.recv().await?.body {
             ResponseBody::Welcome(info) => Ok(info),
             other => Err(unexpected(&other)),
         }
