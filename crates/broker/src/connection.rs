@@ -231,7 +231,16 @@ pub async fn run(
             }
             continue;
         }
-        let reply = handle(shared, &principal, peer, req.body);
+        let (mut reply, ticket) =
+            crate::auditor::collect(|| handle(shared, &principal, peer, req.body));
+        // Group commit: the request's audit records are on disk before its answer leaves.
+        if let Err(message) = shared.audit_durable(ticket).await {
+            reply = Reply {
+                body: error(ErrorCode::Internal, message),
+                close: reply.close,
+                after: reply.after.map(|a| AfterSend { fd: None, ..a }),
+            };
+        }
         let sent = match &reply.after {
             Some(AfterSend { fd: Some(fd), .. }) => {
                 send_with(&conn, req.id, reply.body, &[fd.as_fd()]).await
@@ -278,7 +287,10 @@ async fn serve_run(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     kick: &Notify,
 ) -> bool {
-    let mut running = match crate::run::start(shared, principal, peer, req, fds).await {
+    // The run's records are made durable inside `start`, before it launches (group commit).
+    let (started, _) =
+        crate::auditor::collect_async(crate::run::start(shared, principal, peer, req, fds)).await;
+    let mut running = match started {
         Ok(r) => r,
         Err(body) => return send(conn, id, body).await,
     };
