@@ -123,7 +123,6 @@ case ${BENCH_PROFILE:-} in
 esac
 
 AGENTKEYS_TOKEN=$token "$bench_exe" --sync-dir "$AGENTKEYS_HOME" >"$dir/report.txt"
-unset token
 
 if [[ -n $profiler_pid ]]; then
     kill -INT "$profiler_pid" 2>/dev/null || true

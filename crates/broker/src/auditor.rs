@@ -42,6 +42,8 @@ use tracing::error;
 
 /// Longest a record nobody waits for stays unsynced.
 pub const LAZY_SYNC: Duration = Duration::from_millis(5);
+/// Longest the syncer waits for appends under way before a sync somebody waits for.
+const GATHER: Duration = Duration::from_micros(200);
 
 tokio::task_local! {
     /// The offset the current request's records reach; see [`collect`].
@@ -81,6 +83,10 @@ struct SyncState {
     failed: Option<String>,
     /// The syncer should finish outstanding work and end.
     stop: bool,
+    /// Appends between "about to take the log lock" and "written".
+    appending: usize,
+    /// The syncer is waiting for `appending` to reach 0 before it syncs.
+    gathering: bool,
 }
 
 /// The daemon's audit trail with group commit.
@@ -129,17 +135,26 @@ impl Auditor {
     /// # Errors
     /// The record could not be written, or (waiting outside a request) its sync failed.
     pub fn append(self: &Arc<Self>, ev: &Event<'_>, need: Need) -> Result<(), StateError> {
-        let end = {
+        // Announce the append, so a sync about to start can wait for it and cover it too.
+        self.state.lock().expect("audit sync lock").appending += 1;
+        let written = {
             let mut log = self.log.lock().expect("audit lock");
-            let (_, end) = log.append_unsynced(ev)?;
+            let r = log.append_unsynced(ev);
             // Under the log lock, so `written` only grows in file order.
             let mut st = self.state.lock().expect("audit sync lock");
-            st.written = end;
-            if st.lazy_since.is_none() {
-                st.lazy_since = Some(Instant::now());
+            st.appending -= 1;
+            if let Ok((_, end)) = &r {
+                st.written = *end;
+                if st.lazy_since.is_none() {
+                    st.lazy_since = Some(Instant::now());
+                }
             }
-            end
+            if st.gathering && st.appending == 0 {
+                self.changed.notify_all();
+            }
+            r
         };
+        let (_, end) = written?;
         self.ensure_syncer();
         if TICKET.try_with(|t| t.set(t.get().max(end))).is_ok() {
             // Inside a request: the connection waits before answering.
@@ -310,6 +325,18 @@ fn syncer(me: std::sync::Weak<Auditor>) {
         }
         let behind = st.written > st.synced;
         if behind && (st.wanted > st.synced || st.stop) {
+            // Group commit: appends already under way (other requests writing their records)
+            // are worth waiting a moment for: the same sync then covers them.
+            let until = Instant::now() + GATHER;
+            while st.appending > 0 && !st.stop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                st.gathering = true;
+                st = a.changed.wait_timeout(st, left).expect("audit sync lock").0;
+            }
+            st.gathering = false;
             st = a.sync_once(st);
             continue;
         }

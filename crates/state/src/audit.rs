@@ -31,6 +31,12 @@
 //! it at: a removed, replaced, truncated or foreign-written log stops deliveries instead of
 //! silently recording into a file nobody will read.
 //!
+//! **Group commit.** [`AuditLog::append_unsynced`] does all of that except the sync and returns
+//! the offset just past the record; an [`AuditSync`] (a second descriptor of the same file, for
+//! another thread) makes every record written before its `fdatasync` began durable. The daemon
+//! (`agentkeys_broker::auditor`) uses the pair so that concurrent requests share syncs, and
+//! answers a request only after a sync covering its records; the chain is the same either way.
+//!
 //! **Partial writes.** A failure before any byte reached the file (the checks above, an
 //! oversized record, `write(2)` returning an error with the file size unchanged) leaves the log
 //! as it was, and the next append simply tries again. A failure after bytes reached the file (a
