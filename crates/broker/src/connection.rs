@@ -288,11 +288,19 @@ async fn serve_run(
     kick: &Notify,
 ) -> bool {
     // The run's records are made durable inside `start`, before it launches (group commit).
-    let (started, _) =
+    // A refusal (pending, denied, not found) is answered only once its records are on disk;
+    // the `drop` records written after a launch need not hold up `run_started`.
+    let (started, ticket) =
         crate::auditor::collect_async(crate::run::start(shared, principal, peer, req, fds)).await;
     let mut running = match started {
         Ok(r) => r,
-        Err(body) => return send(conn, id, body).await,
+        Err(body) => {
+            let body = match shared.audit_durable(ticket).await {
+                Ok(()) => body,
+                Err(message) => error(ErrorCode::Internal, message),
+            };
+            return send(conn, id, body).await;
+        }
     };
     if !send(conn, id, ResponseBody::RunStarted { pid: running.pid }).await {
         // The caller is gone: its program goes too.
