@@ -32,7 +32,7 @@ cd "$root"
 
 echo "bench: cargo build --release --bins --examples" >&2
 cargo build --release --bins --examples >&2
-bin=$root/target/release
+bin=${CARGO_TARGET_DIR:-$root/target}/release
 bench_exe=$bin/examples/bench_delivery
 state_exe=$bin/examples/bench_state
 for f in "$bin/agentkeys" "$bin/agentkeysd" "$bench_exe" "$state_exe"; do
