@@ -21,7 +21,10 @@
 //!
 //! The syncer is one std thread started on first use (after the sandbox is installed: thread
 //! creation is a `clone` with thread flags, which the seccomp policy allows for tokio's workers).
-//! Until it runs, or if it cannot be started, a waiter syncs itself.
+//! Until it runs, or if it cannot be started, a waiter syncs itself. Before a sync somebody
+//! waits for, the syncer waits up to 200 µs for appends already under way (another request
+//! between "announced" and "written"), so that the one sync covers them too; with no other
+//! append under way it syncs at once.
 //!
 //! A failed `fdatasync` fails the log ([`AuditLog::fail`]): the waiters of every record not yet
 //! covered get an error (their deliveries are refused), and every later append fails until the
