@@ -5,8 +5,12 @@
 #
 # Builds release, sets up a throwaway AGENTKEYS_HOME with two 40-byte random secrets
 # (bench-uncached; bench-cached with --cache-ttl 10m), starts agentkeysd in the foreground,
-# mints an agent scoped to both, runs target/release/examples/bench_delivery as that agent,
-# stops the daemon and prints the report. The last line of stdout is one JSON object.
+# mints an agent scoped to both, runs target/release/examples/bench_delivery as that agent
+# (latency, baselines, 8-client throughput), times `agentkeys run`, stops the daemon; then
+# measures start-up and idle RSS (bench_delivery --startup), the daemon's RSS with 10,000
+# cached secrets (bench_state seed + bench_delivery --fill-cache), a 100,000-entry vault lookup
+# and audit group-commit throughput (bench_state vault / audit). The last line of stdout is one
+# JSON object of numbers.
 #
 # Environment:
 #   BENCH_ITERS / BENCH_WARMUP   timed / warm-up iterations per measurement (2000 / 200)
@@ -17,6 +21,9 @@
 #                                so user frames show as addresses in agentkeysd)
 #                                (profiled figures are inflated; profiles go to stderr)
 #   BENCH_KEEP=1                 keep the temporary directory (daemon log, audit log)
+#   BENCH_CLIENTS / BENCH_TPUT_SECS   throughput clients / seconds (8 / 3)
+#   BENCH_CACHED_N               secrets cached for rss_kib_10k_cached (10000)
+#   BENCH_VAULT_N                entries of the lookup vault (100000)
 # Progress, build output and profiles go to stderr; stdout is the report only.
 set -euo pipefail
 
@@ -25,9 +32,10 @@ cd "$root"
 
 echo "bench: cargo build --release --bins --examples" >&2
 cargo build --release --bins --examples >&2
-bin=$root/target/release
+bin=${CARGO_TARGET_DIR:-$root/target}/release
 bench_exe=$bin/examples/bench_delivery
-for f in "$bin/agentkeys" "$bin/agentkeysd" "$bench_exe"; do
+state_exe=$bin/examples/bench_state
+for f in "$bin/agentkeys" "$bin/agentkeysd" "$bench_exe" "$state_exe"; do
     [[ -x $f ]] || { echo "bench: $f was not built" >&2; exit 2; }
 done
 
@@ -115,7 +123,6 @@ case ${BENCH_PROFILE:-} in
 esac
 
 AGENTKEYS_TOKEN=$token "$bench_exe" --sync-dir "$AGENTKEYS_HOME" >"$dir/report.txt"
-unset token
 
 if [[ -n $profiler_pid ]]; then
     kill -INT "$profiler_pid" 2>/dev/null || true
@@ -150,13 +157,54 @@ run_us=$(median "$dir/run.ms")
 env_us=$(median "$dir/env.ms")
 ratio=$(awk -v a="$run_us" -v b="$env_us" 'BEGIN {printf "%.2f", a / b}')
 
-ak daemon stop >/dev/null
-for _ in $(seq 50); do
-    kill -0 "$daemon_pid" 2>/dev/null || break
-    sleep 0.1
-done
-wait "$daemon_pid" 2>/dev/null || true
-daemon_pid=
+stop_daemon() {
+    ak daemon stop >/dev/null
+    for _ in $(seq 100); do
+        kill -0 "$daemon_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    wait "$daemon_pid" 2>/dev/null || true
+    daemon_pid=
+}
+start_daemon() {
+    "$bin/agentkeysd" --foreground >>"$dir/agentkeysd.log" 2>&1 &
+    daemon_pid=$!
+    for _ in $(seq 300); do
+        ak status >/dev/null 2>&1 && return 0
+        kill -0 "$daemon_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "bench: agentkeysd did not start; its log:" >&2
+    cat "$dir/agentkeysd.log" >&2
+    exit 1
+}
+stop_daemon
+
+# Start-up time and idle RSS: the daemon started fresh several times, as the agent (no daemon
+# running in between).
+echo "bench: start-up and idle RSS" >&2
+AGENTKEYS_TOKEN=$token "$bench_exe" --startup "$bin/agentkeysd" >"$dir/startup.txt"
+
+# 10,000 cached secrets: seeded in one vault write, each fetched once (cached for 10 min), then
+# all fetched again; the second pass's cache_hit records say how many stayed cached.
+cached_n=${BENCH_CACHED_N:-10000}
+echo "bench: $cached_n cached secrets" >&2
+"$state_exe" seed --count "$cached_n" --prefix c --cache-ttl 600
+start_daemon
+token10k=$(ak agent add bench10k --scope '*' | tail -n 1)
+[[ $token10k == akt_* ]] || { echo "bench: agent add printed no token" >&2; exit 1; }
+hits_before=$(grep -c '"event":"cache_hit"' "$AGENTKEYS_HOME/audit.jsonl" || true)
+AGENTKEYS_TOKEN=$token10k "$bench_exe" --fill-cache c "$cached_n" >"$dir/fill.txt"
+unset token10k
+hits=$(( $(grep -c '"event":"cache_hit"' "$AGENTKEYS_HOME/audit.jsonl" || true) - hits_before ))
+read -r rss_10k lck_10k < <(awk '/^VmRSS:/ {r=$2} /^VmLck:/ {l=$2} END {print r+0, l+0}' "/proc/$daemon_pid/status")
+memlock_kib=$(( $(ulimit -l 2>/dev/null | sed 's/unlimited/0/') + 0 ))
+stop_daemon
+unset token
+
+echo "bench: vault of ${BENCH_VAULT_N:-100000} entries, audit group commit" >&2
+"$state_exe" vault --dir "$dir" --entries "${BENCH_VAULT_N:-100000}" >"$dir/vault.txt"
+"$state_exe" audit --dir "$dir" >"$dir/audit.txt"
 
 # The example's report, with the run figures added to its final JSON line.
 head -n -1 "$dir/report.txt"
@@ -166,4 +214,15 @@ agentkeys run vs. the program alone ($runs runs each, medians of whole processes
   /usr/bin/env T=x /bin/true               ${env_us} us
   run_overhead_ratio                       ${ratio}
 TXT
-tail -n 1 "$dir/report.txt" | sed "s/}\$/,\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio}}/"
+head -n -1 "$dir/startup.txt"
+head -n -1 "$dir/vault.txt"
+head -n -1 "$dir/audit.txt"
+cat <<TXT
+daemon memory with $cached_n cached secrets (each fetched once, then all again):
+  cached (cache_hit on the second pass)      ${hits} of ${cached_n}
+  VmRSS                                      ${rss_10k} KiB
+  VmLck (locked secret pages, DEK included)  ${lck_10k} KiB (RLIMIT_MEMLOCK here: ${memlock_kib} KiB)
+TXT
+# One JSON object: the example's line, plus the run figures and the other parts' lines.
+body() { tail -n 1 "$1" | sed 's/^{//; s/}$//'; }
+echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt")}"

@@ -251,7 +251,16 @@ pub async fn run(
             }
             continue;
         }
-        let reply = handle(shared, &principal, peer, req.body).await;
+        let (mut reply, ticket) =
+            crate::auditor::collect_async(handle(shared, &principal, peer, req.body)).await;
+        // Group commit: the request's audit records are on disk before its answer leaves.
+        if let Err(message) = shared.audit_durable(ticket).await {
+            reply = Reply {
+                body: error(ErrorCode::Internal, message),
+                close: reply.close,
+                after: reply.after.map(|a| AfterSend { fd: None, ..a }),
+            };
+        }
         let sent = match &reply.after {
             Some(AfterSend { fd: Some(fd), .. }) => {
                 send_with(&conn, req.id, reply.body, &[fd.as_fd()]).await
@@ -298,9 +307,20 @@ async fn serve_run(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     kick: &Notify,
 ) -> bool {
-    let mut running = match crate::run::start(shared, principal, peer, req, fds).await {
+    // The run's records are made durable inside `start`, before it launches (group commit).
+    // A refusal (pending, denied, not found) is answered only once its records are on disk;
+    // the `drop` records written after a launch need not hold up `run_started`.
+    let (started, ticket) =
+        crate::auditor::collect_async(crate::run::start(shared, principal, peer, req, fds)).await;
+    let mut running = match started {
         Ok(r) => r,
-        Err(body) => return send(conn, id, body).await,
+        Err(body) => {
+            let body = match shared.audit_durable(ticket).await {
+                Ok(()) => body,
+                Err(message) => error(ErrorCode::Internal, message),
+            };
+            return send(conn, id, body).await;
+        }
     };
     if !send(conn, id, ResponseBody::RunStarted { pid: running.pid }).await {
         // The caller is gone: its program goes too.

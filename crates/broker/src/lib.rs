@@ -6,6 +6,7 @@
 //!   with the daemon's own AppRole identity.
 //! - [`keys`]: guarded (pkey-protected) secret pages: the DEK, cached credentials.
 //! - [`approvals`]: pending requests, the owner's decisions, grants for high-value services.
+//! - [`auditor`]: the audit trail with group commit: records written in order, syncs shared.
 //! - [`cache`]: cached credentials, idle and TTL eviction.
 //! - [`run`], [`launch`], [`pump`]: daemon-mediated `run`: the launcher link, the masked output.
 //! - [`delivery`]: `get_credential`: scope, fetch, audit, fd or inline delivery, drop.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approvals;
+pub mod auditor;
 pub mod backends;
 pub mod cache;
 pub mod config;

@@ -209,6 +209,9 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     // The audit trail is opened now, while the file can still be created; appends later only
     // write and sync.
     let audit = AuditLog::open(&home).map_err(|e| format!("opening the audit log: {e}"))?;
+    // Group commit: its second descriptor is taken now, before the sandbox.
+    let audit = agentkeys_broker::auditor::Auditor::new(audit)
+        .map_err(|e| format!("opening the audit log: {e}"))?;
     let listener = server::bind_socket(&socket_path, &cfg.daemon)?;
     // Remote backends: HTTP clients and CA files, before the sandbox. No request yet: the
     // refreshers log in once the runtime runs, so an unreachable backend does not stop the
@@ -229,7 +232,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         shutdown,
         keystore_detail,
         cache: Default::default(),
-        audit: Mutex::new(audit),
+        audit,
         vault: Mutex::new(None),
         launcher: std::sync::OnceLock::new(),
         approvals: Mutex::new(agentkeys_broker::approvals::Approvals::new(
@@ -265,6 +268,11 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     });
     // Give connections a moment to close, then drop everything (the DEK page is wiped).
     runtime.shutdown_timeout(Duration::from_secs(2));
+    // Records nobody waited for (drops, evictions at shutdown) go to disk before the exit.
+    if let Err(e) = shared.audit.flush() {
+        warn!("the last audit records could not be synced: {e}");
+    }
+    shared.audit.stop();
     let _ = std::fs::remove_file(&socket_path);
     info!("agentkeysd stopped");
     drop(shared);

@@ -450,6 +450,11 @@ pub async fn start(
     }
     let mut send: Vec<BorrowedFd<'_>> = vec![stdin.as_fd(), child_out.as_fd(), child_err.as_fd()];
     send.extend(ordered.iter().map(|p| p.fd()));
+    // Nothing is launched before its fetch, run_start and deliver records are on disk.
+    shared
+        .audit_durable(crate::auditor::current_ticket())
+        .await
+        .map_err(|e| refuse(ErrorCode::Internal, e))?;
     let launched = launcher.launch(spec, &send).await;
     drop(send);
     // The daemon's copies go now, launched or not; the child has mapped (or the launch failed).

@@ -16,7 +16,7 @@ use agentkeys_hardening::page::PagePolicy;
 use agentkeys_proto::conn::Conn;
 use agentkeys_proto::wire::{self, ErrorCode, PROTOCOL_VERSION, Response, ResponseBody};
 use agentkeys_state::StateError;
-use agentkeys_state::audit::{AuditLog, Event};
+use agentkeys_state::audit::Event;
 use agentkeys_state::home::Home;
 use agentkeys_state::vault::{VaultIndex, vault_stamp};
 use tokio::sync::{Notify, watch};
@@ -48,8 +48,9 @@ pub struct Shared {
     pub keystore_detail: String,
     /// Cached credentials (services with a cache_ttl only).
     pub cache: Cache,
-    /// The audit trail; a delivery whose record cannot be written does not happen.
-    pub audit: Mutex<AuditLog>,
+    /// The audit trail (group commit); a delivery whose record cannot be written does not
+    /// happen, and none is answered before its record is on disk (see [`crate::auditor`]).
+    pub audit: Arc<crate::auditor::Auditor>,
     /// The parsed vault, re-read when its file changes.
     pub vault: Mutex<Option<Arc<VaultIndex>>>,
     /// The launcher, once the runtime runs (`run` is refused before).
@@ -91,20 +92,40 @@ impl ConnTable {
 impl Shared {
     /// Writes an audit record; the error message is for the client of a refused delivery.
     ///
+    /// Inside a request (see [`crate::auditor::collect`]) the record is written now and made
+    /// durable before the request's answer is sent; elsewhere this returns once it is on disk.
+    ///
     /// # Errors
     /// The record could not be written (fail closed: the caller must not deliver).
     pub fn audit(&self, ev: &Event<'_>) -> Result<(), String> {
-        let mut log = self.audit.lock().expect("audit lock");
-        log.append(ev).map(drop).map_err(|e| {
-            error!("AUDIT WRITE FAILED, refusing deliveries until it works again: {e}");
-            format!("the audit log cannot be written ({e}); delivery refused")
-        })
+        self.audit
+            .append(ev, crate::auditor::Need::Durable)
+            .map_err(|e| {
+                error!("AUDIT WRITE FAILED, refusing deliveries until it works again: {e}");
+                format!("the audit log cannot be written ({e}); delivery refused")
+            })
     }
 
     /// Writes an audit record for an event that happens whatever the log says (a denial, an
-    /// eviction); a failure is logged loudly.
+    /// eviction, a `drop` after the answer is out); a failure is logged loudly. Nothing waits
+    /// for it outside a request: the syncer makes it durable within
+    /// [`crate::auditor::LAZY_SYNC`].
     pub fn audit_best_effort(&self, ev: &Event<'_>) {
-        let _ = self.audit(ev);
+        if let Err(e) = self.audit.append(ev, crate::auditor::Need::Lazy) {
+            error!("AUDIT WRITE FAILED, refusing deliveries until it works again: {e}");
+        }
+    }
+
+    /// Waits until every audit record up to `ticket` (from [`crate::auditor::collect`]) is on
+    /// disk; the error message is for the client whose answer is then withheld.
+    ///
+    /// # Errors
+    /// The sync failed: the answer must not be sent.
+    pub async fn audit_durable(&self, ticket: u64) -> Result<(), String> {
+        self.audit.durable(ticket).await.map_err(|e| {
+            error!("AUDIT SYNC FAILED, refusing deliveries: {e}");
+            format!("the audit log cannot be written ({e}); delivery refused")
+        })
     }
 
     /// The secret-page policy: memfd_secret, with or without the degraded fallback.

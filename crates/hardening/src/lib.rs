@@ -4,6 +4,8 @@
 //!   drop, handed to other processes as a file descriptor; the receiving side maps such an fd.
 //!   Falls back to an mlocked, sealed `memfd` (reported *degraded*) unless told to refuse.
 //! - [`pkey`]: memory protection keys. Pages that no thread can touch except inside a closure.
+//! - [`slab`]: small secrets packed into shared pkey-protected secret pages (the cache), so
+//!   thousands fit the memlock limit.
 //! - [`process`]: process hardening steps, in the order a daemon takes them: fds 0-2, inherited
 //!   fds, environment, dumpable, core limit, tracer, ptrace scope, no_new_privs, capabilities.
 //! - [`seccomp`]: the syscall allowlist (reviewed data) and its installation on all threads.
@@ -24,6 +26,7 @@ pub mod pkey;
 pub mod process;
 pub mod seccomp;
 pub mod selftest;
+pub mod slab;
 
 #[cfg(test)]
 mod testutil;

@@ -107,12 +107,12 @@ pub enum PageError {
 }
 
 impl PageError {
-    fn os(step: &'static str) -> impl FnOnce(io::Error) -> PageError {
+    pub(crate) fn os(step: &'static str) -> impl FnOnce(io::Error) -> PageError {
         move |source| PageError::Os { step, source }
     }
 }
 
-fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     // sysconf(_SC_PAGESIZE) cannot fail on Linux; 4096 is the floor on every supported arch.
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
@@ -140,7 +140,7 @@ fn check_len(len: usize) -> Result<(), PageError> {
 }
 
 /// Creates a `memfd_secret` fd (close-on-exec).
-fn memfd_secret() -> io::Result<OwnedFd> {
+pub(crate) fn memfd_secret() -> io::Result<OwnedFd> {
     // SAFETY: memfd_secret takes one flags word and returns a new fd or -1; no memory is passed.
     let fd =
         cerr(unsafe { libc::syscall(libc::SYS_memfd_secret, libc::O_CLOEXEC as libc::c_ulong) })?;
@@ -150,7 +150,7 @@ fn memfd_secret() -> io::Result<OwnedFd> {
 }
 
 /// Creates the fallback: a close-on-exec memfd that accepts seals.
-fn memfd_sealable() -> io::Result<OwnedFd> {
+pub(crate) fn memfd_sealable() -> io::Result<OwnedFd> {
     let name = c"agentkeys-secret";
     // SAFETY: name is a valid NUL-terminated string; the call returns a new fd or -1.
     let fd = cerr(unsafe {
@@ -166,17 +166,17 @@ pub fn memfd_secret_available() -> io::Result<()> {
 }
 
 /// A mapping this process owns: `len` bytes of secret in `map_len` bytes of pages.
-struct Mapping {
+pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     map_len: usize,
     /// Owned secret pages are wiped before unmapping; received ones (read-only) are not.
-    wipe_on_drop: bool,
+    pub(crate) wipe_on_drop: bool,
 }
 
 impl Mapping {
     /// Maps `map_len` bytes of `fd` shared with `prot`.
-    fn new(fd: BorrowedFd<'_>, len: usize, prot: libc::c_int) -> io::Result<Mapping> {
+    pub(crate) fn new(fd: BorrowedFd<'_>, len: usize, prot: libc::c_int) -> io::Result<Mapping> {
         let map_len = round_to_pages(len);
         // SAFETY: a fresh mapping chosen by the kernel (addr NULL) of a file we hold open; it
         // aliases no Rust object. MAP_FAILED is checked below.
@@ -206,7 +206,7 @@ impl Mapping {
         Ok(m)
     }
 
-    fn madvise(&self, advice: libc::c_int) -> io::Result<()> {
+    pub(crate) fn madvise(&self, advice: libc::c_int) -> io::Result<()> {
         // SAFETY: the range is exactly our own live mapping; advice changes no Rust-visible memory.
         cerr(unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.map_len, advice) }).map(drop)
     }
@@ -218,7 +218,7 @@ impl Mapping {
         cerr(unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.map_len, prot) }).map(drop)
     }
 
-    fn mlock(&self) -> io::Result<()> {
+    pub(crate) fn mlock(&self) -> io::Result<()> {
         // SAFETY: locks our own live mapping; no memory is read or written.
         cerr(unsafe { libc::mlock(self.ptr.as_ptr().cast(), self.map_len) }).map(drop)
     }

@@ -132,13 +132,13 @@ fn wrpkru(_pkru: u32) {}
 
 /// An open access window for one key on the current thread; closing restores the old PKRU.
 /// Not `Send`: PKRU is per thread, so the guard must close on the thread that opened it.
-struct Window {
+pub(crate) struct Window {
     saved: u32,
     _not_send: PhantomData<*const ()>,
 }
 
 impl Window {
-    fn open(key: &Pkey, write: bool) -> Window {
+    pub(crate) fn open(key: &Pkey, write: bool) -> Window {
         let saved = rdpkru();
         let shift = 2 * key.key;
         let mut rights = saved & !((PKEY_DISABLE_ACCESS | PKEY_DISABLE_WRITE) << shift);

@@ -63,6 +63,15 @@ struct Config {
     cached: String,
     sync_dir: PathBuf,
     baselines_only: bool,
+    /// Clients of the throughput measurement (0: skip it).
+    clients: usize,
+    /// Seconds of the throughput measurement.
+    tput_secs: f64,
+    /// `--startup BIN`: measure the daemon's start instead (see [`bench_startup`]).
+    startup: Option<PathBuf>,
+    startup_runs: usize,
+    /// `--fill-cache PREFIX N`: fetch PREFIX-0 .. PREFIX-(N-1) twice (see [`fill_cache`]).
+    fill: Option<(String, usize)>,
 }
 
 impl Config {
@@ -83,6 +92,11 @@ impl Config {
             sync_dir: std::env::var_os("AGENTKEYS_HOME")
                 .map_or_else(std::env::temp_dir, PathBuf::from),
             baselines_only: false,
+            clients: env_num("BENCH_CLIENTS", 8)?,
+            tput_secs: env_num("BENCH_TPUT_SECS", 3)? as f64,
+            startup: None,
+            startup_runs: env_num("BENCH_STARTUP_RUNS", 5)?,
+            fill: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -94,9 +108,16 @@ impl Config {
                 "--cached" => c.cached = val()?,
                 "--sync-dir" => c.sync_dir = val()?.into(),
                 "--baselines-only" => c.baselines_only = true,
+                "--clients" => c.clients = val()?.parse()?,
+                "--startup" => c.startup = Some(val()?.into()),
+                "--fill-cache" => {
+                    let prefix = val()?;
+                    c.fill = Some((prefix, val()?.parse()?));
+                }
                 "-h" | "--help" => {
                     eprintln!(
-                        "usage: bench_delivery [--iters N] [--warmup N] [--uncached SVC] [--cached SVC] [--sync-dir DIR] [--baselines-only]\n\
+                        "usage: bench_delivery [--iters N] [--warmup N] [--uncached SVC] [--cached SVC] [--sync-dir DIR] [--baselines-only] [--clients N]\n\
+                         \x20      bench_delivery --startup AGENTKEYSD | --fill-cache PREFIX N\n\
                          env: AGENTKEYS_SOCKET, AGENTKEYS_TOKEN or AGENTKEYS_TOKEN_FILE, BENCH_ITERS, BENCH_WARMUP"
                     );
                     std::process::exit(0);
@@ -232,6 +253,10 @@ impl Report {
             }
         }
         println!();
+        self.print_json()
+    }
+
+    fn print_json(&self) -> Result<(), Error> {
         let mut json = serde_json::Map::new();
         for (k, v) in &self.metrics {
             // Whole numbers as integers, the rest to 0.01.
@@ -517,14 +542,194 @@ fn bench_daemon(cfg: &Config, r: &mut Report) -> Result<(), Error> {
         r.note("the daemon delivered DEGRADED pages (sealed memfd, not memfd_secret)");
     }
     r.note(
-        "every uncached delivery writes 3 fdatasync'd audit records (fetch, deliver, drop), \
-         a cached one 2 (cache_hit, deliver); compare with baseline_fdatasync_us",
+        "every uncached delivery writes 3 audit records (fetch, deliver, drop), a cached one 2 \
+         (cache_hit, deliver); the answer waits for one group-committed fdatasync covering the \
+         request's records (compare with baseline_fdatasync_us); `drop` is synced after",
     );
+    Ok(())
+}
+
+/// `clients` threads, each with its own connection and runtime, doing uncached `get_credential`
+/// fd deliveries back to back for `tput_secs`: deliveries per second across all of them.
+fn bench_throughput(cfg: &Config, r: &mut Report) -> Result<(), Error> {
+    if cfg.clients == 0 {
+        return Ok(());
+    }
+    let socket = std::env::var_os("AGENTKEYS_SOCKET").ok_or("set AGENTKEYS_SOCKET")?;
+    eprintln!(
+        "  throughput: {} clients x {:.0} s of uncached get_credential",
+        cfg.clients, cfg.tput_secs
+    );
+    let go = std::sync::Arc::new(std::sync::Barrier::new(cfg.clients + 1));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for _ in 0..cfg.clients {
+        let (socket, go, stop) = (socket.clone(), go.clone(), stop.clone());
+        let service = cfg.uncached.clone();
+        let token = token()?;
+        handles.push(std::thread::spawn(move || -> Result<Vec<f64>, String> {
+            let run = || -> Result<Vec<f64>, Error> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let (mut client, _) = rt.block_on(Client::connect_with(socket.as_ref(), &token))?;
+                drop(token);
+                for _ in 0..20 {
+                    drop(rt.block_on(client.get_credential(&service, false))?);
+                }
+                go.wait();
+                let mut us = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let d = rt.block_on(client.get_credential(&service, false))?;
+                    black_box(d.bytes().len());
+                    drop(d);
+                    us.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok(us)
+            };
+            run().map_err(|e| e.to_string())
+        }));
+    }
+    go.wait();
+    let t = Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs_f64(cfg.tput_secs));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| "a client thread panicked")??);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let rate = all.len() as f64 / secs;
+    r.value(
+        &format!("deliveries_per_s_{}clients", cfg.clients),
+        rate.round(),
+    );
+    let s = Stats::of(all);
+    r.value("get_fd_p50_us_under_load", s.p50);
+    r.value("get_fd_p99_us_under_load", s.p99);
+    r.rows.push((
+        format!(
+            "get_credential fd, uncached, {} clients at once",
+            cfg.clients
+        ),
+        s,
+    ));
+    r.note(format!(
+        "{} clients: {rate:.0} uncached deliveries/s ({secs:.1} s)",
+        cfg.clients
+    ));
+    Ok(())
+}
+
+/// VmRSS (KiB) of a process.
+fn rss_kib(pid: u32) -> Result<f64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| "no VmRSS in /proc/PID/status".into())
+}
+
+/// Starts `agentkeysd --foreground` (state from the environment) `startup_runs` times: the time
+/// from spawn until a `whoami` is answered on a fresh connection (`startup_ms`, median), and the
+/// daemon's VmRSS right after that (`idle_rss_kib`, median); each daemon is stopped with SIGTERM.
+fn bench_startup(cfg: &Config, bin: &std::path::Path, r: &mut Report) -> Result<(), Error> {
+    let socket = std::env::var_os("AGENTKEYS_SOCKET").ok_or("set AGENTKEYS_SOCKET")?;
+    let token = token()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut ms = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..cfg.startup_runs.max(1) {
+        let t = Instant::now();
+        let mut child = std::process::Command::new(bin)
+            .arg("--foreground")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let answered = loop {
+            if let Ok((mut c, _)) = rt.block_on(Client::connect_with(socket.as_ref(), &token))
+                && let Ok(resp) = rt.block_on(c.call(RequestBody::Whoami {}))
+                && matches!(resp.body, ResponseBody::Whoami(_))
+            {
+                break true;
+            }
+            if child.try_wait()?.is_some() || t.elapsed().as_secs() > 20 {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(250));
+        };
+        let took = t.elapsed().as_secs_f64() * 1e3;
+        let idle = rss_kib(child.id());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        child.wait()?;
+        if !answered {
+            return Err("agentkeysd did not answer (or exited) within 20 s".into());
+        }
+        ms.push(took);
+        rss.push(idle?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    r.value("startup_ms", median(ms.clone()));
+    r.value("idle_rss_kib", median(rss.clone()));
+    r.note(format!(
+        "startup (spawn until a whoami is answered): {:?} ms; VmRSS just after: {:?} KiB",
+        ms.iter()
+            .map(|m| (m * 10.0).round() / 10.0)
+            .collect::<Vec<_>>(),
+        rss
+    ));
+    Ok(())
+}
+
+/// Fetches `PREFIX-0 .. PREFIX-(n-1)` twice over one connection (the first pass fills the
+/// cache, the second should be all cache hits; the caller counts them in the audit log).
+fn fill_cache(prefix: &str, n: usize, r: &mut Report) -> Result<(), Error> {
+    let socket = std::env::var_os("AGENTKEYS_SOCKET").ok_or("set AGENTKEYS_SOCKET")?;
+    let token = token()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut client, _) = rt.block_on(Client::connect_with(socket.as_ref(), &token))?;
+    for pass in ["fill_cache_ms", "cached_pass_ms"] {
+        let t = Instant::now();
+        for i in 0..n {
+            let d = rt
+                .block_on(client.get_credential(&format!("{prefix}-{i}"), false))
+                .map_err(|e| format!("get_credential({prefix}-{i}): {e}"))?;
+            black_box(d.bytes().len());
+        }
+        r.value(pass, t.elapsed().as_secs_f64() * 1e3);
+    }
     Ok(())
 }
 
 fn main() -> Result<(), Error> {
     let cfg = Config::parse()?;
+    if let Some(bin) = &cfg.startup {
+        let mut r = Report::default();
+        bench_startup(&cfg, bin, &mut r)?;
+        for n in &r.notes {
+            println!("  note: {n}");
+        }
+        return r.print_json();
+    }
+    if let Some((prefix, n)) = &cfg.fill {
+        let mut r = Report::default();
+        fill_cache(prefix, *n, &mut r)?;
+        return r.print_json();
+    }
     let mut r = Report::default();
     eprintln!("baselines (no daemon):");
     bench_seqpacket(&cfg, &mut r)?;
@@ -536,6 +741,7 @@ fn main() -> Result<(), Error> {
     } else {
         eprintln!("daemon:");
         bench_daemon(&cfg, &mut r)?;
+        bench_throughput(&cfg, &mut r)?;
     }
     r.ratio(
         "get_fd_p50_over_baseline",

@@ -31,6 +31,12 @@
 //! it at: a removed, replaced, truncated or foreign-written log stops deliveries instead of
 //! silently recording into a file nobody will read.
 //!
+//! **Group commit.** [`AuditLog::append_unsynced`] does all of that except the sync and returns
+//! the offset just past the record; an [`AuditSync`] (a second descriptor of the same file, for
+//! another thread) makes every record written before its `fdatasync` began durable. The daemon
+//! (`agentkeys_broker::auditor`) uses the pair so that concurrent requests share syncs, and
+//! answers a request only after a sync covering its records; the chain is the same either way.
+//!
 //! **Partial writes.** A failure before any byte reached the file (the checks above, an
 //! oversized record, `write(2)` returning an error with the file size unchanged) leaves the log
 //! as it was, and the next append simply tries again. A failure after bytes reached the file (a
@@ -352,6 +358,52 @@ impl AuditLog {
     /// was about to record. Nothing was written, or (short write, failed sync) the log stays
     /// failed until opened again.
     pub fn append(&mut self, ev: &Event<'_>) -> Result<Record, StateError> {
+        self.append_inner(ev, true).map(|(rec, _)| rec)
+    }
+
+    /// Appends one record *without* waiting for the disk: the same checks, encoding and single
+    /// `write(2)` as [`AuditLog::append`], but no `fdatasync`. Returns the record and the file
+    /// offset just past it: the record is durable once a sync that started after this call
+    /// returned has completed ([`AuditSync::sync`] reports the offset it covers). This is the
+    /// building block of group commit (`agentkeysd`'s auditor): records are written in order
+    /// under one lock, and one `fdatasync` makes every record written before it durable.
+    ///
+    /// # Errors
+    /// As [`AuditLog::append`], minus the sync.
+    pub fn append_unsynced(&mut self, ev: &Event<'_>) -> Result<(Record, u64), StateError> {
+        self.append_inner(ev, false)
+    }
+
+    /// A second handle on the log's file, for a thread that makes appended records durable
+    /// while other threads append. Take it while the process may still `dup` (before seccomp).
+    ///
+    /// # Errors
+    /// [`StateError::Io`] when the descriptor cannot be duplicated.
+    pub fn sync_handle(&self) -> Result<AuditSync, StateError> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| StateError::io("duplicate", &self.path, e))?;
+        Ok(AuditSync {
+            file,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Marks the log failed (a sync through an [`AuditSync`] failed): every later append fails
+    /// until the log is opened again, as after a failed `fdatasync` in [`AuditLog::append`].
+    pub fn fail(&mut self, reason: impl Into<String>) {
+        if self.failed.is_none() {
+            self.failed = Some(reason.into());
+        }
+    }
+
+    /// The file offset just past the last record written (durable or not).
+    pub fn written(&self) -> u64 {
+        self.len
+    }
+
+    fn append_inner(&mut self, ev: &Event<'_>, sync: bool) -> Result<(Record, u64), StateError> {
         if let Some(why) = &self.failed {
             return Err(self.unavailable(format!(
                 "an earlier write failed part-way ({why}); restart agentkeysd so it reopens and \
@@ -387,11 +439,11 @@ impl AuditLog {
         }
         let hash = sha256(&line);
         line.push(b'\n');
-        self.write_line(&line)?;
+        self.write_line_with(&line, sync)?;
         self.prev = hash;
         // Cannot overflow: next_seq was checked at open and grows by one per record.
         self.next_seq = self.next_seq.saturating_add(1);
-        Ok(record)
+        Ok((record, self.len))
     }
 
     /// The log's path.
@@ -448,6 +500,11 @@ impl AuditLog {
 
     /// One `write(2)` of `bytes`, then `fdatasync`; see the module docs for what a failure leaves.
     fn write_line(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        self.write_line_with(bytes, true)
+    }
+
+    /// One `write(2)` of `bytes`, then `fdatasync` when `sync`.
+    fn write_line_with(&mut self, bytes: &[u8], sync: bool) -> Result<(), StateError> {
         let want = bytes.len() as u64;
         if self.len.saturating_add(want) > MAX_LOG {
             return Err(self.unavailable(format!(
@@ -478,6 +535,9 @@ impl AuditLog {
             return Err(self.unavailable(reason));
         }
         self.len += want;
+        if !sync {
+            return Ok(());
+        }
         if let Err(e) = self.file.sync_data() {
             // The line is in the file but may not survive a crash; reporting success would let a
             // delivery happen that the disk may forget. A reopen continues after it.
@@ -489,6 +549,34 @@ impl AuditLog {
             return Err(self.unavailable(reason));
         }
         Ok(())
+    }
+}
+
+/// A handle that makes records written through an [`AuditLog`] durable, usable from another
+/// thread than the appender (it holds its own descriptor of the same open file).
+#[derive(Debug)]
+pub struct AuditSync {
+    file: File,
+    path: PathBuf,
+}
+
+impl AuditSync {
+    /// `fdatasync` of the log: every record whose `write(2)` returned before this call began is
+    /// on disk when it returns `Ok`.
+    ///
+    /// # Errors
+    /// [`StateError::AuditUnavailable`] when `fdatasync` fails: the records since the last good
+    /// sync may not be on disk; the caller must fail the log ([`AuditLog::fail`]).
+    pub fn sync(&self) -> Result<(), StateError> {
+        self.file
+            .sync_data()
+            .map_err(|e| StateError::AuditUnavailable {
+                path: self.path.clone(),
+                reason: format!(
+                    "fdatasync failed: {} (the record may not be on disk)",
+                    describe(&e)
+                ),
+            })
     }
 }
 

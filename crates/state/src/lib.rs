@@ -67,8 +67,8 @@ pub use keystore::{KeystoreKind, describe, load_dek, store_new_dek};
 pub use session::{OwnerSession, load_owner_session, owner_session_stamp};
 pub use token::{SessionToken, TokenHash};
 pub use vault::{
-    EntryMeta, Policy, PutOutcome, VaultIndex, delete_secret, put_secret, validate_service_name,
-    vault_stamp,
+    EntryMeta, Policy, PutOutcome, VaultIndex, delete_secret, put_secret, put_secrets,
+    validate_service_name, vault_stamp,
 };
 
 /// Now, in unix seconds.
