@@ -70,8 +70,9 @@ for target in "${targets[@]}"; do
 	else
 		status=FAILED
 		failed+=("$target")
-		# The report: the panic message, the backtrace and the artifact's name.
-		grep -v -E '^#[0-9]+' "$log" | tail -n 60
+		# The report: the panic message, libFuzzer's verdict, the failing input's file.
+		grep -E -A3 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer' "$log" | head -n 40 || true
+		grep -E -A2 'Failing input:|Reproduce with:|Test unit written' "$log" || true
 	fi
 	runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
 	rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
