@@ -107,10 +107,10 @@ fn reference(patterns: &BTreeSet<Vec<u8>>, data: &[u8]) -> Vec<u8> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.len() > haystack.len() {
-        return None;
-    }
-    haystack.windows(needle.len()).position(|w| w == needle)
+    let (&first, _) = needle.split_first()?;
+    let last = haystack.len().checked_sub(needle.len())?;
+    // Compare whole slices only where the first byte matches: libFuzzer hooks every memcmp.
+    (0..=last).find(|&i| haystack[i] == first && haystack[i..i + needle.len()] == *needle)
 }
 
 /// A secret: arbitrary bytes, or token-like bytes from a small alphabet so that encodings,
@@ -144,32 +144,6 @@ fn case(u: &mut Unstructured<'_>) -> Result<Case> {
         patterns_of(s, &mut set);
     }
     let list: Vec<Vec<u8>> = set.into_iter().collect();
-    let mut data = Vec::new();
-    let parts = u.int_in_range(0..=12)?;
-    for _ in 0..parts {
-        match u.int_in_range(0..=9)? {
-            // Random filler.
-            0..=3 => {
-                let len = u.int_in_range(0..=64)?;
-                data.extend_from_slice(u.bytes(len.min(u.len()))?);
-            }
-            // A whole pattern.
-            4..=6 => data.extend_from_slice(u.choose(&list)?),
-            // The beginning of one (a truncated secret, or one split by a flush).
-            7 | 8 => {
-                let p = u.choose(&list)?;
-                let len = u.int_in_range(1..=p.len())?;
-                data.extend_from_slice(&p[..len]);
-            }
-            // A long run, to cross the stream's 64 KiB scan block (at most a few).
-            _ if data.len() < 150_000 => {
-                let byte = u.arbitrary::<u8>()?;
-                let len = u.int_in_range(1..=70_000)?;
-                data.resize(data.len() + len, byte);
-            }
-            _ => {}
-        }
-    }
     let flushing = u.arbitrary::<bool>()?;
     let cuts = u
         .arbitrary_iter::<(u16, bool)>()?
@@ -181,6 +155,42 @@ fn case(u: &mut Unstructured<'_>) -> Result<Case> {
     } else {
         cuts
     };
+    let mut data = Vec::new();
+    // Long runs only matter, and are only affordable, when the output is pushed at once.
+    let mut long_run_used = cuts[0].0 != usize::MAX;
+    let parts = u.int_in_range(0..=12)?;
+    for _ in 0..parts {
+        match u.int_in_range(0..=31)? {
+            // Random filler.
+            0..=11 => {
+                let len = u.int_in_range(0..=64)?;
+                data.extend_from_slice(u.bytes(len.min(u.len()))?);
+            }
+            // A whole pattern.
+            12..=20 => data.extend_from_slice(u.choose(&list)?),
+            // The beginning of one (a truncated secret, or one split by a flush).
+            21..=29 => {
+                let p = u.choose(&list)?;
+                let len = u.int_in_range(1..=p.len())?;
+                data.extend_from_slice(&p[..len]);
+            }
+            // A run of one byte: short, or (once per input, and only when the whole output is
+            // pushed at once: it is slow to check) long enough to cross the stream's 64 KiB
+            // scan block.
+            30 => {
+                let byte = u.arbitrary::<u8>()?;
+                let len = u.int_in_range(1..=300)?;
+                data.resize(data.len() + len, byte);
+            }
+            _ if !long_run_used => {
+                long_run_used = true;
+                let byte = u.arbitrary::<u8>()?;
+                let len = u.int_in_range(1..=70_000)?;
+                data.resize(data.len() + len, byte);
+            }
+            _ => {}
+        }
+    }
     Ok(Case {
         secrets,
         data,
