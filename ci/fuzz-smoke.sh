@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz smoke: builds every cargo-fuzz target in fuzz/ and runs each one for a short time
-# (FUZZ_SMOKE_SECS, default 20 s) from the committed seed corpus, in a scratch corpus directory
+# (FUZZ_SMOKE_SECS, default 16 s) from the committed seed corpus, in a scratch corpus directory
 # so the repository is not changed. Arguments name the targets to run (default: all).
 # FUZZ_WORK_DIR keeps the grown corpora there instead of in a temporary directory (long runs:
 # `FUZZ_SMOKE_SECS=600 FUZZ_WORK_DIR=/tmp/fuzz-work ci/fuzz-smoke.sh mask_stream`). Fails on any crash, leak, timeout or out-of-memory; the
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
-secs=${FUZZ_SMOKE_SECS:-20}
+secs=${FUZZ_SMOKE_SECS:-16}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
 	echo "== cargo install cargo-fuzz --locked"
