@@ -166,7 +166,19 @@ impl VaultIndex {
                 entries: BTreeMap::new(),
             });
         };
-        let file: VaultFile = serde_json::from_slice(&bytes)
+        let mut index = VaultIndex::parse(path, &bytes)?;
+        index.stamp = Some(stamp);
+        Ok(index)
+    }
+
+    /// Parses the bytes of a `vault.enc` read from `path` (decrypting nothing). [`read`](Self::read)
+    /// uses it; it is public so that the parser can be fuzzed without a home directory. The
+    /// result has no [`stamp`](Self::stamp): it was not read from a file here.
+    ///
+    /// # Errors
+    /// [`StateError::Corrupt`] naming `path` for a malformed vault.
+    pub fn parse(path: PathBuf, bytes: &[u8]) -> Result<VaultIndex, StateError> {
+        let file: VaultFile = serde_json::from_slice(bytes)
             .map_err(|e| StateError::corrupt(&path, format!("not a valid vault ({e})")))?;
         if file.version != VAULT_VERSION {
             return Err(StateError::corrupt(
@@ -201,7 +213,7 @@ impl VaultIndex {
         }
         Ok(VaultIndex {
             path,
-            stamp: Some(stamp),
+            stamp: None,
             dek_check: Some(dek_check),
             entries,
         })
@@ -572,6 +584,29 @@ mod tests {
         assert_eq!(vault_stamp(&home), stamp, "deleting nothing writes nothing");
         assert!(get(&home, &dek, "github").is_none());
         assert_eq!(get(&home, &dek, "aws.prod").unwrap(), b"AKIA");
+    }
+
+    #[test]
+    fn parse_reads_what_read_reads_without_a_stamp() {
+        let (_t, home, dek) = initialized("parse");
+        put_secret(&home, &dek, "github", b"v", Policy::default()).unwrap();
+        let bytes = fs::read(home.path(VAULT_FILE)).unwrap();
+        let read = VaultIndex::read(&home).unwrap();
+        let parsed = VaultIndex::parse(home.path(VAULT_FILE), &bytes).unwrap();
+        assert!(read.stamp().is_some() && parsed.stamp().is_none());
+        assert_eq!(parsed.path(), read.path());
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(
+            parsed
+                .open_entry(dek.expose(), "github")
+                .unwrap()
+                .map(|z| z.to_vec()),
+            Some(b"v".to_vec())
+        );
+        let err = VaultIndex::parse(home.path(VAULT_FILE), b"{\"version\":1")
+            .err()
+            .unwrap();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
     }
 
     #[test]
