@@ -126,6 +126,28 @@ fn round_to_pages(len: usize) -> usize {
     len.div_ceil(ps) * ps
 }
 
+/// A new, empty memfd for a secret page under `policy`: `memfd_secret`, or the sealable memfd
+/// fallback where the policy allows it, with which one it is.
+pub(crate) fn new_backing(policy: PagePolicy) -> Result<(OwnedFd, Backing), PageError> {
+    Ok(match policy {
+        PagePolicy::ForceFallback => (
+            memfd_sealable().map_err(PageError::os("memfd_create"))?,
+            Backing::SealedMemfd,
+        ),
+        PagePolicy::RequireSecret => (
+            memfd_secret().map_err(PageError::SecretMemRequired)?,
+            Backing::MemfdSecret,
+        ),
+        PagePolicy::PreferSecret => match memfd_secret() {
+            Ok(fd) => (fd, Backing::MemfdSecret),
+            Err(_) => (
+                memfd_sealable().map_err(PageError::os("memfd_create"))?,
+                Backing::SealedMemfd,
+            ),
+        },
+    })
+}
+
 fn check_len(len: usize) -> Result<(), PageError> {
     if len == 0 {
         return Err(PageError::Empty);
@@ -291,23 +313,7 @@ impl SecretPage {
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<SecretPage, PageError> {
         check_len(len)?;
-        let (fd, backing) = match policy {
-            PagePolicy::ForceFallback => (
-                memfd_sealable().map_err(PageError::os("memfd_create"))?,
-                Backing::SealedMemfd,
-            ),
-            PagePolicy::RequireSecret => (
-                memfd_secret().map_err(PageError::SecretMemRequired)?,
-                Backing::MemfdSecret,
-            ),
-            PagePolicy::PreferSecret => match memfd_secret() {
-                Ok(fd) => (fd, Backing::MemfdSecret),
-                Err(_) => (
-                    memfd_sealable().map_err(PageError::os("memfd_create"))?,
-                    Backing::SealedMemfd,
-                ),
-            },
-        };
+        let (fd, backing) = new_backing(policy)?;
         let size = libc::off_t::try_from(len).map_err(|_| PageError::TooLarge {
             len,
             max: MAX_SECRET_LEN,

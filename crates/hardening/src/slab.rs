@@ -25,9 +25,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::errno::cerr;
-use crate::page::{
-    Backing, Mapping, PageError, PagePolicy, memfd_sealable, memfd_secret, page_size,
-};
+use crate::page::{Backing, Mapping, PageError, PagePolicy, page_size};
 use crate::pkey::{Pkey, PkeyError, Window};
 
 /// Slot sizes, one class per page; a secret takes the smallest slot that holds it.
@@ -48,23 +46,7 @@ struct SlabPage {
 impl SlabPage {
     fn new(slot: usize, policy: PagePolicy, key: &'static Pkey) -> Result<SlabPage, PageError> {
         let ps = page_size();
-        let (fd, backing) = match policy {
-            PagePolicy::ForceFallback => (
-                memfd_sealable().map_err(PageError::os("memfd_create"))?,
-                Backing::SealedMemfd,
-            ),
-            PagePolicy::RequireSecret => (
-                memfd_secret().map_err(PageError::SecretMemRequired)?,
-                Backing::MemfdSecret,
-            ),
-            PagePolicy::PreferSecret => match memfd_secret() {
-                Ok(fd) => (fd, Backing::MemfdSecret),
-                Err(_) => (
-                    memfd_sealable().map_err(PageError::os("memfd_create"))?,
-                    Backing::SealedMemfd,
-                ),
-            },
-        };
+        let (fd, backing) = crate::page::new_backing(policy)?;
         let size = libc::off_t::try_from(ps).map_err(|_| PageError::Empty)?;
         nix::unistd::ftruncate(&fd, size)
             .map_err(|e| PageError::os("ftruncate")(std::io::Error::from(e)))?;

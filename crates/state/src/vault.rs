@@ -401,25 +401,8 @@ pub fn put_secret(
         });
     }
     let (_lock, mut index) = begin_write(home, dek)?;
-    let now = crate::now()?;
-    let sealed = seal(dek.expose(), &entry_aad(service, &policy), secret)?;
-    let (created, outcome) = match index.entries.get(service) {
-        Some(old) => (old.created, PutOutcome::Replaced),
-        None => (now, PutOutcome::Created),
-    };
-    index.entries.insert(
-        service.to_owned(),
-        Entry {
-            policy,
-            created,
-            updated: now,
-            sealed,
-        },
-    );
-    if index.dek_check.is_none() {
-        index.dek_check = Some(seal(dek.expose(), DEK_CHECK_AAD, DEK_CHECK_PLAIN)?);
-    }
-    index.write(home)?;
+    let outcome = index.insert_sealed(dek, service, secret, policy, crate::now()?)?;
+    index.finish_write(home, dek)?;
     Ok(outcome)
 }
 
@@ -446,9 +429,30 @@ pub fn put_secrets<'a>(
                 ),
             });
         }
+        index.insert_sealed(dek, service, secret, policy, now)?;
+        n += 1;
+    }
+    index.finish_write(home, dek)?;
+    Ok(n)
+}
+
+impl VaultIndex {
+    /// Seals `secret` under the DEK and puts it in the index (not yet on disk), keeping the
+    /// creation time of an entry it replaces.
+    fn insert_sealed(
+        &mut self,
+        dek: &Dek,
+        service: &str,
+        secret: &[u8],
+        policy: Policy,
+        now: u64,
+    ) -> Result<PutOutcome, StateError> {
         let sealed = seal(dek.expose(), &entry_aad(service, &policy), secret)?;
-        let created = index.entries.get(service).map_or(now, |old| old.created);
-        index.entries.insert(
+        let (created, outcome) = match self.entries.get(service) {
+            Some(old) => (old.created, PutOutcome::Replaced),
+            None => (now, PutOutcome::Created),
+        };
+        self.entries.insert(
             service.to_owned(),
             Entry {
                 policy,
@@ -457,13 +461,16 @@ pub fn put_secrets<'a>(
                 sealed,
             },
         );
-        n += 1;
+        Ok(outcome)
     }
-    if index.dek_check.is_none() {
-        index.dek_check = Some(seal(dek.expose(), DEK_CHECK_AAD, DEK_CHECK_PLAIN)?);
+
+    /// Adds the key check if the vault has none yet, and writes the file atomically.
+    fn finish_write(&mut self, home: &Home, dek: &Dek) -> Result<(), StateError> {
+        if self.dek_check.is_none() {
+            self.dek_check = Some(seal(dek.expose(), DEK_CHECK_AAD, DEK_CHECK_PLAIN)?);
+        }
+        self.write(home)
     }
-    index.write(home)?;
-    Ok(n)
 }
 
 /// Deletes the entry for `service`; `Ok(false)` (and nothing written) if there was none.
