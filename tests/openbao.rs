@@ -244,10 +244,8 @@ fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
 fn approle_config(h: &TestHome, addr: &str, secret_id: &str, extra: &str) {
     let role = secret_file(&h.dir, "role-id", ROLE_ID);
     let secret = secret_file(&h.dir, "secret-id", secret_id);
-    write_config(
-        h,
-        &format!(
-            r#"[backends.bao]
+    h.write_config(&format!(
+        r#"[backends.bao]
 kind = "openbao"
 address = "{addr}"
 approle = {{ role_id_file = "{}", secret_id_file = "{}" }}
@@ -258,16 +256,9 @@ backend = "bao"
 path = "secret/github"
 field = "token"
 {extra}"#,
-            role.display(),
-            secret.display()
-        ),
-    );
-}
-
-fn write_config(h: &TestHome, text: &str) {
-    let p = h.home().join("config.toml");
-    std::fs::write(&p, text).expect("config");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        role.display(),
+        secret.display()
+    ));
 }
 
 /// A seeded server, a daemon with the AppRole backend (`gh`) and a local service `local`
@@ -284,14 +275,6 @@ fn daemon_with_bao_and_local(tag: &str, bin: &Path) -> (TestHome, Bao) {
     );
     h.start_daemon(&[]);
     (h, bao)
-}
-
-fn audit(h: &TestHome) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(h.home().join("audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("audit JSON"))
-        .collect()
 }
 
 /// OpenBao service tokens look like `s.` + 24 base62 characters (Vault's newer ones `hvs.`):
@@ -356,7 +339,8 @@ fn read_through_fd_with_approle_login() {
     assert!(out.status.success(), "run: {}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "********");
 
-    let events: Vec<String> = audit(&h)
+    let events: Vec<String> = h
+        .audit()
         .iter()
         .filter(|r| r["service"] == "gh")
         .map(|r| r["event"].as_str().unwrap_or_default().to_string())
@@ -384,7 +368,8 @@ fn read_through_fd_with_approle_login() {
     for _ in 0..2 {
         assert_eq!(h.run(&["read", "gh-cached"]).stdout, GH_TOKEN.as_bytes());
     }
-    let cached: Vec<String> = audit(&h)
+    let cached: Vec<String> = h
+        .audit()
         .iter()
         .filter(|r| r["service"] == "gh-cached")
         .map(|r| r["event"].as_str().unwrap_or_default().to_string())
@@ -493,7 +478,7 @@ fn outage_is_a_clear_error_and_the_daemon_recovers() {
     let local = h.run(&["read", "local"]);
     assert_eq!(local.stdout, b"local-value", "local vault still served");
     assert!(
-        audit(&h).iter().any(|r| r["event"] == "fetch"
+        h.audit().iter().any(|r| r["event"] == "fetch"
             && r["service"] == "gh"
             && r["outcome"] == "error"
             && r["detail"] == "backend unreachable"),
@@ -560,7 +545,7 @@ fn wrong_secret_id_is_a_clear_auth_error() {
         "the secret_id is not echoed"
     );
     assert!(
-        audit(&h)
+        h.audit()
             .iter()
             .any(|r| r["detail"] == "backend login refused")
     );
@@ -666,17 +651,17 @@ fn tls_with_a_ca_file_and_a_token_file() {
             token.display()
         )
     };
-    write_config(
-        &h,
-        &config(&format!("ca_file = \"{}\"\n", bao.ca_file().display())),
-    );
+    h.write_config(&config(&format!(
+        "ca_file = \"{}\"\n",
+        bao.ca_file().display()
+    )));
     h.start_daemon(&[]);
     let out = h.run(&["read", "tls"]);
     assert_eq!(out.stdout, b"tls-secret-value", "{}", text(&out));
     assert!(h.run(&["daemon", "stop"]).status.success());
 
     // The system trust store does not know the dev CA.
-    write_config(&h, &config(""));
+    h.write_config(&config(""));
     h.start_daemon(&[]);
     let out = h.run(&["read", "tls"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -735,7 +720,7 @@ fn invalid_backend_config_is_refused_naming_the_key() {
         ),
     ];
     for (config, key, why) in cases {
-        write_config(&h, config);
+        h.write_config(config);
         let out = Command::new(agentkeys_e2e::bin("agentkeysd"))
             .arg("--foreground")
             .env("AGENTKEYS_HOME", h.home())
@@ -758,9 +743,7 @@ fn invalid_backend_config_is_refused_naming_the_key() {
 fn unresolvable_backend_is_a_clear_error_under_seccomp() {
     let mut h = TestHome::initialized("bao-dns");
     let token = secret_file(&h.dir, "token", "irrelevant-token");
-    write_config(
-        &h,
-        &format!(
+    h.write_config(&format!(
             "[backends.far]\nkind = \"vault\"\naddress = \"https://bao.invalid:8200\"\ntoken_file = \"{}\"\ntimeout = \"3s\"\n\n[services.far]\nbackend = \"far\"\npath = \"secret/x\"\nfield = \"f\"\n",
             token.display()
         ),
@@ -903,7 +886,8 @@ fn outage_under_load_fails_only_the_backend_and_recovers() {
     assert!(h.daemon_alive());
 
     let delivered = samples.iter().filter(|s| s.outcome.is_ok()).count();
-    let deliver_records = audit(&h)
+    let deliver_records = h
+        .audit()
         .iter()
         .filter(|r| r["event"] == "deliver" && r["agent"] == "load")
         .count();

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use agentkeys_broker::auditor::{Auditor, Need};
 use agentkeys_state::audit::{AuditLog, Event, Peer};
+use agentkeys_state::crypto::Dek;
 use agentkeys_state::home::Home;
 use agentkeys_state::vault::{Policy, VaultIndex, put_secrets};
 use agentkeys_state::{init, open_owner};
@@ -98,6 +99,25 @@ fn random_secrets(n: usize) -> Result<Zeroizing<Vec<u8>>, Error> {
     Ok(buf)
 }
 
+/// Stores `names[i]` = the i-th `SECRET_LEN` bytes of `secrets`, all with `policy`, in one write.
+fn store(
+    home: &Home,
+    dek: &Dek,
+    names: &[String],
+    secrets: &[u8],
+    policy: Policy,
+) -> Result<(), Error> {
+    put_secrets(
+        home,
+        dek,
+        names
+            .iter()
+            .zip(secrets.chunks_exact(SECRET_LEN))
+            .map(|(s, v)| (s.as_str(), v, policy)),
+    )?;
+    Ok(())
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     let n = sorted.len();
     sorted[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1]
@@ -112,17 +132,7 @@ fn vault(dir: &Path, entries: u64, lookups: u64) -> Result<(), Error> {
     let names: Vec<String> = (0..n).map(|i| format!("svc-{i}")).collect();
     let secrets = random_secrets(n)?;
     let t = Instant::now();
-    put_secrets(
-        &home,
-        &dek,
-        names.iter().enumerate().map(|(i, s)| {
-            (
-                s.as_str(),
-                &secrets[i * SECRET_LEN..(i + 1) * SECRET_LEN],
-                Policy::default(),
-            )
-        }),
-    )?;
+    store(&home, &dek, &names, &secrets, Policy::default())?;
     let write_ms = t.elapsed().as_secs_f64() * 1e3;
     let size = std::fs::metadata(home.path("vault.enc"))?.len();
     let t = Instant::now();
@@ -236,17 +246,7 @@ fn seed(count: u64, prefix: &str, cache_ttl: u64) -> Result<(), Error> {
         cache_ttl_secs: cache_ttl,
         ..Policy::default()
     };
-    put_secrets(
-        &home,
-        &dek,
-        names.iter().enumerate().map(|(i, s)| {
-            (
-                s.as_str(),
-                &secrets[i * SECRET_LEN..(i + 1) * SECRET_LEN],
-                policy,
-            )
-        }),
-    )?;
+    store(&home, &dek, &names, &secrets, policy)?;
     eprintln!(
         "bench_state: stored {n} services {prefix}-0..{prefix}-{}",
         n - 1

@@ -8,7 +8,7 @@
 //! The contract it keeps: **no answer leaves the daemon, and no program is launched, before every
 //! record its request wrote is on disk.** How:
 //!
-//! - a request handler runs inside [`collect`] (sync code) or [`collect_async`]; every
+//! - a request handler runs inside [`collect_async`]; every
 //!   [`Auditor::append`] made inside raises the request's *ticket* (the log offset just past its
 //!   record) instead of waiting; before the answer is sent (or before `run` launches) the
 //!   connection awaits [`Auditor::durable`] for that ticket;
@@ -356,16 +356,8 @@ fn syncer(me: std::sync::Weak<Auditor>) {
     }
 }
 
-/// Runs a request handler (sync code) so that its audit records raise a ticket instead of
-/// waiting; returns its result and the ticket to pass to [`Auditor::durable`] before answering.
-pub fn collect<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    TICKET.sync_scope(Cell::new(0), || {
-        let r = f();
-        (r, TICKET.with(Cell::get))
-    })
-}
-
-/// [`collect`] for an async handler.
+/// Runs a request handler so that its audit records raise a ticket instead of waiting; returns
+/// its result and the ticket to pass to [`Auditor::durable`] before answering.
 pub async fn collect_async<R>(f: impl std::future::Future<Output = R>) -> (R, u64) {
     TICKET
         .scope(Cell::new(0), async {

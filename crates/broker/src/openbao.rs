@@ -632,8 +632,8 @@ impl OpenBao {
         }
     }
 
-    /// A token from a login or renewal answer. `keep` is the token being renewed (the answer
-    /// repeats it, but the one we hold is kept).
+    /// A token from a login or renewal answer. `renewing` is the token being renewed (the
+    /// answer repeats it, but the one we hold is kept, with its generation and login TTL).
     fn token_from(
         &self,
         answer: &[u8],

@@ -92,7 +92,7 @@ impl ConnTable {
 impl Shared {
     /// Writes an audit record; the error message is for the client of a refused delivery.
     ///
-    /// Inside a request (see [`crate::auditor::collect`]) the record is written now and made
+    /// Inside a request (see [`crate::auditor::collect_async`]) the record is written now and made
     /// durable before the request's answer is sent; elsewhere this returns once it is on disk.
     ///
     /// # Errors
@@ -116,7 +116,7 @@ impl Shared {
         }
     }
 
-    /// Waits until every audit record up to `ticket` (from [`crate::auditor::collect`]) is on
+    /// Waits until every audit record up to `ticket` (from [`crate::auditor::collect_async`]) is on
     /// disk; the error message is for the client whose answer is then withheld.
     ///
     /// # Errors
