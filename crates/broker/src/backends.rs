@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 use crate::openbao::{BackendError, OpenBao};
 use crate::server::Shared;
+use crate::sessions::Principal;
 
 /// A service read from a remote backend.
 pub struct RemoteService {
@@ -172,12 +173,15 @@ impl Shared {
         }))
     }
 
-    /// Reads the plaintext of a resolved service. No cache, no audit: the caller does both.
+    /// Reads the plaintext of a resolved service for `p`. No cache, no audit: the caller does
+    /// both. A remote read can take a while, so `p`'s session is checked again after it: a
+    /// session revoked or expired meanwhile gets nothing.
     ///
     /// # Errors
     /// [`FetchError`] with the answer for the caller.
     pub async fn fetch_plain(
         &self,
+        p: &Principal,
         service: &str,
         resolved: &Resolved<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, FetchError> {
@@ -209,10 +213,16 @@ impl Shared {
                         "backend read took {took:?}"
                     );
                 }
-                out.map_err(|e| {
+                let plaintext = out.map_err(|e| {
                     warn!(service, "{e}");
                     FetchError::from(e)
-                })
+                })?;
+                self.sessions.check(p).map_err(|e| FetchError {
+                    code: crate::connection::auth_code(&e),
+                    message: e.to_string(),
+                    audit: None,
+                })?;
+                Ok(plaintext)
             }
         }
     }

@@ -41,13 +41,18 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
     }
 }
 
-/// The answer for a session that is no longer valid.
-pub(crate) fn auth_error(e: &AuthError) -> ResponseBody {
-    let code = match e {
+/// The wire code for a session that is no longer valid.
+pub(crate) fn auth_code(e: &AuthError) -> ErrorCode {
+    match e {
         AuthError::Unknown | AuthError::WrongUid(_) => ErrorCode::Unauthenticated,
         AuthError::Revoked(_) => ErrorCode::Revoked,
         AuthError::Expired(..) => ErrorCode::Expired,
-    };
+    }
+}
+
+/// The answer for a session that is no longer valid.
+fn auth_error(e: &AuthError) -> ResponseBody {
+    let code = auth_code(e);
     error(code, e.to_string())
 }
 

@@ -156,7 +156,10 @@ pub async fn get_credential(
             page
         }
         None => {
-            let plaintext: Zeroizing<Vec<u8>> = match shared.fetch_plain(service, &resolved).await {
+            let plaintext: Zeroizing<Vec<u8>> = match shared
+                .fetch_plain(p, service, &resolved)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(detail) = e.audit {
@@ -165,18 +168,6 @@ pub async fn get_credential(
                     return refuse(e.code, e.message);
                 }
             };
-            // A remote read can take a while: a session revoked meanwhile gets nothing.
-            if resolved.backend.is_some()
-                && let Err(e) = shared.sessions.check(p)
-            {
-                return Delivery {
-                    body: crate::connection::auth_error(&e),
-                    after: AfterSend {
-                        fd: None,
-                        drop: None,
-                    },
-                };
-            }
             if let Err(e) = shared.audit(&ev("fetch", "ok", None, false, None)) {
                 return refuse(ErrorCode::Internal, e);
             }

@@ -256,7 +256,7 @@ async fn fetch(
         out.extend_from_slice(&copy);
         return Ok(out);
     }
-    let plaintext = match shared.fetch_plain(service, &resolved).await {
+    let plaintext = match shared.fetch_plain(p, service, &resolved).await {
         Ok(p) => p,
         Err(e) => {
             if let Some(detail) = e.audit {
