@@ -295,14 +295,7 @@ pub fn add_agent(
             ),
         });
     }
-    if !home.is_initialized() {
-        return Err(StateError::NotInitialized {
-            home: home.root().to_path_buf(),
-        });
-    }
-    let _lock = StateLock::acquire(home)?;
-    verify_dek(home, dek)?;
-    let mut reg = load_agents(home, dek.expose())?;
+    let (_lock, mut reg) = begin_write(home, dek)?;
     let now = crate::now()?;
     if let Some(existing) = reg.get(name)
         && existing.status(now) == AgentStatus::Active
@@ -329,6 +322,19 @@ pub fn add_agent(
     Ok((record, token))
 }
 
+/// The registry under [`StateLock`], after checking the home is initialized and `dek` is its key.
+fn begin_write(home: &Home, dek: &Dek) -> Result<(StateLock, AgentRegistry), StateError> {
+    if !home.is_initialized() {
+        return Err(StateError::NotInitialized {
+            home: home.root().to_path_buf(),
+        });
+    }
+    let lock = StateLock::acquire(home)?;
+    verify_dek(home, dek)?;
+    let reg = load_agents(home, dek.expose())?;
+    Ok((lock, reg))
+}
+
 /// Revokes an agent at once. Revoking a revoked agent changes nothing and returns its record.
 ///
 /// # Errors
@@ -336,14 +342,7 @@ pub fn add_agent(
 /// and lock errors.
 pub fn revoke_agent(home: &Home, dek: &Dek, name: &str) -> Result<AgentRecord, StateError> {
     validate_agent_name(name)?;
-    if !home.is_initialized() {
-        return Err(StateError::NotInitialized {
-            home: home.root().to_path_buf(),
-        });
-    }
-    let _lock = StateLock::acquire(home)?;
-    verify_dek(home, dek)?;
-    let mut reg = load_agents(home, dek.expose())?;
+    let (_lock, mut reg) = begin_write(home, dek)?;
     let now = crate::now()?;
     let Some(rec) = reg.agents.iter_mut().find(|a| a.name == name) else {
         return Err(StateError::NoSuchAgent {
