@@ -18,8 +18,8 @@ use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::openbao::{BackendError, OpenBao};
-use crate::server::Shared;
 use crate::sessions::Principal;
+use crate::shared::Shared;
 
 /// A service read from a remote backend.
 pub struct RemoteService {

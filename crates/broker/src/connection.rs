@@ -18,8 +18,8 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::delivery::AfterSend;
-use crate::server::Shared;
 use crate::sessions::{AuthError, Principal};
+use crate::shared::Shared;
 
 /// How long a pending connection evicted by `max_pending` may still deliver a hello that is
 /// already on its way.

@@ -18,8 +18,8 @@ use tracing::{debug, warn};
 use zeroize::Zeroizing;
 
 use crate::keys::GuardedPage;
-use crate::server::Shared;
 use crate::sessions::Principal;
+use crate::shared::Shared;
 
 /// What must happen after the answer is sent.
 pub struct AfterSend {

@@ -11,6 +11,7 @@
 //! - [`run`], [`launch`], [`pump`]: daemon-mediated `run`: the launcher link, the masked output.
 //! - [`delivery`]: `get_credential`: scope, fetch, audit, fd or inline delivery, drop.
 //! - [`sessions`]: owner and agent sessions, authentication bound to the peer's uid.
+//! - [`shared`]: the state every connection shares ([`shared::Shared`]).
 //! - [`server`]: socket, accept loop, peer check, connection caps, shutdown.
 //! - [`connection`]: one client: handshake, requests, responses.
 //! - [`mask`]: streaming masker for `run` output: secrets and their encodings become `********`.
@@ -31,4 +32,5 @@ pub mod pump;
 pub mod run;
 pub mod server;
 pub mod sessions;
+pub mod shared;
 pub mod startup;

@@ -25,8 +25,8 @@ use zeroize::Zeroizing;
 use crate::delivery::who;
 use crate::launch::LaunchError;
 use crate::mask::Masker;
-use crate::server::Shared;
 use crate::sessions::Principal;
+use crate::shared::Shared;
 
 /// Most secrets one run may take.
 pub const MAX_RUN_SECRETS: usize = 16;
