@@ -192,7 +192,10 @@ fn audit(dir: &Path, secs: u64, threads: u64) -> Result<(), Error> {
                         a.append(
                             &Event {
                                 event: "deliver",
-                                agent: Some("bench"),
+                                who: Some(agentkeys_state::audit::Who::Agent {
+                                    name: "bench",
+                                    session: "s-000000000000",
+                                }),
                                 service: Some(&svc),
                                 delivery: Some("fd"),
                                 degraded: false,

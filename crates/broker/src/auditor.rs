@@ -415,7 +415,9 @@ mod tests {
     fn event<'a>(svc: &'a str, peer: Peer) -> Event<'a> {
         Event {
             event: "deliver",
-            agent: Some("owner"),
+            who: Some(agentkeys_state::audit::Who::Owner {
+                session: "s-000000000000",
+            }),
             service: Some(svc),
             delivery: Some("fd"),
             degraded: false,

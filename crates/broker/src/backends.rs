@@ -217,7 +217,7 @@ impl Shared {
                     warn!(service, "{e}");
                     FetchError::from(e)
                 })?;
-                self.sessions.check(p).map_err(|e| FetchError {
+                self.sessions.check(p, None).map_err(|e| FetchError {
                     code: crate::connection::auth_code(&e),
                     message: e.to_string(),
                     audit: None,

@@ -3,6 +3,11 @@
 //! [`crate::keys`]); a use within the TTL copies it into a fresh delivery page (inside the pkey
 //! window) instead of fetching again; dropping an entry wipes its memory. An entry is wiped and evicted after `idle_ttl` without use,
 //! after its `cache_ttl`, when the vault changes, and at shutdown.
+//!
+//! Every [`Cache::clear`] starts a new *generation*. A request takes the generation before it
+//! resolves the service, and its insert is refused if the cache was cleared since: a value read
+//! from a vault that changed meanwhile (replaced or deleted by the owner) never enters the cache
+//! after the change emptied it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,7 +52,14 @@ impl EvictReason {
 /// The cache.
 #[derive(Default)]
 pub struct Cache {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<String, Entry>,
+    /// Bumped by every [`Cache::clear`].
+    generation: u64,
 }
 
 impl Cache {
@@ -57,7 +69,7 @@ impl Cache {
     /// [`PageError`] if the copy's page cannot be made.
     pub fn copy(&self, service: &str, policy: PagePolicy) -> Result<Option<SecretPage>, PageError> {
         let mut entries = self.entries.lock().expect("cache lock");
-        let Some(e) = entries.get_mut(service) else {
+        let Some(e) = entries.map.get_mut(service) else {
             return Ok(None);
         };
         if e.fetched.elapsed() >= e.ttl {
@@ -68,10 +80,21 @@ impl Cache {
         e.page.copy_out(policy).map(Some)
     }
 
-    /// Keeps a copy of a fetched secret for `ttl`.
-    pub fn insert(&self, service: &str, page: GuardedPage, ttl: Duration) {
+    /// The current generation: take it before resolving a service whose value may be cached.
+    pub fn generation(&self) -> u64 {
+        self.entries.lock().expect("cache lock").generation
+    }
+
+    /// Keeps a copy of a secret fetched during `generation` for `ttl`; returns whether it was
+    /// kept. Refused (the page wiped) when the cache was cleared since: the value may be one
+    /// the owner replaced or deleted.
+    pub fn insert(&self, service: &str, page: GuardedPage, ttl: Duration, generation: u64) -> bool {
         let now = Instant::now();
-        let old = self.entries.lock().expect("cache lock").insert(
+        let mut entries = self.entries.lock().expect("cache lock");
+        if entries.generation != generation {
+            return false; // `page` is wiped when it drops
+        }
+        let old = entries.map.insert(
             service.to_string(),
             Entry {
                 page,
@@ -80,14 +103,16 @@ impl Cache {
                 ttl,
             },
         );
+        drop(entries);
         drop(old); // a replaced entry is wiped here
+        true
     }
 
     /// Wipes and removes entries idle for `idle_ttl` or older than their TTL; returns them.
     pub fn sweep(&self, idle_ttl: Duration) -> Vec<(String, EvictReason)> {
         let mut entries = self.entries.lock().expect("cache lock");
         let mut gone = Vec::new();
-        entries.retain(|name, e| {
+        entries.map.retain(|name, e| {
             let reason = if e.fetched.elapsed() >= e.ttl {
                 Some(EvictReason::Expired)
             } else if e.last_used.elapsed() >= idle_ttl {
@@ -103,17 +128,19 @@ impl Cache {
         gone
     }
 
-    /// Wipes everything (vault changed, shutdown); returns what was there.
+    /// Wipes everything (vault changed, shutdown) and starts a new generation; returns what
+    /// was there.
     pub fn clear(&self, reason: EvictReason) -> Vec<(String, EvictReason)> {
         let mut entries = self.entries.lock().expect("cache lock");
-        let gone = entries.keys().map(|k| (k.clone(), reason)).collect();
-        entries.clear();
+        entries.generation += 1;
+        let gone = entries.map.keys().map(|k| (k.clone(), reason)).collect();
+        entries.map.clear();
         gone
     }
 
     /// Number of cached secrets.
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("cache lock").len()
+        self.entries.lock().expect("cache lock").map.len()
     }
 
     /// True when nothing is cached.
@@ -126,6 +153,7 @@ impl Cache {
         self.entries
             .lock()
             .expect("cache lock")
+            .map
             .get(service)
             .map(|e| e.page.describe().1)
     }
@@ -143,7 +171,7 @@ mod tests {
     fn hit_copies_and_miss_is_none() {
         let c = Cache::default();
         assert!(c.copy("gh", PagePolicy::PreferSecret).unwrap().is_none());
-        c.insert("gh", guarded(b"tok"), Duration::from_secs(60));
+        c.insert("gh", guarded(b"tok"), Duration::from_secs(60), 0);
         let copy = c.copy("gh", PagePolicy::PreferSecret).unwrap().unwrap();
         assert_eq!(&*copy, b"tok");
         assert_eq!(c.len(), 1);
@@ -152,8 +180,8 @@ mod tests {
     #[test]
     fn idle_and_ttl_eviction() {
         let c = Cache::default();
-        c.insert("idle", guarded(b"a"), Duration::from_secs(60));
-        c.insert("old", guarded(b"b"), Duration::from_millis(0));
+        c.insert("idle", guarded(b"a"), Duration::from_secs(60), 0);
+        c.insert("old", guarded(b"b"), Duration::from_millis(0), 0);
         // An expired entry is never served, even before the sweep.
         assert!(c.copy("old", PagePolicy::PreferSecret).unwrap().is_none());
         let mut gone = c.sweep(Duration::from_secs(3600));
@@ -203,7 +231,7 @@ mod tests {
         );
         agentkeys_hardening::process::set_core_limit_zero().unwrap();
         let c = Cache::default();
-        c.insert("gh", guarded(b"tok"), Duration::from_secs(60));
+        c.insert("gh", guarded(b"tok"), Duration::from_secs(60), 0);
         // Inside the window: fine.
         assert_eq!(
             c.copy("gh", PagePolicy::PreferSecret)
@@ -213,7 +241,7 @@ mod tests {
             3
         );
         let entries = c.entries.lock().unwrap();
-        let _ = match &entries["gh"].page {
+        let _ = match &entries.map["gh"].page {
             GuardedPage::Protected(p) => p.read_outside_window(),
             GuardedPage::Slab(s) => s.read_outside_window(),
             GuardedPage::Plain(_) => panic!("cached page is not pkey-protected"),
@@ -224,7 +252,7 @@ mod tests {
     #[test]
     fn cached_pages_are_pkey_protected_where_pkeys_exist() {
         let c = Cache::default();
-        c.insert("gh", guarded(b"tok"), Duration::from_secs(60));
+        c.insert("gh", guarded(b"tok"), Duration::from_secs(60), 0);
         let expected = agentkeys_hardening::pkey::supported().is_ok();
         if !expected {
             eprintln!(
@@ -235,10 +263,32 @@ mod tests {
     }
 
     #[test]
+    fn a_value_read_before_a_clear_is_not_cached_after_it() {
+        let c = Cache::default();
+        // A request takes the generation, then reads the vault; meanwhile another request
+        // notices the vault changed and empties the cache.
+        let generation = c.generation();
+        c.clear(EvictReason::VaultChanged);
+        assert!(!c.insert("gh", guarded(b"stale"), Duration::from_secs(60), generation));
+        assert!(c.copy("gh", PagePolicy::PreferSecret).unwrap().is_none());
+        // A read that started after the clear is cached.
+        assert!(c.insert(
+            "gh",
+            guarded(b"new"),
+            Duration::from_secs(60),
+            c.generation()
+        ));
+        assert_eq!(
+            &*c.copy("gh", PagePolicy::PreferSecret).unwrap().unwrap(),
+            b"new"
+        );
+    }
+
+    #[test]
     fn clear_wipes_everything() {
         let c = Cache::default();
-        c.insert("a", guarded(b"1"), Duration::from_secs(60));
-        c.insert("b", guarded(b"2"), Duration::from_secs(60));
+        c.insert("a", guarded(b"1"), Duration::from_secs(60), 0);
+        c.insert("b", guarded(b"2"), Duration::from_secs(60), 0);
         assert_eq!(c.clear(EvictReason::Shutdown).len(), 2);
         assert!(c.is_empty());
     }

@@ -45,7 +45,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
 pub(crate) fn auth_code(e: &AuthError) -> ErrorCode {
     match e {
         AuthError::Unknown | AuthError::WrongUid(_) => ErrorCode::Unauthenticated,
-        AuthError::Revoked(_) => ErrorCode::Revoked,
+        AuthError::Revoked(_) | AuthError::Replaced(_) => ErrorCode::Revoked,
         AuthError::Expired(..) => ErrorCode::Expired,
     }
 }
@@ -206,7 +206,7 @@ pub async fn run(
         let r = tokio::select! {
             r = conn.recv() => r,
             _ = kick.notified() => {
-                if let Err(e) = shared.sessions.check(&principal) {
+                if let Err(e) = shared.sessions.check(&principal, Some(uid)) {
                     send(&conn, 0, auth_error(&e)).await;
                 }
                 return;
@@ -223,9 +223,10 @@ pub async fn run(
             }
             Err(None) => return,
         };
-        // Revocation and expiry take effect on the next request.
+        // Revocation, expiry and replacement take effect on the next request at the latest
+        // (the one-second tick closes idle connections of ended sessions).
         shared.refresh();
-        if let Err(e) = shared.sessions.check(&principal) {
+        if let Err(e) = shared.sessions.check(&principal, Some(uid)) {
             send(&conn, req.id, auth_error(&e)).await;
             return;
         }
@@ -278,7 +279,7 @@ pub async fn run(
             if let Some((service, delivery)) = after.drop {
                 shared.audit_best_effort(&Event {
                     event: "drop",
-                    agent: Some(crate::delivery::who(&principal)),
+                    who: Some(principal.who()),
                     service: Some(&service),
                     delivery: Some(delivery),
                     degraded: false,
@@ -342,7 +343,7 @@ async fn serve_run(
             // then the connection closes.
             _ = kick.notified(), if !revoked => {
                 revoked = true;
-                warn!(agent = crate::delivery::who(principal), "session ended during a run: stopping the program");
+                warn!(principal = ?principal, "session ended during a run: stopping the program");
                 if let Some(l) = shared.launcher.get() {
                     l.signal(running.id, libc_sigterm()).await;
                 }
@@ -376,7 +377,7 @@ async fn serve_run(
     };
     let body = crate::run::finish(shared, principal, peer, running, exit).await;
     if revoked {
-        if let Err(e) = shared.sessions.check(principal) {
+        if let Err(e) = shared.sessions.check(principal, Some(peer.uid)) {
             send(conn, id, auth_error(&e)).await;
         }
         return false;
@@ -389,7 +390,7 @@ fn libc_sigterm() -> i32 {
 }
 
 fn owner_only(p: &Principal) -> Option<Reply> {
-    (*p != Principal::Owner).then(|| Reply {
+    (!p.is_owner()).then(|| Reply {
         body: error(ErrorCode::Forbidden, "only the owner may do this"),
         close: false,
         after: None,
@@ -434,6 +435,10 @@ async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBo
             ok(decide(shared, p, peer, &code, Some(for_secs)))
         }
         RequestBody::Deny { code } => ok(decide(shared, p, peer, &code, None)),
+        RequestBody::ListGrants {} => owner_only(p).unwrap_or_else(|| ok(list_grants(shared))),
+        RequestBody::RevokeGrants { id, agent, all } => {
+            owner_only(p).unwrap_or_else(|| ok(revoke_grants(shared, peer, id, agent, all)))
+        }
         RequestBody::Run { .. } => ok(error(
             ErrorCode::Internal,
             "run is served by the connection loop",
@@ -462,7 +467,9 @@ fn list_pending(shared: &Shared) -> ResponseBody {
         .into_iter()
         .map(|l| agentkeys_proto::wire::PendingInfo {
             code: l.code,
-            agent: l.subject.agent,
+            role: l.subject.principal.role(),
+            agent: l.subject.principal.agent_name().map(str::to_string),
+            session: l.subject.principal.session_id().to_string(),
             service: l.subject.service,
             command: l.command,
             age_secs: l.age.as_secs(),
@@ -470,6 +477,66 @@ fn list_pending(shared: &Shared) -> ResponseBody {
         })
         .collect();
     ResponseBody::PendingList { requests }
+}
+
+fn list_grants(shared: &Shared) -> ResponseBody {
+    let grants = shared
+        .approvals
+        .lock()
+        .expect("approvals")
+        .grants()
+        .into_iter()
+        .map(|g| agentkeys_proto::wire::GrantInfo {
+            id: g.id,
+            role: g.subject.principal.role(),
+            agent: g.subject.principal.agent_name().map(str::to_string),
+            session: g.subject.principal.session_id().to_string(),
+            service: g.subject.service,
+            command: g.command,
+            once: g.once,
+            age_secs: g.age.as_secs(),
+            expires_in_secs: g.left.as_secs(),
+        })
+        .collect();
+    ResponseBody::GrantList { grants }
+}
+
+/// `agentkeys grants revoke`: the owner withdraws one grant, an agent's, or all; each is
+/// audited `grant_revoked` (`by the owner`).
+fn revoke_grants(
+    shared: &Shared,
+    peer: Peer,
+    id: Option<String>,
+    agent: Option<String>,
+    all: bool,
+) -> ResponseBody {
+    use crate::approvals::Withdraw;
+    let which = match (id.as_deref(), agent.as_deref(), all) {
+        (Some(id), None, false) => Withdraw::One(id),
+        (None, Some(name), false) => Withdraw::Agent(name),
+        (None, None, true) => Withdraw::All,
+        _ => {
+            return error(
+                ErrorCode::BadRequest,
+                "name exactly one of: a grant id, an agent, or all",
+            );
+        }
+    };
+    let (count, ended) = {
+        let mut a = shared.approvals.lock().expect("approvals");
+        let count = a.revoke(which);
+        (count, a.take_ended())
+    };
+    for e in &ended {
+        shared.audit_ended(e, Some(peer));
+    }
+    if count == 0 && matches!(which, Withdraw::One(_)) {
+        return error(
+            ErrorCode::NotFound,
+            "no live grant has that id (see `agentkeys grants`)",
+        );
+    }
+    ResponseBody::GrantsRevoked { count }
 }
 
 /// `approve` (`approve: Some(window)`) or `deny` (`None`): only the owner decides; an agent's
@@ -483,18 +550,22 @@ fn decide(
 ) -> ResponseBody {
     use crate::approvals::DecideError;
     let event = if approve.is_some() { "approve" } else { "deny" };
-    let who = crate::delivery::who(p);
-    if *p != Principal::Owner {
-        shared.audit_best_effort(&Event {
-            event,
-            agent: Some(who),
-            service: None,
-            delivery: None,
-            degraded: false,
-            peer: Some(peer),
-            outcome: "denied",
-            detail: Some("only the owner decides approval requests"),
-        });
+    let ev = |service, outcome, detail| Event {
+        event,
+        who: Some(p.who()),
+        service,
+        delivery: None,
+        degraded: false,
+        peer: Some(peer),
+        outcome,
+        detail,
+    };
+    if !p.is_owner() {
+        shared.audit_best_effort(&ev(
+            None,
+            "denied",
+            Some("only the owner decides approval requests"),
+        ));
         return error(
             ErrorCode::Forbidden,
             "only the owner may approve or deny requests",
@@ -503,27 +574,22 @@ fn decide(
     let result = {
         let mut a = shared.approvals.lock().expect("approvals");
         match approve {
-            Some(window) => a.approve(code, window.map(std::time::Duration::from_secs)),
-            None => a.deny(code),
+            Some(window) => a
+                .approve(code, window.map(std::time::Duration::from_secs))
+                .map(|(s, g)| (s, Some(g))),
+            None => a.deny(code).map(|s| (s, None)),
         }
     };
     match result {
-        Ok(subject) => {
+        Ok((subject, grant)) => {
+            let whom = subject.principal.label();
+            let grant = grant.map(|g| format!("{g} ")).unwrap_or_default();
             let detail = match approve {
-                Some(Some(secs)) => format!("for agent {} for {secs} s", subject.agent),
-                Some(None) => format!("for agent {} once", subject.agent),
-                None => format!("for agent {}", subject.agent),
+                Some(Some(secs)) => format!("{grant}for {whom} for {secs} s"),
+                Some(None) => format!("{grant}for {whom} once"),
+                None => format!("for {whom}"),
             };
-            shared.audit_best_effort(&Event {
-                event,
-                agent: Some(who),
-                service: Some(&subject.service),
-                delivery: None,
-                degraded: false,
-                peer: Some(peer),
-                outcome: "ok",
-                detail: Some(&detail),
-            });
+            shared.audit_best_effort(&ev(Some(&subject.service), "ok", Some(&detail)));
             ResponseBody::Done
         }
         Err(e) => {
@@ -539,16 +605,7 @@ fn decide(
                     "rate limited",
                 ),
             };
-            shared.audit_best_effort(&Event {
-                event,
-                agent: Some(who),
-                service: None,
-                delivery: None,
-                degraded: false,
-                peer: Some(peer),
-                outcome: "error",
-                detail: Some(detail),
-            });
+            shared.audit_best_effort(&ev(None, "error", Some(detail)));
             error(code, message)
         }
     }

@@ -50,14 +50,6 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Delivery {
     }
 }
 
-/// The name recorded for a principal.
-pub fn who(p: &Principal) -> &str {
-    match p {
-        Principal::Owner => "owner",
-        Principal::Agent(name) => name,
-    }
-}
-
 /// Serves one `get_credential`.
 pub async fn get_credential(
     shared: &Shared,
@@ -66,10 +58,9 @@ pub async fn get_credential(
     service: &str,
     inline: bool,
 ) -> Delivery {
-    let agent = who(p);
     let ev = |event, outcome, delivery, degraded, detail| Event {
         event,
-        agent: Some(agent),
+        who: Some(p.who()),
         service: Some(service),
         delivery,
         degraded,
@@ -91,9 +82,15 @@ pub async fn get_credential(
         ));
         return refuse(
             ErrorCode::Forbidden,
-            format!("agent {agent:?} may not use service {service:?} (outside its scope)"),
+            format!(
+                "{} may not use service {service:?} (outside its scope)",
+                p.label()
+            ),
         );
     }
+    // Before the vault is consulted: a value read from a vault that changes meanwhile is not
+    // cached (see `Cache::generation`).
+    let generation = shared.cache.generation();
     let resolved = match shared.resolve(service) {
         Ok(r) => r,
         Err(e) => return refuse(e.code, e.message),
@@ -126,7 +123,7 @@ pub async fn get_credential(
     }
     // After every other check: a once-grant is used up only by a request that then succeeds.
     if policy.high_value
-        && let Err(body) = shared.high_value(agent, peer, service, None)
+        && let Err(body) = shared.high_value(p, peer, service, None)
     {
         return Delivery {
             body,
@@ -177,7 +174,11 @@ pub async fn get_credential(
             };
             if !cache_ttl.is_zero() {
                 match GuardedPage::new(&plaintext, page_policy) {
-                    Ok(g) => shared.cache.insert(service, g, cache_ttl),
+                    Ok(g) => {
+                        if !shared.cache.insert(service, g, cache_ttl, generation) {
+                            debug!(service, "not caching: the vault changed during the read");
+                        }
+                    }
                     Err(e) => warn!(service, "not caching: {e}"),
                 }
             }
@@ -206,7 +207,7 @@ pub async fn get_credential(
     if inline {
         let value = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*page));
         std::mem::drop(page); // not handed over: wiped here
-        debug!(service, agent, "delivered inline");
+        debug!(service, principal = ?p, "delivered inline");
         return Delivery {
             body: ResponseBody::Credential {
                 service: service.to_string(),
@@ -218,7 +219,7 @@ pub async fn get_credential(
             after: AfterSend { fd: None, drop },
         };
     }
-    debug!(service, agent, "delivering fd");
+    debug!(service, principal = ?p, "delivering fd");
     Delivery {
         body: ResponseBody::Credential {
             service: service.to_string(),

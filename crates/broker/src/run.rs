@@ -22,7 +22,6 @@ use tokio::sync::oneshot;
 use tracing::info;
 use zeroize::Zeroizing;
 
-use crate::delivery::who;
 use crate::launch::LaunchError;
 use crate::mask::Masker;
 use crate::sessions::Principal;
@@ -118,27 +117,22 @@ pub fn request_hash(req: &RunRequest) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The command as the owner is shown it: each argument shell-quoted, and the directory.
+/// Longest command kept for the owner's display (`agentkeys pending`, `agentkeys grants`, the
+/// `approval_command` hook): the grant binds the whole request, the display is bounded.
+const MAX_COMMAND_DISPLAY: usize = 256;
+
+/// The command as the owner is shown it: each argument shell-quoted, then the working directory,
+/// also quoted; cut to [`MAX_COMMAND_DISPLAY`] bytes. Raw text: whoever prints it escapes it
+/// (`agentkeys_proto::display::escape`), since an agent chose every byte of it.
 fn shown_command(req: &RunRequest) -> String {
-    let quoted: Vec<String> = req
-        .argv
-        .iter()
-        .map(|a| {
-            if !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
-            {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect();
-    format!(
+    use agentkeys_proto::display::{shell_quote, truncate};
+    let quoted: Vec<_> = req.argv.iter().map(|a| shell_quote(a)).collect();
+    let full = format!(
         "{}  (in {})",
         quoted.join(" "),
-        req.cwd.as_deref().unwrap_or("?")
-    )
+        req.cwd.as_deref().map_or("?".into(), shell_quote)
+    );
+    truncate(&full, MAX_COMMAND_DISPLAY).into_owned()
 }
 
 /// SHA-256 of the argv, NUL-separated: identifies the exact command without recording it.
@@ -216,10 +210,9 @@ async fn fetch(
     peer: Peer,
     service: &str,
 ) -> Result<Zeroizing<Vec<u8>>, ResponseBody> {
-    let agent = who(p);
     let ev = |event, outcome, detail| Event {
         event,
-        agent: Some(agent),
+        who: Some(p.who()),
         service: Some(service),
         delivery: None,
         degraded: false,
@@ -231,9 +224,14 @@ async fn fetch(
         shared.audit_best_effort(&ev("deny", "denied", Some("outside the agent's scope")));
         return Err(refuse(
             ErrorCode::Forbidden,
-            format!("agent {agent:?} may not use service {service:?} (outside its scope)"),
+            format!(
+                "{} may not use service {service:?} (outside its scope)",
+                p.label()
+            ),
         ));
     }
+    // Before the vault is consulted: see `Cache::generation`.
+    let generation = shared.cache.generation();
     let resolved = shared
         .resolve(service)
         .map_err(|e| refuse(e.code, e.message))?;
@@ -271,7 +269,7 @@ async fn fetch(
     if !cache_ttl.is_zero()
         && let Ok(g) = crate::keys::GuardedPage::new(&plaintext, shared.page_policy())
     {
-        shared.cache.insert(service, g, cache_ttl);
+        shared.cache.insert(service, g, cache_ttl, generation);
     }
     Ok(plaintext)
 }
@@ -303,7 +301,6 @@ pub async fn start(
     let Some(launcher) = shared.launcher.get().cloned() else {
         return Err(refuse(ErrorCode::Internal, "the launcher is not running"));
     };
-    let agent = who(p).to_string();
     let program = program_name(&req.argv[0]);
     let hash = argv_hash(&req.argv);
 
@@ -325,7 +322,7 @@ pub async fn start(
     high.sort_unstable();
     high.dedup();
     if !high.is_empty() {
-        shared.high_value(who(p), peer, &high.join(","), Some(run))?;
+        shared.high_value(p, peer, &high.join(","), Some(run))?;
     }
     let mut plain: Vec<(String, String, bool, Zeroizing<Vec<u8>>)> = Vec::new();
     for (var, service) in &req.env {
@@ -376,7 +373,7 @@ pub async fn start(
     );
     let start_ev = Event {
         event: "run_start",
-        agent: Some(&agent),
+        who: Some(p.who()),
         service: None,
         delivery: None,
         degraded: false,
@@ -391,7 +388,7 @@ pub async fn start(
         shared
             .audit(&Event {
                 event: "deliver",
-                agent: Some(&agent),
+                who: Some(p.who()),
                 service: Some(service),
                 delivery: Some(if *is_file { "file" } else { "env" }),
                 degraded: page.backing().is_degraded() && !*is_file,
@@ -463,7 +460,7 @@ pub async fn start(
         drop(page.into_fd());
         shared.audit_best_effort(&Event {
             event: "drop",
-            agent: Some(&agent),
+            who: Some(p.who()),
             service: Some(service),
             delivery: Some(if *is_file { "file" } else { "env" }),
             degraded: false,
@@ -474,7 +471,7 @@ pub async fn start(
     }
     match launched {
         Ok(s) => {
-            info!(pid = s.pid, program, agent, "run started");
+            info!(pid = s.pid, program, principal = ?p, "run started");
             Ok(Running {
                 id: s.id,
                 pid: s.pid,
@@ -516,7 +513,7 @@ pub async fn start(
             }
             shared.audit_best_effort(&Event {
                 event: "run_exit",
-                agent: Some(&agent),
+                who: Some(p.who()),
                 service: None,
                 delivery: None,
                 degraded: false,
@@ -557,7 +554,7 @@ pub async fn finish(
     );
     shared.audit_best_effort(&Event {
         event: "run_exit",
-        agent: Some(who(p)),
+        who: Some(p.who()),
         service: None,
         delivery: None,
         degraded: false,

@@ -197,6 +197,9 @@ pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf)
             _ = stop.changed() => break,
             _ = tick.tick() => {
                 shared.refresh();
+                // Expiry is a matter of time, not of a file changing: every second, every
+                // connection's session is checked.
+                shared.kick_invalid();
                 shared.sweep_cache();
                 shared.sweep_approvals();
             }
@@ -260,6 +263,7 @@ fn accept_one(sock: UnixSeqpacket, shared: &Arc<Shared>) {
             id,
             ConnEntry {
                 principal: None,
+                uid,
                 kick: kick.clone(),
             },
         );

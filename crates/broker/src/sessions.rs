@@ -1,15 +1,22 @@
 //! Who may talk to the daemon: the owner session (session.enc) and the agent registry
 //! (agents.enc), reloaded whenever their files change. The daemon keeps token *hashes* only.
 //!
-//! Authentication binds a token to the peer's uid: the owner must connect from the daemon's
-//! uid; an agent from the uid it was bound to (`agent add --uid`), else from the daemon's uid.
+//! A connection's [`Principal`] is the exact session it authenticated with, not a name: the
+//! owner's session or one agent's, identified by its token's hash. Every request re-checks it
+//! with [`Sessions::check`]: a session that was revoked, has expired, or was *replaced* (a new
+//! owner session from `init --force`; `agent add` of the same name, which mints a new token) is
+//! refused, and its connections are closed, also while idle (the server's one-second tick).
+//! Authentication binds a token to the peer's uid, for as long as the connection lives: the
+//! owner must connect from the daemon's uid; an agent from the uid it was bound to (`agent add
+//! --uid`), else from the daemon's uid.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agentkeys_proto::wire::{Role, SessionInfo};
 use agentkeys_state::StateError;
-use agentkeys_state::agents::{AgentRegistry, agents_stamp, load_agents};
+use agentkeys_state::agents::{AgentRecord, AgentRegistry, AgentStatus, agents_stamp, load_agents};
+use agentkeys_state::audit::Who;
 use agentkeys_state::home::{FileStamp, Home};
 use agentkeys_state::identity::Identity;
 use agentkeys_state::session::{load_owner_session, owner_session_stamp};
@@ -18,13 +25,98 @@ use secrecy::SecretString;
 
 use crate::keys::KeyPage;
 
-/// Who is on a connection once it said hello.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// The owner.
-    Owner,
-    /// A named agent.
-    Agent(String),
+/// The exact session a connection authenticated with. Cheap to clone (shared); compared by
+/// session (the whole token hash, in constant time), never by name. No token inside, only its
+/// hash, which is never shown: [`Principal::session_id`] names it.
+#[derive(Clone)]
+pub struct Principal(Arc<SessionRef>);
+
+struct SessionRef {
+    /// `None` for the owner, the agent's name otherwise.
+    agent: Option<String>,
+    /// [`TokenHash::session_id`], computed once.
+    id: String,
+    hash: TokenHash,
+}
+
+impl Principal {
+    fn new(agent: Option<String>, hash: TokenHash) -> Principal {
+        Principal(Arc::new(SessionRef {
+            agent,
+            id: hash.session_id(),
+            hash,
+        }))
+    }
+
+    /// An agent session with a fresh random token, for unit tests of tables keyed by sessions.
+    #[cfg(test)]
+    pub(crate) fn test_agent(name: &str) -> Principal {
+        Principal::new(
+            Some(name.to_string()),
+            SessionToken::generate().expect("random").hash(),
+        )
+    }
+
+    /// The owner's session.
+    pub fn is_owner(&self) -> bool {
+        self.0.agent.is_none()
+    }
+
+    /// The agent's name; `None` for the owner.
+    pub fn agent_name(&self) -> Option<&str> {
+        self.0.agent.as_deref()
+    }
+
+    /// The session's id (`s-` and 12 hex digits), safe to show.
+    pub fn session_id(&self) -> &str {
+        &self.0.id
+    }
+
+    /// Who this is, for audit records.
+    pub fn who(&self) -> Who<'_> {
+        match &self.0.agent {
+            None => Who::Owner {
+                session: &self.0.id,
+            },
+            Some(name) => Who::Agent {
+                name,
+                session: &self.0.id,
+            },
+        }
+    }
+
+    /// For messages and logs: `the owner (s-…)` or `agent "NAME" (s-…)`.
+    pub fn label(&self) -> String {
+        match &self.0.agent {
+            None => format!("the owner ({})", self.0.id),
+            Some(name) => format!("agent {name:?} ({})", self.0.id),
+        }
+    }
+
+    /// The role, for wire answers.
+    pub fn role(&self) -> Role {
+        if self.is_owner() {
+            Role::Owner
+        } else {
+            Role::Agent
+        }
+    }
+}
+
+impl PartialEq for Principal {
+    fn eq(&self, other: &Principal) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.agent == other.0.agent && self.0.hash.ct_eq(&other.0.hash))
+    }
+}
+
+impl Eq for Principal {}
+
+impl std::fmt::Debug for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The label only: no hash, no token.
+        f.write_str(&self.label())
+    }
 }
 
 /// Why a session is refused. Messages are for the client and the log; never a token.
@@ -39,9 +131,26 @@ pub enum AuthError {
     /// The session is past its expiry.
     #[error("the session of {0} expired at {1}; {2}")]
     Expired(String, String, &'static str),
+    /// A newer session took its place: `init --force` for the owner, `agent add` of the same
+    /// name for an agent.
+    #[error("{0}")]
+    Replaced(String),
     /// The token is valid but not from this uid.
     #[error("this session may not be used from uid {0}")]
     WrongUid(u32),
+}
+
+impl AuthError {
+    /// Why a session ended, in the words of audit details (`session revoked`, ...).
+    pub fn ended(&self) -> &'static str {
+        match self {
+            AuthError::Unknown => "session unknown",
+            AuthError::Revoked(_) => "session revoked",
+            AuthError::Expired(..) => "session expired",
+            AuthError::Replaced(_) => "session replaced",
+            AuthError::WrongUid(_) => "session used from another uid",
+        }
+    }
 }
 
 /// Which state files changed in a [`Sessions::refresh`].
@@ -156,10 +265,10 @@ impl Sessions {
         a.registry
             .agents
             .iter()
-            .any(|r| r.uid == Some(uid) && r.revoked.is_none() && r.expires > now)
+            .any(|r| r.uid == Some(uid) && r.status(now) == AgentStatus::Active)
     }
 
-    /// Authenticates a hello.
+    /// Authenticates a hello from `peer_uid`: the exact session the token opens.
     ///
     /// # Errors
     /// [`AuthError`]: unknown, revoked, expired, or from the wrong uid.
@@ -171,90 +280,113 @@ impl Sessions {
         let token = SessionToken::from_secret(token.clone()).map_err(|_| AuthError::Unknown)?;
         let hash = token.hash();
         drop(token);
-        {
-            let o = self.owner.read().expect("owner lock");
-            if o.hash.ct_eq(&hash) {
-                if peer_uid != self.daemon_uid {
-                    return Err(AuthError::WrongUid(peer_uid));
-                }
-                self.check_owner(&o)?;
-                return Ok(Principal::Owner);
-            }
-        }
-        let a = self.agents.read().expect("agents lock");
-        let rec = a.registry.find_by_token(&hash).ok_or(AuthError::Unknown)?;
-        if peer_uid != rec.uid.unwrap_or(self.daemon_uid) {
-            return Err(AuthError::WrongUid(peer_uid));
-        }
-        let name = rec.name.clone();
-        drop(a);
-        let p = Principal::Agent(name);
-        self.check(&p)?;
+        let owner = self.owner.read().expect("owner lock").hash.ct_eq(&hash);
+        let p = if owner {
+            Principal::new(None, hash)
+        } else {
+            let a = self.agents.read().expect("agents lock");
+            let rec = a.registry.find_by_token(&hash).ok_or(AuthError::Unknown)?;
+            Principal::new(Some(rec.name.clone()), hash)
+        };
+        self.check(&p, Some(peer_uid))?;
         Ok(p)
     }
 
-    fn check_owner(&self, o: &OwnerView) -> Result<(), AuthError> {
-        if o.expires <= now() {
-            return Err(AuthError::Expired(
-                "the owner".into(),
-                rfc3339(o.expires),
-                "run `agentkeys init --force` for a new owner session",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Whether an authenticated principal is still valid (revocation and expiry take effect
-    /// on the next request).
+    /// Whether `p`'s session is still the one in force: not revoked, not expired, not replaced,
+    /// and (with `peer_uid`) used from the uid it is bound to. Called on every request and by
+    /// the one-second tick for every open connection.
     ///
     /// # Errors
-    /// [`AuthError::Revoked`] or [`AuthError::Expired`].
-    pub fn check(&self, p: &Principal) -> Result<(), AuthError> {
-        match p {
-            Principal::Owner => self.check_owner(&self.owner.read().expect("owner lock")),
-            Principal::Agent(name) => {
-                let a = self.agents.read().expect("agents lock");
-                let rec = a
-                    .registry
-                    .get(name)
-                    .ok_or_else(|| AuthError::Revoked(name.clone()))?;
-                if rec.revoked.is_some() {
-                    return Err(AuthError::Revoked(name.clone()));
-                }
-                if rec.expires <= now() {
-                    return Err(AuthError::Expired(
-                        format!("agent {name:?}"),
-                        rfc3339(rec.expires),
-                        "ask the owner for a new agent token",
+    /// The [`AuthError`] that ends the session.
+    pub fn check(&self, p: &Principal, peer_uid: Option<u32>) -> Result<(), AuthError> {
+        match p.agent_name() {
+            None => {
+                let o = self.owner.read().expect("owner lock");
+                if !o.hash.ct_eq(&p.0.hash) {
+                    return Err(AuthError::Replaced(
+                        "this owner session was replaced by a newer one (`agentkeys init --force`); \
+                         connect again"
+                            .into(),
                     ));
                 }
-                Ok(())
+                if o.expires <= now() {
+                    return Err(AuthError::Expired(
+                        "the owner".into(),
+                        rfc3339(o.expires),
+                        "run `agentkeys init --force` for a new owner session",
+                    ));
+                }
+                match peer_uid {
+                    Some(uid) if uid != self.daemon_uid => Err(AuthError::WrongUid(uid)),
+                    _ => Ok(()),
+                }
+            }
+            Some(name) => {
+                let a = self.agents.read().expect("agents lock");
+                let Some(rec) = self.record_of(&a, p) else {
+                    // Gone from the registry: replaced under the same name, or removed.
+                    return Err(if a.registry.get(name).is_some() {
+                        AuthError::Replaced(format!(
+                            "the session of agent {name:?} was replaced by a newer one \
+                             (`agentkeys agent add {name}`); use the new token"
+                        ))
+                    } else {
+                        AuthError::Revoked(name.to_string())
+                    });
+                };
+                match rec.status(now()) {
+                    AgentStatus::Revoked => return Err(AuthError::Revoked(name.to_string())),
+                    AgentStatus::Expired => {
+                        return Err(AuthError::Expired(
+                            format!("agent {name:?}"),
+                            rfc3339(rec.expires),
+                            "ask the owner for a new agent token",
+                        ));
+                    }
+                    AgentStatus::Active => {}
+                }
+                match peer_uid {
+                    Some(uid) if uid != rec.uid.unwrap_or(self.daemon_uid) => {
+                        Err(AuthError::WrongUid(uid))
+                    }
+                    _ => Ok(()),
+                }
             }
         }
+    }
+
+    /// The registry record of an agent principal: the one whose token hash is the principal's
+    /// (constant-time scan) and whose name matches.
+    fn record_of<'a>(&self, a: &'a AgentsView, p: &Principal) -> Option<&'a AgentRecord> {
+        a.registry
+            .find_by_token(&p.0.hash)
+            .filter(|r| Some(r.name.as_str()) == p.agent_name())
     }
 
     /// Session metadata for `whoami` and the welcome message.
     pub fn info(&self, p: &Principal) -> SessionInfo {
-        match p {
-            Principal::Owner => {
+        match p.agent_name() {
+            None => {
                 let o = self.owner.read().expect("owner lock");
                 SessionInfo {
                     identity: self.identity.id.clone(),
                     role: Role::Owner,
                     agent: None,
+                    session: Some(p.session_id().to_string()),
                     scope: vec!["*".into()],
                     created: o.created,
                     expires: o.expires,
                     uid: Some(self.daemon_uid),
                 }
             }
-            Principal::Agent(name) => {
+            Some(name) => {
                 let a = self.agents.read().expect("agents lock");
-                let rec = a.registry.get(name);
+                let rec = self.record_of(&a, p);
                 SessionInfo {
                     identity: self.identity.id.clone(),
                     role: Role::Agent,
-                    agent: Some(name.clone()),
+                    agent: Some(name.to_string()),
+                    session: Some(p.session_id().to_string()),
                     scope: rec.map(|r| r.scope.clone()).unwrap_or_default(),
                     created: rec.map(|r| r.created).unwrap_or(0),
                     expires: rec.map(|r| r.expires).unwrap_or(0),
@@ -264,17 +396,14 @@ impl Sessions {
         }
     }
 
-    /// Whether `p` may use `service`.
+    /// Whether `p` may use `service`: the owner every service, an agent those the scope of its
+    /// own session's record names.
     pub fn in_scope(&self, p: &Principal, service: &str) -> bool {
-        match p {
-            Principal::Owner => true,
-            Principal::Agent(name) => {
-                let a = self.agents.read().expect("agents lock");
-                a.registry
-                    .get(name)
-                    .is_some_and(|r| r.scope.iter().any(|s| s == "*" || s == service))
-            }
+        if p.is_owner() {
+            return true;
         }
+        let a = self.agents.read().expect("agents lock");
+        self.record_of(&a, p).is_some_and(|r| r.allows(service))
     }
 
     /// The identity this daemon serves.

@@ -9,13 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use agentkeys_hardening::page::PagePolicy;
+use agentkeys_proto::wire::{ErrorCode, ResponseBody};
 use agentkeys_state::StateError;
-use agentkeys_state::audit::Event;
+use agentkeys_state::audit::{Event, Peer};
 use agentkeys_state::home::Home;
 use agentkeys_state::vault::{VaultIndex, vault_stamp};
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
+use crate::approvals::{Check, Ended, Subject};
 use crate::cache::{Cache, EvictReason};
 use crate::config::DaemonConfig;
 use crate::keys::KeyPage;
@@ -58,6 +60,9 @@ pub struct Shared {
 pub struct ConnEntry {
     /// Set after hello.
     pub principal: Option<Principal>,
+    /// The peer's uid (`SO_PEERCRED` at accept), checked against the session's binding for as
+    /// long as the connection lives.
+    pub uid: u32,
     /// Notified to make the connection close (revoked agent, evicted pending, shutdown).
     pub kick: Arc<Notify>,
 }
@@ -159,7 +164,7 @@ impl Shared {
             info!(service, reason = reason.as_str(), "evicted cached secret");
             self.audit_best_effort(&Event {
                 event: "evict",
-                agent: None,
+                who: None,
                 service: Some(&service),
                 delivery: None,
                 degraded: false,
@@ -184,57 +189,47 @@ impl Shared {
 
     /// A high-value service: `Ok` when a grant covers this request (audited `grant_used`),
     /// else the answer to send: `pending` with a code (audited `pending`), or a refusal after
-    /// the owner denied it (audited `deny`). `run` is (argv SHA-256, command line).
+    /// the owner denied it (audited `deny`). `run` is (request SHA-256, the command as the owner
+    /// is shown it).
     pub fn high_value(
         &self,
-        agent: &str,
-        peer: agentkeys_state::audit::Peer,
+        p: &Principal,
+        peer: Peer,
         service: &str,
         run: Option<(&str, &str)>,
-    ) -> Result<(), agentkeys_proto::wire::ResponseBody> {
-        use crate::approvals::{Check, Subject};
-        use agentkeys_proto::wire::{ErrorCode, ResponseBody};
+    ) -> Result<(), ResponseBody> {
         let subject = Subject {
-            agent: agent.to_string(),
+            principal: p.clone(),
             service: service.to_string(),
             argv: run.map(|(h, _)| h.to_string()),
         };
         let detail = run.map(|(h, _)| format!("request_sha256={h}"));
-        fn ev<'a>(
-            event: &'a str,
-            outcome: &'a str,
-            detail: Option<&'a str>,
-            agent: &'a str,
-            service: &'a str,
-            peer: agentkeys_state::audit::Peer,
-        ) -> Event<'a> {
-            Event {
-                event,
-                agent: Some(agent),
-                service: Some(service),
-                delivery: None,
-                degraded: false,
-                peer: Some(peer),
-                outcome,
-                detail,
-            }
-        }
+        let ev = |event, outcome, detail| Event {
+            event,
+            who: Some(p.who()),
+            service: Some(service),
+            delivery: None,
+            degraded: false,
+            peer: Some(peer),
+            outcome,
+            detail,
+        };
         let check = self
             .approvals
             .lock()
             .expect("approvals")
             .check(&subject, run.map(|(_, c)| c.to_string()));
         match check {
-            Check::Granted { consumed } => {
+            Check::Granted { grant, consumed } => {
                 let d = format!(
-                    "{}{}",
+                    "{grant} {}{}",
                     if consumed { "once" } else { "window" },
                     detail
                         .as_deref()
                         .map(|d| format!(" {d}"))
                         .unwrap_or_default()
                 );
-                self.audit(&ev("grant_used", "ok", Some(&d), agent, service, peer))
+                self.audit(&ev("grant_used", "ok", Some(&d)))
                     .map_err(|e| ResponseBody::Error {
                         code: ErrorCode::Internal,
                         message: e,
@@ -245,9 +240,6 @@ impl Shared {
                     "deny",
                     "denied",
                     Some("too many open approval requests"),
-                    agent,
-                    service,
-                    peer,
                 ));
                 Err(ResponseBody::Error {
                     code: ErrorCode::Busy,
@@ -255,14 +247,7 @@ impl Shared {
                 })
             }
             Check::Denied => {
-                self.audit_best_effort(&ev(
-                    "deny",
-                    "denied",
-                    Some("denied by the owner"),
-                    agent,
-                    service,
-                    peer,
-                ));
+                self.audit_best_effort(&ev("deny", "denied", Some("denied by the owner")));
                 Err(ResponseBody::Error {
                     code: ErrorCode::Forbidden,
                     message: format!("the owner denied this request for {service:?}"),
@@ -274,14 +259,7 @@ impl Shared {
                 new,
             } => {
                 if new {
-                    self.audit_best_effort(&ev(
-                        "pending",
-                        "pending",
-                        detail.as_deref(),
-                        agent,
-                        service,
-                        peer,
-                    ));
+                    self.audit_best_effort(&ev("pending", "pending", detail.as_deref()));
                 }
                 Err(ResponseBody::Pending {
                     message: format!(
@@ -295,25 +273,60 @@ impl Shared {
         }
     }
 
-    /// Expires old approval requests (audited `expired`).
+    /// Expires old approval requests and grants, and drops those of sessions that ended
+    /// (revoked, expired, replaced); each is audited (`expired`, `request_withdrawn`,
+    /// `grant_expired`, `grant_revoked`). Called every second and after a state reload.
     pub fn sweep_approvals(&self) {
-        let gone = {
+        let ended = {
             let mut a = self.approvals.lock().expect("approvals");
+            a.prune(|p| self.sessions.check(p, None).err().map(|e| e.ended()));
             a.sweep();
-            a.take_expired()
+            a.take_ended()
         };
-        for subject in gone {
-            self.audit_best_effort(&Event {
-                event: "expired",
-                agent: Some(&subject.agent),
-                service: Some(&subject.service),
-                delivery: None,
-                degraded: false,
-                peer: None,
-                outcome: "ok",
-                detail: Some("approval request expired"),
-            });
+        for e in ended {
+            self.audit_ended(&e, None);
         }
+    }
+
+    /// The audit record of something that ended in the approval table. `peer` is the owner's
+    /// process when the owner caused it.
+    pub fn audit_ended(&self, e: &Ended, peer: Option<Peer>) {
+        let (event, subject, detail) = match e {
+            Ended::RequestExpired(s) => ("expired", s, "approval request expired".to_string()),
+            Ended::RequestWithdrawn(s, why) => (
+                "request_withdrawn",
+                s,
+                format!("approval request dropped: {why}"),
+            ),
+            Ended::GrantExpired {
+                grant,
+                subject,
+                once,
+            } => (
+                "grant_expired",
+                subject,
+                if *once {
+                    format!("{grant} once-grant unused")
+                } else {
+                    format!("{grant} window ended")
+                },
+            ),
+            Ended::GrantRevoked {
+                grant,
+                subject,
+                why,
+            } => ("grant_revoked", subject, format!("{grant} {why}")),
+        };
+        self.audit_best_effort(&Event {
+            event,
+            who: Some(subject.principal.who()),
+            service: Some(&subject.service),
+            delivery: None,
+            degraded: false,
+            peer,
+            outcome: "ok",
+            detail: Some(&detail),
+        });
     }
 
     /// Wipes the whole cache (shutdown).
@@ -337,25 +350,30 @@ impl Shared {
         t.live.remove(&id);
     }
 
-    /// Re-reads state files if they changed and closes connections whose agent is no longer
-    /// valid. Called periodically and on `reload`.
+    /// Re-reads state files if they changed; on a change, closes the connections and drops the
+    /// approval requests and grants of sessions that are no longer valid. Called on every
+    /// request, every second and on `reload`.
     pub fn refresh(&self) {
         match self.sessions.refresh(&self.key) {
-            Ok(changed) if changed.owner || changed.agents => self.kick_invalid(changed.owner),
+            Ok(changed) if changed.owner || changed.agents => {
+                self.kick_invalid();
+                self.sweep_approvals();
+            }
             Ok(_) => {}
             Err(e) => warn!("state changed but could not be reloaded (keeping the old view): {e}"),
         }
     }
 
-    /// Closes connections whose session is no longer valid; with `owner_changed` (a new owner
-    /// session from `init --force`), every owner connection, since they used the old token.
-    fn kick_invalid(&self, owner_changed: bool) {
+    /// Closes every connection whose session is no longer valid: revoked, expired (noticed
+    /// here by the one-second tick, not only at the connection's next request), replaced, or
+    /// used from a uid its session is not bound to.
+    pub fn kick_invalid(&self) {
         let t = self.conns.lock().expect("conn table");
         for (id, e) in &t.live {
             if let Some(p) = &e.principal
-                && ((owner_changed && *p == Principal::Owner) || self.sessions.check(p).is_err())
+                && let Err(why) = self.sessions.check(p, Some(e.uid))
             {
-                info!(conn = id, principal = ?p, "closing connection: session no longer valid");
+                info!(conn = id, principal = ?p, "closing connection: {why}");
                 e.kick.notify_one();
             }
         }

@@ -35,8 +35,9 @@ pub(crate) fn add(caller: &Caller, o: AddOpts) -> Result<(), CliError> {
     }
     let (rec, token) = add_agent(&home, &dek, &o.name, &o.scope, o.ttl, o.uid)?;
     eprintln!(
-        "Agent {:?} added: scope {}, expires {} ({}){}",
+        "Agent {:?} added (session {}): scope {}, expires {} ({}){}",
         rec.name,
+        rec.token_hash.session_id(),
         rec.scope.join(","),
         ctx::when(rec.expires),
         ctx::left(rec.expires),
@@ -83,6 +84,7 @@ fn write_token_file(path: &Path, token: &str) -> Result<(), CliError> {
 #[derive(Serialize)]
 struct AgentRow {
     name: String,
+    session: String,
     scope: Vec<String>,
     uid: Option<u32>,
     created: u64,
@@ -101,6 +103,7 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
         .iter()
         .map(|a| AgentRow {
             name: a.name.clone(),
+            session: a.token_hash.session_id(),
             scope: a.scope.clone(),
             uid: a.uid,
             created: a.created,
@@ -130,14 +133,15 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
     writeln!(
         out,
-        "{:<w$}  {:<8}  {:<20}  {:<6}  SCOPE",
-        "AGENT", "STATUS", "EXPIRES", "UID"
+        "{:<w$}  {:<14}  {:<8}  {:<20}  {:<6}  SCOPE",
+        "AGENT", "SESSION", "STATUS", "EXPIRES", "UID"
     )?;
     for r in &rows {
         writeln!(
             out,
-            "{:<w$}  {:<8}  {:<20}  {:<6}  {}",
+            "{:<w$}  {:<14}  {:<8}  {:<20}  {:<6}  {}",
             r.name,
+            r.session,
             r.status,
             ctx::when(r.expires),
             r.uid.map_or_else(|| "-".into(), |u| u.to_string()),
@@ -153,7 +157,9 @@ pub(crate) fn revoke(caller: &Caller, name: &str) -> Result<(), CliError> {
     let (_, dek) = open_owner(&home)?;
     revoke_agent(&home, &dek, name)?;
     if ctx::notify_daemon(&home)? {
-        eprintln!("Agent {name:?} revoked; agentkeysd closed its open connections");
+        eprintln!(
+            "Agent {name:?} revoked; agentkeysd closed its connections, stopped its programs and dropped its approval requests and grants"
+        );
     } else {
         eprintln!("Agent {name:?} revoked (agentkeysd is not running)");
     }

@@ -174,8 +174,18 @@ fn human(r: &Record) -> String {
         format!("ts={}", r.ts)
     };
     let _ = write!(s, "  #{}  {}", r.seq, clean(&r.event));
+    match (r.role.as_deref(), &r.agent) {
+        (Some("owner"), _) => s.push_str("  owner"),
+        (_, Some(name)) => {
+            let _ = write!(s, "  agent={}", clean(name));
+        }
+        (Some(other), None) => {
+            let _ = write!(s, "  role={}", clean(other));
+        }
+        (None, None) => {}
+    }
     for (key, value) in [
-        ("agent", &r.agent),
+        ("session", &r.session),
         ("service", &r.service),
         ("delivery", &r.delivery),
     ] {
@@ -196,25 +206,10 @@ fn human(r: &Record) -> String {
     s
 }
 
-/// Escapes control and bidi-override characters, so an edited log cannot drive the terminal or
-/// disguise a line.
-fn clean(s: &str) -> String {
-    let risky = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !s.chars().any(risky) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if risky(c) {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+/// Escapes what could drive the terminal or disguise a line (an edited log is anyone's text):
+/// the one escaping function of every owner-facing display.
+fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    agentkeys_proto::display::escape(s)
 }
 
 #[cfg(test)]
@@ -227,7 +222,9 @@ mod tests {
             ts: 1_795_482_123_456_789,
             seq: 12,
             event: "deliver".into(),
+            role: Some("agent".into()),
             agent: Some("ci-bot".into()),
+            session: Some("s-0123456789ab".into()),
             service: Some("github".into()),
             delivery: Some("fd".into()),
             degraded: false,
@@ -247,13 +244,25 @@ mod tests {
         assert_eq!(
             human(&rec()),
             format!(
-                "{ts}  #12  deliver  agent=ci-bot  service=github  delivery=fd  peer=1000/4242  ok"
+                "{ts}  #12  deliver  agent=ci-bot  session=s-0123456789ab  service=github  delivery=fd  peer=1000/4242  ok"
             )
+        );
+        let r = Record {
+            role: Some("owner".into()),
+            agent: None,
+            ..rec()
+        };
+        assert!(
+            human(&r).contains("  deliver  owner  session=s-0123456789ab  "),
+            "{}",
+            human(&r)
         );
         let r = Record {
             degraded: true,
             detail: Some("fallback memfd".into()),
+            role: None,
             agent: None,
+            session: None,
             peer: None,
             ..rec()
         };

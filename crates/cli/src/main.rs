@@ -137,6 +137,15 @@ enum Command {
         /// The code the requester was shown.
         code: String,
     },
+    /// List the grants the owner gave for high-value services; `grants revoke` withdraws them.
+    #[command(args_conflicts_with_subcommands = true)]
+    Grants {
+        #[command(subcommand)]
+        action: Option<GrantsAction>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a stored service.
     Delete {
         /// Service name.
@@ -191,6 +200,22 @@ enum DaemonAction {
     },
     /// Stop agentkeysd.
     Stop,
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantsAction {
+    /// Withdraw a grant by its id (`g7`), every grant of an agent, or all of them.
+    Revoke {
+        /// The grant's id, as `agentkeys grants` shows it.
+        #[arg(required_unless_present_any = ["agent", "all"], conflicts_with_all = ["agent", "all"])]
+        id: Option<String>,
+        /// Every grant of this agent (all its sessions).
+        #[arg(long, conflicts_with = "all")]
+        agent: Option<String>,
+        /// Every grant.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,6 +376,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pending { json } => approve_cmd::pending(&caller, json),
         Command::Approve { code, window } => approve_cmd::approve(&caller, &code, window),
         Command::Deny { code } => approve_cmd::deny(&caller, &code),
+        Command::Grants { action, json } => match action {
+            None => approve_cmd::grants(&caller, json),
+            Some(GrantsAction::Revoke { id, agent, all }) => {
+                let which = match (id, agent, all) {
+                    (Some(id), _, _) => approve_cmd::Which::One(id),
+                    (None, Some(name), _) => approve_cmd::Which::Agent(name),
+                    (None, None, _) => approve_cmd::Which::All,
+                };
+                approve_cmd::revoke_grants(&caller, which)
+            }
+        },
         Command::Delete { service } => vault_cmd::delete(&caller, &service),
         Command::Agent { action } => match action {
             AgentAction::Add {

@@ -34,6 +34,7 @@ pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
                 identity: identity.id,
                 role: Role::Owner,
                 agent: None,
+                session: Some(s.token.hash().session_id()),
                 scope: s.scope.clone(),
                 created: s.created,
                 expires: s.expires,
@@ -59,6 +60,9 @@ pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
     match (&info.role, &info.agent) {
         (Role::Agent, Some(name)) => writeln!(out, "role      agent {name}")?,
         _ => writeln!(out, "role      owner")?,
+    }
+    if let Some(session) = &info.session {
+        writeln!(out, "session   {session}")?;
     }
     writeln!(out, "scope     {}", info.scope.join(","))?;
     if let Some(uid) = info.uid {

@@ -5,9 +5,11 @@
 //! - [`conn`]: one SOCK_SEQPACKET connection, packets with SCM_RIGHTS fds, caps enforced.
 //! - [`client`]: connect, hello with a session token, requests.
 //! - [`paths`]: where the socket is.
+//! - [`display`]: escaping text someone else chose before it reaches the owner's terminal.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod conn;
+pub mod display;
 pub mod paths;
 pub mod wire;

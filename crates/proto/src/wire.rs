@@ -125,6 +125,21 @@ pub enum RequestBody {
         /// The code shown to the requester.
         code: String,
     },
+    /// Live grants for high-value services (owner only).
+    ListGrants {},
+    /// Withdraw grants (owner only): exactly one of `id` (`g7`), `agent` (every grant of the
+    /// agent's sessions) or `all`.
+    RevokeGrants {
+        /// One grant, by id.
+        #[serde(default)]
+        id: Option<String>,
+        /// Every grant of this agent.
+        #[serde(default)]
+        agent: Option<String>,
+        /// Every grant.
+        #[serde(default)]
+        all: bool,
+    },
 }
 
 fn yes() -> bool {
@@ -146,6 +161,8 @@ pub const REQUEST_KINDS: &[&str] = &[
     "list_pending",
     "approve",
     "deny",
+    "list_grants",
+    "revoke_grants",
 ];
 
 impl RequestBody {
@@ -165,6 +182,8 @@ impl RequestBody {
             RequestBody::ListPending {} => "list_pending",
             RequestBody::Approve { .. } => "approve",
             RequestBody::Deny { .. } => "deny",
+            RequestBody::ListGrants {} => "list_grants",
+            RequestBody::RevokeGrants { .. } => "revoke_grants",
         }
     }
 }
@@ -200,6 +219,10 @@ pub struct SessionInfo {
     /// The agent's name (agents only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The id of this exact session (`s-` and 12 hex digits): names it in audit records,
+    /// `agentkeys pending` and `agentkeys grants`. Not a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// Services the session may use (`*` for all).
     pub scope: Vec<String>,
     /// Unix seconds.
@@ -232,16 +255,47 @@ pub struct ServiceInfo {
 pub struct PendingInfo {
     /// The code.
     pub code: String,
-    /// Who asked.
-    pub agent: String,
+    /// Whether the owner or an agent asked.
+    pub role: Role,
+    /// The agent that asked (absent when the owner did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The id of the exact session that asked.
+    pub session: String,
     /// For which service.
     pub service: String,
-    /// For `run`: the command line (as the requester gave it).
+    /// For `run`: the arguments (shell-quoted) and the working directory, as the requester
+    /// gave them, cut to a bounded length; raw text: escape it before showing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// Seconds since the request.
     pub age_secs: u64,
     /// Seconds until it expires.
+    pub expires_in_secs: u64,
+}
+
+/// One live grant for a high-value service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// `g` and a number: what `agentkeys grants revoke` takes.
+    pub id: String,
+    /// Whether it was granted to the owner or to an agent.
+    pub role: Role,
+    /// The agent (absent for the owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The id of the exact session it belongs to.
+    pub session: String,
+    /// The service (several, joined by `,`, for one `run`).
+    pub service: String,
+    /// For `run`: the command it covers (raw text: escape it before showing it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Single use (else a window).
+    pub once: bool,
+    /// Seconds since it was granted.
+    pub age_secs: u64,
+    /// Seconds until it ends (a once-grant lapses unused then).
     pub expires_in_secs: u64,
 }
 
@@ -317,6 +371,16 @@ pub enum ResponseBody {
         /// Open requests.
         requests: Vec<PendingInfo>,
     },
+    /// Answer to `list_grants`.
+    GrantList {
+        /// Live grants.
+        grants: Vec<GrantInfo>,
+    },
+    /// Answer to `revoke_grants`: how many grants were withdrawn.
+    GrantsRevoked {
+        /// How many.
+        count: usize,
+    },
     /// The request was carried out.
     Done,
     /// The request failed.
@@ -342,6 +406,8 @@ impl ResponseBody {
             ResponseBody::RunExit { .. } => "run_exit",
             ResponseBody::Pending { .. } => "pending",
             ResponseBody::PendingList { .. } => "pending_list",
+            ResponseBody::GrantList { .. } => "grant_list",
+            ResponseBody::GrantsRevoked { .. } => "grants_revoked",
             ResponseBody::Done => "done",
             ResponseBody::Error { .. } => "error",
         }

@@ -145,11 +145,44 @@ struct AgentIn<'a> {
     token_hash: &'a str,
 }
 
-/// Validates an agent name: `[a-z0-9][a-z0-9_-]{0,63}`.
+/// Names the daemon uses for itself or for the owner: no agent may be called one of them, so
+/// that no record, listing or message can make an agent look like the owner or like agentkeys.
+/// (Owner and agents are different kinds everywhere; these names are reserved on top of that,
+/// for the humans reading.)
+pub const RESERVED_AGENT_NAMES: &[&str] = &[
+    "owner",
+    "root",
+    "daemon",
+    "system",
+    "agentkeys",
+    "agentkeysd",
+    "launcher",
+    "jail",
+    "proxy",
+    "remote",
+];
+
+/// Validates an agent name: `[a-z0-9][a-z0-9_-]{0,63}`, not one of [`RESERVED_AGENT_NAMES`].
 ///
 /// # Errors
-/// [`StateError::InvalidName`] saying which rule it breaks (without repeating it).
+/// [`StateError::InvalidName`] saying which rule it breaks (without repeating it, unless it is
+/// a reserved name).
 pub fn validate_agent_name(name: &str) -> Result<(), StateError> {
+    check_agent_syntax(name)?;
+    if RESERVED_AGENT_NAMES.contains(&name) {
+        return Err(StateError::InvalidName {
+            kind: "agent",
+            detail: format!(
+                "{name:?} is reserved for agentkeys itself or the owner; choose another name"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The syntax rule alone: what `revoke` accepts, so that an agent registered under a name that
+/// was reserved later can still be revoked.
+fn check_agent_syntax(name: &str) -> Result<(), StateError> {
     check_name(
         "agent",
         name,
@@ -341,7 +374,7 @@ fn begin_write(home: &Home, dek: &Dek) -> Result<(StateLock, AgentRegistry), Sta
 /// [`StateError::NoSuchAgent`]; [`StateError::NotInitialized`]; [`StateError::DekWrong`]; file
 /// and lock errors.
 pub fn revoke_agent(home: &Home, dek: &Dek, name: &str) -> Result<AgentRecord, StateError> {
-    validate_agent_name(name)?;
+    check_agent_syntax(name)?;
     let (_lock, mut reg) = begin_write(home, dek)?;
     let now = crate::now()?;
     let Some(rec) = reg.agents.iter_mut().find(|a| a.name == name) else {
@@ -451,7 +484,16 @@ mod tests {
     fn agent_input_validation_changes_nothing() {
         let (_t, home, dek) = initialized("agentval");
         let day = Duration::from_secs(86400);
-        for bad in ["", "Bot", "-bot", "bot.x", "bot name", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "Bot",
+            "-bot",
+            "bot.x",
+            "bot name",
+            &"a".repeat(65),
+            "owner",
+            "agentkeysd",
+        ] {
             assert!(
                 matches!(
                     add_agent(&home, &dek, bad, &scope(&["*"]), day, None),

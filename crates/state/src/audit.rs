@@ -5,13 +5,15 @@
 //! a secret, token or token hash: [`Event`] has no field that could carry one.
 //!
 //! ```text
-//! {"ts":1795482123456789,"seq":12,"event":"deliver","agent":"ci-bot","service":"github","delivery":"fd","peer":{"uid":1000,"pid":4242},"outcome":"ok","prev":"5e1f…"}
+//! {"ts":1795482123456789,"seq":12,"event":"deliver","role":"agent","agent":"ci-bot","session":"s-3f9c0a51e2b7","service":"github","delivery":"fd","peer":{"uid":1000,"pid":4242},"outcome":"ok","prev":"5e1f…"}
 //! ```
 //!
-//! Fields, in this order: `ts` (µs since the epoch), `seq` (1, 2, 3, …), `event`, `agent`,
-//! `service`, `delivery`, `degraded` (only when true), `peer`, `outcome`, `detail` (optional
-//! fields are left out when unset), and `prev`: the hex SHA-256 of the previous line's exact
-//! bytes without its newline, 64 zeros for the first record.
+//! Fields, in this order: `ts` (µs since the epoch), `seq` (1, 2, 3, …), `event`, `role`
+//! (`owner` or `agent`: who acted, a kind, never told apart by a name), `agent` (the agent's
+//! name, only for `role` `agent`), `session` (the id of the exact session: see
+//! `TokenHash::session_id`), `service`, `delivery`, `degraded` (only when true), `peer`,
+//! `outcome`, `detail` (optional fields are left out when unset), and `prev`: the hex SHA-256 of
+//! the previous line's exact bytes without its newline, 64 zeros for the first record.
 //!
 //! # What the chain shows, and what it cannot
 //!
@@ -83,6 +85,24 @@ pub struct Peer {
     pub pid: i32,
 }
 
+/// Who acted: the owner or an agent, each with the id of the exact session
+/// (`TokenHash::session_id`). A kind, not a name: an agent can never pass for the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who<'a> {
+    /// The owner's session.
+    Owner {
+        /// Its session id.
+        session: &'a str,
+    },
+    /// An agent's session.
+    Agent {
+        /// The agent's name.
+        name: &'a str,
+        /// Its session id.
+        session: &'a str,
+    },
+}
+
 /// What the daemon records, the input of [`AuditLog::append`]. Names only: never a secret, token
 /// or token hash.
 ///
@@ -91,8 +111,8 @@ pub struct Peer {
 pub struct Event<'a> {
     /// What happened: `fetch`, `deliver`, `drop`, `evict`, `deny`, `cache_hit`, `run_start`, ….
     pub event: &'a str,
-    /// `owner`, or the agent's name.
-    pub agent: Option<&'a str>,
+    /// Who acted (none for the daemon's own events: evictions, expiries).
+    pub who: Option<Who<'a>>,
     /// The service.
     pub service: Option<&'a str>,
     /// How it was delivered: `fd`, `inline`, `env` or `file`.
@@ -117,9 +137,15 @@ pub struct Record {
     pub seq: u64,
     /// What happened.
     pub event: String,
-    /// `owner` or the agent's name.
+    /// `owner` or `agent`: the kind of session that acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The agent's name (only when `role` is `agent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The id of the session that acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// The service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
@@ -322,7 +348,9 @@ impl AuditLog {
             ts: now_micros().map_err(|reason| self.unavailable(reason))?,
             seq: self.next_seq,
             event: "recover".into(),
+            role: None,
             agent: None,
+            session: None,
             service: None,
             delivery: None,
             degraded: false,
@@ -416,11 +444,18 @@ impl AuditLog {
         if let Some(d) = ev.delivery {
             check_name("delivery", d).map_err(|r| self.unavailable(r))?;
         }
+        let (role, agent, session) = match ev.who {
+            None => (None, None, None),
+            Some(Who::Owner { session }) => (Some("owner"), None, Some(session)),
+            Some(Who::Agent { name, session }) => (Some("agent"), Some(name), Some(session)),
+        };
         let record = Record {
             ts: now_micros().map_err(|r| self.unavailable(r))?,
             seq: self.next_seq,
             event: ev.event.to_owned(),
-            agent: ev.agent.map(str::to_owned),
+            role: role.map(str::to_owned),
+            agent: agent.map(str::to_owned),
+            session: session.map(str::to_owned),
             service: ev.service.map(str::to_owned),
             delivery: ev.delivery.map(str::to_owned),
             degraded: ev.degraded,
@@ -1036,7 +1071,10 @@ mod tests {
     fn fetch(service: &str) -> Event<'_> {
         Event {
             event: "fetch",
-            agent: Some("ci-bot"),
+            who: Some(Who::Agent {
+                name: "ci-bot",
+                session: "s-0123456789ab",
+            }),
             service: Some(service),
             peer: Some(Peer {
                 uid: 1000,
@@ -1141,7 +1179,10 @@ mod tests {
         let mut log = AuditLog::open(&t.home()).unwrap();
         let full = Event {
             event: "deliver",
-            agent: Some("ci-bot"),
+            who: Some(Who::Agent {
+                name: "ci-bot",
+                session: "s-0123456789ab",
+            }),
             service: Some("github"),
             delivery: Some("fd"),
             degraded: true,
@@ -1160,12 +1201,31 @@ mod tests {
                 ..Event::default()
             })
             .unwrap();
+        let r3 = log
+            .append(&Event {
+                event: "approve",
+                who: Some(Who::Owner {
+                    session: "s-aaaaaaaaaaaa",
+                }),
+                outcome: "ok",
+                ..Event::default()
+            })
+            .unwrap();
         let lines = lines_of(log.path());
         let zeros = "0".repeat(64);
+        // The owner is a kind (`role`), never an `agent` name.
+        assert_eq!(
+            String::from_utf8(lines[2].clone()).unwrap(),
+            format!(
+                r#"{{"ts":{},"seq":3,"event":"approve","role":"owner","session":"s-aaaaaaaaaaaa","outcome":"ok","prev":"{}"}}"#,
+                r3.ts,
+                hex(&sha256(&lines[1]))
+            )
+        );
         assert_eq!(
             String::from_utf8(lines[0].clone()).unwrap(),
             format!(
-                r#"{{"ts":{},"seq":1,"event":"deliver","agent":"ci-bot","service":"github","delivery":"fd","degraded":true,"peer":{{"uid":1000,"pid":4242}},"outcome":"ok","detail":"fallback memfd","prev":"{zeros}"}}"#,
+                r#"{{"ts":{},"seq":1,"event":"deliver","role":"agent","agent":"ci-bot","session":"s-0123456789ab","service":"github","delivery":"fd","degraded":true,"peer":{{"uid":1000,"pid":4242}},"outcome":"ok","detail":"fallback memfd","prev":"{zeros}"}}"#,
                 r1.ts
             )
         );
@@ -1185,8 +1245,8 @@ mod tests {
         let mut all = keys(&lines[0]);
         all.sort();
         let mut want = vec![
-            "ts", "seq", "event", "agent", "service", "delivery", "degraded", "peer", "outcome",
-            "detail", "prev",
+            "ts", "seq", "event", "role", "agent", "session", "service", "delivery", "degraded",
+            "peer", "outcome", "detail", "prev",
         ];
         want.sort_unstable();
         assert_eq!(all, want);

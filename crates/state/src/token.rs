@@ -131,6 +131,27 @@ impl TokenHash {
         bool::from(self.0.ct_eq(&other.0))
     }
 
+    /// The id of the session this token opens: `s-` and 12 hex digits of SHA-256 over a fixed
+    /// label and this hash. It names one exact session in audit records, `agentkeys grants` and
+    /// `agentkeys pending` (an agent added again under the same name gets a new one). It is a
+    /// one-way function of the hash, which is one of a token of 256 random bits, so it may be
+    /// shown: it helps find neither. Only the daemon's own comparisons decide who a session is,
+    /// and they use the whole hash.
+    pub fn session_id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"agentkeys session id v1\0");
+        h.update(self.0);
+        let d = h.finalize();
+        let mut s = String::with_capacity(14);
+        s.push_str("s-");
+        for b in &d[..6] {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+        s
+    }
+
     /// Lowercase hex, for the sealed registry only.
     pub(crate) fn to_hex(&self) -> Zeroizing<String> {
         let mut s = Zeroizing::new(String::with_capacity(64));
@@ -291,5 +312,19 @@ mod tests {
         // Known answer: SHA-256 of the token bytes.
         let expect: [u8; 32] = Sha256::digest(t.expose().as_bytes()).into();
         assert_eq!(h.bytes(), &expect);
+    }
+
+    #[test]
+    fn session_ids_are_stable_distinct_and_not_the_hash() {
+        let t = SessionToken::generate().unwrap();
+        let id = t.hash().session_id();
+        assert_eq!(id, t.hash().session_id(), "stable");
+        assert!(id.starts_with("s-") && id.len() == 14, "{id}");
+        assert!(id[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        let other = SessionToken::generate().unwrap().hash().session_id();
+        assert_ne!(id, other);
+        // Not a piece of the hash's hex, nor of the token.
+        assert!(!t.hash().to_hex().contains(&id[2..]));
+        assert!(!t.expose().contains(&id[2..]));
     }
 }
