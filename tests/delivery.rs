@@ -63,7 +63,13 @@ fn audit_lifecycle_logged() {
     assert_eq!(kinds, ["fetch", "deliver", "drop"], "{recs:?}");
     assert_eq!(recs[1]["delivery"], "fd");
     for r in &recs {
-        assert_eq!(r["agent"], "owner");
+        // The owner is a kind, with its session; never an agent name.
+        assert_eq!(r["role"], "owner", "{r}");
+        assert!(r.get("agent").is_none(), "{r}");
+        assert!(
+            r["session"].as_str().is_some_and(|s| s.starts_with("s-")),
+            "{r}"
+        );
         assert!(
             r["peer"]["uid"].is_u64() && r["peer"]["pid"].as_i64().unwrap() > 0,
             "{r}"

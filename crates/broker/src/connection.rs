@@ -196,7 +196,7 @@ pub async fn run(
     if !send(
         &conn,
         req.id,
-        ResponseBody::Welcome(shared.sessions.info(&principal)),
+        ResponseBody::Welcome(Box::new(shared.sessions.info(&principal))),
     )
     .await
     {
@@ -408,7 +408,7 @@ async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBo
             ErrorCode::BadRequest,
             "this connection is already authenticated",
         )),
-        RequestBody::Whoami {} => ok(ResponseBody::Whoami(shared.sessions.info(p))),
+        RequestBody::Whoami {} => ok(ResponseBody::Whoami(Box::new(shared.sessions.info(p)))),
         RequestBody::Status {} => ok(ResponseBody::Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -460,10 +460,7 @@ async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBo
 
 fn list_pending(shared: &Shared) -> ResponseBody {
     let requests = shared
-        .approvals
-        .lock()
-        .expect("approvals")
-        .list()
+        .with_approvals(None, |a| a.list())
         .into_iter()
         .map(|l| agentkeys_proto::wire::PendingInfo {
             code: l.code,
@@ -481,10 +478,7 @@ fn list_pending(shared: &Shared) -> ResponseBody {
 
 fn list_grants(shared: &Shared) -> ResponseBody {
     let grants = shared
-        .approvals
-        .lock()
-        .expect("approvals")
-        .grants()
+        .with_approvals(None, |a| a.grants())
         .into_iter()
         .map(|g| agentkeys_proto::wire::GrantInfo {
             id: g.id,
@@ -522,14 +516,7 @@ fn revoke_grants(
             );
         }
     };
-    let (count, ended) = {
-        let mut a = shared.approvals.lock().expect("approvals");
-        let count = a.revoke(which);
-        (count, a.take_ended())
-    };
-    for e in &ended {
-        shared.audit_ended(e, Some(peer));
-    }
+    let count = shared.with_approvals(Some(peer), |a| a.revoke(which));
     if count == 0 && matches!(which, Withdraw::One(_)) {
         return error(
             ErrorCode::NotFound,
@@ -571,15 +558,12 @@ fn decide(
             "only the owner may approve or deny requests",
         );
     }
-    let result = {
-        let mut a = shared.approvals.lock().expect("approvals");
-        match approve {
-            Some(window) => a
-                .approve(code, window.map(std::time::Duration::from_secs))
-                .map(|(s, g)| (s, Some(g))),
-            None => a.deny(code).map(|s| (s, None)),
-        }
-    };
+    let result = shared.with_approvals(None, |a| match approve {
+        Some(window) => a
+            .approve(code, window.map(std::time::Duration::from_secs))
+            .map(|(s, g)| (s, Some(g))),
+        None => a.deny(code).map(|s| (s, None)),
+    });
     match result {
         Ok((subject, grant)) => {
             let whom = subject.principal.label();

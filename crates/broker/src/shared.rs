@@ -17,7 +17,7 @@ use agentkeys_state::vault::{VaultIndex, vault_stamp};
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
-use crate::approvals::{Check, Ended, Subject};
+use crate::approvals::{Approvals, Check, Ended, Subject};
 use crate::cache::{Cache, EvictReason};
 use crate::config::DaemonConfig;
 use crate::keys::KeyPage;
@@ -51,6 +51,7 @@ pub struct Shared {
     /// The launcher, once the runtime runs (`run` is refused before).
     pub launcher: std::sync::OnceLock<Arc<crate::launch::LauncherLink>>,
     /// Pending approval requests and grants for high-value services.
+    /// Use [`Shared::with_approvals`], which audits what ends.
     pub approvals: Mutex<crate::approvals::Approvals>,
     /// Remote backends (OpenBao / Vault) and the services mapped onto them.
     pub backends: crate::backends::Backends,
@@ -214,11 +215,8 @@ impl Shared {
             outcome,
             detail,
         };
-        let check = self
-            .approvals
-            .lock()
-            .expect("approvals")
-            .check(&subject, run.map(|(_, c)| c.to_string()));
+        let check =
+            self.with_approvals(None, |a| a.check(&subject, run.map(|(_, c)| c.to_string())));
         match check {
             Check::Granted { grant, consumed } => {
                 let d = format!(
@@ -277,20 +275,31 @@ impl Shared {
     /// (revoked, expired, replaced); each is audited (`expired`, `request_withdrawn`,
     /// `grant_expired`, `grant_revoked`). Called every second and after a state reload.
     pub fn sweep_approvals(&self) {
-        let ended = {
-            let mut a = self.approvals.lock().expect("approvals");
+        self.with_approvals(None, |a| {
             a.prune(|p| self.sessions.check(p, None).err().map(|e| e.ended()));
             a.sweep();
-            a.take_ended()
+        });
+    }
+
+    /// Runs `f` on the approval table, then audits whatever ended meanwhile (whichever
+    /// operation noticed it first: a check, a listing, a decision, the tick), after the lock
+    /// is released. `peer` is the owner's process when the owner ends something (withdrawing a
+    /// grant); `None` when it ended by itself.
+    pub fn with_approvals<T>(&self, peer: Option<Peer>, f: impl FnOnce(&mut Approvals) -> T) -> T {
+        let (out, ended) = {
+            let mut a = self.approvals.lock().expect("approvals");
+            let out = f(&mut a);
+            (out, a.take_ended())
         };
-        for e in ended {
-            self.audit_ended(&e, None);
+        for e in &ended {
+            self.audit_ended(e, peer);
         }
+        out
     }
 
     /// The audit record of something that ended in the approval table. `peer` is the owner's
     /// process when the owner caused it.
-    pub fn audit_ended(&self, e: &Ended, peer: Option<Peer>) {
+    fn audit_ended(&self, e: &Ended, peer: Option<Peer>) {
         let (event, subject, detail) = match e {
             Ended::RequestExpired(s) => ("expired", s, "approval request expired".to_string()),
             Ended::RequestWithdrawn(s, why) => (

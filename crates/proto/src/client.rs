@@ -149,7 +149,7 @@ impl Client {
             });
         }
         match self.recv().await?.body {
-            ResponseBody::Welcome(info) => Ok(info),
+            ResponseBody::Welcome(info) => Ok(*info),
             other => Err(unexpected(&other)),
         }
     }

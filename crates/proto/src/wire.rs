@@ -303,10 +303,10 @@ pub struct GrantInfo {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ResponseBody {
-    /// Hello accepted.
-    Welcome(SessionInfo),
+    /// Hello accepted (boxed: the largest answer, kept off every other one's size).
+    Welcome(Box<SessionInfo>),
     /// Answer to `whoami`.
-    Whoami(SessionInfo),
+    Whoami(Box<SessionInfo>),
     /// Answer to `status`.
     Status {
         /// agentkeysd's version.
