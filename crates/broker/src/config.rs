@@ -134,6 +134,17 @@ fn default_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+impl DaemonConfig {
+    /// The machine features this configuration makes required, for the self-test.
+    pub fn requirements(&self) -> agentkeys_hardening::selftest::Requirements {
+        agentkeys_hardening::selftest::Requirements {
+            secretmem: self.require_secretmem,
+            pkeys: self.require_pkeys,
+            ptrace_scope: self.require_ptrace_scope,
+        }
+    }
+}
+
 /// Bounds on a backend's request timeout.
 const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(120));
 
@@ -148,6 +159,9 @@ pub struct DaemonConfig {
     pub require_ptrace_scope: bool,
     /// Refuse the sealed-memfd fallback when memfd_secret is unavailable.
     pub require_secretmem: bool,
+    /// Refuse to start without memory protection keys (an optional CPU feature otherwise:
+    /// without it the DEK and cached secrets are plain secret pages).
+    pub require_pkeys: bool,
     /// Most client connections open at once.
     pub max_connections: usize,
     /// Most connections that have not said hello yet; the oldest is dropped beyond this.
@@ -169,6 +183,7 @@ impl Default for DaemonConfig {
             idle_ttl: Duration::from_secs(60),
             require_ptrace_scope: false,
             require_secretmem: false,
+            require_pkeys: false,
             max_connections: 512,
             max_pending: 64,
             handshake_timeout: Duration::from_secs(10),

@@ -597,7 +597,11 @@ fn decide(
 
 /// The daemon's own report, made inside its sandbox, plus what only the daemon knows.
 pub fn daemon_report(shared: &Shared) -> Report {
-    let mut r = Report::for_current_process("agentkeysd");
+    let mut r = Report::for_current_process_with(
+        "agentkeysd",
+        agentkeys_hardening::selftest::Role::Daemon,
+        shared.cfg.requirements(),
+    );
     r.push(
         "keystore",
         keystore_status(&shared.keystore_detail),

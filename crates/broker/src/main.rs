@@ -18,7 +18,7 @@ use agentkeys_broker::startup::{self, StartupOptions};
 use agentkeys_hardening::alloc::WipingAllocator;
 use agentkeys_hardening::page::PagePolicy;
 use agentkeys_hardening::process::{self, Detached};
-use agentkeys_hardening::selftest::{Report, Status};
+use agentkeys_hardening::selftest::{Report, Role};
 use agentkeys_state::audit::AuditLog;
 use agentkeys_state::home::Home;
 use agentkeys_state::identity::load_identity;
@@ -50,8 +50,10 @@ struct Args {
     /// Config file (default: $AGENTKEYS_HOME/config.toml, optional).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Run the full start-up hardening, print the self-test report, and exit
-    /// (0 when nothing is missing). Needs no initialized state.
+    /// Run the full start-up hardening, print the self-test report, and exit: 0 when every
+    /// required protection is in place (optional machine features, such as memory protection
+    /// keys, may be missing; config.toml's require_* keys make them required). Needs no
+    /// initialized state.
     #[arg(long)]
     self_test: bool,
     /// With --self-test: print JSON.
@@ -64,6 +66,8 @@ const EX_CONFIG: u8 = 78;
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
+    // Before anything reads the environment or allocates a key (see the switch's docs).
+    agentkeys_hardening::pkey::init_from_env();
     let args = Args::parse();
     let opts = StartupOptions {
         allow_debugger: args.allow_debugger,
@@ -71,7 +75,7 @@ fn main() -> ExitCode {
         keep_fds: Vec::new(),
     };
     if args.self_test {
-        return self_test(&opts, args.json);
+        return self_test(&args, opts);
     }
     match run(args, opts) {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,8 +88,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn self_test(opts: &StartupOptions, json: bool) -> ExitCode {
-    let hardened = match startup::harden(opts) {
+/// `--self-test`: the start-up hardening, then the report. The configuration (when there is
+/// one) says which machine features are required.
+fn self_test(args: &Args, opts: StartupOptions) -> ExitCode {
+    let cfg = match self_test_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentkeysd: refusing to start: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let opts = StartupOptions {
+        require_ptrace_scope: opts.require_ptrace_scope || cfg.daemon.require_ptrace_scope,
+        ..opts
+    };
+    let hardened = match startup::harden(&opts) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("agentkeysd: refusing to start: {e}");
@@ -95,8 +112,10 @@ fn self_test(opts: &StartupOptions, json: bool) -> ExitCode {
     for w in &hardened.warnings {
         eprintln!("agentkeysd: WARNING: {w}");
     }
-    let report = Report::for_current_process("agentkeysd");
-    if json {
+    let mut reqs = cfg.daemon.requirements();
+    reqs.ptrace_scope = opts.require_ptrace_scope;
+    let report = Report::for_current_process_with("agentkeysd", Role::Daemon, reqs);
+    if args.json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
             Err(e) => {
@@ -107,11 +126,28 @@ fn self_test(opts: &StartupOptions, json: bool) -> ExitCode {
     } else {
         print!("{}", report.to_table());
     }
-    if report.worst() == Status::Missing {
-        ExitCode::FAILURE
-    } else {
+    let failures = report.failures();
+    if failures.is_empty() {
         ExitCode::SUCCESS
+    } else {
+        let names: Vec<&str> = failures.iter().map(|i| i.name.as_str()).collect();
+        eprintln!(
+            "agentkeysd: self-test failed: required but not in place: {}",
+            names.join(", ")
+        );
+        ExitCode::FAILURE
     }
+}
+
+/// The configuration `--self-test` checks against: `--config`, else `config.toml` in the home
+/// when there is one, else the defaults.
+fn self_test_config(args: &Args) -> Result<Config, String> {
+    let path = match (&args.config, Home::resolve()) {
+        (Some(p), _) => p.clone(),
+        (None, Ok(home)) => home.path("config.toml"),
+        (None, Err(_)) => return Ok(Config::default()),
+    };
+    Config::load(&path, args.config.is_some()).map_err(|e| e.to_string())
 }
 
 fn init_logging() {
@@ -178,6 +214,15 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         if args.foreground {
             eprintln!("agentkeysd: WARNING: {w}");
         }
+    }
+
+    if cfg.daemon.require_pkeys
+        && let Err(e) = agentkeys_hardening::pkey::supported()
+    {
+        return Err(format!(
+            "require_pkeys = true in config.toml, but {e}; remove the key to run without them \
+             (the DEK and cached secrets are then plain secret pages)"
+        ));
     }
 
     // The launcher, before anything secret is loaded (it inherits no key page or state fd) and

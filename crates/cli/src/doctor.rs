@@ -45,7 +45,8 @@ fn daemon_report(caller: &Caller) -> Result<serde_json::Value, String> {
 }
 
 pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
-    let mut mine = Report::for_current_process("agentkeys");
+    let mut mine =
+        Report::for_current_process("agentkeys", agentkeys_hardening::selftest::Role::Client);
     if let Ok(home) = ctx::home()
         && let Ok(id) = agentkeys_state::identity::load_identity(&home)
     {
@@ -107,15 +108,37 @@ fn write_table(out: &mut impl Write, r: &serde_json::Value) -> std::io::Result<(
         r["process"].as_str().unwrap_or("agentkeysd"),
         r["pid"]
     )?;
-    writeln!(out, "  {:<w$}  {:<8}  DETAIL", "ITEM", "STATUS")?;
+    writeln!(
+        out,
+        "  {:<w$}  {:<8}  {:<8}  DETAIL",
+        "ITEM", "STATUS", "NEED"
+    )?;
+    let (mut failed, mut weaker) = (Vec::new(), Vec::new());
     for i in &items {
+        let name = i["name"].as_str().unwrap_or("?");
+        let status = i["status"].as_str().unwrap_or("?");
+        let required = i["required"].as_bool().unwrap_or(false);
         writeln!(
             out,
-            "  {:<w$}  {:<8}  {}",
-            i["name"].as_str().unwrap_or("?"),
-            i["status"].as_str().unwrap_or("?"),
+            "  {:<w$}  {:<8}  {:<8}  {}",
+            name,
+            status,
+            if required { "required" } else { "optional" },
             i["detail"].as_str().unwrap_or("")
         )?;
+        if status != "ok" {
+            if required { &mut failed } else { &mut weaker }.push(name);
+        }
     }
+    // The same summary line as `Report::summary`.
+    if failed.is_empty() {
+        write!(out, "  required: all ok")?;
+    } else {
+        write!(out, "  required but not in place: {}", failed.join(", "))?;
+    }
+    if !weaker.is_empty() {
+        write!(out, "; optional, not in place here: {}", weaker.join(", "))?;
+    }
+    writeln!(out)?;
     Ok(())
 }

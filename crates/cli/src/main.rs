@@ -420,6 +420,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
+    // Before anything reads the environment or allocates a key (see the switch's docs).
+    agentkeys_hardening::pkey::init_from_env();
     let result = harden_client().and_then(|()| run(Cli::parse()));
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,6 +43,21 @@ pub struct Pkey {
 
 static KEY: OnceLock<Result<Pkey, String>> = OnceLock::new();
 
+/// The test switch that hides protection keys from this process, as if the CPU had none.
+pub const HIDE_ENV: &str = "AGENTKEYS_HIDE_PKEYS";
+
+/// Whether [`HIDE_ENV`] was set when [`init_from_env`] ran (or at the first key allocation).
+static HIDDEN: OnceLock<bool> = OnceLock::new();
+
+/// Reads the [`HIDE_ENV`] switch (`AGENTKEYS_HIDE_PKEYS=1`) once. Binaries call it first thing
+/// in `main`, before their environment is cleaned: with it a host whose CPU has PKU runs the
+/// code paths of one without (CI draws hosts of both kinds; the suite must pass on each). It only
+/// ever takes a protection away, and every report says so (`pkeys`: missing, "hidden by
+/// AGENTKEYS_HIDE_PKEYS"); `[daemon] require_pkeys = true` refuses to start then.
+pub fn init_from_env() {
+    let _ = HIDDEN.get_or_init(|| std::env::var_os(HIDE_ENV).is_some_and(|v| v == "1"));
+}
+
 impl Pkey {
     /// The process-wide key for secret pages, allocated on first use with access denied.
     ///
@@ -62,6 +77,10 @@ impl Pkey {
 
 #[cfg(target_arch = "x86_64")]
 fn alloc() -> Result<Pkey, String> {
+    init_from_env();
+    if HIDDEN.get() == Some(&true) {
+        return Err(format!("hidden by {HIDE_ENV}=1 (a test switch)"));
+    }
     // CPUID leaf 7: ECX bit 3 is PKU (the CPU has keys), bit 4 OSPKE (the OS enabled them).
     let ecx = std::arch::x86_64::__cpuid_count(7, 0).ecx;
     if ecx & (1 << 3) == 0 {

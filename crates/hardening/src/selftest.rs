@@ -1,6 +1,14 @@
 //! The hardening self-test: one structured report of what protects a process, item by item,
-//! each `ok`, `degraded` or `missing` with a detail line. `agentkeys doctor` prints it as a
-//! table or JSON; `agentkeysd` logs it at start.
+//! each `ok`, `degraded` or `missing` with a detail line, and whether the item is *required*.
+//! `agentkeys doctor` prints it as a table or JSON; `agentkeysd` logs it at start.
+//!
+//! Required are the protections the process itself puts in place (for the daemon: dumpable,
+//! core limit, no_new_privs, seccomp, capabilities, tracer, the wiping allocator; for a client
+//! only those it applies to itself): one that is not `ok` is a failure. Features of the machine
+//! (`memfd_secret`, memory protection keys, Yama's `ptrace_scope`) are optional, the process
+//! degrades without them, unless the configuration makes them required ([`Requirements`]:
+//! `require_secretmem`, `require_pkeys`, `require_ptrace_scope`). [`Report::failures`] is what
+//! decides an exit status; a missing optional feature is reported, never a failure.
 //!
 //! [`Report::for_current_process`] asks the process itself (prctl, getrlimit, probes);
 //! [`Report::for_pid`] reads what `/proc/PID` shows of another process, which is enough for
@@ -45,6 +53,31 @@ pub struct Item {
     pub status: Status,
     /// What was found, in words.
     pub detail: String,
+    /// Whether anything but `ok` is a failure of this process (else the process runs without
+    /// it, weaker, and says so).
+    pub required: bool,
+}
+
+/// Which process a report is about: what it must have done to itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `agentkeysd`: every process-hardening step is required.
+    Daemon,
+    /// A client (`agentkeys`): it turns dumps off and runs on the wiping allocator; the sandbox
+    /// items apply to the daemon, not to it.
+    Client,
+}
+
+/// Machine features the configuration makes required (`[daemon] require_secretmem`,
+/// `require_pkeys`, `require_ptrace_scope`); all optional by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requirements {
+    /// `memfd_secret` (no degraded fallback).
+    pub secretmem: bool,
+    /// Memory protection keys.
+    pub pkeys: bool,
+    /// Yama's `ptrace_scope` at 1 or above.
+    pub ptrace_scope: bool,
 }
 
 /// A self-test report for one process.
@@ -63,6 +96,7 @@ fn item(name: &str, status: Status, detail: impl Into<String>) -> Item {
         name: name.to_string(),
         status,
         detail: detail.into(),
+        required: false,
     }
 }
 
@@ -155,25 +189,40 @@ fn ptrace_scope_item() -> Item {
     }
 }
 
-fn machine_items(items: &mut Vec<Item>) {
-    items.push(ptrace_scope_item());
-    items.push(match page::memfd_secret_available() {
+fn machine_items(items: &mut Vec<Item>, reqs: Requirements) {
+    items.push(Item {
+        required: reqs.ptrace_scope,
+        ..ptrace_scope_item()
+    });
+    let mut secretmem = match page::memfd_secret_available() {
         Ok(()) => item("memfd_secret", Status::Ok, "available"),
         Err(e) => item(
             "memfd_secret",
             Status::Degraded,
             format!("unavailable ({e}): secret pages fall back to sealed, mlocked memfds"),
         ),
-    });
-    items.push(match pkey::supported() {
+    };
+    secretmem.required = reqs.secretmem;
+    items.push(secretmem);
+    let mut pkeys = match pkey::supported() {
         Ok(()) => item("pkeys", Status::Ok, "memory protection keys available"),
         Err(e) => item("pkeys", Status::Missing, e.to_string()),
-    });
+    };
+    pkeys.required = reqs.pkeys;
+    items.push(pkeys);
 }
 
 impl Report {
-    /// The report of the calling process, as the process sees itself.
-    pub fn for_current_process(process: &str) -> Report {
+    /// The report of the calling process, as the process sees itself, with nothing of the
+    /// machine required (see [`Report::for_current_process_with`]).
+    pub fn for_current_process(process: &str, role: Role) -> Report {
+        Report::for_current_process_with(process, role, Requirements::default())
+    }
+
+    /// The report of the calling process, as the process sees itself: `role` says which
+    /// process-hardening items it must have, `reqs` which machine features the configuration
+    /// requires.
+    pub fn for_current_process_with(process: &str, role: Role, reqs: Requirements) -> Report {
         let mut items = Vec::with_capacity(12);
         items.push(match process::is_dumpable() {
             Ok(false) => item("dumpable", Status::Ok, "Dumpable 0"),
@@ -189,7 +238,7 @@ impl Report {
             Ok(st) => status_items(&st, &mut items),
             Err(e) => items.push(unreadable("status", "/proc/self/status", e)),
         }
-        machine_items(&mut items);
+        machine_items(&mut items, reqs);
         items.push(if alloc::active() {
             item(
                 "secure_allocator",
@@ -203,6 +252,23 @@ impl Report {
                 "WipingAllocator is not the global allocator",
             )
         });
+        let own: &[&str] = match role {
+            Role::Daemon => &[
+                "dumpable",
+                "rlimit_core",
+                "no_new_privs",
+                "seccomp",
+                "capabilities",
+                "tracer",
+                "secure_allocator",
+            ],
+            Role::Client => &["dumpable", "rlimit_core", "secure_allocator"],
+        };
+        for i in &mut items {
+            if own.contains(&i.name.as_str()) {
+                i.required = true;
+            }
+        }
         Report {
             process: process.to_string(),
             pid: std::process::id(),
@@ -246,6 +312,22 @@ impl Report {
             .unwrap_or(Status::Ok)
     }
 
+    /// Required items that are not `ok`: what makes a self-test fail.
+    pub fn failures(&self) -> Vec<&Item> {
+        self.items
+            .iter()
+            .filter(|i| i.required && i.status != Status::Ok)
+            .collect()
+    }
+
+    /// Optional items that are not `ok`: weaker, reported, not a failure.
+    pub fn weaker(&self) -> Vec<&Item> {
+        self.items
+            .iter()
+            .filter(|i| !i.required && i.status != Status::Ok)
+            .collect()
+    }
+
     /// A plain-text table: one row per item.
     pub fn to_table(&self) -> String {
         let w = self
@@ -256,16 +338,45 @@ impl Report {
             .unwrap_or(4)
             .max(4);
         let mut out = format!("{} (pid {})\n", self.process, self.pid);
-        let _ = writeln!(out, "  {:<w$}  {:<8}  DETAIL", "ITEM", "STATUS");
+        let _ = writeln!(
+            out,
+            "  {:<w$}  {:<8}  {:<8}  DETAIL",
+            "ITEM", "STATUS", "NEED"
+        );
         for i in &self.items {
             let _ = writeln!(
                 out,
-                "  {:<w$}  {:<8}  {}",
+                "  {:<w$}  {:<8}  {:<8}  {}",
                 i.name,
                 i.status.label(),
+                if i.required { "required" } else { "optional" },
                 i.detail
             );
         }
+        out.push_str(&self.summary());
+        out
+    }
+
+    /// One line (or two) saying whether every required item is in place and which optional
+    /// ones are not, e.g. `required: all ok; optional, not in place here: pkeys`.
+    pub fn summary(&self) -> String {
+        let names = |v: Vec<&Item>| {
+            v.iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let failures = self.failures();
+        let mut out = if failures.is_empty() {
+            "  required: all ok".to_string()
+        } else {
+            format!("  required but not in place: {}", names(failures))
+        };
+        let weaker = self.weaker();
+        if !weaker.is_empty() {
+            let _ = write!(out, "; optional, not in place here: {}", names(weaker));
+        }
+        out.push('\n');
         out
     }
 }
@@ -308,7 +419,7 @@ mod tests {
 
     #[test]
     fn report_has_every_design_item_and_serialises() {
-        let r = Report::for_current_process("test");
+        let r = Report::for_current_process("test", Role::Daemon);
         for name in [
             "dumpable",
             "rlimit_core",
@@ -333,15 +444,56 @@ mod tests {
                 .iter()
                 .all(|i| { matches!(i["status"].as_str(), Some("ok" | "degraded" | "missing")) })
         );
+        assert!(
+            json["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["required"].is_boolean())
+        );
         let table = r.to_table();
-        assert!(table.lines().count() == r.items.len() + 2, "{table}");
+        assert!(table.lines().count() == r.items.len() + 3, "{table}");
+    }
+
+    #[test]
+    fn machine_features_are_optional_unless_required() {
+        let r = Report::for_current_process("test", Role::Daemon);
+        for name in ["memfd_secret", "pkeys", "ptrace_scope", "locked_memory"] {
+            assert!(!r.get(name).unwrap().required, "{name}");
+        }
+        for name in ["dumpable", "seccomp", "capabilities", "secure_allocator"] {
+            assert!(r.get(name).unwrap().required, "{name}");
+        }
+        // The test harness has no seccomp filter: that is a failure of a daemon, not a client.
+        assert!(r.failures().iter().any(|i| i.name == "seccomp"));
+        let c = Report::for_current_process("test", Role::Client);
+        assert!(!c.get("seccomp").unwrap().required);
+        assert!(c.failures().iter().all(|i| i.name != "seccomp"));
+        // Required by configuration.
+        let all = Requirements {
+            secretmem: true,
+            pkeys: true,
+            ptrace_scope: true,
+        };
+        let r = Report::for_current_process_with("test", Role::Client, all);
+        for name in ["memfd_secret", "pkeys", "ptrace_scope"] {
+            let i = r.get(name).unwrap();
+            assert!(i.required, "{name}");
+            assert_eq!(
+                r.failures().iter().any(|f| f.name == name),
+                i.status != Status::Ok,
+                "{name}"
+            );
+        }
+        let summary = r.summary();
+        assert!(summary.starts_with("  required"), "{summary}");
     }
 
     #[test]
     fn report_reflects_real_process_state() {
         // The test harness is dumpable and untraced, with no seccomp filter: the report must
         // say exactly that, not a hard-coded "ok".
-        let r = Report::for_current_process("test");
+        let r = Report::for_current_process("test", Role::Daemon);
         let dumpable = process::is_dumpable().unwrap();
         assert_eq!(r.get("dumpable").unwrap().status == Status::Ok, !dumpable);
         let st = ProcStatus::read_self().unwrap();
