@@ -53,7 +53,16 @@ pub enum ArgIs {
     /// The whole 64-bit argument is 0: a null pointer (all bits compared, so a pointer whose low
     /// half happens to be 0 does not pass).
     Zero(u8),
+    /// The argument's bits under the mask equal the value (a field of a word: the type of a
+    /// socket under its flags, `type & 0xf`).
+    MaskedEq(u8, u64, u64),
+    /// The argument (an `int` pid) is the process's own thread-group id, fixed when the filter is
+    /// built (`std::process::id()` of the compiling process, which is the one that installs it).
+    OwnTgid(u8),
 }
+
+/// `SOCK_TYPE_MASK` of the kernel: the socket type without `SOCK_NONBLOCK` / `SOCK_CLOEXEC`.
+const SOCK_TYPE_MASK: u64 = 0xf;
 
 /// What went wrong, and in which step.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +173,9 @@ pub const DAEMON_ALLOWLIST: &[Allowed] = &[
     allow!(SYS_rt_sigprocmask, "glibc masks signals around thread creation and in abort()"),
     allow!(SYS_rt_sigreturn, "returning from any signal handler"),
     allow!(SYS_sigaltstack, "std gives every thread an alternate stack to report stack overflows"),
-    allow!(SYS_tgkill, "abort() and panic=abort raise SIGABRT on the calling thread"),
+    allow!(SYS_tgkill if [ArgIs::OwnTgid(0)],
+        "abort() and panic=abort raise SIGABRT on the calling thread: only to threads of the \
+         daemon's own thread group (fixed when the filter is built), never to another process"),
     allow!(SYS_getpid, "abort()/raise, and logging"),
     allow!(SYS_gettid, "abort()/raise and glibc's thread bookkeeping"),
     // --- Identity and process control ---
@@ -200,17 +211,31 @@ pub const DAEMON_ALLOWLIST: &[Allowed] = &[
     allow!(SYS_poll, "std polls fds (glibc poll on x86_64)"),
     allow!(SYS_ppoll, "std polls fds (glibc poll on aarch64)"),
     // --- Sockets: the SOCK_SEQPACKET server and tokio's signal pipe ---
-    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32)],
-        "the unix-socket server; AF_UNIX only, networking (OpenBao) adds its own entry"),
-    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32)],
-        "tokio signal driver: socketpair"),
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32),
+                          ArgIs::MaskedEq(1, SOCK_TYPE_MASK, libc::SOCK_STREAM as u64)],
+        "AF_UNIX stream sockets (glibc's NSS may ask nscd); never SOCK_DGRAM, whose sendto/sendmsg \
+         would reach any unix datagram socket by path; networking (OpenBao) adds its own entry"),
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32),
+                          ArgIs::MaskedEq(1, SOCK_TYPE_MASK, libc::SOCK_SEQPACKET as u64)],
+        "AF_UNIX SOCK_SEQPACKET sockets (the protocol's own type)"),
+    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32),
+                              ArgIs::MaskedEq(1, SOCK_TYPE_MASK, libc::SOCK_STREAM as u64)],
+        "tokio signal driver: a stream socketpair (no datagram pairs, see socket)"),
+    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32),
+                              ArgIs::MaskedEq(1, SOCK_TYPE_MASK, libc::SOCK_SEQPACKET as u64)],
+        "SOCK_SEQPACKET socketpairs (the launcher link's type)"),
     allow!(SYS_bind, "binding the daemon's socket in its 0700 directory"),
     allow!(SYS_listen, "the daemon's listening socket"),
     allow!(SYS_accept4, "accepting clients"),
     allow!(SYS_recvmsg, "requests, and fds received with SCM_RIGHTS"),
-    allow!(SYS_sendmsg, "replies, and secret fds sent with SCM_RIGHTS to clients and the launcher"),
+    allow!(SYS_sendmsg,
+        "replies, and secret fds sent with SCM_RIGHTS to clients and the launcher; only on the \
+         daemon's stream and seqpacket sockets (no unix datagram socket can be made, see socket), \
+         where the kernel refuses (stream) or ignores (seqpacket) a destination address"),
     allow!(SYS_recvfrom, "recv() on stream sockets (tokio's signal pipe reads this way)"),
-    allow!(SYS_sendto, "send() on sockets"),
+    allow!(SYS_sendto,
+        "send() on sockets; a destination address is refused or ignored on the unix sockets the \
+         daemon can have (see sendmsg)"),
     allow!(SYS_getsockopt, "SO_PEERCRED on accept; SO_ERROR"),
     allow!(SYS_getsockname, "tokio-seqpacket's local_addr, for logging the bound path"),
     allow!(SYS_shutdown, "closing a connection's write side"),
@@ -343,6 +368,16 @@ fn rule(conds: &[ArgIs]) -> Result<SeccompRule, seccompiler::BackendError> {
             SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(m), 0)
         }
         ArgIs::Zero(i) => SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0),
+        ArgIs::MaskedEq(i, m, v) => {
+            SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(m), v)
+        }
+        // A pid is an int: its low 32 bits.
+        ArgIs::OwnTgid(i) => SeccompCondition::new(
+            i,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(std::process::id()),
+        ),
     };
     SeccompRule::new(conds.iter().map(cond).collect::<Result<_, _>>()?)
 }
@@ -384,6 +419,73 @@ pub fn compile_enosys(list: &[Allowed]) -> Result<BpfProgram, SeccompError> {
     )
     .map_err(compile_err)?;
     filter.try_into().map_err(compile_err)
+}
+
+/// A condition in words, for the policy document.
+fn describe_condition(c: &ArgIs) -> String {
+    match *c {
+        ArgIs::Eq(i, v) => format!("arg{i} == {v:#x}"),
+        ArgIs::AllSet(i, m) => format!("arg{i} has all of {m:#x}"),
+        ArgIs::NoneSet(i, m) => format!("arg{i} has none of {m:#x}"),
+        ArgIs::Zero(i) => format!("arg{i} == NULL"),
+        ArgIs::MaskedEq(i, m, v) => format!("arg{i} & {m:#x} == {v:#x}"),
+        ArgIs::OwnTgid(i) => format!("arg{i} == the daemon's own pid"),
+    }
+}
+
+/// The daemon's seccomp policy as a Markdown document: every list, every entry with its
+/// conditions and its reason. `docs/seccomp-policy.md` is this text for x86_64, and a unit test
+/// fails when the two differ, so the documented policy is the installed one (regenerate with
+/// `AGENTKEYS_BLESS=1 cargo test -p agentkeys-hardening seccomp_policy_doc_is_current`).
+pub fn policy_markdown() -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# agentkeysd's seccomp policy ({})\n\n\
+         Generated from `crates/hardening/src/seccomp.rs` by `seccomp::policy_markdown()`; the \
+         unit test `seccomp_policy_doc_is_current` fails when this file and the filter differ. \
+         Anything not listed kills the daemon (`SECCOMP_RET_KILL_PROCESS`). Several rows for one \
+         syscall are alternatives; a row's conditions must all hold. Arguments count from 0.\n",
+        std::env::consts::ARCH
+    );
+    let lists: [(&str, &str, &[Allowed]); 3] = [
+        (
+            "Answered with ENOSYS (a first filter)",
+            "These calls fail with `ENOSYS` whatever the allowlist says.",
+            DAEMON_ENOSYS,
+        ),
+        (
+            "Always allowed (`DAEMON_ALLOWLIST`)",
+            "The daemon's whole syscall surface without a remote backend.",
+            DAEMON_ALLOWLIST,
+        ),
+        (
+            "Added when a remote backend is configured (`DAEMON_NETWORK_ALLOWLIST`)",
+            "`connect` cannot be limited to the backend's address: with these, a compromised \
+             daemon can connect anywhere.",
+            DAEMON_NETWORK_ALLOWLIST,
+        ),
+    ];
+    for (title, note, list) in lists {
+        let _ = writeln!(out, "## {title}\n\n{note}\n");
+        let _ = writeln!(out, "| syscall | only if | why |\n|---|---|---|");
+        for e in list {
+            let only = if e.only_if.is_empty() {
+                "always".to_string()
+            } else {
+                e.only_if
+                    .iter()
+                    .map(describe_condition)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let why = e.why.split_whitespace().collect::<Vec<_>>().join(" ");
+            let _ = writeln!(out, "| `{}` | {only} | {why} |", e.name);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The daemon's two programs. The kernel runs every installed filter and the most severe
@@ -681,6 +783,102 @@ mod tests {
         for e in &both {
             let same_name = both.iter().find(|o| o.name == e.name).unwrap();
             assert_eq!(same_name.nr, e.nr, "{} names two numbers", e.name);
+        }
+    }
+
+    /// Issue 14, item 9: `tgkill` reaches the daemon's own threads only, never another process
+    /// (it used to be allowed for any target, so a compromised daemon could kill any same-uid
+    /// process).
+    #[test]
+    fn tgkill_only_reaches_the_own_thread_group() {
+        // The filter must carry the pid of the process that installs it: compiled in the child.
+        let own = crate::testutil::in_child(|| {
+            let Ok(f) = DaemonFilter::compile(false) else {
+                return 2;
+            };
+            if f.install().is_err() {
+                return INSTALL_FAILED;
+            }
+            // SAFETY: signal 0 to our own thread: checks permission, sends nothing.
+            let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0) };
+            if r == 0 { 0 } else { 1 }
+        });
+        assert!(matches!(own, WaitStatus::Exited(_, 0)), "{own:?}");
+        let parent = std::process::id() as i32;
+        let other = crate::testutil::in_child(move || {
+            let Ok(f) = DaemonFilter::compile(false) else {
+                return 2;
+            };
+            if f.install().is_err() {
+                return INSTALL_FAILED;
+            }
+            // SAFETY: signal 0 (nothing is sent) to the test process, another thread group.
+            unsafe { libc::syscall(libc::SYS_tgkill, parent, parent, 0) };
+            0
+        });
+        assert_sigsys(other);
+    }
+
+    /// Issue 14, item 9: no unix datagram socket can be made, so `sendto`/`sendmsg` cannot
+    /// reach a datagram socket by path (journald's, another program's); stream and seqpacket
+    /// sockets still work.
+    #[test]
+    fn unix_datagram_sockets_are_killed() {
+        for kind in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC] {
+            let st = crate::testutil::in_child(move || {
+                let Ok(f) = DaemonFilter::compile(false) else {
+                    return 2;
+                };
+                if f.install().is_err() {
+                    return INSTALL_FAILED;
+                }
+                // SAFETY: socket and close take integers only.
+                let fd = unsafe { libc::socket(libc::AF_UNIX, kind, 0) };
+                // SAFETY: as above.
+                if fd < 0 || unsafe { libc::close(fd) } != 0 {
+                    return 1;
+                }
+                0
+            });
+            assert!(matches!(st, WaitStatus::Exited(_, 0)), "{kind}: {st:?}");
+        }
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            // SAFETY: socket takes integers only.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            0
+        }));
+        assert_sigsys(run_filtered(&daemon_filter(), || {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a valid array of two ints for the call.
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
+            0
+        }));
+    }
+
+    /// The documented policy is the installed one: `docs/seccomp-policy.md` is generated from
+    /// these lists (x86_64), and the threat model points to it.
+    #[test]
+    fn seccomp_policy_doc_is_current() {
+        if std::env::consts::ARCH != "x86_64" {
+            eprintln!(
+                "SKIP seccomp_policy_doc_is_current: docs/seccomp-policy.md describes x86_64"
+            );
+            return;
+        }
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/seccomp-policy.md");
+        let want = policy_markdown();
+        if std::env::var_os("AGENTKEYS_BLESS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/seccomp-policy.md differs from the filter: run `AGENTKEYS_BLESS=1 cargo test -p \
+             agentkeys-hardening seccomp_policy_doc_is_current` and review the diff"
+        );
+        for e in DAEMON_ALLOWLIST.iter().chain(DAEMON_NETWORK_ALLOWLIST) {
+            assert!(have.contains(&format!("`{}`", e.name)), "{}", e.name);
         }
     }
 
