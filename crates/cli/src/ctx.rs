@@ -46,34 +46,22 @@ impl Caller {
     }
 }
 
+/// Reads `AGENTKEYS_TOKEN_FILE` with the checks every state file gets
+/// (`agentkeys_state::home::open_state_file`): a regular file (not a symlink, FIFO or device:
+/// opened without following links and without blocking), ours, mode 0600 or tighter, in a
+/// directory of ours that others cannot write; at most 4 KiB.
 fn read_token_file(path: &Path) -> Result<SecretString, CliError> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        CliError::Input(format!(
-            "reading AGENTKEYS_TOKEN_FILE {}: {e}",
-            path.display()
-        ))
-    })?;
+    let bad =
+        |why: String| CliError::Input(format!("AGENTKEYS_TOKEN_FILE {}: {why}", path.display()));
+    let file = agentkeys_state::home::open_state_file(path).map_err(|e| bad(e.to_string()))?;
     let mut buf = Zeroizing::new(Vec::with_capacity(MAX_TOKEN_FILE as usize + 1));
     file.take(MAX_TOKEN_FILE + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| {
-            CliError::Input(format!(
-                "reading AGENTKEYS_TOKEN_FILE {}: {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(|e| bad(format!("reading it: {e}")))?;
     if buf.len() as u64 > MAX_TOKEN_FILE {
-        return Err(CliError::Input(format!(
-            "AGENTKEYS_TOKEN_FILE {} is too large to be a token",
-            path.display()
-        )));
+        return Err(bad("too large to be a token".into()));
     }
-    let text = std::str::from_utf8(&buf).map_err(|_| {
-        CliError::Input(format!(
-            "AGENTKEYS_TOKEN_FILE {} is not UTF-8",
-            path.display()
-        ))
-    })?;
+    let text = std::str::from_utf8(&buf).map_err(|_| bad("not UTF-8".into()))?;
     Ok(SecretString::from(text.trim().to_string()))
 }
 

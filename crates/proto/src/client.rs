@@ -22,6 +22,21 @@ pub enum ClientError {
         /// The socket path tried.
         path: PathBuf,
     },
+    /// Whatever listens at the socket path runs as a uid that is not the daemon's: nothing was
+    /// sent to it (no token, no fd).
+    #[error(
+        "refusing to talk to the process listening at {path}: it runs as uid {uid}, not as this \
+         uid ({own}), root, or AGENTKEYS_DAEMON_UID; nothing was sent to it (set \
+         AGENTKEYS_DAEMON_UID to the daemon's uid if agentkeysd runs as another user)"
+    )]
+    WrongServer {
+        /// The socket path.
+        path: PathBuf,
+        /// The listener's uid (`SO_PEERCRED`).
+        uid: u32,
+        /// Our own effective uid.
+        own: u32,
+    },
     /// The socket exists but cannot be used by this user.
     #[error("cannot connect to agentkeysd at {path}: {source}")]
     Connect {
@@ -94,14 +109,45 @@ pub struct Client {
     next_id: u64,
 }
 
+/// The uid a daemon may run as besides ours and root's: `AGENTKEYS_DAEMON_UID` (for agents
+/// under their own uids talking to a daemon of another user).
+pub const DAEMON_UID_ENV: &str = "AGENTKEYS_DAEMON_UID";
+
+/// Whether the process listening at the other end of `conn` may be told anything: its uid
+/// (`SO_PEERCRED`, recorded by the kernel when it called `listen`) is ours, root's, or the one
+/// `AGENTKEYS_DAEMON_UID` names. Anyone who can create a socket at the path (a stale socket's
+/// directory another user can write to, `AGENTKEYS_SOCKET` pointed elsewhere) would otherwise
+/// receive the token of the next hello and the stdio fds of the next `run`.
+fn check_server(conn: &Conn, path: &Path) -> Result<(), ClientError> {
+    let cred = agentkeys_hardening::peer::peer_credentials(conn.socket())?;
+    let own = nix::unistd::geteuid().as_raw();
+    let configured = std::env::var(DAEMON_UID_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if cred.uid == own || cred.uid == 0 || Some(cred.uid) == configured {
+        Ok(())
+    } else {
+        Err(ClientError::WrongServer {
+            path: path.to_path_buf(),
+            uid: cred.uid,
+            own,
+        })
+    }
+}
+
 impl Client {
-    /// Connects to the daemon's socket.
+    /// Connects to the daemon's socket and checks who listens there (see [`DAEMON_UID_ENV`])
+    /// before anything is sent.
     ///
     /// # Errors
-    /// [`ClientError::NotRunning`] when nothing listens there; [`ClientError::Connect`] else.
+    /// [`ClientError::NotRunning`] when nothing listens there; [`ClientError::WrongServer`]
+    /// when another uid does; [`ClientError::Connect`] else.
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
         match Conn::connect(path).await {
-            Ok(conn) => Ok(Client { conn, next_id: 1 }),
+            Ok(conn) => {
+                check_server(&conn, path)?;
+                Ok(Client { conn, next_id: 1 })
+            }
             Err(e)
                 if matches!(
                     e.kind(),
