@@ -578,6 +578,29 @@ mod tests {
         assert!(granted(&a.check(&list, None), false));
     }
 
+    /// Issue 14, item 2: the owner is a kind, not a name. An agent called `owner` (refused by
+    /// `agent add` now; a registry from before could hold one) never uses the owner's grants.
+    #[test]
+    fn an_agent_named_owner_does_not_share_the_owners_grants() {
+        let mut a = Approvals::new(Duration::from_secs(300));
+        let owner = Subject {
+            principal: Principal::test_owner(),
+            service: "db".into(),
+            argv: None,
+        };
+        let Check::Pending { code, .. } = a.check(&owner, None) else {
+            panic!()
+        };
+        a.approve(&code, Some(Duration::from_secs(600))).unwrap();
+        let impostor = Subject {
+            principal: Principal::test_agent("owner"),
+            ..owner.clone()
+        };
+        assert_ne!(impostor.principal, owner.principal);
+        assert!(matches!(a.check(&impostor, None), Check::Pending { .. }));
+        assert!(granted(&a.check(&owner, None), false));
+    }
+
     #[test]
     fn deny_sticks_and_expired_requests_cannot_be_approved() {
         let mut ss = Sessions::new();

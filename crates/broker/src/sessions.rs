@@ -57,6 +57,12 @@ impl Principal {
         )
     }
 
+    /// An owner session with a fresh random token, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn test_owner() -> Principal {
+        Principal::new(None, SessionToken::generate().expect("random").hash())
+    }
+
     /// The owner's session.
     pub fn is_owner(&self) -> bool {
         self.0.agent.is_none()
