@@ -430,3 +430,315 @@ fn run_from_another_uid_is_refused_clearly() {
     );
     assert!(!contains(&out.stdout, CANARY.as_bytes()));
 }
+
+// --- Stopping a run ---------------------------------------------------------------------------
+//
+// A run is the program and everything it started. These tests start a program that ignores
+// SIGTERM, with one descendant that left the process group and session (`setsid`) and one that
+// was orphaned by a double fork, then stop the run in each way the daemon can (revocation of
+// the caller, the caller killed, daemon shutdown, daemon killed) and check that every process
+// carrying the run's marker is gone within the grace period plus 2 s.
+
+/// The `kill_grace` the stop tests configure.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// A program that ignores SIGTERM (inherited by all it starts), a descendant in a session of its
+/// own, and an orphan of a double fork; "ready" once all are started.
+const STUBBORN: &str = "trap '' TERM
+setsid sh -c 'while :; do sleep 1; done' &
+sh -c '(while :; do sleep 1; done) & exit 0' &
+sleep 0.3
+echo ready
+while :; do sleep 1; done";
+
+/// A daemon with a short `kill_grace` and the canary stored as `github`.
+fn ready_with_grace(tag: &str) -> TestHome {
+    let mut h = TestHome::initialized(tag);
+    assert!(
+        h.run_stdin(&["store", "github"], CANARY.as_bytes())
+            .status
+            .success()
+    );
+    h.write_config("[daemon]\nkill_grace = \"1s\"\n");
+    h.start_daemon(&[]);
+    h
+}
+
+/// A marker no other test uses, put into the run's environment.
+fn new_marker(tag: &str) -> String {
+    format!(
+        "ak-stop-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// Pids (other than `skip`) whose environment holds `AK_STOP_MARK=<marker>`.
+fn marked(marker: &str, skip: u32) -> Vec<u32> {
+    let needle = format!("AK_STOP_MARK={marker}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != skip)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// The session id of a process (field 6 of /proc/PID/stat).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The daemon's open connections, from `agentkeys status --json` (its own included).
+fn connections(h: &TestHome) -> u64 {
+    let out = h.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["connections"].as_u64().unwrap()
+}
+
+/// `agentkeys run` of [`STUBBORN`] (as an agent when `token` is given), once every process of
+/// it is up.
+struct StubbornRun {
+    cli: std::process::Child,
+    marker: String,
+}
+
+impl StubbornRun {
+    fn start(h: &TestHome, token: Option<&str>, tag: &str) -> StubbornRun {
+        let marker = new_marker(tag);
+        let mut c = h.cli(&["run", "--env", "T=github", "--", "sh", "-c", STUBBORN]);
+        c.env("AK_STOP_MARK", &marker)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(t) = token {
+            c.env("AGENTKEYS_TOKEN", t);
+        }
+        let mut cli = c.spawn().unwrap();
+        let mut stdout = cli.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while !contains(&seen, b"ready") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "the program ended before it was ready");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Keep reading (and discarding) so the program never blocks on a full pipe.
+        std::thread::spawn(move || while stdout.read(&mut buf).is_ok_and(|n| n > 0) {});
+        let run = StubbornRun { cli, marker };
+        let procs = run.processes();
+        assert!(
+            procs.len() >= 3,
+            "expected the program, the setsid child and the orphan: {procs:?}"
+        );
+        let sessions: std::collections::BTreeSet<_> =
+            procs.iter().filter_map(|&p| session_of(p)).collect();
+        assert!(
+            sessions.len() >= 2,
+            "no process left the program's session: {procs:?} {sessions:?}"
+        );
+        run
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        marked(&self.marker, self.cli.id())
+    }
+
+    /// Every marked process is gone within `bound` of now.
+    fn assert_gone_within(&self, bound: Duration) {
+        let left = Instant::now();
+        let gone = agentkeys_e2e::wait_until(bound, || self.processes().is_empty());
+        assert!(
+            gone,
+            "processes of the run still alive {:?} after {:?}: {:?}",
+            left.elapsed(),
+            bound,
+            self.processes()
+        );
+    }
+
+    /// The CLI's exit status, waiting at most `bound` (killed and failed after that).
+    fn wait_cli(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(st) = self.cli.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.cli.kill();
+                let _ = self.cli.wait();
+                panic!("agentkeys run did not end within {bound:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for StubbornRun {
+    fn drop(&mut self) {
+        // A failed test must not leave its processes behind.
+        let _ = self.cli.kill();
+        let _ = self.cli.wait();
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The `detail` of the last `run_exit` record.
+fn last_run_exit(h: &TestHome) -> String {
+    h.audit()
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "run_exit")
+        .and_then(|r| r["detail"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn revoking_the_caller_stops_every_process_of_its_run() {
+    let h = ready_with_grace("stop-revoke");
+    let token = h.add_agent("temp", "github", &[]);
+    let before = connections(&h);
+    let mut run = StubbornRun::start(&h, Some(&token), "revoke");
+    assert!(h.run(&["agent", "revoke", "temp"]).status.success());
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    assert!(!run.wait_cli(Duration::from_secs(5)).success());
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(3), || connections(&h) == before),
+        "the daemon still holds the run's connection"
+    );
+    let detail = last_run_exit(&h);
+    assert!(
+        detail.contains("stopped=revoked") && detail.contains("sigkill=yes"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_caller_killed_with_sigkill_stops_every_process_of_its_run() {
+    let h = ready_with_grace("stop-caller");
+    let before = connections(&h);
+    let mut run = StubbornRun::start(&h, None, "caller");
+    run.cli.kill().unwrap();
+    run.cli.wait().unwrap();
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(3), || connections(&h) == before),
+        "the daemon still holds the run's connection"
+    );
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || last_run_exit(&h)
+            .contains("stopped=caller_gone")),
+        "{}",
+        last_run_exit(&h)
+    );
+}
+
+#[test]
+fn daemon_stop_stops_every_process_of_a_run_first() {
+    let mut h = ready_with_grace("stop-shutdown");
+    let mut run = StubbornRun::start(&h, None, "shutdown");
+    let out = h.run(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    // The caller was told how its program ended (SIGKILL: 128 + 9).
+    assert_eq!(run.wait_cli(Duration::from_secs(5)).code(), Some(137));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(5), || !h.daemon_alive()),
+        "the daemon did not exit"
+    );
+    let detail = last_run_exit(&h);
+    assert!(
+        detail.contains("stopped=shutdown") && detail.contains("sigkill=yes"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_leaves_no_process_of_a_run() {
+    let mut h = ready_with_grace("stop-kill9");
+    let daemon = h.daemon_pid();
+    let launcher = *children_of(daemon)
+        .first()
+        .expect("the launcher is the daemon's child");
+    let run = StubbornRun::start(&h, None, "kill9");
+    h.kill_daemon();
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || !std::path::Path::new(
+            &format!("/proc/{launcher}")
+        )
+        .exists()
+            || std::fs::read_to_string(format!("/proc/{launcher}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))),
+        "the launcher did not exit after stopping the run"
+    );
+}
+
+#[test]
+fn a_program_that_exits_leaving_a_background_child_ends_the_run_without_it() {
+    let h = ready_with_grace("stop-leftover");
+    let marker = new_marker("leftover");
+    let started = Instant::now();
+    let mut c = h.cli(&[
+        "run",
+        "--env",
+        "T=github",
+        "--",
+        "sh",
+        "-c",
+        "(trap '' TERM; while :; do sleep 1; done) & sleep 0.2; exit 4",
+    ]);
+    c.env("AK_STOP_MARK", &marker).stdin(Stdio::null());
+    let mut cli = c.spawn().unwrap();
+    let cli_pid = cli.id();
+    let deadline = Instant::now() + GRACE + Duration::from_secs(4);
+    let status = loop {
+        if let Some(st) = cli.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = cli.kill();
+            for pid in marked(&marker, cli_pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!("the run did not end: its background child kept it going");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(4), "the exit status is the program's");
+    assert!(
+        started.elapsed() < GRACE + Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        marked(&marker, cli_pid).is_empty(),
+        "the background child outlived the run"
+    );
+    let detail = last_run_exit(&h);
+    assert!(
+        detail.contains("status=exit 4")
+            && detail.contains("leftovers=stopped")
+            && detail.contains("sigkill=yes"),
+        "{detail}"
+    );
+}
