@@ -628,6 +628,7 @@ pub mod load {
                     caller_env: vec!["PATH=/usr/bin:/bin".into()],
                     cwd: Some("/".into()),
                     masking: true,
+                    umask: None,
                 };
                 let fds = [null_in.as_fd(), null_out.as_fd(), null_out.as_fd()];
                 c.send(body, &fds)

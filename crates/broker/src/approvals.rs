@@ -124,7 +124,7 @@ fn new_code() -> String {
 
 /// A command line as the owner sees it: control characters escaped (so a request cannot
 /// disguise itself on a terminal), cut to a bounded length.
-fn display_command(c: &str) -> String {
+pub(crate) fn display_command(c: &str) -> String {
     let mut out = String::with_capacity(c.len().min(MAX_COMMAND_DISPLAY) + 8);
     for ch in c.chars() {
         if out.len() >= MAX_COMMAND_DISPLAY {

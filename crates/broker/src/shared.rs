@@ -282,6 +282,11 @@ impl Shared {
                         service,
                         peer,
                     ));
+                    // The owner's notification: the command as `agentkeys pending` shows it.
+                    let shown = run
+                        .map(|(_, c)| crate::approvals::display_command(c))
+                        .unwrap_or_default();
+                    crate::launch::approval_hook(self, &code, agent, service, &shown);
                 }
                 Err(ResponseBody::Pending {
                     message: format!(
