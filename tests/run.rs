@@ -680,9 +680,9 @@ fn a_daemon_killed_with_sigkill_leaves_no_process_of_a_run() {
     h.kill_daemon();
     run.assert_gone_within(GRACE + Duration::from_secs(2));
     assert!(
-        agentkeys_e2e::wait_until(Duration::from_secs(2), || !std::path::Path::new(
-            &format!("/proc/{launcher}")
-        )
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || !std::path::Path::new(&format!(
+            "/proc/{launcher}"
+        ))
         .exists()
             || std::fs::read_to_string(format!("/proc/{launcher}/stat"))
                 .is_ok_and(|s| s.contains(") Z "))),
@@ -740,5 +740,266 @@ fn a_program_that_exits_leaving_a_background_child_ends_the_run_without_it() {
             && detail.contains("leftovers=stopped")
             && detail.contains("sigkill=yes"),
         "{detail}"
+    );
+}
+
+// --- What a run request must say --------------------------------------------------------------
+
+/// Sends one `run` over a raw client (the CLI always sends a directory and a clean
+/// environment) and returns the refusal's code and message.
+fn raw_run_refusal(h: &TestHome, token: &str, caller_env: &[&str], cwd: Option<&str>) -> String {
+    use agentkeys_proto::client::{Client, ClientError};
+    use agentkeys_proto::wire::RequestBody;
+    use std::os::fd::AsFd;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tok = secrecy::SecretString::from(token.to_string());
+    rt.block_on(async {
+        let (mut c, _) = Client::connect_with(&h.socket(), &tok).await.unwrap();
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let body = RequestBody::Run {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            files: Default::default(),
+            caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
+            cwd: cwd.map(str::to_string),
+            masking: true,
+            umask: None,
+        };
+        c.send(body, &[null.as_fd(), null.as_fd(), null.as_fd()])
+            .await
+            .unwrap();
+        match c.recv().await {
+            Err(ClientError::Refused { code, message }) => format!("{code:?}: {message}"),
+            Ok(a) => panic!("the run was not refused: {}", a.body.kind()),
+            Err(e) => panic!("{e}"),
+        }
+    })
+}
+
+/// With a name given twice the first entry wins at exec, and the request hash (which sorts the
+/// entries) is the same for both orders: an approval for one would run the other. So a name
+/// given twice is refused, as are entries without `=` and empty names.
+#[test]
+fn a_run_environment_with_a_name_twice_is_refused_in_either_order() {
+    let h = ready("run-dup-env");
+    let token = h.add_agent("raw", "github", &[]);
+    for env in [
+        &["PATH=/usr/bin:/bin", "PATH=/tmp/evil"][..],
+        &["PATH=/tmp/evil", "PATH=/usr/bin:/bin"][..],
+    ] {
+        let r = raw_run_refusal(&h, &token, env, Some("/"));
+        assert!(
+            r.starts_with("BadRequest") && r.contains("\"PATH\" more than once"),
+            "{r}"
+        );
+    }
+    let r = raw_run_refusal(&h, &token, &["PATH"], Some("/"));
+    assert!(
+        r.starts_with("BadRequest") && r.contains("NAME=value"),
+        "{r}"
+    );
+    let r = raw_run_refusal(&h, &token, &["=x"], Some("/"));
+    assert!(
+        r.starts_with("BadRequest") && r.contains("empty name"),
+        "{r}"
+    );
+    // Nothing was started, nothing audited as started.
+    assert!(!h.audit().iter().any(|r| r["event"] == "run_start"));
+}
+
+/// A run without a working directory would run wherever the daemon started.
+#[test]
+fn a_run_without_a_working_directory_is_refused() {
+    let h = ready("run-no-cwd");
+    let token = h.add_agent("raw", "github", &[]);
+    let r = raw_run_refusal(&h, &token, &["PATH=/usr/bin:/bin"], None);
+    assert!(
+        r.starts_with("BadRequest") && r.contains("run needs an absolute working directory"),
+        "{r}"
+    );
+    let r = raw_run_refusal(&h, &token, &["PATH=/usr/bin:/bin"], Some("relative/dir"));
+    assert!(r.contains("run needs an absolute working directory"), "{r}");
+}
+
+/// The program creates files with the caller's umask, not the daemon's 077.
+#[test]
+fn a_run_gets_the_callers_umask() {
+    let h = ready("run-umask");
+    for (mask, want) in [("022", "0022"), ("027", "0027")] {
+        let mut c = std::process::Command::new("/bin/sh");
+        c.args([
+            "-c",
+            &format!("umask {mask}; exec \"$0\" run -- sh -c umask"),
+        ])
+        .arg(agentkeys_e2e::bin("agentkeys"));
+        h.env(&mut c);
+        let out = c.stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
+    }
+}
+
+// --- approval_command -------------------------------------------------------------------------
+
+/// A daemon with `sensitive` stored high-value and `approval_command` set to `hook` (plus one
+/// fixed argument) and the given timeout; returns it with an agent's token.
+fn with_hook(tag: &str, hook: &std::path::Path, timeout: &str) -> (TestHome, String) {
+    let mut h = TestHome::initialized(tag);
+    assert!(
+        h.run_stdin(&["store", "sensitive", "--high-value"], CANARY.as_bytes())
+            .status
+            .success()
+    );
+    h.write_config(&format!(
+        "[daemon]\nkill_grace = \"1s\"\napproval_command = [{:?}, \"fixed\"]\napproval_command_timeout = {timeout:?}\n",
+        hook.display().to_string()
+    ));
+    h.start_daemon(&[]);
+    let token = h.add_agent("ops-bot", "sensitive", &[]);
+    (h, token)
+}
+
+/// An executable shell script at `path`.
+fn script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The approval code from a pending answer on stderr.
+fn code_in(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = err.find("agentkeys approve ").expect("a code") + "agentkeys approve ".len();
+    err[at..]
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A new pending request runs the hook once, with the code, the agent, the service and the
+/// command as `agentkeys pending` shows it as separate arguments; a repeat of the same request
+/// does not run it again. The code is not written to the daemon's log.
+#[test]
+fn approval_command_gets_code_agent_service_and_command() {
+    let dir = TestHome::new("hook-args-dir");
+    let out_file = dir.dir.join("calls");
+    let hook = dir.dir.join("hook");
+    script(
+        &hook,
+        &format!(
+            "for a in \"$@\"; do printf '%s|' \"$a\"; done >> {}; echo >> {}",
+            out_file.display(),
+            out_file.display()
+        ),
+    );
+    let (h, token) = with_hook("hook-args", &hook, "5s");
+    let args = ["run", "--env", "T=sensitive", "--", "echo", "two words"];
+    let out = h.run_agent(&token, &args);
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    let code = code_in(&out);
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(5), || out_file.exists()),
+        "the hook did not run: {}",
+        h.daemon_log()
+    );
+    // The same request again: pending with the same code, no second notification.
+    let again = h.run_agent(&token, &args);
+    assert_eq!(code_in(&again), code);
+    std::thread::sleep(Duration::from_millis(500));
+    let calls = std::fs::read_to_string(&out_file).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let want = format!(
+        "fixed|{code}|ops-bot|sensitive|echo 'two words'  (in {})|\n",
+        cwd.display()
+    );
+    assert_eq!(calls, want);
+    assert!(!h.daemon_log().contains(&code), "the code was logged");
+}
+
+/// A hook that fails (cannot be executed, or exits non-zero) is logged; the request is
+/// answered `pending` all the same.
+#[test]
+fn a_failing_approval_command_is_logged_and_the_request_still_pending() {
+    let dir = TestHome::new("hook-fail-dir");
+    let failing = dir.dir.join("failing");
+    script(&failing, "exit 3");
+    for (hook, log) in [
+        (failing, "approval_command failed"),
+        (
+            dir.dir.join("no-such-hook"),
+            "approval_command could not be started",
+        ),
+    ] {
+        let (h, token) = with_hook("hook-fail", &hook, "5s");
+        let out = h.run_agent(&token, &["read", "sensitive"]);
+        assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+        assert!(out.stdout.is_empty());
+        assert!(
+            agentkeys_e2e::wait_until(Duration::from_secs(5), || h.daemon_log().contains(log)),
+            "{log:?} not in the log:\n{}",
+            h.daemon_log()
+        );
+    }
+}
+
+/// A hook that hangs does not hold up the answer (it still runs when the answer is in), and is
+/// stopped after `approval_command_timeout`.
+#[test]
+fn a_hanging_approval_command_does_not_delay_the_answer_and_is_stopped() {
+    let dir = TestHome::new("hook-hang-dir");
+    let pid_file = dir.dir.join("pid");
+    let hook = dir.dir.join("hang");
+    script(
+        &hook,
+        &format!(
+            "trap '' TERM; echo $$ > {}.tmp; mv {}.tmp {}; exec sleep 1000",
+            pid_file.display(),
+            pid_file.display(),
+            pid_file.display()
+        ),
+    );
+    let timeout = Duration::from_secs(3);
+    let (h, token) = with_hook("hook-hang", &hook, "3s");
+    let asked = Instant::now();
+    let out = h.run_agent(&token, &["read", "sensitive"]);
+    let answered = asked.elapsed();
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || pid_file.exists()),
+        "the hook did not start"
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        answered < timeout && std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the answer waited for the hook ({answered:?})"
+    );
+    let gone = agentkeys_e2e::wait_until(timeout + GRACE + Duration::from_secs(2), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    if !gone {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(gone, "the hanging hook was not stopped");
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || h
+            .daemon_log()
+            .contains("approval_command was stopped")),
+        "{}",
+        h.daemon_log()
     );
 }

@@ -250,12 +250,8 @@ impl Config {
                 "daemon.max_connections and daemon.max_pending must be at least 1".into(),
             ));
         }
-        check_range(
-            "daemon.kill_grace",
-            cfg.daemon.kill_grace,
-            KILL_GRACE_RANGE,
-        )
-        .map_err(invalid)?;
+        check_range("daemon.kill_grace", cfg.daemon.kill_grace, KILL_GRACE_RANGE)
+            .map_err(invalid)?;
         check_range(
             "daemon.approval_command_timeout",
             cfg.daemon.approval_command_timeout,
@@ -341,7 +337,8 @@ impl Config {
 
 /// `kill_grace`: long enough for a program to clean up, short enough that a revocation is
 /// prompt (the launcher clamps to the same range).
-const KILL_GRACE_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(60));
+const KILL_GRACE_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
 /// `approval_command_timeout`.
 const HOOK_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 /// Most elements of `approval_command`, and the longest one.
@@ -586,7 +583,10 @@ mod tests {
         for (text, key) in [
             ("kill_grace = \"10ms\"", "daemon.kill_grace"),
             ("kill_grace = \"2m\"", "daemon.kill_grace"),
-            ("approval_command_timeout = \"0s\"", "daemon.approval_command_timeout"),
+            (
+                "approval_command_timeout = \"0s\"",
+                "daemon.approval_command_timeout",
+            ),
             ("approval_command = []", "daemon.approval_command"),
             ("approval_command = [\"notify-send\"]", "absolute"),
             ("approval_command = [\"/bin/x\", \"a\\u0000b\"]", "NUL"),

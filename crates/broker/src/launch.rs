@@ -248,7 +248,10 @@ pub fn approval_hook(
     };
     let program = base.first().cloned().unwrap_or_default();
     let Some(link) = shared.launcher.get().cloned() else {
-        warn!(program, "approval_command not run: the launcher is not running");
+        warn!(
+            program,
+            "approval_command not run: the launcher is not running"
+        );
         return;
     };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -256,7 +259,10 @@ pub fn approval_hook(
     };
     if HOOKS.fetch_add(1, Ordering::Relaxed) >= MAX_HOOKS {
         HOOKS.fetch_sub(1, Ordering::Relaxed);
-        warn!(program, "approval_command not run: {MAX_HOOKS} are still running");
+        warn!(
+            program,
+            "approval_command not run: {MAX_HOOKS} are still running"
+        );
         return;
     }
     let slot = HookSlot;

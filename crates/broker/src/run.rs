@@ -207,10 +207,7 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
         ));
     }
     if req.umask.is_some_and(|m| m > 0o777) {
-        return Err(refuse(
-            ErrorCode::BadRequest,
-            "umask must be at most 0777",
-        ));
+        return Err(refuse(ErrorCode::BadRequest, "umask must be at most 0777"));
     }
     check_caller_env(&req.caller_env)?;
     if req
@@ -643,7 +640,11 @@ pub async fn finish(
         detail.push_str(" leftovers=stopped");
     }
     if stopped.is_some() || end.leftovers || end.lost {
-        detail.push_str(if end.killed { " sigkill=yes" } else { " sigkill=no" });
+        detail.push_str(if end.killed {
+            " sigkill=yes"
+        } else {
+            " sigkill=no"
+        });
     }
     if end.lost {
         detail.push_str(" supervisor=lost");
@@ -675,4 +676,97 @@ pub async fn finish(
         );
     }
     ResponseBody::RunExit { code, signal }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(caller_env: &[&str]) -> RunRequest {
+        RunRequest {
+            argv: vec!["true".into()],
+            env: BTreeMap::new(),
+            files: BTreeMap::new(),
+            caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
+            cwd: Some("/".into()),
+            masking: true,
+            umask: None,
+        }
+    }
+
+    fn refusal(r: Result<(), ResponseBody>) -> String {
+        match r {
+            Err(ResponseBody::Error {
+                code: ErrorCode::BadRequest,
+                message,
+            }) => message,
+            Err(_) => "another answer".into(),
+            Ok(()) => "accepted".into(),
+        }
+    }
+
+    #[test]
+    fn caller_env_names_must_be_distinct_non_empty_and_assigned() {
+        assert!(validate(&req(&["PATH=/bin", "HOME=/root", "EMPTY="])).is_ok());
+        for env in [
+            &["PATH=/usr/bin", "PATH=/tmp/evil"][..],
+            &["PATH=/tmp/evil", "PATH=/usr/bin"][..],
+            &["A=1", "B=2", "A=1"][..],
+        ] {
+            assert!(
+                refusal(validate(&req(env))).contains("more than once"),
+                "{env:?}"
+            );
+        }
+        assert!(refusal(validate(&req(&["PATH"]))).contains("NAME=value"));
+        assert!(refusal(validate(&req(&["=x"]))).contains("empty name"));
+        // A value may hold '=' (only the first one splits).
+        assert!(validate(&req(&["OPTS=a=b", "X=="])).is_ok());
+    }
+
+    #[test]
+    fn a_run_needs_an_absolute_cwd_and_a_umask_of_nine_bits() {
+        for cwd in [None, Some(""), Some("rel/dir")] {
+            let mut r = req(&[]);
+            r.cwd = cwd.map(str::to_string);
+            assert!(
+                refusal(validate(&r)).contains("absolute working directory"),
+                "{cwd:?}"
+            );
+        }
+        let mut r = req(&[]);
+        r.umask = Some(0o777);
+        assert!(validate(&r).is_ok());
+        r.umask = Some(0o1000);
+        assert!(refusal(validate(&r)).contains("umask"));
+    }
+
+    #[test]
+    fn the_request_hash_binds_the_umask_and_the_environment() {
+        let base = req(&["PATH=/bin"]);
+        let mut m022 = req(&["PATH=/bin"]);
+        m022.umask = Some(0o022);
+        let mut m027 = req(&["PATH=/bin"]);
+        m027.umask = Some(0o027);
+        let other = req(&["PATH=/tmp"]);
+        let hashes = [
+            request_hash(&base),
+            request_hash(&m022),
+            request_hash(&m027),
+            request_hash(&other),
+        ];
+        for i in 0..hashes.len() {
+            for j in i + 1..hashes.len() {
+                assert_ne!(hashes[i], hashes[j], "{i} {j}");
+            }
+        }
+        assert_eq!(
+            request_hash(&m022),
+            request_hash(&{
+                let mut r = req(&["PATH=/bin"]);
+                r.umask = Some(0o022);
+                r
+            })
+        );
+    }
 }

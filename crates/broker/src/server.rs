@@ -223,7 +223,9 @@ pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf)
             + agentkeys_hardening::launcher::SUPERVISOR_SLACK
             + Duration::from_secs(2);
         if !l.wait_idle(limit).await {
-            warn!("runs still open {limit:?} after shutdown began; exiting (the launcher stops them)");
+            warn!(
+                "runs still open {limit:?} after shutdown began; exiting (the launcher stops them)"
+            );
         }
     }
     shared.clear_cache();

@@ -928,7 +928,15 @@ fn supervise(spec: &LaunchSpec, fds: Vec<OwnedFd>, err_w: OwnedFd, ctl: OwnedFd)
     }
     // A name for `ps`; failure is harmless.
     // SAFETY: prctl with a NUL-terminated name of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, c"agentkeys-sup".as_ptr() as libc::c_ulong, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"agentkeys-sup".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     // SIGCHLD is blocked (inherited from the launcher) before the fork: no exit is missed.
     let sigchld = match sigchld_fd() {
         Ok(f) => f,
@@ -1396,9 +1404,8 @@ while :; do sleep 1; done";
                 d.flatten()
                     .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
                     .filter(|pid| {
-                        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                            env.split(|b| *b == 0).any(|v| v == needle.as_bytes())
-                        })
+                        std::fs::read(format!("/proc/{pid}/environ"))
+                            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
                     })
                     .collect()
             })
@@ -1556,7 +1563,11 @@ while :; do sleep 1; done";
                 Some(FromLauncher::Exited {
                     id: 1,
                     signal: Some(libc::SIGKILL),
-                    end: RunEnd { lost: true, killed: true, .. },
+                    end: RunEnd {
+                        lost: true,
+                        killed: true,
+                        ..
+                    },
                     ..
                 })
             );
@@ -1589,7 +1600,11 @@ while :; do sleep 1; done";
                 got,
                 Some(FromLauncher::Exited {
                     id: 1,
-                    end: RunEnd { stopped: true, killed: true, .. },
+                    end: RunEnd {
+                        stopped: true,
+                        killed: true,
+                        ..
+                    },
                     ..
                 })
             );
@@ -1690,10 +1705,7 @@ while :; do sleep 1; done";
             unkillable: 3,
         };
         for status in [Status::Code(7), Status::Signal(9), Status::Unknown] {
-            assert_eq!(
-                decode_done(&encode_done(status, &end)),
-                Some((status, end))
-            );
+            assert_eq!(decode_done(&encode_done(status, &end)), Some((status, end)));
         }
         assert_eq!(decode_done(&[MSG_DONE; 11]), None);
         assert_eq!(decode_done(&[MSG_PID; 12]), None);

@@ -158,7 +158,10 @@ fn listed_children(pid: i32) -> Vec<i32> {
     for t in tasks.flatten() {
         if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
             listed = true;
-            out.extend(s.split_ascii_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            out.extend(
+                s.split_ascii_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
         }
     }
     if !listed && !children_files_exist() {
