@@ -1582,6 +1582,69 @@ while :; do sleep 1; done";
         exited_ok(st);
     }
 
+    /// A supervisor that a process of the same uid stopped (SIGSTOP) cannot stop the run: the
+    /// launcher kills it at the deadline (grace + slack) and stops its processes itself.
+    #[test]
+    fn a_frozen_supervisor_is_killed_and_its_run_stopped_anyway() {
+        let m = marker("frozen");
+        let st = with_launcher(|l| {
+            let Some((pid, _out)) = launch_marked(l, 1, &m, STUBBORN, 300, true) else {
+                return 2;
+            };
+            let Some(sup) = proctree::parent_of(pid as i32) else {
+                return 3;
+            };
+            kill_raw(sup, libc::SIGSTOP);
+            send_msg(l.sock.as_fd(), &ToLauncher::Stop { id: 1 }, &[]).unwrap();
+            let got = next(l);
+            let after = marked(&m);
+            let ok = matches!(
+                got,
+                Some(FromLauncher::Exited {
+                    id: 1,
+                    end: RunEnd { stopped: true, lost: true, killed: true, .. },
+                    ..
+                })
+            );
+            if ok && after.is_empty() {
+                0
+            } else {
+                eprintln!("got {got:?} after {after:?}");
+                1
+            }
+        });
+        cleanup(&m);
+        exited_ok(st);
+    }
+
+    /// The launcher killed (a process of the same uid can): each supervisor sees its link
+    /// close and stops its run on its own.
+    #[test]
+    fn supervisors_stop_their_runs_when_the_launcher_is_killed() {
+        let m = marker("nolauncher");
+        let st = with_launcher(|l| {
+            let Some((_, _out)) = launch_marked(l, 1, &m, STUBBORN, 300, true) else {
+                return 2;
+            };
+            let before = marked(&m).len();
+            kill_raw(l.pid as i32, libc::SIGKILL);
+            let _ = waitpid(Pid::from_raw(l.pid as i32), None);
+            let deadline = Instant::now() + HANG_GUARD;
+            while !marked(&m).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let after = marked(&m);
+            if before >= 3 && after.is_empty() {
+                0
+            } else {
+                eprintln!("before {before} after {after:?}");
+                1
+            }
+        });
+        cleanup(&m);
+        exited_ok(st);
+    }
+
     /// A loop that forks as fast as it can cannot outrun the SIGKILL rounds.
     #[test]
     fn a_fork_loop_is_stopped() {
