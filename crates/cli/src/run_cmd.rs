@@ -1,7 +1,9 @@
 //! `agentkeys run [--env VAR=SERVICE]... [--file VAR=SERVICE]... [--no-masking] [--cwd DIR]
 //! -- CMD [ARGS...]`: the daemon's launcher starts CMD with the secrets in its environment (or
 //! in readable files); this process only passes its stdin, stdout and stderr along and never
-//! holds a secret. SIGINT, SIGTERM and SIGHUP are forwarded; the exit status is CMD's.
+//! holds a secret. It sends its environment, working directory and umask along. SIGINT,
+//! SIGTERM and SIGHUP are forwarded; the exit status is CMD's. If this process goes away the
+//! daemon stops the whole run.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;

@@ -1602,7 +1602,12 @@ while :; do sleep 1; done";
                 got,
                 Some(FromLauncher::Exited {
                     id: 1,
-                    end: RunEnd { stopped: true, lost: true, killed: true, .. },
+                    end: RunEnd {
+                        stopped: true,
+                        lost: true,
+                        killed: true,
+                        ..
+                    },
                     ..
                 })
             );
