@@ -702,7 +702,7 @@ fn a_program_that_exits_leaving_a_background_child_ends_the_run_without_it() {
         "--",
         "sh",
         "-c",
-        "(trap '' TERM; while :; do sleep 1; done) & sleep 0.2; exit 4",
+        "trap '' TERM; (while :; do sleep 1; done) & sleep 0.2; exit 4",
     ]);
     c.env("AK_STOP_MARK", &marker).stdin(Stdio::null());
     let mut cli = c.spawn().unwrap();
