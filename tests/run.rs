@@ -430,3 +430,576 @@ fn run_from_another_uid_is_refused_clearly() {
     );
     assert!(!contains(&out.stdout, CANARY.as_bytes()));
 }
+
+// --- Stopping a run ---------------------------------------------------------------------------
+//
+// A run is the program and everything it started. These tests start a program that ignores
+// SIGTERM, with one descendant that left the process group and session (`setsid`) and one that
+// was orphaned by a double fork, then stop the run in each way the daemon can (revocation of
+// the caller, the caller killed, daemon shutdown, daemon killed) and check that every process
+// carrying the run's marker is gone within the grace period plus 2 s.
+
+/// The `kill_grace` the stop tests configure.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// A program that ignores SIGTERM (inherited by all it starts), a descendant in a session of its
+/// own, and an orphan of a double fork; "ready" once all are started.
+const STUBBORN: &str = "trap '' TERM
+setsid sh -c 'while :; do sleep 1; done' &
+sh -c '(while :; do sleep 1; done) & exit 0' &
+sleep 0.3
+echo ready
+while :; do sleep 1; done";
+
+/// A daemon with a short `kill_grace` and the canary stored as `github`.
+fn ready_with_grace(tag: &str) -> TestHome {
+    let mut h = TestHome::initialized(tag);
+    assert!(
+        h.run_stdin(&["store", "github"], CANARY.as_bytes())
+            .status
+            .success()
+    );
+    h.write_config("[daemon]\nkill_grace = \"1s\"\n");
+    h.start_daemon(&[]);
+    h
+}
+
+/// A marker no other test uses, put into the run's environment.
+fn new_marker(tag: &str) -> String {
+    format!(
+        "ak-stop-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// Pids (other than `skip`) whose environment holds `AK_STOP_MARK=<marker>`.
+fn marked(marker: &str, skip: u32) -> Vec<u32> {
+    let needle = format!("AK_STOP_MARK={marker}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != skip)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// The session id of a process (field 6 of /proc/PID/stat).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The daemon's open connections, from `agentkeys status --json` (its own included).
+fn connections(h: &TestHome) -> u64 {
+    let out = h.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["connections"].as_u64().unwrap()
+}
+
+/// `agentkeys run` of [`STUBBORN`] (as an agent when `token` is given), once every process of
+/// it is up.
+struct StubbornRun {
+    cli: std::process::Child,
+    marker: String,
+}
+
+impl StubbornRun {
+    fn start(h: &TestHome, token: Option<&str>, tag: &str) -> StubbornRun {
+        let marker = new_marker(tag);
+        let mut c = h.cli(&["run", "--env", "T=github", "--", "sh", "-c", STUBBORN]);
+        c.env("AK_STOP_MARK", &marker)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(t) = token {
+            c.env("AGENTKEYS_TOKEN", t);
+        }
+        let mut cli = c.spawn().unwrap();
+        let mut stdout = cli.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while !contains(&seen, b"ready") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "the program ended before it was ready");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Keep reading (and discarding) so the program never blocks on a full pipe.
+        std::thread::spawn(move || while stdout.read(&mut buf).is_ok_and(|n| n > 0) {});
+        let run = StubbornRun { cli, marker };
+        let procs = run.processes();
+        assert!(
+            procs.len() >= 3,
+            "expected the program, the setsid child and the orphan: {procs:?}"
+        );
+        let sessions: std::collections::BTreeSet<_> =
+            procs.iter().filter_map(|&p| session_of(p)).collect();
+        assert!(
+            sessions.len() >= 2,
+            "no process left the program's session: {procs:?} {sessions:?}"
+        );
+        run
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        marked(&self.marker, self.cli.id())
+    }
+
+    /// Every marked process is gone within `bound` of now.
+    fn assert_gone_within(&self, bound: Duration) {
+        let left = Instant::now();
+        let gone = agentkeys_e2e::wait_until(bound, || self.processes().is_empty());
+        assert!(
+            gone,
+            "processes of the run still alive {:?} after {:?}: {:?}",
+            left.elapsed(),
+            bound,
+            self.processes()
+        );
+    }
+
+    /// The CLI's exit status, waiting at most `bound` (killed and failed after that).
+    fn wait_cli(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(st) = self.cli.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.cli.kill();
+                let _ = self.cli.wait();
+                panic!("agentkeys run did not end within {bound:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for StubbornRun {
+    fn drop(&mut self) {
+        // A failed test must not leave its processes behind.
+        let _ = self.cli.kill();
+        let _ = self.cli.wait();
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The `detail` of the last `run_exit` record.
+fn last_run_exit(h: &TestHome) -> String {
+    h.audit()
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "run_exit")
+        .and_then(|r| r["detail"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn revoking_the_caller_stops_every_process_of_its_run() {
+    let h = ready_with_grace("stop-revoke");
+    let token = h.add_agent("temp", "github", &[]);
+    let before = connections(&h);
+    let mut run = StubbornRun::start(&h, Some(&token), "revoke");
+    assert!(h.run(&["agent", "revoke", "temp"]).status.success());
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    assert!(!run.wait_cli(Duration::from_secs(5)).success());
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(3), || connections(&h) == before),
+        "the daemon still holds the run's connection"
+    );
+    let detail = last_run_exit(&h);
+    assert!(
+        detail.contains("stopped=revoked") && detail.contains("sigkill=yes"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_caller_killed_with_sigkill_stops_every_process_of_its_run() {
+    let h = ready_with_grace("stop-caller");
+    let before = connections(&h);
+    let mut run = StubbornRun::start(&h, None, "caller");
+    run.cli.kill().unwrap();
+    run.cli.wait().unwrap();
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(3), || connections(&h) == before),
+        "the daemon still holds the run's connection"
+    );
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || last_run_exit(&h)
+            .contains("stopped=caller_gone")),
+        "{}",
+        last_run_exit(&h)
+    );
+}
+
+#[test]
+fn daemon_stop_stops_every_process_of_a_run_first() {
+    let mut h = ready_with_grace("stop-shutdown");
+    let mut run = StubbornRun::start(&h, None, "shutdown");
+    let out = h.run(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    // The caller was told how its program ended (SIGKILL: 128 + 9).
+    assert_eq!(run.wait_cli(Duration::from_secs(5)).code(), Some(137));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(5), || !h.daemon_alive()),
+        "the daemon did not exit"
+    );
+    let detail = last_run_exit(&h);
+    assert!(
+        detail.contains("stopped=shutdown") && detail.contains("sigkill=yes"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_leaves_no_process_of_a_run() {
+    let mut h = ready_with_grace("stop-kill9");
+    let daemon = h.daemon_pid();
+    let launcher = *children_of(daemon)
+        .first()
+        .expect("the launcher is the daemon's child");
+    let run = StubbornRun::start(&h, None, "kill9");
+    h.kill_daemon();
+    run.assert_gone_within(GRACE + Duration::from_secs(2));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || !std::path::Path::new(&format!(
+            "/proc/{launcher}"
+        ))
+        .exists()
+            || std::fs::read_to_string(format!("/proc/{launcher}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))),
+        "the launcher did not exit after stopping the run"
+    );
+}
+
+#[test]
+fn a_program_that_exits_leaving_a_background_child_ends_the_run_without_it() {
+    let h = ready_with_grace("stop-leftover");
+    let marker = new_marker("leftover");
+    let started = Instant::now();
+    let mut c = h.cli(&[
+        "run",
+        "--env",
+        "T=github",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; (while :; do sleep 1; done) & sleep 0.2; exit 4",
+    ]);
+    c.env("AK_STOP_MARK", &marker).stdin(Stdio::null());
+    let mut cli = c.spawn().unwrap();
+    let cli_pid = cli.id();
+    let deadline = Instant::now() + GRACE + Duration::from_secs(4);
+    let status = loop {
+        if let Some(st) = cli.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = cli.kill();
+            for pid in marked(&marker, cli_pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!("the run did not end: its background child kept it going");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(4), "the exit status is the program's");
+    assert!(
+        started.elapsed() < GRACE + Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        marked(&marker, cli_pid).is_empty(),
+        "the background child outlived the run"
+    );
+    let detail = last_run_exit(&h);
+    assert!(
+        detail.contains("status=exit 4")
+            && detail.contains("leftovers=stopped")
+            && detail.contains("sigkill=yes"),
+        "{detail}"
+    );
+}
+
+// --- What a run request must say --------------------------------------------------------------
+
+/// Sends one `run` over a raw client (the CLI always sends a directory and a clean
+/// environment) and returns the refusal's code and message.
+fn raw_run_refusal(h: &TestHome, token: &str, caller_env: &[&str], cwd: Option<&str>) -> String {
+    use agentkeys_proto::client::{Client, ClientError};
+    use agentkeys_proto::wire::RequestBody;
+    use std::os::fd::AsFd;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tok = secrecy::SecretString::from(token.to_string());
+    rt.block_on(async {
+        let (mut c, _) = Client::connect_with(&h.socket(), &tok).await.unwrap();
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let body = RequestBody::Run {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            files: Default::default(),
+            caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
+            cwd: cwd.map(str::to_string),
+            masking: true,
+            umask: None,
+        };
+        c.send(body, &[null.as_fd(), null.as_fd(), null.as_fd()])
+            .await
+            .unwrap();
+        match c.recv().await {
+            Err(ClientError::Refused { code, message }) => format!("{code:?}: {message}"),
+            Ok(a) => panic!("the run was not refused: {}", a.body.kind()),
+            Err(e) => panic!("{e}"),
+        }
+    })
+}
+
+/// With a name given twice the first entry wins at exec, and the request hash (which sorts the
+/// entries) is the same for both orders: an approval for one would run the other. So a name
+/// given twice is refused, as are entries without `=` and empty names.
+#[test]
+fn a_run_environment_with_a_name_twice_is_refused_in_either_order() {
+    let h = ready("run-dup-env");
+    let token = h.add_agent("raw", "github", &[]);
+    for env in [
+        &["PATH=/usr/bin:/bin", "PATH=/tmp/evil"][..],
+        &["PATH=/tmp/evil", "PATH=/usr/bin:/bin"][..],
+    ] {
+        let r = raw_run_refusal(&h, &token, env, Some("/"));
+        assert!(
+            r.starts_with("BadRequest") && r.contains("\"PATH\" more than once"),
+            "{r}"
+        );
+    }
+    let r = raw_run_refusal(&h, &token, &["PATH"], Some("/"));
+    assert!(
+        r.starts_with("BadRequest") && r.contains("NAME=value"),
+        "{r}"
+    );
+    let r = raw_run_refusal(&h, &token, &["=x"], Some("/"));
+    assert!(
+        r.starts_with("BadRequest") && r.contains("empty name"),
+        "{r}"
+    );
+    // Nothing was started, nothing audited as started.
+    assert!(!h.audit().iter().any(|r| r["event"] == "run_start"));
+}
+
+/// A run without a working directory would run wherever the daemon started.
+#[test]
+fn a_run_without_a_working_directory_is_refused() {
+    let h = ready("run-no-cwd");
+    let token = h.add_agent("raw", "github", &[]);
+    let r = raw_run_refusal(&h, &token, &["PATH=/usr/bin:/bin"], None);
+    assert!(
+        r.starts_with("BadRequest") && r.contains("run needs an absolute working directory"),
+        "{r}"
+    );
+    let r = raw_run_refusal(&h, &token, &["PATH=/usr/bin:/bin"], Some("relative/dir"));
+    assert!(r.contains("run needs an absolute working directory"), "{r}");
+}
+
+/// The program creates files with the caller's umask, not the daemon's 077.
+#[test]
+fn a_run_gets_the_callers_umask() {
+    let h = ready("run-umask");
+    for (mask, want) in [("022", "0022"), ("027", "0027")] {
+        let mut c = std::process::Command::new("/bin/sh");
+        c.args([
+            "-c",
+            &format!("umask {mask}; exec \"$0\" run -- sh -c umask"),
+        ])
+        .arg(agentkeys_e2e::bin("agentkeys"));
+        h.env(&mut c);
+        let out = c.stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
+    }
+}
+
+// --- approval_command -------------------------------------------------------------------------
+
+/// A daemon with `sensitive` stored high-value and `approval_command` set to `hook` (plus one
+/// fixed argument) and the given timeout; returns it with an agent's token.
+fn with_hook(tag: &str, hook: &std::path::Path, timeout: &str) -> (TestHome, String) {
+    let mut h = TestHome::initialized(tag);
+    assert!(
+        h.run_stdin(&["store", "sensitive", "--high-value"], CANARY.as_bytes())
+            .status
+            .success()
+    );
+    h.write_config(&format!(
+        "[daemon]\nkill_grace = \"1s\"\napproval_command = [{:?}, \"fixed\"]\napproval_command_timeout = {timeout:?}\n",
+        hook.display().to_string()
+    ));
+    h.start_daemon(&[]);
+    let token = h.add_agent("ops-bot", "sensitive", &[]);
+    (h, token)
+}
+
+/// An executable shell script at `path`.
+fn script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The approval code from a pending answer on stderr.
+fn code_in(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = err.find("agentkeys approve ").expect("a code") + "agentkeys approve ".len();
+    err[at..]
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A new pending request runs the hook once, with the code, the agent, the service and the
+/// command as `agentkeys pending` shows it as separate arguments; a repeat of the same request
+/// does not run it again. The code is not written to the daemon's log.
+#[test]
+fn approval_command_gets_code_agent_service_and_command() {
+    let dir = TestHome::new("hook-args-dir");
+    let out_file = dir.dir.join("calls");
+    let hook = dir.dir.join("hook");
+    script(
+        &hook,
+        &format!(
+            "for a in \"$@\"; do printf '%s|' \"$a\"; done >> {}; echo >> {}",
+            out_file.display(),
+            out_file.display()
+        ),
+    );
+    let (h, token) = with_hook("hook-args", &hook, "5s");
+    let args = ["run", "--env", "T=sensitive", "--", "echo", "two words"];
+    let out = h.run_agent(&token, &args);
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    let code = code_in(&out);
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(5), || out_file.exists()),
+        "the hook did not run: {}",
+        h.daemon_log()
+    );
+    // The same request again: pending with the same code, no second notification.
+    let again = h.run_agent(&token, &args);
+    assert_eq!(code_in(&again), code);
+    std::thread::sleep(Duration::from_millis(500));
+    let calls = std::fs::read_to_string(&out_file).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let want = format!(
+        "fixed|{code}|ops-bot|sensitive|echo 'two words'  (in {})|\n",
+        cwd.display()
+    );
+    assert_eq!(calls, want);
+    assert!(!h.daemon_log().contains(&code), "the code was logged");
+}
+
+/// A hook that fails (cannot be executed, or exits non-zero) is logged; the request is
+/// answered `pending` all the same.
+#[test]
+fn a_failing_approval_command_is_logged_and_the_request_still_pending() {
+    let dir = TestHome::new("hook-fail-dir");
+    let failing = dir.dir.join("failing");
+    script(&failing, "exit 3");
+    for (hook, log) in [
+        (failing, "approval_command failed"),
+        (
+            dir.dir.join("no-such-hook"),
+            "approval_command could not be started",
+        ),
+    ] {
+        let (h, token) = with_hook("hook-fail", &hook, "5s");
+        let out = h.run_agent(&token, &["read", "sensitive"]);
+        assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+        assert!(out.stdout.is_empty());
+        assert!(
+            agentkeys_e2e::wait_until(Duration::from_secs(5), || h.daemon_log().contains(log)),
+            "{log:?} not in the log:\n{}",
+            h.daemon_log()
+        );
+    }
+}
+
+/// A hook that hangs does not hold up the answer (it still runs when the answer is in), and is
+/// stopped after `approval_command_timeout`.
+#[test]
+fn a_hanging_approval_command_does_not_delay_the_answer_and_is_stopped() {
+    let dir = TestHome::new("hook-hang-dir");
+    let pid_file = dir.dir.join("pid");
+    let hook = dir.dir.join("hang");
+    script(
+        &hook,
+        &format!(
+            "trap '' TERM; echo $$ > {}.tmp; mv {}.tmp {}; exec sleep 1000",
+            pid_file.display(),
+            pid_file.display(),
+            pid_file.display()
+        ),
+    );
+    let timeout = Duration::from_secs(3);
+    let (h, token) = with_hook("hook-hang", &hook, "3s");
+    let asked = Instant::now();
+    let out = h.run_agent(&token, &["read", "sensitive"]);
+    let answered = asked.elapsed();
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || pid_file.exists()),
+        "the hook did not start"
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        answered < timeout && std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the answer waited for the hook ({answered:?})"
+    );
+    let gone = agentkeys_e2e::wait_until(timeout + GRACE + Duration::from_secs(2), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    if !gone {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(gone, "the hanging hook was not stopped");
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(2), || h
+            .daemon_log()
+            .contains("approval_command was stopped")),
+        "{}",
+        h.daemon_log()
+    );
+}

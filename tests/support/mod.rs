@@ -206,6 +206,11 @@ impl TestHome {
         Ok(())
     }
 
+    /// The pid of the most recently started daemon.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemons.last().expect("a daemon was started").id()
+    }
+
     /// Kills the most recently started daemon with SIGKILL (`kill -9`) and reaps it. Its
     /// launcher notices the closed socketpair and exits on its own.
     pub fn kill_daemon(&mut self) {
@@ -623,6 +628,7 @@ pub mod load {
                     caller_env: vec!["PATH=/usr/bin:/bin".into()],
                     cwd: Some("/".into()),
                     masking: true,
+                    umask: None,
                 };
                 let fds = [null_in.as_fd(), null_out.as_fd(), null_out.as_fd()];
                 c.send(body, &fds)

@@ -175,6 +175,17 @@ pub struct DaemonConfig {
     /// Group allowed to reach the socket (for agents under other uids): the socket becomes
     /// 0660 and its directory 0710, both of this group. The peer uid check still applies.
     pub socket_group: Option<String>,
+    /// Between SIGTERM and SIGKILL when a run is stopped (revocation, a caller gone, shutdown,
+    /// processes a program left behind); 100 ms to 60 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub kill_grace: Duration,
+    /// A command the launcher runs (outside the sandbox, without a shell) when a new approval
+    /// request is pending: argv, the first element an absolute path; the code, the agent, the
+    /// service and the shown command (empty for `read`) are appended as four arguments.
+    pub approval_command: Option<Vec<String>>,
+    /// How long `approval_command` may run before it is stopped; 1 s to 60 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub approval_command_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -189,6 +200,9 @@ impl Default for DaemonConfig {
             handshake_timeout: Duration::from_secs(10),
             approval_ttl: Duration::from_secs(300),
             socket_group: None,
+            kill_grace: Duration::from_secs(5),
+            approval_command: None,
+            approval_command_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -250,6 +264,17 @@ impl Config {
             return Err(invalid(
                 "daemon.max_connections and daemon.max_pending must be at least 1".into(),
             ));
+        }
+        check_range("daemon.kill_grace", cfg.daemon.kill_grace, KILL_GRACE_RANGE)
+            .map_err(invalid)?;
+        check_range(
+            "daemon.approval_command_timeout",
+            cfg.daemon.approval_command_timeout,
+            HOOK_TIMEOUT_RANGE,
+        )
+        .map_err(invalid)?;
+        if let Some(argv) = &cfg.daemon.approval_command {
+            check_command(argv).map_err(|e| invalid(format!("daemon.approval_command: {e}")))?;
         }
         for (name, b) in &cfg.backends {
             check_backend(name, b).map_err(invalid)?;
@@ -323,6 +348,53 @@ impl Config {
         }
         Config::parse(&text, path)
     }
+}
+
+/// `kill_grace`: long enough for a program to clean up, short enough that a revocation is
+/// prompt (the launcher clamps to the same range).
+const KILL_GRACE_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
+/// `approval_command_timeout`.
+const HOOK_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// Most elements of `approval_command`, and the longest one.
+const MAX_COMMAND_ARGS: usize = 64;
+const MAX_COMMAND_ARG_BYTES: usize = 4096;
+
+/// A duration within `range`; the message names the key.
+fn check_range(key: &str, d: Duration, range: (Duration, Duration)) -> Result<(), String> {
+    if d < range.0 || d > range.1 {
+        return Err(format!(
+            "{key}: must be between {} and {}",
+            humantime::format_duration(range.0),
+            humantime::format_duration(range.1)
+        ));
+    }
+    Ok(())
+}
+
+/// An argv to run without a shell, from a daemon whose environment has no PATH: a non-empty
+/// list, bounded, the program an absolute path, no NUL byte anywhere.
+fn check_command(argv: &[String]) -> Result<(), String> {
+    let Some(program) = argv.first() else {
+        return Err("must name a program: [\"/usr/bin/notify-send\", ...]".into());
+    };
+    if !program.starts_with('/') {
+        return Err(format!(
+            "the program {program:?} must be an absolute path (the daemon has no PATH)"
+        ));
+    }
+    if argv.len() > MAX_COMMAND_ARGS {
+        return Err(format!("at most {MAX_COMMAND_ARGS} elements"));
+    }
+    if argv
+        .iter()
+        .any(|a| a.len() > MAX_COMMAND_ARG_BYTES || a.contains('\0'))
+    {
+        return Err(format!(
+            "each element at most {MAX_COMMAND_ARG_BYTES} bytes, without NUL bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks one `[backends.NAME]`; the message names the key.
@@ -504,6 +576,41 @@ mod tests {
         let e = Config::parse("[demon]\n", p).unwrap_err().to_string();
         assert!(e.contains("demon"), "{e}");
         assert!(Config::parse("[daemon]\nmax_pending = 0\n", p).is_err());
+    }
+
+    #[test]
+    fn kill_grace_and_approval_command_are_bounded_and_named() {
+        let p = Path::new("c.toml");
+        let c = Config::parse("", p).unwrap();
+        assert_eq!(c.daemon.kill_grace, Duration::from_secs(5));
+        assert!(c.daemon.approval_command.is_none());
+        let c = Config::parse(
+            "[daemon]\nkill_grace = \"1s\"\napproval_command = [\"/usr/bin/notify-send\", \"agentkeys\"]\napproval_command_timeout = \"3s\"\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.daemon.kill_grace, Duration::from_secs(1));
+        assert_eq!(
+            c.daemon.approval_command.as_deref(),
+            Some(&["/usr/bin/notify-send".to_string(), "agentkeys".to_string()][..])
+        );
+        assert_eq!(c.daemon.approval_command_timeout, Duration::from_secs(3));
+        for (text, key) in [
+            ("kill_grace = \"10ms\"", "daemon.kill_grace"),
+            ("kill_grace = \"2m\"", "daemon.kill_grace"),
+            (
+                "approval_command_timeout = \"0s\"",
+                "daemon.approval_command_timeout",
+            ),
+            ("approval_command = []", "daemon.approval_command"),
+            ("approval_command = [\"notify-send\"]", "absolute"),
+            ("approval_command = [\"/bin/x\", \"a\\u0000b\"]", "NUL"),
+        ] {
+            let e = Config::parse(&format!("[daemon]\n{text}\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -238,6 +238,7 @@ pub async fn run(
             caller_env,
             cwd,
             masking,
+            umask,
         } = req.body
         {
             let run_req = crate::run::RunRequest {
@@ -247,6 +248,7 @@ pub async fn run(
                 caller_env,
                 cwd,
                 masking,
+                umask,
             };
             if !serve_run(
                 &mut conn, shared, &principal, peer, req.id, run_req, fds, &mut stop, &kick,
@@ -301,6 +303,10 @@ pub async fn run(
 
 /// One `run`: start it, answer `run_started`, forward `signal` requests while it runs, then
 /// answer `run_exit`. Returns false when the connection is finished.
+///
+/// The run is stopped (`stop`: SIGTERM to all of it, SIGKILL after `kill_grace`) when the
+/// caller goes away, when its session ends (the connection then closes once the run is over),
+/// or when the daemon shuts down; `run_exit` says why.
 #[allow(clippy::too_many_arguments)]
 async fn serve_run(
     conn: &mut Conn,
@@ -313,6 +319,7 @@ async fn serve_run(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     kick: &Notify,
 ) -> bool {
+    use crate::run::StopReason;
     // The run's records are made durable inside `start`, before it launches (group commit).
     // A refusal (pending, denied, not found) is answered only once its records are on disk;
     // the `drop` records written after a launch need not hold up `run_started`.
@@ -328,24 +335,36 @@ async fn serve_run(
             return send(conn, id, body).await;
         }
     };
+    // Held until the caller has its answer: shutdown waits for it.
+    let _active = running.active.take();
+    let mut stopped: Option<StopReason> = None;
+    let mut caller_gone = false;
+    let mut session_ended = false;
     if !send(conn, id, ResponseBody::RunStarted { pid: running.pid }).await {
         // The caller is gone: its program goes too.
-        if let Some(l) = shared.launcher.get() {
-            l.signal(running.id, libc_sigterm()).await;
-        }
+        caller_gone = true;
+        stop_run(shared, &running, &mut stopped, StopReason::CallerGone).await;
     }
-    let mut caller_gone = false;
-    let mut revoked = false;
+    if *stop.borrow() {
+        stop_run(shared, &running, &mut stopped, StopReason::Shutdown).await;
+    }
     let exit = loop {
         tokio::select! {
             ex = &mut running.exited => break ex.ok(),
-            // The agent was revoked (or its session ended) mid-run: the program stops now,
-            // then the connection closes.
-            _ = kick.notified(), if !revoked => {
-                revoked = true;
-                warn!(principal = ?principal, "session ended during a run: stopping the program");
-                if let Some(l) = shared.launcher.get() {
-                    l.signal(running.id, libc_sigterm()).await;
+            // The session ended mid-run (agent revoked, expired or replaced, a new owner
+            // session): the run stops, then the connection closes. Shutdown kicks every
+            // connection too; that is `stop` below.
+            _ = kick.notified(), if !session_ended => {
+                let reason = match shared.sessions.check(principal, Some(peer.uid)) {
+                    Err(AuthError::Revoked(_)) => Some(StopReason::Revoked),
+                    Err(_) => Some(StopReason::SessionEnded),
+                    Ok(()) if *stop.borrow() => None,
+                    Ok(()) => Some(StopReason::SessionEnded),
+                };
+                if let Some(reason) = reason {
+                    session_ended = true;
+                    warn!(principal = ?principal, "session ended during a run: stopping the program");
+                    stop_run(shared, &running, &mut stopped, reason).await;
                 }
             }
             r = conn.recv(), if !caller_gone => match parse(r) {
@@ -361,32 +380,44 @@ async fn serve_run(
                     let _ = send(conn, 0, body).await;
                 }
                 Err(None) => {
-                    // The caller went away (an agent harness killed the CLI): end the program.
+                    // The caller went away (an agent harness killed the CLI): end the run.
                     caller_gone = true;
-                    if let Some(l) = shared.launcher.get() {
-                        l.signal(running.id, libc_sigterm()).await;
-                    }
+                    stop_run(shared, &running, &mut stopped, StopReason::CallerGone).await;
                 }
             },
-            _ = stop.changed() => {
-                if let Some(l) = shared.launcher.get() {
-                    l.signal(running.id, libc_sigterm()).await;
+            r = stop.changed(), if stopped.is_none() => {
+                if r.is_err() || *stop.borrow() {
+                    stop_run(shared, &running, &mut stopped, StopReason::Shutdown).await;
                 }
             }
         }
     };
-    let body = crate::run::finish(shared, principal, peer, running, exit).await;
-    if revoked {
+    let body = crate::run::finish(shared, principal, peer, running, exit, stopped).await;
+    if session_ended {
         if let Err(e) = shared.sessions.check(principal, Some(peer.uid)) {
             send(conn, id, auth_error(&e)).await;
         }
         return false;
     }
-    !caller_gone && send(conn, id, body).await
+    // After a shutdown the caller gets its answer, then the connection closes.
+    !caller_gone && send(conn, id, body).await && stopped != Some(StopReason::Shutdown)
 }
 
-fn libc_sigterm() -> i32 {
-    nix::sys::signal::Signal::SIGTERM as i32
+/// Asks the launcher to stop the run, once; the first reason is the one recorded.
+async fn stop_run(
+    shared: &Shared,
+    running: &crate::run::Running,
+    stopped: &mut Option<crate::run::StopReason>,
+    reason: crate::run::StopReason,
+) {
+    if stopped.is_some() {
+        return;
+    }
+    *stopped = Some(reason);
+    info!(reason = reason.as_str(), "stopping a run");
+    if let Some(l) = shared.launcher.get() {
+        l.stop(running.id).await;
+    }
 }
 
 fn owner_only(p: &Principal) -> Option<Reply> {

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentkeys_hardening::launcher::{FromLauncher, LaunchSpec};
+use agentkeys_hardening::launcher::{FromLauncher, LaunchSpec, RunEnd};
 use agentkeys_hardening::page::{PagePolicy, SecretPage};
 use agentkeys_proto::wire::{ErrorCode, ResponseBody};
 use agentkeys_state::audit::{Event, Peer};
@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tracing::info;
 use zeroize::Zeroizing;
 
-use crate::launch::LaunchError;
+use crate::launch::{ActiveRun, LaunchError};
 use crate::mask::Masker;
 use crate::sessions::Principal;
 use crate::shared::Shared;
@@ -42,20 +42,25 @@ pub struct RunRequest {
     pub files: BTreeMap<String, String>,
     /// The caller's environment.
     pub caller_env: Vec<String>,
-    /// Working directory.
+    /// Working directory (required, absolute).
     pub cwd: Option<String>,
     /// Mask secrets in the output.
     pub masking: bool,
+    /// The caller's file-mode creation mask (at most 0o777); none: the daemon's 077.
+    pub umask: Option<u32>,
 }
 
 /// A running program.
 pub struct Running {
-    /// Launch id, for signals.
+    /// Launch id, for signals and `stop`.
     pub id: u64,
     /// pid.
     pub pid: u32,
-    /// Resolves when it exits.
+    /// Resolves when the run has ended (the program and everything it started are gone).
     pub exited: oneshot::Receiver<FromLauncher>,
+    /// Counts the run as open (daemon shutdown waits for it); the connection keeps it until
+    /// the caller has its answer.
+    pub active: Option<ActiveRun>,
     pumps: Vec<oneshot::Receiver<()>>,
     started: Instant,
     program: String,
@@ -87,9 +92,11 @@ fn program_name(argv0: &str) -> String {
 }
 
 /// SHA-256 of everything that decides what a run does: argv, working directory, the secret
-/// mappings, masking, and the caller's environment (PATH, LD_PRELOAD, ... decide which program
-/// runs and how). An approval for a `run` is bound to this, so an approved `true` cannot be
-/// replayed with another PATH or directory.
+/// mappings, masking, the umask, and the caller's environment (PATH, LD_PRELOAD, ... decide
+/// which program runs and how). An approval for a `run` is bound to this, so an approved `true`
+/// cannot be replayed with another PATH or directory. The environment is hashed sorted, which
+/// binds exactly what the program gets only because [`validate`] refuses a name given twice
+/// (with duplicates, the first entry wins at exec, and both orders would hash the same).
 pub fn request_hash(req: &RunRequest) -> String {
     let mut h = sha2::Sha256::new();
     let mut field = |tag: &str, value: &str| {
@@ -109,6 +116,11 @@ pub fn request_hash(req: &RunRequest) -> String {
         field("file", &format!("{k}={v}"));
     }
     field("masking", if req.masking { "1" } else { "0" });
+    // The umask decides the modes of every file the program creates.
+    field(
+        "umask",
+        &req.umask.map(|m| format!("{m:o}")).unwrap_or_default(),
+    );
     let mut env: Vec<&String> = req.caller_env.iter().collect();
     env.sort();
     for e in env {
@@ -181,14 +193,17 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
             "a variable is given both as --env and --file",
         ));
     }
-    if let Some(cwd) = &req.cwd
-        && !cwd.starts_with('/')
-    {
+    // Without one the program would run wherever the daemon happened to start.
+    if !req.cwd.as_deref().is_some_and(|c| c.starts_with('/')) {
         return Err(refuse(
             ErrorCode::BadRequest,
-            "--cwd must be an absolute path",
+            "run needs an absolute working directory",
         ));
     }
+    if req.umask.is_some_and(|m| m > 0o777) {
+        return Err(refuse(ErrorCode::BadRequest, "umask must be at most 0777"));
+    }
+    check_caller_env(&req.caller_env)?;
     if req
         .argv
         .iter()
@@ -199,6 +214,35 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
             ErrorCode::BadRequest,
             "arguments and environment may not contain NUL bytes",
         ));
+    }
+    Ok(())
+}
+
+/// The caller's environment must be `NAME=value` entries with distinct, non-empty names: with
+/// a name given twice, which entry the program sees is decided at exec, not by the request hash
+/// (which sorts the entries), so an approval could be replayed with the order swapped.
+fn check_caller_env(env: &[String]) -> Result<(), ResponseBody> {
+    let mut names = std::collections::HashSet::with_capacity(env.len());
+    for e in env {
+        let Some((name, _)) = e.split_once('=') else {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                "every environment entry must be NAME=value",
+            ));
+        };
+        if name.is_empty() {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                "an environment entry has an empty name",
+            ));
+        }
+        if !names.insert(name) {
+            let shown: String = name.chars().take(64).collect();
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("the environment gives {shown:?} more than once"),
+            ));
+        }
     }
     Ok(())
 }
@@ -435,6 +479,9 @@ pub async fn start(
         secret_env: secret_env.iter().map(|(v, _, _)| v.clone()).collect(),
         files: files.iter().map(|(v, _, _)| v.clone()).collect(),
         cwd: req.cwd,
+        umask: req.umask,
+        kill_grace_ms: u64::try_from(shared.cfg.kill_grace.as_millis()).unwrap_or(u64::MAX),
+        deadline_ms: None,
     };
     // Pages in the order the launcher expects: env secrets, then files.
     let mut ordered: Vec<&SecretPage> = Vec::new();
@@ -476,6 +523,7 @@ pub async fn start(
                 id: s.id,
                 pid: s.pid,
                 exited: s.exited,
+                active: Some(s.active),
                 pumps,
                 started: Instant::now(),
                 program,
@@ -526,18 +574,46 @@ pub async fn start(
     }
 }
 
-/// Waits for the output to drain after the program ended, audits `run_exit`, and returns the
-/// answer for the caller.
+/// Why the daemon stopped a run (for `run_exit`'s detail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The caller's agent was revoked.
+    Revoked,
+    /// The caller's session ended otherwise (expired, or a new owner session).
+    SessionEnded,
+    /// The caller disconnected.
+    CallerGone,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+impl StopReason {
+    /// The word in the audit record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Revoked => "revoked",
+            StopReason::SessionEnded => "session_ended",
+            StopReason::CallerGone => "caller_gone",
+            StopReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Waits for the output to drain after the run ended, audits `run_exit`, and returns the
+/// answer for the caller. `stopped`: why the daemon asked for the run to stop, if it did.
 pub async fn finish(
     shared: &Shared,
     p: &Principal,
     peer: Peer,
     run: Running,
     exit: Option<FromLauncher>,
+    stopped: Option<StopReason>,
 ) -> ResponseBody {
-    let (code, signal) = match exit {
-        Some(FromLauncher::Exited { code, signal, .. }) => (code, signal),
-        _ => (None, None),
+    let (code, signal, end) = match exit {
+        Some(FromLauncher::Exited {
+            code, signal, end, ..
+        }) => (code, signal, end),
+        _ => (None, None, RunEnd::default()),
     };
     for pump in run.pumps {
         let _ = pump.await;
@@ -545,13 +621,35 @@ pub async fn finish(
     let status = match (code, signal) {
         (Some(c), _) => format!("exit {c}"),
         (None, Some(s)) => format!("signal {s}"),
+        _ if end.lost => "unknown (its supervisor was killed)".into(),
         _ => "unknown (launcher gone)".into(),
     };
-    let detail = format!(
+    let mut detail = format!(
         "program={} status={status} duration_ms={}",
         run.program,
         run.started.elapsed().as_millis()
     );
+    if let Some(r) = stopped {
+        detail.push_str(" stopped=");
+        detail.push_str(r.as_str());
+    }
+    if end.leftovers {
+        detail.push_str(" leftovers=stopped");
+    }
+    if stopped.is_some() || end.leftovers || end.lost {
+        detail.push_str(if end.killed {
+            " sigkill=yes"
+        } else {
+            " sigkill=no"
+        });
+    }
+    if end.lost {
+        detail.push_str(" supervisor=lost");
+    }
+    if end.unkillable > 0 {
+        detail.push_str(&format!(" unkillable={}", end.unkillable));
+    }
+    let ended = code.is_some() || signal.is_some() || end.lost;
     shared.audit_best_effort(&Event {
         event: "run_exit",
         who: Some(p.who()),
@@ -559,18 +657,113 @@ pub async fn finish(
         delivery: None,
         degraded: false,
         peer: Some(peer),
-        outcome: if code.is_some() || signal.is_some() {
-            "ok"
-        } else {
-            "error"
-        },
+        outcome: if ended { "ok" } else { "error" },
         detail: Some(&detail),
     });
-    if code.is_none() && signal.is_none() {
+    if !ended {
         return refuse(
             ErrorCode::Internal,
             "the launcher went away while the program ran",
         );
     }
+    if code.is_none() && signal.is_none() {
+        return refuse(
+            ErrorCode::Internal,
+            "the program's supervisor was killed; its processes were stopped and its status is unknown",
+        );
+    }
     ResponseBody::RunExit { code, signal }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(caller_env: &[&str]) -> RunRequest {
+        RunRequest {
+            argv: vec!["true".into()],
+            env: BTreeMap::new(),
+            files: BTreeMap::new(),
+            caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
+            cwd: Some("/".into()),
+            masking: true,
+            umask: None,
+        }
+    }
+
+    fn refusal(r: Result<(), ResponseBody>) -> String {
+        match r {
+            Err(ResponseBody::Error {
+                code: ErrorCode::BadRequest,
+                message,
+            }) => message,
+            Err(_) => "another answer".into(),
+            Ok(()) => "accepted".into(),
+        }
+    }
+
+    #[test]
+    fn caller_env_names_must_be_distinct_non_empty_and_assigned() {
+        assert!(validate(&req(&["PATH=/bin", "HOME=/root", "EMPTY="])).is_ok());
+        for env in [
+            &["PATH=/usr/bin", "PATH=/tmp/evil"][..],
+            &["PATH=/tmp/evil", "PATH=/usr/bin"][..],
+            &["A=1", "B=2", "A=1"][..],
+        ] {
+            assert!(
+                refusal(validate(&req(env))).contains("more than once"),
+                "{env:?}"
+            );
+        }
+        assert!(refusal(validate(&req(&["PATH"]))).contains("NAME=value"));
+        assert!(refusal(validate(&req(&["=x"]))).contains("empty name"));
+        // A value may hold '=' (only the first one splits).
+        assert!(validate(&req(&["OPTS=a=b", "X=="])).is_ok());
+    }
+
+    #[test]
+    fn a_run_needs_an_absolute_cwd_and_a_umask_of_nine_bits() {
+        for cwd in [None, Some(""), Some("rel/dir")] {
+            let mut r = req(&[]);
+            r.cwd = cwd.map(str::to_string);
+            assert!(
+                refusal(validate(&r)).contains("absolute working directory"),
+                "{cwd:?}"
+            );
+        }
+        let mut r = req(&[]);
+        r.umask = Some(0o777);
+        assert!(validate(&r).is_ok());
+        r.umask = Some(0o1000);
+        assert!(refusal(validate(&r)).contains("umask"));
+    }
+
+    #[test]
+    fn the_request_hash_binds_the_umask_and_the_environment() {
+        let base = req(&["PATH=/bin"]);
+        let mut m022 = req(&["PATH=/bin"]);
+        m022.umask = Some(0o022);
+        let mut m027 = req(&["PATH=/bin"]);
+        m027.umask = Some(0o027);
+        let other = req(&["PATH=/tmp"]);
+        let hashes = [
+            request_hash(&base),
+            request_hash(&m022),
+            request_hash(&m027),
+            request_hash(&other),
+        ];
+        for i in 0..hashes.len() {
+            for j in i + 1..hashes.len() {
+                assert_ne!(hashes[i], hashes[j], "{i} {j}");
+            }
+        }
+        assert_eq!(
+            request_hash(&m022),
+            request_hash(&{
+                let mut r = req(&["PATH=/bin"]);
+                r.umask = Some(0o022);
+                r
+            })
+        );
+    }
 }

@@ -214,11 +214,21 @@ pub async fn serve(listener: OwnedFd, shared: Arc<Shared>, socket_path: PathBuf)
         }
     }
     // Ask every connection to close, and wipe the cache.
-    let t = shared.conns.lock().expect("conn table");
-    for e in t.live.values() {
+    for e in shared.conns.lock().expect("conn table").live.values() {
         e.kick.notify_one();
     }
-    drop(t);
+    // Their runs are being stopped (SIGTERM, SIGKILL after kill_grace): wait until each has
+    // ended and its `run_exit` is written, a little longer than the launcher may take.
+    if let Some(l) = shared.launcher.get() {
+        let limit = shared.cfg.kill_grace
+            + agentkeys_hardening::launcher::SUPERVISOR_SLACK
+            + Duration::from_secs(2);
+        if !l.wait_idle(limit).await {
+            warn!(
+                "runs still open {limit:?} after shutdown began; exiting (the launcher stops them)"
+            );
+        }
+    }
     shared.clear_cache();
 }
 

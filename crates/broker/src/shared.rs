@@ -258,6 +258,12 @@ impl Shared {
             } => {
                 if new {
                     self.audit_best_effort(&ev("pending", "pending", detail.as_deref()));
+                    // The owner's notification, with what an agent chose escaped as
+                    // `agentkeys pending` shows it.
+                    let escape = agentkeys_proto::display::escape;
+                    let shown = run.map(|(_, c)| escape(c).into_owned()).unwrap_or_default();
+                    let who = p.agent_name().map_or("(owner)".into(), escape);
+                    crate::launch::approval_hook(self, &code, &who, service, &shown);
                 }
                 Err(ResponseBody::Pending {
                     message: format!(

@@ -79,14 +79,22 @@ pub(crate) fn stop(caller: &Caller) -> Result<(), CliError> {
         println!("agentkeysd is not running");
         return Ok(());
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The daemon first stops its running programs (SIGKILL after `kill_grace`, at most 60 s).
+    let limit = Duration::from_secs(75);
+    let deadline = Instant::now() + limit;
+    let mut told = false;
     while socket.exists() && Instant::now() < deadline {
+        if !told && deadline - Instant::now() < limit - Duration::from_secs(3) {
+            eprintln!("agentkeys: waiting for agentkeysd to stop its running programs...");
+            told = true;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     if socket.exists() {
         return Err(CliError::Daemon(format!(
-            "agentkeysd was asked to stop but {} is still there after 10s",
-            socket.display()
+            "agentkeysd was asked to stop but {} is still there after {}s",
+            socket.display(),
+            limit.as_secs()
         )));
     }
     println!("agentkeysd stopped");

@@ -97,6 +97,9 @@ enum Command {
     },
     /// Run a program with secrets in its environment; the daemon launches it and masks the
     /// secrets in its output. Exit status is the program's (127: not found, 126: cannot run).
+    /// The run is the program and everything it starts: it is stopped (SIGTERM, SIGKILL after
+    /// `kill_grace`) if this command goes away, and what it leaves running is stopped when it
+    /// exits.
     Run {
         /// VAR=SERVICE: the secret becomes the value of VAR (repeatable).
         #[arg(long = "env", value_name = "VAR=SERVICE")]

@@ -1,7 +1,9 @@
 //! `agentkeys run [--env VAR=SERVICE]... [--file VAR=SERVICE]... [--no-masking] [--cwd DIR]
 //! -- CMD [ARGS...]`: the daemon's launcher starts CMD with the secrets in its environment (or
 //! in readable files); this process only passes its stdin, stdout and stderr along and never
-//! holds a secret. SIGINT, SIGTERM and SIGHUP are forwarded; the exit status is CMD's.
+//! holds a secret. It sends its environment, working directory and umask along. SIGINT,
+//! SIGTERM and SIGHUP are forwarded; the exit status is CMD's. If this process goes away the
+//! daemon stops the whole run.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -54,16 +56,17 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
         .into_string()
         .map_err(|_| CliError::Input("the working directory is not valid UTF-8".into()))?;
     // The caller's environment, minus agentkeys' own tokens; non-UTF-8 entries cannot travel.
+    // A name given twice (possible in a raw environment) is sent once, with the value this
+    // process's own getenv sees (the first): the daemon refuses duplicates.
+    let mut seen = std::collections::HashSet::new();
     let caller_env: Vec<String> = std::env::vars_os()
-        .filter_map(|(k, v)| {
-            Some(format!(
-                "{}={}",
-                k.into_string().ok()?,
-                v.into_string().ok()?
-            ))
-        })
-        .filter(|e| !e.starts_with("AGENTKEYS_TOKEN"))
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| !k.is_empty() && !k.starts_with("AGENTKEYS_TOKEN"))
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    // The program creates files as the caller would, not with the daemon's 077.
+    let umask = agentkeys_proto::client::current_umask();
     let home = ctx::home()?;
     let code = ctx::runtime()?.block_on(async {
         // Handlers first: a signal that arrives while the program starts is held and forwarded
@@ -88,6 +91,7 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
                         caller_env: caller_env.clone(),
                         cwd: Some(cwd.clone()),
                         masking: !o.no_masking,
+                        umask,
                     },
                     &[stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
                 )

@@ -9,7 +9,9 @@
 //! - [`process`]: process hardening steps, in the order a daemon takes them: fds 0-2, inherited
 //!   fds, environment, dumpable, core limit, tracer, ptrace scope, no_new_privs, capabilities.
 //! - [`seccomp`]: the syscall allowlist (reviewed data) and its installation on all threads.
-//! - [`launcher`]: the process, forked before the sandbox, that starts programs for `run`.
+//! - [`launcher`]: the process, forked before the sandbox, that starts programs for `run`
+//!   (each under a supervisor of its own) and stops them.
+//! - [`proctree`]: the processes below this one, found through `/proc` and held by pidfds.
 //! - [`peer`]: credentials of the process at the other end of a unix socket.
 //! - [`alloc`]: the global allocator for both binaries: mimalloc (secure) that wipes on free.
 //! - [`selftest`]: the structured hardening report behind `agentkeys doctor`.
@@ -24,6 +26,7 @@ pub mod page;
 pub mod peer;
 pub mod pkey;
 pub mod process;
+pub mod proctree;
 pub mod seccomp;
 pub mod selftest;
 pub mod slab;

@@ -574,6 +574,8 @@ impl AgentkeysMcp {
                     caller_env: minimal_env(),
                     cwd: Some(cwd),
                     masking: true,
+                    // The program creates files as this server would, not with the daemon's 077.
+                    umask: agentkeys_proto::client::current_umask(),
                 },
                 &[in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
             )

@@ -343,3 +343,24 @@ pub fn unexpected(body: &ResponseBody) -> ClientError {
     // By kind only: a `credential` answer carries the secret for inline delivery.
     ClientError::Protocol(format!("unexpected answer of kind {}", body.kind()))
 }
+
+/// This process's file-mode creation mask, for the `umask` of a `run` request, read from the
+/// `Umask:` line of `/proc/self/status` (`umask(2)` cannot read it without changing it, and
+/// another thread could create a file meanwhile). `None` on kernels without that line.
+pub fn current_umask() -> Option<u32> {
+    let st = agentkeys_hardening::process::ProcStatus::read_self().ok()?;
+    u32::from_str_radix(st.get("Umask")?, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+}
+
+#[cfg(test)]
+mod umask_tests {
+    #[test]
+    fn current_umask_is_read_without_changing_it() {
+        // The harness's umask is whatever it is; reading twice must agree and stay in range.
+        let a = super::current_umask().expect("a kernel with Umask: in /proc/self/status");
+        assert!(a <= 0o777);
+        assert_eq!(super::current_umask(), Some(a));
+    }
+}

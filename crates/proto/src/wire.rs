@@ -98,12 +98,16 @@ pub enum RequestBody {
         /// The caller's environment, `NAME=value` (without agentkeys tokens).
         #[serde(default)]
         caller_env: Vec<String>,
-        /// Working directory (absolute).
+        /// Working directory (absolute; the daemon refuses a run without one).
         #[serde(default)]
         cwd: Option<String>,
         /// Mask the secrets in stdout and stderr (default true).
         #[serde(default = "yes")]
         masking: bool,
+        /// The caller's file-mode creation mask (at most 0o777), which the program gets;
+        /// without it the program gets the daemon's 077.
+        #[serde(default)]
+        umask: Option<u32>,
     },
     /// Forward a signal (SIGINT, SIGTERM, SIGHUP) to the running program of this connection.
     Signal {
