@@ -853,6 +853,8 @@ fn hostile_clients_do_not_stop_the_daemon() {
     // The stdin helper is exercised here too: a token piped to an agent file works.
     let f = h.dir.join("token");
     std::fs::write(&f, format!("{token}\n")).unwrap();
+    // Token files get the state-file checks: 0600, like `agent add --out` writes them.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut c = h.cli(&["whoami"]);
     c.env("AGENTKEYS_TOKEN_FILE", &f);
     assert!(run_with_stdin(c, b"").status.success());
