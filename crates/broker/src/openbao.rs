@@ -239,6 +239,8 @@ impl OpenBao {
     pub fn new(name: &str, cfg: &BackendConfig) -> Result<OpenBao, String> {
         let key = format!("backends.{name}");
         let address = check_address(&cfg.address).map_err(|e| format!("{key}.address: {e}"))?;
+        // Plain http has no server identity: reported as degraded for as long as it is in use.
+        let plain_http = matches!(address, Address::Http { .. });
         let transport = match address {
             Address::Unix(path) => {
                 let owner = cfg
@@ -268,8 +270,6 @@ impl OpenBao {
                 base: cfg.address.trim_end_matches('/').to_string(),
             },
         };
-        let plain_http =
-            matches!(transport, Transport::Http { .. }) && cfg.address.starts_with("http://");
         if plain_http {
             warn!(
                 backend = name,
@@ -486,14 +486,16 @@ impl OpenBao {
         {
             return Ok(t);
         }
-        if let Some(at) = gate.last_attempt
-            && at.elapsed() < MIN_LOGIN_INTERVAL
+        // One reading of the clock: `MIN_LOGIN_INTERVAL - at.elapsed()` read twice could
+        // subtract a larger second reading and panic.
+        if let Some(since) = gate.last_attempt.map(|at| at.elapsed())
+            && since < MIN_LOGIN_INTERVAL
         {
             match &gate.last_error {
                 Some(err) => return Err(err.clone()),
                 // The last login succeeded moments ago and its token is already gone: wait
                 // out the interval rather than log in at the rate requests arrive.
-                None => tokio::time::sleep(MIN_LOGIN_INTERVAL - at.elapsed()).await,
+                None => tokio::time::sleep(MIN_LOGIN_INTERVAL.saturating_sub(since)).await,
             }
         }
         gate.last_attempt = Some(Instant::now());
@@ -1021,23 +1023,28 @@ mod tests {
         }
     }
 
-    /// Plain http is reported degraded by `doctor` whatever the token state.
+    /// Plain http is reported degraded by `doctor` whatever the token state, however the
+    /// scheme is spelled (an upper-case `HTTP://` escaped a prefix test at first).
     #[test]
     fn plain_http_is_degraded_even_when_logged_in() {
-        let cfg: crate::config::Config = toml::from_str(
-            "[backends.p]\nkind = \"openbao\"\naddress = \"http://127.0.0.1:1\"\nallow_plain_http = true\ntoken_file = \"/t\"\n",
-        )
-        .unwrap();
-        let b = OpenBao::new("p", &cfg.backends["p"]).unwrap();
-        let answer = br#"{"auth":{"client_token":"s.x","lease_duration":3600}}"#;
-        let t = b.token_from(answer, 1, None).unwrap();
-        *b.token.lock().unwrap() = Some(Arc::new(t));
-        let (ok, detail) = b.health();
-        assert!(!ok, "{detail}");
-        assert!(
-            detail.contains("token valid for") && detail.contains("plain http"),
-            "{detail}"
-        );
+        for address in ["http://127.0.0.1:1", "HTTP://127.0.0.1:1"] {
+            let text = format!(
+                "[backends.p]\nkind = \"openbao\"\naddress = \"{address}\"\nallow_plain_http = true\ntoken_file = \"/t\"\n"
+            );
+            let cfg = crate::config::Config::parse(&text, Path::new("c.toml")).unwrap();
+            let b = OpenBao::new("p", &cfg.backends["p"]).unwrap();
+            let answer = br#"{"auth":{"client_token":"s.x","lease_duration":3600}}"#;
+            let t = b.token_from(answer, 1, None).unwrap();
+            *b.token.lock().unwrap() = Some(Arc::new(t));
+            let (ok, detail) = b.health();
+            assert!(!ok, "{address}: {detail}");
+            assert!(
+                detail.contains("token valid for") && detail.contains("plain http"),
+                "{detail}"
+            );
+        }
+        let (ok, detail) = backend().health();
+        assert!(!ok && !detail.contains("plain http"), "{detail}");
         assert!(!backend().is_unix());
     }
 
