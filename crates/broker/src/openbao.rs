@@ -745,8 +745,9 @@ impl OpenBao {
                 let exchange = unix.exchange(method, api_path, headers, body);
                 match tokio::time::timeout(self.timeout, exchange).await {
                     Err(_) => return Err(self.timeout_err()),
+                    // Logged by the caller (the read, the login, the refresher), as other
+                    // failures are.
                     Ok(Err(UnixError::Untrusted(e))) => {
-                        warn!(backend = %self.name, "not sending to the backend: {e}");
                         return Err(BackendError::Untrusted {
                             backend: self.name.clone(),
                             address: self.address.clone(),

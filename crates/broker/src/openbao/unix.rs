@@ -7,8 +7,9 @@
 //! the daemon checks it before every request:
 //!
 //! 1. **The path** ([`check_socket_chain`]), as ssh's StrictModes does: every directory from `/`
-//!    down to the socket, and the socket itself, is owned by a trusted uid (the daemon's, root,
-//!    or `socket_owner`), no directory is writable by group or others (a sticky world-writable
+//!    down to the socket, and the socket itself, is owned by a trusted uid ([`Trusted`]: root,
+//!    and `socket_owner` or else the daemon's own uid), no directory is writable by group or
+//!    others (a sticky world-writable
 //!    directory such as /tmp included: another user could bind the name while the real socket
 //!    is gone), no component is a symbolic link, and the last one is a socket. Nobody else can
 //!    then put another socket at that path.
@@ -35,37 +36,49 @@ use zeroize::Zeroizing;
 
 use super::MAX_BODY;
 
-/// The uids the daemon trusts to run its backend server: its own, root, and `socket_owner`.
+/// The uids the daemon trusts to run its backend server and to own the socket's path: root,
+/// and `socket_owner` if it is set, else the daemon's own uid.
+///
+/// With `socket_owner` the daemon's own uid is *not* trusted: a prompt-injected agent runs as
+/// that uid, and must not be able to put a socket at the path or answer on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trusted {
-    daemon: u32,
-    owner: Option<u32>,
+    /// The one uid besides root.
+    uid: u32,
+    /// `uid` is the configured `socket_owner` (not the daemon's own uid).
+    configured: bool,
 }
 
 impl Trusted {
-    /// The daemon's effective uid, root, and `owner` (the resolved `socket_owner`) if any.
+    /// Root and `owner` (the resolved `socket_owner`), or root and the daemon's effective uid.
     pub fn new(owner: Option<u32>) -> Trusted {
-        Trusted {
-            daemon: nix::unistd::geteuid().as_raw(),
-            owner,
+        match owner {
+            Some(uid) => Trusted {
+                uid,
+                configured: true,
+            },
+            None => Trusted {
+                uid: nix::unistd::geteuid().as_raw(),
+                configured: false,
+            },
         }
     }
 
     /// Whether `uid` is one of them.
     pub fn contains(&self, uid: u32) -> bool {
-        uid == 0 || uid == self.daemon || self.owner == Some(uid)
+        uid == 0 || uid == self.uid
     }
 
-    /// "root, the daemon's uid 1000 or socket_owner (uid 997)", for messages.
+    /// Who is trusted, in words, for messages.
     fn describe(&self) -> String {
-        let daemon = if self.daemon == 0 {
-            "root (the daemon's uid)".to_string()
-        } else {
-            format!("root or the daemon's uid {}", self.daemon)
-        };
-        match self.owner {
-            Some(o) => format!("{daemon} or socket_owner (uid {o})"),
-            None => format!("{daemon} (set socket_owner if another user runs the server)"),
+        match (self.configured, self.uid) {
+            (true, uid) => format!("root or socket_owner (uid {uid})"),
+            (false, 0) => {
+                "root, the daemon's uid (set socket_owner if another user runs the server)".into()
+            }
+            (false, uid) => format!(
+                "root or the daemon's uid {uid} (set socket_owner if another user runs the server)"
+            ),
         }
     }
 }
@@ -482,6 +495,29 @@ mod tests {
             Ok(())
         );
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// With `socket_owner` set, the daemon's own uid is no longer trusted (an agent runs as
+    /// it); root always is.
+    #[test]
+    fn socket_owner_replaces_the_daemon_uid() {
+        let daemon = Trusted {
+            uid: 4242,
+            configured: false,
+        };
+        assert!(daemon.contains(4242) && daemon.contains(0) && !daemon.contains(NOBODY));
+        let owner = Trusted {
+            uid: NOBODY,
+            configured: true,
+        };
+        assert!(owner.contains(NOBODY) && owner.contains(0) && !owner.contains(4242));
+        assert!(owner.describe().contains("socket_owner (uid 65534)"));
+        assert!(daemon.describe().contains("set socket_owner"));
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(Trusted::new(None).uid, me);
+        if me != 0 {
+            assert!(!Trusted::new(Some(NOBODY)).contains(me));
+        }
     }
 
     #[test]
