@@ -41,6 +41,7 @@ dict_of() {
 	config_parse) echo dict/config.dict ;;
 	vault_parse) echo dict/vault.dict ;;
 	audit_record) echo dict/audit.dict ;;
+	backend_answer) echo dict/backend.dict ;;
 	*) ;;
 	esac
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentkeys_hardening::seccomp::Network;
 use agentkeys_proto::wire::ErrorCode;
 use agentkeys_state::vault::{Policy, VaultIndex};
 use tracing::{info, warn};
@@ -77,6 +78,18 @@ impl Backends {
     /// True when no remote backend is configured: the daemon needs no network.
     pub fn is_empty(&self) -> bool {
         self.backends.is_empty()
+    }
+
+    /// What the daemon's seccomp filter must allow for these backends: nothing without one,
+    /// only `connect` when every backend is on a unix socket, internet sockets otherwise.
+    pub fn network(&self) -> Network {
+        if self.backends.is_empty() {
+            Network::Off
+        } else if self.backends.values().all(|b| b.is_unix()) {
+            Network::Unix
+        } else {
+            Network::Inet
+        }
     }
 
     /// A service mapped onto a backend.

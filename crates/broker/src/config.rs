@@ -5,8 +5,10 @@
 //! ```toml
 //! [backends.bao]
 //! kind = "openbao"                 # or "vault": the same KV v2 and AppRole API
-//! address = "https://bao.example:8200"
+//! address = "https://bao.example:8200"    # or "unix:///run/openbao/bao.sock"
 //! ca_file = "/etc/agentkeys/bao-ca.pem"   # optional: trust only this CA
+//! # socket_owner = "openbao"       # unix:// only: the uid (or user) the server runs as
+//! # allow_plain_http = true        # http://127.0.0.1:8200 only with this: see `check_address`
 //! mount = "secret"                 # KV v2 mount (default "secret")
 //! approle = { role_id_file = "/etc/agentkeys/role-id", secret_id_file = "/etc/agentkeys/secret-id" }
 //! # or: token_file = "/etc/agentkeys/bao-token"
@@ -62,10 +64,18 @@ pub enum BackendKind {
 pub struct BackendConfig {
     /// `openbao` or `vault`.
     pub kind: BackendKind,
-    /// `https://host:port`; plain `http://` only to a loopback address.
+    /// `https://host[:port]`, `unix:///path/to/socket`, or plain `http://` to a loopback
+    /// address with `allow_plain_http`.
     pub address: String,
     /// PEM file of the CA(s) to trust instead of the system's trust store.
     pub ca_file: Option<PathBuf>,
+    /// Accept a plain `http://` loopback address: any local user who binds its port first
+    /// receives the daemon's credentials and can answer its reads. Off by default.
+    #[serde(default)]
+    pub allow_plain_http: bool,
+    /// For a `unix://` address: a user name or uid, besides the daemon's own uid and root,
+    /// that may own the socket, the directories above it and the server process.
+    pub socket_owner: Option<String>,
     /// The KV v2 mount.
     #[serde(default = "default_mount")]
     pub mount: String,
@@ -401,7 +411,34 @@ fn check_command(argv: &[String]) -> Result<(), String> {
 fn check_backend(name: &str, b: &BackendConfig) -> Result<(), String> {
     let key = format!("backends.{name}");
     check_ident(name).map_err(|e| format!("{key}: the backend name {e}"))?;
-    check_address(&b.address).map_err(|e| format!("{key}.address: {e}"))?;
+    let address = check_address(&b.address).map_err(|e| format!("{key}.address: {e}"))?;
+    match &address {
+        Address::Http { loopback: true } if !b.allow_plain_http => {
+            return Err(format!(
+                "{key}.address: {:?} is plain http: any local user who binds that port first (while the server restarts, say) receives the daemon's secret_id or token and can answer its reads. Use https:// (with ca_file), a unix:// socket (listener \"unix\" in the server's config), or set {key}.allow_plain_http = true to accept that risk",
+                b.address
+            ));
+        }
+        Address::Https | Address::Unix(_) if b.allow_plain_http => {
+            return Err(format!(
+                "{key}.allow_plain_http: only for an http:// address; remove it"
+            ));
+        }
+        _ => {}
+    }
+    if let Some(owner) = &b.socket_owner {
+        if !matches!(address, Address::Unix(_)) {
+            return Err(format!(
+                "{key}.socket_owner: only for a unix:// address; remove it"
+            ));
+        }
+        check_owner_name(owner).map_err(|e| format!("{key}.socket_owner: {e}"))?;
+    }
+    if b.ca_file.is_some() && !matches!(address, Address::Https) {
+        return Err(format!(
+            "{key}.ca_file: only for an https:// address (unix sockets and plain http have no TLS); remove it"
+        ));
+    }
     check_kv_path(&b.mount).map_err(|e| format!("{key}.mount: {e}"))?;
     match (&b.token_file, &b.approle) {
         (Some(_), Some(_)) => {
@@ -503,10 +540,43 @@ fn check_kv_path(s: &str) -> Result<(), String> {
     }
 }
 
-/// `https://host[:port]`, or `http://` to a loopback address: a token must not cross a network
-/// in clear. No user, path, query or fragment.
-pub fn check_address(address: &str) -> Result<(), String> {
+/// What kind of address a backend has (see [`check_address`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `https://host[:port]`: the server's identity is its certificate.
+    Https,
+    /// `http://host[:port]`: no identity at all. Accepted (with `allow_plain_http`) only when
+    /// `loopback`.
+    Http {
+        /// The host is a loopback address.
+        loopback: bool,
+    },
+    /// `unix:///path`: the server's identity is the owner of the socket and of the directories
+    /// above it, and the uid of the process that listens on it.
+    Unix(PathBuf),
+}
+
+/// Longest unix socket path: `sun_path` holds 108 bytes with the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Checks a backend address: `https://host[:port]`, `http://` (refused here unless to a
+/// loopback address; `check_backend` wants `allow_plain_http` for that too), or
+/// `unix:///absolute/path` (the syntax of `VAULT_ADDR` / `BAO_ADDR`). No user, path, query or
+/// fragment in a URL; a socket path is absolute, without `.`/`..` components, `%`, `?`, `#`,
+/// control characters, and fits `sun_path`.
+///
+/// # Errors
+/// What is wrong, and the fix.
+pub fn check_address(address: &str) -> Result<Address, String> {
+    if let Some(path) = address.strip_prefix("unix://") {
+        return check_socket_path(path).map(Address::Unix);
+    }
     let url = reqwest::Url::parse(address).map_err(|e| format!("{address:?} is not a URL: {e}"))?;
+    if url.scheme() == "unix" {
+        return Err(format!(
+            "{address:?}: a unix socket is written unix:///absolute/path (three slashes)"
+        ));
+    }
     if !url.username().is_empty() || url.password().is_some() {
         return Err("must not contain a user name or password".into());
     }
@@ -516,14 +586,56 @@ pub fn check_address(address: &str) -> Result<(), String> {
         ));
     }
     match url.scheme() {
-        "https" => Ok(()),
-        "http" if is_loopback(&url) => Ok(()),
+        "https" => Ok(Address::Https),
+        "http" if is_loopback(&url) => Ok(Address::Http { loopback: true }),
         "http" => Err(format!(
-            "{address:?}: plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1, localhost); use https://"
+            "{address:?}: plain http:// is never allowed off the loopback (127.0.0.0/8, ::1, localhost): the token would cross the network in clear; use https://"
         )),
         other => Err(format!(
-            "{address:?}: scheme {other:?} is not https or http"
+            "{address:?}: scheme {other:?} is not https, unix or http"
         )),
+    }
+}
+
+/// The path of a `unix://` address.
+fn check_socket_path(path: &str) -> Result<PathBuf, String> {
+    let shape = "a unix socket is written unix:///absolute/path";
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not absolute: {shape}"));
+    }
+    if path.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "the socket path is {} bytes long; at most {MAX_SOCKET_PATH} fit in a socket address",
+            path.len()
+        ));
+    }
+    if path.ends_with('/') || path.contains("//") {
+        return Err(format!("{path:?}: {shape}, naming the socket file"));
+    }
+    if path.chars().any(|c| c.is_control() || "%?#".contains(c)) {
+        return Err(format!(
+            "{path:?}: no control characters, %, ? or # in a socket path"
+        ));
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(format!("{path:?}: no . or .. components in a socket path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// A `socket_owner`: a user name (as `useradd` allows) or a numeric uid.
+fn check_owner_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        && !s.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a user name or uid (1 to 32 of A-Z a-z 0-9 _ - .)"
+        ))
     }
 }
 
@@ -619,7 +731,8 @@ mod tests {
         let text = r#"
 [backends.bao]
 kind = "openbao"
-address = "http://127.0.0.1:8200"
+address = "unix:///run/openbao/bao.sock"
+socket_owner = "openbao"
 approle = { role_id_file = "/r", secret_id_file = "/s" }
 
 [backends.v]
@@ -643,6 +756,8 @@ high_value = true
         assert_eq!(b.timeout, Duration::from_secs(5));
         assert_eq!(b.approle.as_ref().unwrap().mount, "approle");
         assert_eq!(c.backends["v"].mount, "kv/team");
+        assert_eq!(b.socket_owner.as_deref(), Some("openbao"));
+        assert!(!b.allow_plain_http);
         let gh = &c.services["gh"];
         assert_eq!(gh.cache_ttl, Duration::from_secs(300));
         assert!(gh.high_value && !gh.allow_inline);
@@ -674,6 +789,92 @@ high_value = true
         ] {
             let e = check_address(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    /// Item 4 of issue 14: plain http to the loopback needs the explicit opt-in, and the keys
+    /// that belong to one kind of address are refused on the others.
+    #[test]
+    fn plain_http_needs_the_opt_in_and_keys_fit_the_address() {
+        let p = Path::new("c.toml");
+        let backend = |address: &str, extra: &str| {
+            format!(
+                "[backends.bao]\nkind = \"openbao\"\naddress = \"{address}\"\ntoken_file = \"/t\"\n{extra}"
+            )
+        };
+        let e = Config::parse(&backend("http://127.0.0.1:8200", ""), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backends.bao.address")
+                && e.contains("allow_plain_http = true")
+                && e.contains("unix://"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &backend("http://127.0.0.1:8200", "allow_plain_http = true\n"),
+            p,
+        )
+        .unwrap();
+        assert!(c.backends["bao"].allow_plain_http);
+        // The opt-in never reaches beyond the loopback.
+        let e = Config::parse(
+            &backend("http://10.0.0.1:8200", "allow_plain_http = true\n"),
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("never allowed off the loopback"), "{e}");
+        for (address, extra, key) in [
+            (
+                "https://b:8200",
+                "allow_plain_http = true\n",
+                "allow_plain_http",
+            ),
+            (
+                "unix:///run/b.sock",
+                "allow_plain_http = true\n",
+                "allow_plain_http",
+            ),
+            ("https://b:8200", "socket_owner = \"bao\"\n", "socket_owner"),
+            (
+                "unix:///run/b.sock",
+                "socket_owner = \"-x\"\n",
+                "socket_owner",
+            ),
+            ("unix:///run/b.sock", "ca_file = \"/ca.pem\"\n", "ca_file"),
+        ] {
+            let e = Config::parse(&backend(address, extra), p)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("backends.bao.{key}")),
+                "{address} {extra}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn unix_socket_addresses_are_checked() {
+        assert_eq!(
+            check_address("unix:///run/openbao/bao.sock").unwrap(),
+            Address::Unix(PathBuf::from("/run/openbao/bao.sock"))
+        );
+        let long = format!("unix:///{}", "a".repeat(MAX_SOCKET_PATH));
+        for (bad, why) in [
+            ("unix://run/bao.sock", "not absolute"),
+            ("unix:/run/bao.sock", "three slashes"),
+            ("unix:///run/../etc/bao.sock", ".."),
+            ("unix:///run/./bao.sock", ".."),
+            ("unix:///run/openbao/", "naming the socket file"),
+            ("unix:///run//bao.sock", "naming the socket file"),
+            ("unix:///run/bao.sock?x=1", "no control characters"),
+            ("unix:///run/b%2Fao.sock", "no control characters"),
+            ("unix:///run/b\nao.sock", "no control characters"),
+            (long.as_str(), "at most 107"),
+        ] {
+            let e = check_address(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
         }
     }
 

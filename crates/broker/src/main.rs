@@ -264,7 +264,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     // daemon from serving the local vault and other backends.
     let backends = Backends::from_config(&cfg)?;
 
-    startup::sandbox(!backends.is_empty()).map_err(|e| e.to_string())?;
+    startup::sandbox(backends.network()).map_err(|e| e.to_string())?;
 
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let cfg_approval_ttl = cfg.daemon.approval_ttl;

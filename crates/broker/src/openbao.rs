@@ -9,10 +9,21 @@
 //! token), so an outage or a wrong secret_id cannot turn into a login storm; the refresher
 //! backs off exponentially (1 s to 30 s, with jitter) while failures last.
 //!
+//! Credentials go only to a server whose identity the daemon has checked: `https://` with
+//! certificate verification (the host's roots or `ca_file`), or a `unix://` socket whose
+//! owner, directory chain and listening process the daemon checks before every request
+//! ([`unix`]). Plain `http://` (loopback only) takes `allow_plain_http = true`, and then the
+//! log warns at start and `doctor` reports the backend `degraded`.
+//!
 //! Every request has a time limit (`timeout` in the config, connection included), redirects
 //! are not followed (a redirect would carry the token elsewhere), no proxy is used, and
-//! response bodies are read into zeroize-on-drop buffers of at most [`MAX_BODY`] bytes.
-//! Errors name the backend, its address and the path, never a value or a token.
+//! response bodies are read into zeroize-on-drop buffers of at most [`MAX_BODY`] bytes. Every
+//! number in an answer is bounded before use and the token arithmetic is checked ([`answer`]):
+//! no answer can make the daemon panic. Errors name the backend, its address and the path,
+//! never a value or a token.
+
+pub mod answer;
+pub mod unix;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,11 +34,12 @@ use agentkeys_proto::wire::ErrorCode;
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
-use crate::config::{BackendConfig, is_loopback};
+use crate::config::{Address, BackendConfig, check_address, is_loopback};
+use answer::{AnswerError, Lease, first_error};
+use unix::{SocketTrustError, Trusted, UnixError, UnixTransport};
 
 /// Largest response body read from a backend.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -39,8 +51,6 @@ pub const MIN_LOGIN_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A token this close to its expiry is not used; a fresh one is obtained first.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
-/// Shortest time between two renewals, however short the TTL.
-const MIN_REFRESH: Duration = Duration::from_millis(200);
 
 /// Why a read from a backend failed. Messages name the backend, address and path; never a
 /// value, a token or a secret_id.
@@ -54,6 +64,17 @@ pub enum BackendError {
         /// Its address.
         address: String,
         /// What failed.
+        detail: String,
+    },
+    /// The server's identity could not be established (a unix socket whose owner, directory
+    /// chain or listening process is not trusted): nothing was sent.
+    #[error("backend {backend:?} ({address}) is not trusted, nothing was sent: {detail}")]
+    Untrusted {
+        /// The backend's name.
+        backend: String,
+        /// Its address.
+        address: String,
+        /// What failed the check.
         detail: String,
     },
     /// No answer in time.
@@ -125,6 +146,7 @@ impl BackendError {
     pub fn audit_detail(&self) -> &'static str {
         match self {
             BackendError::Unreachable { .. } => "backend unreachable",
+            BackendError::Untrusted { .. } => "backend not trusted",
             BackendError::Timeout { .. } => "backend timed out",
             BackendError::Auth { .. } => "backend login refused",
             BackendError::Denied { .. } => "backend denied access",
@@ -152,7 +174,7 @@ struct Token {
     value: SecretString,
     /// Bumped at each login; a 403 invalidates only the token it was answered to.
     generation: u64,
-    /// The TTL granted at login: a renewal granting less means the max TTL is near.
+    /// The TTL granted at login (bounded): a renewal granting less means the max TTL is near.
     login_ttl: Duration,
     /// None: the token does not expire (a root or periodic token without TTL).
     expires: Option<Instant>,
@@ -165,7 +187,9 @@ struct Token {
 
 impl Token {
     fn usable(&self, now: Instant) -> bool {
-        self.expires.is_none_or(|e| e > now + EXPIRY_MARGIN)
+        // Checked: `expires` is bounded, but `now + margin` must not panic either way.
+        self.expires
+            .is_none_or(|e| now.checked_add(EXPIRY_MARGIN).is_some_and(|m| e > m))
     }
 }
 
@@ -176,139 +200,83 @@ struct LoginGate {
     last_error: Option<BackendError>,
 }
 
+/// How requests reach the server.
+enum Transport {
+    /// `https://` (or `http://` with `allow_plain_http`): reqwest, with `base` the URL
+    /// without a trailing slash.
+    Http {
+        client: reqwest::Client,
+        base: String,
+    },
+    /// `unix://`: one checked connection per request.
+    Unix(UnixTransport),
+}
+
 /// One configured OpenBao / Vault backend.
 pub struct OpenBao {
     name: String,
     address: String,
     mount: String,
     auth: AuthMethod,
-    client: reqwest::Client,
+    transport: Transport,
+    /// `allow_plain_http` is in use: `doctor` reports the backend degraded.
+    plain_http: bool,
     timeout: Duration,
     token: Mutex<Option<Arc<Token>>>,
     generation: AtomicU64,
     gate: tokio::sync::Mutex<LoginGate>,
 }
 
-/// What `/v1/auth/...` answers on login and renewal.
-#[derive(Deserialize)]
-struct AuthAnswer {
-    auth: Option<AuthBody>,
-}
-
-#[derive(Deserialize)]
-struct AuthBody {
-    client_token: SecretString,
-    #[serde(default)]
-    lease_duration: u64,
-    #[serde(default)]
-    renewable: bool,
-}
-
-/// What `lookup-self` answers.
-#[derive(Deserialize)]
-struct LookupAnswer {
-    data: Option<LookupBody>,
-}
-
-#[derive(Deserialize)]
-struct LookupBody {
-    #[serde(default)]
-    ttl: u64,
-    #[serde(default)]
-    renewable: bool,
-}
-
-/// What a KV v2 read answers.
-#[derive(Deserialize)]
-struct KvAnswer {
-    data: Option<KvData>,
-}
-
-#[derive(Deserialize)]
-struct KvData {
-    /// Absent in a KV v1 answer; null for a deleted or destroyed version.
-    #[serde(default, deserialize_with = "present_or_null")]
-    data: Option<Option<serde_json::Map<String, serde_json::Value>>>,
-}
-
-/// Tells a present `null` (Some(None)) from an absent field (None, via `default`).
-fn present_or_null<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<serde_json::Map<String, serde_json::Value>>>, D::Error> {
-    Option::deserialize(d).map(Some)
-}
-
-/// The error list Vault and OpenBao answer with.
-#[derive(Deserialize)]
-struct ErrorsAnswer {
-    #[serde(default)]
-    errors: Vec<String>,
-}
-
 impl OpenBao {
-    /// Builds the backend: the HTTP client, its trust roots (the `ca_file` only, or the host's
-    /// trust store). Reads files, so it runs before the sandbox. Makes no request.
+    /// Builds the backend: for `https://` the HTTP client and its trust roots (the `ca_file`
+    /// only, or the host's trust store); for `unix://` the trusted uids and a first check of
+    /// the socket's path (a socket not there yet is checked at each connection). Reads files
+    /// and the user database, so it runs before the sandbox. Makes no request.
     ///
     /// # Errors
-    /// A message naming the backend and what is wrong (CA file unreadable, no roots, ...).
+    /// A message naming the backend's key and what is wrong (CA file unreadable, no roots,
+    /// a socket or directory another uid controls, an unknown `socket_owner`, ...).
     pub fn new(name: &str, cfg: &BackendConfig) -> Result<OpenBao, String> {
-        let url = reqwest::Url::parse(&cfg.address)
-            .map_err(|e| format!("backends.{name}.address: {e}"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &cfg.ca_file {
-            use rustls_pki_types::pem::PemObject;
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("backends.{name}.ca_file {}: {e}", ca.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("backends.{name}.ca_file {}: {e}", ca.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "backends.{name}.ca_file {}: no PEM certificate in it",
-                    ca.display()
-                ));
+        let key = format!("backends.{name}");
+        let address = check_address(&cfg.address).map_err(|e| format!("{key}.address: {e}"))?;
+        // Plain http has no server identity: reported as degraded for as long as it is in use.
+        let plain_http = matches!(address, Address::Http { .. });
+        let transport = match address {
+            Address::Unix(path) => {
+                let owner = cfg
+                    .socket_owner
+                    .as_deref()
+                    .map(unix::resolve_owner)
+                    .transpose()
+                    .map_err(|e| format!("{key}.socket_owner: {e}"))?;
+                let trusted = Trusted::new(owner);
+                match unix::check_socket_chain(&path, &trusted) {
+                    Ok(()) => {}
+                    Err(SocketTrustError::Missing { path: missing }) => warn!(
+                        backend = name,
+                        "{} does not exist yet: the socket is checked before each request",
+                        missing.display()
+                    ),
+                    Err(e) => {
+                        return Err(format!(
+                            "{key}.address: the daemon would not know whom it sends its credentials to: {e}"
+                        ));
+                    }
+                }
+                Transport::Unix(UnixTransport { path, trusted })
             }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("backends.{name}.ca_file {}: {e}", ca.display()))?;
-            }
-        } else if url.scheme() == "https" {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(format!(
-                    "backends.{name}: no system CA certificates found; set ca_file"
-                ));
-            }
+            Address::Https | Address::Http { .. } => Transport::Http {
+                client: http_client(&key, cfg)?,
+                base: cfg.address.trim_end_matches('/').to_string(),
+            },
+        };
+        if plain_http {
+            warn!(
+                backend = name,
+                "{}: plain http (allow_plain_http = true): any local user who binds that port first, while the server restarts for instance, receives the daemon's credentials and can answer its reads; use https:// or a unix:// socket",
+                cfg.address
+            );
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("backends.{name}: TLS set-up: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut builder = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .https_only(url.scheme() == "https")
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .user_agent(concat!("agentkeysd/", env!("CARGO_PKG_VERSION")));
-        // `localhost` is allowed over plain http because it is the loopback: make it so,
-        // whatever /etc/hosts or a resolver says.
-        if is_loopback(&url)
-            && url
-                .host_str()
-                .is_some_and(|h| h.eq_ignore_ascii_case("localhost"))
-        {
-            let port = url.port_or_known_default().unwrap_or(8200);
-            builder = builder.resolve("localhost", ([127, 0, 0, 1], port).into());
-        }
-        let client = builder
-            .build()
-            .map_err(|e| format!("backends.{name}: HTTP client: {e}"))?;
         let auth = match (&cfg.token_file, &cfg.approle) {
             (Some(f), None) => AuthMethod::TokenFile(f.clone()),
             (None, Some(a)) => AuthMethod::AppRole {
@@ -316,19 +284,26 @@ impl OpenBao {
                 secret_id_file: a.secret_id_file.clone(),
                 mount: a.mount.clone(),
             },
-            _ => return Err(format!("backends.{name}: give token_file or approle")),
+            _ => return Err(format!("{key}: give token_file or approle")),
         };
         Ok(OpenBao {
             name: name.to_string(),
             address: cfg.address.trim_end_matches('/').to_string(),
             mount: cfg.mount.clone(),
             auth,
-            client,
+            transport,
+            plain_http,
             timeout: cfg.timeout,
             token: Mutex::new(None),
             generation: AtomicU64::new(0),
             gate: tokio::sync::Mutex::new(LoginGate::default()),
         })
+    }
+
+    /// Whether requests go over a unix socket (the daemon needs `connect` but no internet
+    /// socket for it).
+    pub fn is_unix(&self) -> bool {
+        matches!(self.transport, Transport::Unix(_))
     }
 
     /// The backend's name in `config.toml`.
@@ -356,11 +331,17 @@ impl OpenBao {
         }
     }
 
-    /// Whether the daemon holds a usable token, and the state in words (with the last login
-    /// error, if the last attempt failed): for `agentkeys doctor`. Never the token.
+    /// Whether the daemon holds a usable token over a checked transport, and the state in
+    /// words (with the last login error, if the last attempt failed): for `agentkeys doctor`.
+    /// A plain-http backend is never ok, logged in or not. Never the token.
     pub fn health(&self) -> (bool, String) {
-        let ok = self.current().is_some_and(|t| t.usable(Instant::now()));
+        let ok = !self.plain_http && self.current().is_some_and(|t| t.usable(Instant::now()));
         let mut detail = format!("{} at {}: {}", self.name, self.address, self.describe());
+        if self.plain_http {
+            detail.push_str(
+                "; plain http (allow_plain_http = true): any local user who binds the port first receives the daemon's credentials",
+            );
+        }
         match self.gate.try_lock() {
             Ok(g) => {
                 if let Some(e) = &g.last_error {
@@ -394,7 +375,7 @@ impl OpenBao {
         path: &str,
         field: &str,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        let url = format!("{}/v1/{}/data/{}", self.address, self.mount, path);
+        let url = format!("/v1/{}/data/{}", self.mount, path);
         let shown = format!("{}/{}", self.mount, path);
         let mut retried = false;
         loop {
@@ -429,71 +410,39 @@ impl OpenBao {
         }
     }
 
-    /// Extracts one string field from a KV v2 answer into a zeroizing buffer. The parsed
-    /// document's other strings are freed (and wiped by the daemon's allocator) on return.
+    /// Extracts one string field from a KV v2 answer ([`answer::parse_kv_field`]), with
+    /// errors that name this backend and the path.
     fn field_of(
         &self,
         body: &[u8],
         shown: &str,
         field: &str,
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        let answer: KvAnswer =
-            serde_json::from_slice(body).map_err(|e| BackendError::Protocol {
+        answer::parse_kv_field(body, field).map_err(|e| match e {
+            AnswerError::Deleted => BackendError::NotFound {
+                backend: self.name.clone(),
+                path: shown.to_string(),
+            },
+            AnswerError::FieldType { .. } | AnswerError::NoField { .. } => BackendError::Field {
+                backend: self.name.clone(),
+                path: shown.to_string(),
+                detail: e.to_string(),
+            },
+            AnswerError::NotKv2 => BackendError::Protocol {
                 backend: self.name.clone(),
                 detail: format!(
-                    "the KV answer is not valid JSON (line {}, column {})",
-                    e.line(),
-                    e.column()
+                    "the answer for {shown:?} has no data.data: is {:?} a KV version 2 mount?",
+                    self.mount
                 ),
-            })?;
-        let mut map = match answer.data.map(|d| d.data) {
-            Some(Some(Some(map))) => map,
-            // A deleted or destroyed version answers with null data.
-            Some(Some(None)) => {
-                return Err(BackendError::NotFound {
-                    backend: self.name.clone(),
-                    path: shown.to_string(),
-                });
-            }
-            Some(None) => {
-                return Err(BackendError::Protocol {
-                    backend: self.name.clone(),
-                    detail: format!(
-                        "the answer for {shown:?} has no data.data: is {:?} a KV version 2 mount?",
-                        self.mount
-                    ),
-                });
-            }
-            None => {
-                return Err(BackendError::Protocol {
-                    backend: self.name.clone(),
-                    detail: format!("the answer for {shown:?} has no data"),
-                });
-            }
-        };
-        let bad = |detail: String| BackendError::Field {
+            },
+            other => self.protocol(other),
+        })
+    }
+
+    fn protocol(&self, e: AnswerError) -> BackendError {
+        BackendError::Protocol {
             backend: self.name.clone(),
-            path: shown.to_string(),
-            detail,
-        };
-        match map.remove(field) {
-            Some(serde_json::Value::String(s)) => Ok(Zeroizing::new(s.into_bytes())),
-            Some(other) => Err(bad(format!(
-                "field {field:?} is {}, not a string",
-                json_kind(&other)
-            ))),
-            None => {
-                let mut names: Vec<&str> = map.keys().map(String::as_str).take(20).collect();
-                names.sort_unstable();
-                Err(bad(format!(
-                    "no field {field:?} (fields: {})",
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                )))
-            }
+            detail: e.to_string(),
         }
     }
 
@@ -510,9 +459,9 @@ impl OpenBao {
 
     /// Whether the server still knows `token` (`lookup-self` answers 200).
     async fn token_known(&self, token: &Token) -> Result<bool, BackendError> {
-        let url = format!("{}/v1/auth/token/lookup-self", self.address);
+        let url = "/v1/auth/token/lookup-self";
         let (status, _) = self
-            .send(Method::GET, &url, Some(&token.value), None)
+            .send(Method::GET, url, Some(&token.value), None)
             .await?;
         Ok(status == StatusCode::OK)
     }
@@ -537,14 +486,16 @@ impl OpenBao {
         {
             return Ok(t);
         }
-        if let Some(at) = gate.last_attempt
-            && at.elapsed() < MIN_LOGIN_INTERVAL
+        // One reading of the clock: `MIN_LOGIN_INTERVAL - at.elapsed()` read twice could
+        // subtract a larger second reading and panic.
+        if let Some(since) = gate.last_attempt.map(|at| at.elapsed())
+            && since < MIN_LOGIN_INTERVAL
         {
             match &gate.last_error {
                 Some(err) => return Err(err.clone()),
                 // The last login succeeded moments ago and its token is already gone: wait
                 // out the interval rather than log in at the rate requests arrive.
-                None => tokio::time::sleep(MIN_LOGIN_INTERVAL - at.elapsed()).await,
+                None => tokio::time::sleep(MIN_LOGIN_INTERVAL.saturating_sub(since)).await,
             }
         }
         gate.last_attempt = Some(Instant::now());
@@ -590,7 +541,7 @@ impl OpenBao {
                     })
                     .map_err(|e| self.auth_err(format!("encoding the login: {e}")))?,
                 );
-                let url = format!("{}/v1/auth/{mount}/login", self.address);
+                let url = format!("/v1/auth/{mount}/login");
                 let (status, answer) = self
                     .send(Method::POST, &url, None, Some(body.to_vec()))
                     .await?;
@@ -607,21 +558,13 @@ impl OpenBao {
             }
             AuthMethod::TokenFile(path) => {
                 let value = read_cred_file(path, true).map_err(|e| self.auth_err(e))?;
-                let url = format!("{}/v1/auth/token/lookup-self", self.address);
-                let (status, answer) = self.send(Method::GET, &url, Some(&value), None).await?;
+                let url = "/v1/auth/token/lookup-self";
+                let (status, answer) = self.send(Method::GET, url, Some(&value), None).await?;
                 match status {
                     StatusCode::OK => {
-                        let info: LookupAnswer = serde_json::from_slice(&answer).map_err(|_| {
-                            BackendError::Protocol {
-                                backend: self.name.clone(),
-                                detail: "lookup-self answer is not the expected JSON".into(),
-                            }
-                        })?;
-                        let info = info.data.ok_or_else(|| BackendError::Protocol {
-                            backend: self.name.clone(),
-                            detail: "lookup-self answer has no data".into(),
-                        })?;
-                        Ok(self.token_with(value, generation, info.ttl, info.renewable))
+                        let lease =
+                            answer::parse_lookup_answer(&answer).map_err(|e| self.protocol(e))?;
+                        Ok(self.token_with(value, generation, lease))
                     }
                     StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
                         Err(self.auth_err(format!("the token in {} is not valid", path.display())))
@@ -640,69 +583,49 @@ impl OpenBao {
         generation: u64,
         renewing: Option<&Token>,
     ) -> Result<Token, BackendError> {
-        let parsed: AuthAnswer =
-            serde_json::from_slice(answer).map_err(|_| BackendError::Protocol {
-                backend: self.name.clone(),
-                detail: "the auth answer is not the expected JSON".into(),
-            })?;
-        let auth = parsed.auth.ok_or_else(|| BackendError::Protocol {
-            backend: self.name.clone(),
-            detail: "the auth answer has no auth section".into(),
-        })?;
-        if auth.client_token.expose_secret().is_empty() {
-            return Err(BackendError::Protocol {
-                backend: self.name.clone(),
-                detail: "the auth answer has an empty token".into(),
-            });
-        }
+        let (client_token, lease) =
+            answer::parse_auth_answer(answer).map_err(|e| self.protocol(e))?;
         match renewing {
-            None => Ok(self.token_with(
-                auth.client_token,
-                generation,
-                auth.lease_duration,
-                auth.renewable,
-            )),
+            None => Ok(self.token_with(client_token, generation, lease)),
             Some(old) => {
-                let mut t = self.token_with(
-                    old.value.clone(),
-                    old.generation,
-                    auth.lease_duration,
-                    auth.renewable,
-                );
+                let mut t = self.token_with(old.value.clone(), old.generation, lease);
                 t.login_ttl = old.login_ttl;
                 // The server grants less than a full TTL when the max TTL is near: the
                 // next refresh logs in afresh, at two thirds of what is left.
-                t.relogin = Duration::from_secs(auth.lease_duration) < old.login_ttl;
+                t.relogin = lease.ttl < old.login_ttl;
                 Ok(t)
             }
         }
     }
 
-    fn token_with(&self, value: SecretString, generation: u64, ttl: u64, renewable: bool) -> Token {
-        let now = Instant::now();
-        let ttl = Duration::from_secs(ttl);
-        let (expires, refresh_at) = if ttl.is_zero() {
-            (None, None)
-        } else {
-            (Some(now + ttl), Some(now + (ttl * 2 / 3).max(MIN_REFRESH)))
-        };
+    /// A token with the times of `lease` from now (bounded, checked: [`answer::token_times`]).
+    fn token_with(&self, value: SecretString, generation: u64, lease: Lease) -> Token {
+        if lease.clamped {
+            debug!(
+                backend = %self.name,
+                "the server granted a token TTL above {} s: taken as {} s",
+                answer::MAX_TOKEN_TTL.as_secs(),
+                answer::MAX_TOKEN_TTL.as_secs()
+            );
+        }
+        let times = answer::token_times(lease.ttl, Instant::now());
         Token {
             value,
             generation,
-            login_ttl: ttl,
-            expires,
-            refresh_at,
-            renewable,
+            login_ttl: lease.ttl,
+            expires: times.expires,
+            refresh_at: times.refresh_at,
+            renewable: lease.renewable,
             relogin: false,
         }
     }
 
     /// Renews the current token (`renew-self`).
     async fn renew(&self, t: &Token) -> Result<Token, BackendError> {
-        let url = format!("{}/v1/auth/token/renew-self", self.address);
-        let body = format!("{{\"increment\":\"{}s\"}}", t.login_ttl.as_secs()).into_bytes();
+        let url = "/v1/auth/token/renew-self";
+        let body = answer::renew_increment(t.login_ttl);
         let (status, answer) = self
-            .send(Method::POST, &url, Some(&t.value), Some(body))
+            .send(Method::POST, url, Some(&t.value), Some(body))
             .await?;
         match status {
             StatusCode::OK => self.token_from(&answer, t.generation, Some(t)),
@@ -770,50 +693,86 @@ impl OpenBao {
         }
     }
 
-    /// One HTTP exchange with the time limit; the body is read into a bounded, zeroizing buffer.
+    /// One HTTP exchange for `api_path` (`/v1/...`) with the time limit; the body is read
+    /// into a bounded, zeroizing buffer.
     async fn send(
         &self,
         method: Method,
-        url: &str,
+        api_path: &str,
         token: Option<&SecretString>,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), BackendError> {
-        let mut req = self.client.request(method, url);
-        if let Some(t) = token {
-            let mut value = HeaderValue::from_str(t.expose_secret()).map_err(|_| {
-                self.auth_err("the token contains characters not allowed in a header".into())
-            })?;
-            value.set_sensitive(true);
-            req = req.header("X-Vault-Token", value);
-        }
-        if let Some(b) = body {
-            req = req.header("Content-Type", "application/json").body(b);
-        }
-        let exchange = async {
-            let mut resp = req.send().await?;
-            let status = resp.status();
-            let mut buf = Zeroizing::new(Vec::new());
-            while let Some(chunk) = resp.chunk().await? {
-                if buf.len() + chunk.len() > MAX_BODY {
-                    return Ok((status, None));
-                }
-                buf.extend_from_slice(&chunk);
+        let token = match token {
+            Some(t) => {
+                let mut value = HeaderValue::from_str(t.expose_secret()).map_err(|_| {
+                    self.auth_err("the token contains characters not allowed in a header".into())
+                })?;
+                value.set_sensitive(true);
+                Some(value)
             }
-            Ok::<_, reqwest::Error>((status, Some(buf)))
+            None => None,
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(self.timeout_err()),
-            Ok(Err(e)) if e.is_timeout() => Err(self.timeout_err()),
-            Ok(Err(e)) => Err(BackendError::Unreachable {
-                backend: self.name.clone(),
-                address: self.address.clone(),
-                detail: error_chain(&e),
-            }),
-            Ok(Ok((_, None))) => Err(BackendError::Protocol {
+        let answer = match &self.transport {
+            Transport::Http { client, base } => {
+                let mut req = client.request(method, format!("{base}{api_path}"));
+                if let Some(t) = token {
+                    req = req.header("X-Vault-Token", t);
+                }
+                if let Some(b) = body {
+                    req = req.header("Content-Type", "application/json").body(b);
+                }
+                let exchange = async {
+                    let mut resp = req.send().await?;
+                    let status = resp.status();
+                    let mut buf = Zeroizing::new(Vec::new());
+                    while let Some(chunk) = resp.chunk().await? {
+                        if buf.len().saturating_add(chunk.len()) > MAX_BODY {
+                            return Ok((status, None));
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    Ok::<_, reqwest::Error>((status, Some(buf)))
+                };
+                match tokio::time::timeout(self.timeout, exchange).await {
+                    Err(_) => return Err(self.timeout_err()),
+                    Ok(Err(e)) if e.is_timeout() => return Err(self.timeout_err()),
+                    Ok(Err(e)) => return Err(self.unreachable(error_chain(&e))),
+                    Ok(Ok(answer)) => answer,
+                }
+            }
+            Transport::Unix(unix) => {
+                let headers = token.map(|t| ("X-Vault-Token", t)).into_iter().collect();
+                let exchange = unix.exchange(method, api_path, headers, body);
+                match tokio::time::timeout(self.timeout, exchange).await {
+                    Err(_) => return Err(self.timeout_err()),
+                    // Logged by the caller (the read, the login, the refresher), as other
+                    // failures are.
+                    Ok(Err(UnixError::Untrusted(e))) => {
+                        return Err(BackendError::Untrusted {
+                            backend: self.name.clone(),
+                            address: self.address.clone(),
+                            detail: e.to_string(),
+                        });
+                    }
+                    Ok(Err(e)) => return Err(self.unreachable(error_chain(&e))),
+                    Ok(Ok(answer)) => answer,
+                }
+            }
+        };
+        match answer {
+            (_, None) => Err(BackendError::Protocol {
                 backend: self.name.clone(),
                 detail: format!("an answer larger than {MAX_BODY} bytes"),
             }),
-            Ok(Ok((status, Some(buf)))) => Ok((status, buf)),
+            (status, Some(buf)) => Ok((status, buf)),
+        }
+    }
+
+    fn unreachable(&self, detail: String) -> BackendError {
+        BackendError::Unreachable {
+            backend: self.name.clone(),
+            address: self.address.clone(),
+            detail,
         }
     }
 
@@ -855,6 +814,67 @@ impl OpenBao {
     }
 }
 
+/// The reqwest client of an `https://` (or opted-in `http://`) backend: its trust roots are
+/// the `ca_file` only, or the host's trust store.
+fn http_client(key: &str, cfg: &BackendConfig) -> Result<reqwest::Client, String> {
+    let url = reqwest::Url::parse(&cfg.address).map_err(|e| format!("{key}.address: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &cfg.ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("{key}.ca_file {}: {e}", ca.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{key}.ca_file {}: {e}", ca.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{key}.ca_file {}: no PEM certificate in it",
+                ca.display()
+            ));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{key}.ca_file {}: {e}", ca.display()))?;
+        }
+    } else if url.scheme() == "https" {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err(format!(
+                "{key}: no system CA certificates found; set ca_file"
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("{key}: TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(url.scheme() == "https")
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .user_agent(concat!("agentkeysd/", env!("CARGO_PKG_VERSION")));
+    // `localhost` is allowed over plain http because it is the loopback: make it so,
+    // whatever /etc/hosts or a resolver says.
+    if is_loopback(&url)
+        && url
+            .host_str()
+            .is_some_and(|h| h.eq_ignore_ascii_case("localhost"))
+    {
+        let port = url.port_or_known_default().unwrap_or(8200);
+        builder = builder.resolve("localhost", ([127, 0, 0, 1], port).into());
+    }
+    builder
+        .build()
+        .map_err(|e| format!("{key}: HTTP client: {e}"))
+}
+
 /// The refresher's wait after `failures` failures in a row: 1 s doubling to 30 s, plus up to
 /// a quarter of random jitter so that many daemons do not retry in step.
 fn backoff(failures: u32) -> Duration {
@@ -866,19 +886,6 @@ fn backoff(failures: u32) -> Duration {
         Duration::ZERO
     };
     base + jitter
-}
-
-/// The first message of an `{"errors": [...]}` answer, bounded and without control characters
-/// (servers do not echo secrets in these, but the length and the characters are ours to bound).
-fn first_error(body: &[u8]) -> Option<String> {
-    let parsed: ErrorsAnswer = serde_json::from_slice(body).ok()?;
-    let first = parsed.errors.into_iter().find(|m| !m.trim().is_empty())?;
-    let clean: String = first
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
-    Some(clean.trim().to_string())
 }
 
 /// An error and its causes, innermost last ("error sending request ...: tcp connect error:
@@ -900,17 +907,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         parts.join(": ")
     };
     shown.chars().take(300).collect()
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// Reads a small credential file (role_id, secret_id, token): trimmed, non-empty, visible
@@ -974,26 +970,26 @@ mod tests {
 
     fn backend() -> OpenBao {
         let cfg: crate::config::Config = toml::from_str(
-            "[backends.b]\nkind = \"openbao\"\naddress = \"http://127.0.0.1:1\"\ntoken_file = \"/t\"\n",
+            "[backends.b]\nkind = \"openbao\"\naddress = \"https://127.0.0.1:1\"\ntoken_file = \"/t\"\n",
         )
         .unwrap();
         OpenBao::new("b", &cfg.backends["b"]).unwrap()
     }
 
     #[test]
-    fn kv_answers_are_read_strictly_and_errors_never_quote_values() {
+    fn kv_errors_name_the_backend_and_path_never_values() {
         let b = backend();
         let ok = br#"{"data":{"data":{"token":"s3cret","n":5},"metadata":{}}}"#;
         assert_eq!(&*b.field_of(ok, "secret/x", "token").unwrap(), b"s3cret");
-        let e = b.field_of(ok, "secret/x", "n").err().unwrap().to_string();
-        assert!(e.contains("is a number, not a string"), "{e}");
         let e = b
             .field_of(ok, "secret/x", "nope")
             .err()
             .unwrap()
             .to_string();
         assert!(
-            e.contains("fields: n, token") && !e.contains("s3cret"),
+            e.contains("secret \"secret/x\" in backend \"b\"")
+                && e.contains("fields: n, token")
+                && !e.contains("s3cret"),
             "{e}"
         );
         let deleted = br#"{"data":{"data":null,"metadata":{"deletion_time":"x"}}}"#;
@@ -1008,13 +1004,49 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("KV version 2") && !e.contains("s3cret"), "{e}");
-        let broken = br#"{"data":{"data":{"token":"s3cret""#;
-        let e = b
-            .field_of(broken, "secret/x", "token")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("not valid JSON") && !e.contains("s3cret"), "{e}");
+    }
+
+    /// Item 5 of issue 14: a login answer with `lease_duration` 2^63 (or u64::MAX) panicked in
+    /// `Instant + Duration` (an abort of the release daemon, at start-up: a crash loop). The
+    /// token is now built with a clamped TTL, and a renewal of it too.
+    #[test]
+    fn huge_lease_duration_does_not_abort() {
+        let b = backend();
+        for ttl in [u64::MAX, 1u64 << 63, u64::MAX / 2 + 1] {
+            let answer = format!(
+                r#"{{"auth":{{"client_token":"s.x","lease_duration":{ttl},"renewable":true}}}}"#
+            );
+            let t = b.token_from(answer.as_bytes(), 1, None).unwrap();
+            assert!(t.usable(Instant::now()));
+            assert_eq!(t.login_ttl, answer::MAX_TOKEN_TTL);
+            let renewed = b.token_from(answer.as_bytes(), 1, Some(&t)).unwrap();
+            assert!(!renewed.relogin && renewed.expires.is_some());
+        }
+    }
+
+    /// Plain http is reported degraded by `doctor` whatever the token state, however the
+    /// scheme is spelled (an upper-case `HTTP://` escaped a prefix test at first).
+    #[test]
+    fn plain_http_is_degraded_even_when_logged_in() {
+        for address in ["http://127.0.0.1:1", "HTTP://127.0.0.1:1"] {
+            let text = format!(
+                "[backends.p]\nkind = \"openbao\"\naddress = \"{address}\"\nallow_plain_http = true\ntoken_file = \"/t\"\n"
+            );
+            let cfg = crate::config::Config::parse(&text, Path::new("c.toml")).unwrap();
+            let b = OpenBao::new("p", &cfg.backends["p"]).unwrap();
+            let answer = br#"{"auth":{"client_token":"s.x","lease_duration":3600}}"#;
+            let t = b.token_from(answer, 1, None).unwrap();
+            *b.token.lock().unwrap() = Some(Arc::new(t));
+            let (ok, detail) = b.health();
+            assert!(!ok, "{address}: {detail}");
+            assert!(
+                detail.contains("token valid for") && detail.contains("plain http"),
+                "{detail}"
+            );
+        }
+        let (ok, detail) = backend().health();
+        assert!(!ok && !detail.contains("plain http"), "{detail}");
+        assert!(!backend().is_unix());
     }
 
     #[test]
@@ -1025,16 +1057,6 @@ mod tests {
         assert!(b3 >= Duration::from_secs(4) && b3 <= Duration::from_secs(5));
         let b20 = backoff(20);
         assert!(b20 >= Duration::from_secs(30) && b20 <= Duration::from_millis(37_500));
-    }
-
-    #[test]
-    fn first_error_is_bounded_and_clean() {
-        let long = format!("{{\"errors\":[\"\", \"bad\\nthing {}\"]}}", "x".repeat(500));
-        let e = first_error(long.as_bytes()).unwrap();
-        assert!(e.starts_with("bad thing"));
-        assert_eq!(e.chars().count(), 200);
-        assert!(first_error(b"not json").is_none());
-        assert!(first_error(br#"{"errors":[]}"#).is_none());
     }
 
     #[test]

@@ -88,10 +88,12 @@ pub fn lock_down(opts: &StartupOptions) -> Result<Hardened, StartupError> {
 /// Step 3: no_new_privs, capabilities, seccomp. The launcher (daemon-mediated run) is forked
 /// before this: filters are inherited across exec, so children must not descend from the
 /// filtered daemon. Nothing that needs a syscall outside the allowlist may come after it.
+/// `network` is what the configured backends need ([`seccomp::Network`]; `false`/`true` are
+/// off/internet).
 ///
 /// # Errors
 /// The step that failed.
-pub fn sandbox(network: bool) -> Result<(), StartupError> {
+pub fn sandbox(network: impl Into<seccomp::Network>) -> Result<(), StartupError> {
     process::set_no_new_privs()?;
     process::drop_capabilities()?;
     seccomp::install_daemon_filter(network)?;

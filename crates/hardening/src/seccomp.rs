@@ -320,6 +320,51 @@ pub const DAEMON_NETWORK_ALLOWLIST: &[Allowed] = &[
         "glibc's resolver asks how large a DNS answer waiting on its UDP socket is"),
 ];
 
+/// What a backend on a unix socket adds (`address = "unix:///..."`, and no internet backend):
+/// `connect`, and nothing else (`socket(AF_UNIX)`, `getsockopt(SO_PEERCRED)` and the reads and
+/// writes are on the base list). Internet sockets stay forbidden.
+///
+/// `connect` cannot be limited to the backend's socket (seccomp cannot read the address): a
+/// compromised daemon with such a backend can connect to any unix socket it may open.
+#[rustfmt::skip]
+pub const DAEMON_UNIX_BACKEND_ALLOWLIST: &[Allowed] = &[
+    allow!(SYS_connect,
+        "connecting to an OpenBao/Vault backend's unix socket (listener \"unix\"), whose owner, \
+         directories and SO_PEERCRED the daemon checks before sending"),
+];
+
+/// Which outward connections the daemon's filter allows: decided by the configured backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// Only the local vault: no `connect` at all.
+    #[default]
+    Off,
+    /// Backends on unix sockets only: [`DAEMON_UNIX_BACKEND_ALLOWLIST`].
+    Unix,
+    /// An `https://` (or `http://`) backend: [`DAEMON_NETWORK_ALLOWLIST`] (which has `connect`,
+    /// so unix-socket backends work beside it).
+    Inet,
+}
+
+/// `false` is [`Network::Off`], `true` [`Network::Inet`] (the meaning the flag had before
+/// unix-socket backends).
+impl From<bool> for Network {
+    fn from(network: bool) -> Network {
+        if network { Network::Inet } else { Network::Off }
+    }
+}
+
+impl Network {
+    /// The extra list this setting installs beside [`DAEMON_ALLOWLIST`].
+    pub fn extra(self) -> &'static [Allowed] {
+        match self {
+            Network::Off => &[],
+            Network::Unix => DAEMON_UNIX_BACKEND_ALLOWLIST,
+            Network::Inet => DAEMON_NETWORK_ALLOWLIST,
+        }
+    }
+}
+
 /// Compiles an allowlist into a BPF program for the running architecture: a listed syscall is
 /// allowed (when its argument conditions hold), anything else kills the process.
 ///
@@ -449,7 +494,7 @@ pub fn policy_markdown() -> String {
          syscall are alternatives; a row's conditions must all hold. Arguments count from 0.\n",
         std::env::consts::ARCH
     );
-    let lists: [(&str, &str, &[Allowed]); 3] = [
+    let lists: [(&str, &str, &[Allowed]); 4] = [
         (
             "Answered with ENOSYS (a first filter)",
             "These calls fail with `ENOSYS` whatever the allowlist says.",
@@ -461,7 +506,13 @@ pub fn policy_markdown() -> String {
             DAEMON_ALLOWLIST,
         ),
         (
-            "Added when a remote backend is configured (`DAEMON_NETWORK_ALLOWLIST`)",
+            "Added when every remote backend is on a unix socket (`DAEMON_UNIX_BACKEND_ALLOWLIST`)",
+            "`connect` cannot be limited to the backend's socket: with it, a compromised daemon \
+             can connect to any unix socket it may open.",
+            DAEMON_UNIX_BACKEND_ALLOWLIST,
+        ),
+        (
+            "Added when a backend is reached over TCP (`DAEMON_NETWORK_ALLOWLIST`)",
             "`connect` cannot be limited to the backend's address: with these, a compromised \
              daemon can connect anywhere.",
             DAEMON_NETWORK_ALLOWLIST,
@@ -497,21 +548,19 @@ pub struct DaemonFilter {
 }
 
 impl DaemonFilter {
-    /// Compiles [`DAEMON_ENOSYS`] and [`DAEMON_ALLOWLIST`], plus [`DAEMON_NETWORK_ALLOWLIST`]
-    /// when `network` (a remote backend is configured).
+    /// Compiles [`DAEMON_ENOSYS`] and [`DAEMON_ALLOWLIST`], plus what `network` needs
+    /// ([`Network::extra`]: nothing, `connect` for unix-socket backends, or
+    /// [`DAEMON_NETWORK_ALLOWLIST`]). `false`/`true` still mean off/internet.
     ///
     /// # Errors
     /// [`SeccompError::Compile`].
-    pub fn compile(network: bool) -> Result<DaemonFilter, SeccompError> {
-        let allow = if network {
-            let both: Vec<Allowed> = DAEMON_ALLOWLIST
-                .iter()
-                .chain(DAEMON_NETWORK_ALLOWLIST)
-                .copied()
-                .collect();
-            compile(&both)?
-        } else {
+    pub fn compile(network: impl Into<Network>) -> Result<DaemonFilter, SeccompError> {
+        let extra = network.into().extra();
+        let allow = if extra.is_empty() {
             compile(DAEMON_ALLOWLIST)?
+        } else {
+            let both: Vec<Allowed> = DAEMON_ALLOWLIST.iter().chain(extra).copied().collect();
+            compile(&both)?
         };
         Ok(DaemonFilter {
             enosys: compile_enosys(DAEMON_ENOSYS)?,
@@ -535,7 +584,7 @@ impl DaemonFilter {
 ///
 /// # Errors
 /// The step that failed, [`SeccompError::Compile`] or [`SeccompError::Install`].
-pub fn install_daemon_filter(network: bool) -> Result<(), SeccompError> {
+pub fn install_daemon_filter(network: impl Into<Network>) -> Result<(), SeccompError> {
     DaemonFilter::compile(network)?.install()
 }
 
@@ -741,6 +790,63 @@ mod tests {
         }));
     }
 
+    /// A unix-socket backend gets `connect` (to a unix socket: here a listener of our own) but
+    /// still no internet socket.
+    #[test]
+    fn unix_backend_list_allows_connect_but_no_inet_socket() {
+        let dir = std::env::temp_dir().join(format!("ak-seccomp-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        // The address is built before the fork: the child must not allocate.
+        let mut addr = libc::sockaddr_un {
+            sun_family: libc::AF_UNIX as libc::sa_family_t,
+            sun_path: [0; 108],
+        };
+        for (d, s) in addr
+            .sun_path
+            .iter_mut()
+            .zip(path.as_os_str().as_encoded_bytes())
+        {
+            *d = *s as libc::c_char;
+        }
+        static ADDR: std::sync::OnceLock<libc::sockaddr_un> = std::sync::OnceLock::new();
+        let _ = ADDR.set(addr);
+        let unix = DaemonFilter::compile(Network::Unix).expect("compile");
+        let status = run_filtered(&unix, || {
+            let Some(addr) = ADDR.get() else { return 1 };
+            // SAFETY: socket takes no pointers; `addr` is a valid sockaddr_un in a static that
+            // outlives the call; the fd is closed below.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if fd < 0 {
+                    return 2;
+                }
+                let r = libc::connect(
+                    fd,
+                    (addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                );
+                libc::close(fd);
+                if r != 0 {
+                    return 3;
+                }
+            }
+            0
+        });
+        assert!(
+            matches!(status, WaitStatus::Exited(_, 0)),
+            "connect to a unix socket under Network::Unix: {status:?}"
+        );
+        assert_sigsys(run_filtered(&unix, || {
+            // SAFETY: socket takes no pointers.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            0
+        }));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn setrlimit_is_killed() {
         assert_sigsys(run_filtered(&daemon_filter(), || {
@@ -756,11 +862,14 @@ mod tests {
 
     #[test]
     fn every_entry_has_a_reason() {
-        let both: Vec<Allowed> = DAEMON_ALLOWLIST
-            .iter()
-            .chain(DAEMON_NETWORK_ALLOWLIST)
-            .copied()
-            .collect();
+        // Every list that is installed together with the base list.
+        for network in [Network::Off, Network::Unix, Network::Inet] {
+            entries_have_reasons_and_no_duplicates(network.extra());
+        }
+    }
+
+    fn entries_have_reasons_and_no_duplicates(extra: &[Allowed]) {
+        let both: Vec<Allowed> = DAEMON_ALLOWLIST.iter().chain(extra).copied().collect();
         let mut seen = HashSet::new();
         for e in &both {
             assert!(
@@ -877,7 +986,11 @@ mod tests {
             "docs/seccomp-policy.md differs from the filter: run `AGENTKEYS_BLESS=1 cargo test -p \
              agentkeys-hardening seccomp_policy_doc_is_current` and review the diff"
         );
-        for e in DAEMON_ALLOWLIST.iter().chain(DAEMON_NETWORK_ALLOWLIST) {
+        for e in DAEMON_ALLOWLIST
+            .iter()
+            .chain(DAEMON_NETWORK_ALLOWLIST)
+            .chain(DAEMON_UNIX_BACKEND_ALLOWLIST)
+        {
             assert!(have.contains(&format!("`{}`", e.name)), "{}", e.name);
         }
     }
