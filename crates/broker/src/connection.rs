@@ -335,9 +335,36 @@ async fn serve_run(
     }
     let mut caller_gone = false;
     let mut revoked = false;
+    let mut output_stalled = false;
     let exit = loop {
         tokio::select! {
             ex = &mut running.exited => break ex.ok(),
+            // PLACEHOLDER (issue 14, item 10) until "stop the run" lands: the caller has not
+            // read the program's output for `output_timeout`; the pump gave its fd up and is
+            // draining, so the program is not blocked, but nobody sees its output any more.
+            // Audited, then SIGTERM; the lead replaces the signal with the run-stop sequence.
+            stalled = running.stalls.next(), if !output_stalled => {
+                output_stalled = true;
+                warn!(agent = crate::delivery::who(principal), stream = stalled.stream, "the caller stopped reading the program's output: stopping the program");
+                let detail = format!(
+                    "{}: no write progress for {}s; program stopped",
+                    stalled.stream,
+                    stalled.after.as_secs()
+                );
+                shared.audit_best_effort(&Event {
+                    event: "output_stalled",
+                    agent: Some(crate::delivery::who(principal)),
+                    service: None,
+                    delivery: None,
+                    degraded: false,
+                    peer: Some(peer),
+                    outcome: "error",
+                    detail: Some(&detail),
+                });
+                if let Some(l) = shared.launcher.get() {
+                    l.signal(running.id, libc_sigterm()).await;
+                }
+            }
             // The agent was revoked (or its session ended) mid-run: the program stops now,
             // then the connection closes.
             _ = kick.notified(), if !revoked => {
