@@ -35,8 +35,9 @@
 //! - **Tails**: when the stream is flushed (at its end, and after the caller's holdback
 //!   deadline, a few milliseconds of silence), the last symbols of each view that are still open
 //!   (at most 7) and equal a substring of a secret are covered if they are [`MIN_MASKED_TAIL`]
-//!   (4) or more: a secret printed slowly, or cut short at the end of the output, shows at most
-//!   3 symbols before the mask.
+//!   (4) or more (with the characters of a hex or base64 byte in progress that continues them):
+//!   a secret printed slowly, or cut short at the end of the output, shows at most 3 symbols
+//!   before the mask.
 //! - The union of everything covered becomes masks: each maximal run of covered bytes is one
 //!   [`MASK`]. The result is the same for every way the output is cut into chunks as for the
 //!   whole output at once (tested against a plain batch implementation), provided the stream is
@@ -45,8 +46,8 @@
 //! # Holdback
 //! A stream holds back only the bytes a later match or a flush could still cover: the last
 //! symbols of each view that equal a substring of a secret (at most 7 symbols, and the bytes
-//! after them), an unfinished `%X` escape, and the characters of a hex or base64 byte not yet
-//! complete; at most [`MAX_HELD`] bytes, and none after output that no view can continue. The
+//! after them), an unfinished `%X` escape, and the character of a hex or base64 byte in
+//! progress whose bits could begin a piece; at most [`MAX_HELD`] bytes, and none after output that no view can continue. The
 //! caller flushes after a few milliseconds of silence so that a prompt is not stuck; the views
 //! keep matching across a flush, so a piece completed after it is masked from there on.
 //!
@@ -66,8 +67,8 @@
 //! filter of keyed-hash bits (a random key per masker) that lets plain output skip the table:
 //! about 10 bytes per secret byte ([`Masker::footprint`], capped per run and per daemon by the
 //! caller through [`MaskBudget`]). Every table and buffer is zeroize-on-drop and sized before
-//! it is filled, so none reallocates; identical secrets are counted once; no type here
-//! implements `Debug`.
+//! it is filled, so none reallocates; identical secrets are counted once; no type that holds
+//! anything derived from a secret implements `Debug`.
 
 use std::hash::BuildHasher;
 use std::ops::Deref;
