@@ -55,8 +55,9 @@
 //! Masking is a seatbelt against accidents, not a boundary. Not masked: pieces shorter than
 //! 8 bytes (at a line break of a hex dump's or base64's layout that this does not skip, at a
 //! split between stdout and stderr, or anywhere a program cuts the secret into short parts), and
-//! any other transformation (`rev`, `tr`, one character per line, compression, encryption,
-//! double encodings, `hexdump` without `-C` (byte-swapped words), `xxd -i`, `\x` escapes). A
+//! any other transformation (`rev`, `tr`, one character per line, a space between characters
+//! as `od -c` prints them, compression, encryption, base32, double encodings, `hexdump` without
+//! `-C` (byte-swapped words), `xxd -i`, `\x` escapes). A
 //! secret that contains common text masks that text wherever it appears (a PEM key masks other
 //! PEM blocks' `-----BEGIN ` lines, a JSON credential masks its key names in other JSON), and a
 //! secret of a few bytes masks every occurrence of those bytes.
@@ -1970,6 +1971,31 @@ mod tests {
             assert!(shown <= 7, "{shown} shown");
             assert_eq!(&out[shown..], b"********\n");
         }
+    }
+
+    #[test]
+    fn stated_limits_pass_unmasked() {
+        // What the docs say is not masked, checked so that the statement stays true.
+        let masker = Masker::new(&[TOKEN]);
+        let reversed: Vec<u8> = TOKEN.iter().rev().copied().collect();
+        let per_line: Vec<u8> = TOKEN.iter().flat_map(|&b| [b, b'\n']).collect();
+        let spaced: Vec<u8> = TOKEN.iter().flat_map(|&b| [b' ', b' ', b' ', b]).collect();
+        for (name, out) in [("rev", reversed), ("per line", per_line), ("od -c", spaced)] {
+            let mut data = out;
+            data.extend_from_slice(b"\n");
+            assert_eq!(mask_all(&masker, &data), data, "{name}");
+        }
+        // A piece of 7 bytes at a line edge of `hexdump -C` (the secret at offset 9): its hex
+        // and its ASCII-column bytes stay; the 16-byte lines after it are masked.
+        let mut data = vec![b'.'; 9];
+        data.extend_from_slice(TOKEN);
+        let out = mask_all(&masker, &hexdump_c(&data));
+        assert!(contains(
+            &out,
+            b"2e 67 68 70 5f 31 36 43  |.........ghp_16C|"
+        ));
+        assert!(contains(&out, &TOKEN[..7]));
+        assert!(!contains(&out, &TOKEN[7..15]));
     }
 
     #[test]
