@@ -219,8 +219,10 @@ fn canary_inline_delivery() {
 }
 
 /// `run` with env and file delivery, masked and not: during the run the launcher and the CLI
-/// never hold the canary; the daemon holds the masking patterns while the program's output is
-/// open (the stated window), and nothing without masking; after the run it is clean.
+/// never hold the canary; the daemon holds the masking tables while the program's output is
+/// open (the stated window: the secret's 8-byte windows, each a big-endian `u64`, so in memory
+/// as byte-reversed 8-byte pieces, never the secret as one string), and nothing without
+/// masking; after the run it is clean.
 #[test]
 fn canary_run_env_and_file() {
     if skip("canary_run_env_and_file") {
@@ -255,6 +257,9 @@ fn canary_run_env_and_file() {
         assert_sees(&h, cli.id(), "agentkeys run");
         let l = holds(launcher);
         let d = holds(daemon);
+        // The masker's first 8-byte window, as it lies in memory.
+        let gram = u64::from_be_bytes(CANARY.as_bytes()[..8].try_into().unwrap()).to_ne_bytes();
+        let tables = memory_find(daemon, &gram).is_some();
         assert!(
             cli.try_wait().unwrap().is_none(),
             "the program ended before the scans were done: no figures"
@@ -263,14 +268,19 @@ fn canary_run_env_and_file() {
         assert!(out.status.success(), "{}", text(&out));
         let t0 = Instant::now();
         let after = gone_after(daemon, t0);
+        // The tables went with the run's output: wiped, not just freed.
+        assert!(
+            memory_find(daemon, &gram).is_none(),
+            "masking tables left in the daemon (pid {daemon}) after the run"
+        );
         println!(
             "canary: run --env/--file{}: during the run daemon {}, launcher {}, CLI {}; daemon \
              clean {} after the run ended",
             if masking { "" } else { " --no-masking" },
-            if d {
-                "holds it (masking patterns)"
-            } else {
-                "clean"
+            match (d, tables) {
+                (true, _) => "HOLDS IT",
+                (false, true) => "clean (holds the masking tables)",
+                (false, false) => "clean",
             },
             if l { "HOLDS IT" } else { "clean" },
             if c { "HOLDS IT" } else { "clean" },
@@ -283,8 +293,12 @@ fn canary_run_env_and_file() {
         assert!(!c, "canary found in the `agentkeys run` CLI during a run");
         if masking {
             assert!(
-                d,
-                "the masking patterns were not found: the scan may be blind"
+                tables,
+                "the masking tables were not found: the scan may be blind"
+            );
+            assert!(
+                !d,
+                "canary found as one string in the daemon (pid {daemon}) during a masked run"
             );
             assert!(
                 !String::from_utf8_lossy(&out.stdout).contains(CANARY),

@@ -158,6 +158,15 @@ impl DaemonConfig {
 /// Bounds on a backend's request timeout.
 const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(120));
 
+/// Bounds on `output_timeout`: long enough for a reader that pauses, short enough that a run
+/// whose caller stopped reading ends within the hour.
+const OUTPUT_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+
+/// Bounds on the masking caps: a run with one short secret needs about 1 KiB; 1 GiB per run
+/// and 4 GiB in all are far beyond any sane set of secrets.
+const MASK_BYTES_RANGE: (usize, usize) = (4096, 4 << 30);
+
 /// `[daemon]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +205,14 @@ pub struct DaemonConfig {
     /// How long `approval_command` may run before it is stopped; 1 s to 60 s.
     #[serde(with = "humantime_serde_compat")]
     pub approval_command_timeout: Duration,
+    /// How long a masked run's output may wait on a caller that does not read it before the
+    /// run is stopped (default 60 s; 1 s to 1 h).
+    #[serde(with = "humantime_serde_compat")]
+    pub output_timeout: Duration,
+    /// Most bytes of masking tables one run may take (bytes; default 4 MiB).
+    pub max_mask_bytes_per_run: usize,
+    /// Most bytes of masking tables all runs together may take (bytes; default 64 MiB).
+    pub max_mask_bytes: usize,
 }
 
 impl Default for DaemonConfig {
@@ -213,6 +230,9 @@ impl Default for DaemonConfig {
             kill_grace: Duration::from_secs(5),
             approval_command: None,
             approval_command_timeout: Duration::from_secs(10),
+            output_timeout: Duration::from_secs(60),
+            max_mask_bytes_per_run: 4 << 20,
+            max_mask_bytes: 64 << 20,
         }
     }
 }
@@ -286,6 +306,7 @@ impl Config {
         if let Some(argv) = &cfg.daemon.approval_command {
             check_command(argv).map_err(|e| invalid(format!("daemon.approval_command: {e}")))?;
         }
+        check_masking(&cfg.daemon).map_err(invalid)?;
         for (name, b) in &cfg.backends {
             check_backend(name, b).map_err(invalid)?;
         }
@@ -403,6 +424,31 @@ fn check_command(argv: &[String]) -> Result<(), String> {
         return Err(format!(
             "each element at most {MAX_COMMAND_ARG_BYTES} bytes, without NUL bytes"
         ));
+    }
+    Ok(())
+}
+
+/// Checks `output_timeout` and the masking caps of `[daemon]`; the message names the key.
+fn check_masking(d: &DaemonConfig) -> Result<(), String> {
+    let (lo, hi) = OUTPUT_TIMEOUT_RANGE;
+    if d.output_timeout < lo || d.output_timeout > hi {
+        return Err(format!(
+            "daemon.output_timeout: must be between {} and {}",
+            humantime::format_duration(lo),
+            humantime::format_duration(hi)
+        ));
+    }
+    let (lo, hi) = MASK_BYTES_RANGE;
+    for (key, v) in [
+        ("max_mask_bytes_per_run", d.max_mask_bytes_per_run),
+        ("max_mask_bytes", d.max_mask_bytes),
+    ] {
+        if v < lo || v > hi {
+            return Err(format!("daemon.{key}: must be between {lo} and {hi} bytes"));
+        }
+    }
+    if d.max_mask_bytes < d.max_mask_bytes_per_run {
+        return Err("daemon.max_mask_bytes: must be at least daemon.max_mask_bytes_per_run".into());
     }
     Ok(())
 }
@@ -717,6 +763,42 @@ mod tests {
             ("approval_command = []", "daemon.approval_command"),
             ("approval_command = [\"notify-send\"]", "absolute"),
             ("approval_command = [\"/bin/x\", \"a\\u0000b\"]", "NUL"),
+        ] {
+            let e = Config::parse(&format!("[daemon]\n{text}\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn output_timeout_and_masking_caps() {
+        let p = Path::new("c.toml");
+        let d = Config::parse("", p).unwrap().daemon;
+        assert_eq!(d.output_timeout, Duration::from_secs(60));
+        assert_eq!(d.max_mask_bytes_per_run, 4 << 20);
+        assert_eq!(d.max_mask_bytes, 64 << 20);
+        let d = Config::parse(
+            "[daemon]\noutput_timeout = \"2s\"\nmax_mask_bytes_per_run = 65536\nmax_mask_bytes = 131072\n",
+            p,
+        )
+        .unwrap()
+        .daemon;
+        assert_eq!(d.output_timeout, Duration::from_secs(2));
+        assert_eq!(
+            (d.max_mask_bytes_per_run, d.max_mask_bytes),
+            (65536, 131072)
+        );
+        for (text, key) in [
+            ("output_timeout = \"0s\"", "output_timeout"),
+            ("output_timeout = \"2h\"", "output_timeout"),
+            ("max_mask_bytes_per_run = 100", "max_mask_bytes_per_run"),
+            ("max_mask_bytes = 99999999999", "max_mask_bytes"),
+            (
+                "max_mask_bytes_per_run = 65536\nmax_mask_bytes = 4096",
+                "at least daemon.max_mask_bytes_per_run",
+            ),
+            ("max_mask_bytes = -1", "line 2"),
         ] {
             let e = Config::parse(&format!("[daemon]\n{text}\n"), p)
                 .unwrap_err()

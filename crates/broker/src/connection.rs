@@ -340,6 +340,7 @@ async fn serve_run(
     let mut stopped: Option<StopReason> = None;
     let mut caller_gone = false;
     let mut session_ended = false;
+    let mut output_stalled = false;
     if !send(conn, id, ResponseBody::RunStarted { pid: running.pid }).await {
         // The caller is gone: its program goes too.
         caller_gone = true;
@@ -351,6 +352,29 @@ async fn serve_run(
     let exit = loop {
         tokio::select! {
             ex = &mut running.exited => break ex.ok(),
+            // The caller has not read the program's output for `output_timeout`: the pump
+            // gave its fd up and drains, so the program is not blocked, but nobody sees its
+            // output any more and the run would hold its tables and this connection forever.
+            stalled = running.stalls.next(), if !output_stalled => {
+                output_stalled = true;
+                warn!(principal = ?principal, stream = stalled.stream, "the caller stopped reading the program's output: stopping the program");
+                let detail = format!(
+                    "{}: no write progress for {}s; program stopped",
+                    stalled.stream,
+                    stalled.after.as_secs()
+                );
+                shared.audit_best_effort(&Event {
+                    event: "output_stalled",
+                    who: Some(principal.who()),
+                    service: None,
+                    delivery: None,
+                    degraded: false,
+                    peer: Some(peer),
+                    outcome: "error",
+                    detail: Some(&detail),
+                });
+                stop_run(shared, &running, &mut stopped, StopReason::OutputStalled).await;
+            }
             // The session ended mid-run (agent revoked, expired or replaced, a new owner
             // session): the run stops, then the connection closes. Shutdown kicks every
             // connection too; that is `stop` below.

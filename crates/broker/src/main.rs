@@ -268,6 +268,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
 
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let cfg_approval_ttl = cfg.daemon.approval_ttl;
+    let mask_budget = agentkeys_broker::mask::MaskBudget::new(cfg.daemon.max_mask_bytes);
     let shared = Arc::new(Shared {
         home,
         sessions,
@@ -285,6 +286,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
             cfg_approval_ttl,
         )),
         backends,
+        mask_budget,
     });
     let report = daemon_report(&shared);
     for item in &report.items {

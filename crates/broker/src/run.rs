@@ -23,7 +23,7 @@ use tracing::info;
 use zeroize::Zeroizing;
 
 use crate::launch::{ActiveRun, LaunchError};
-use crate::mask::Masker;
+use crate::mask::{MaskError, Masker};
 use crate::sessions::Principal;
 use crate::shared::Shared;
 
@@ -61,6 +61,9 @@ pub struct Running {
     /// Counts the run as open (daemon shutdown waits for it); the connection keeps it until
     /// the caller has its answer.
     pub active: Option<ActiveRun>,
+    /// Reports from the output pumps that the caller stopped reading (never without masking):
+    /// the run should then be stopped.
+    pub stalls: crate::pump::Stalls,
     pumps: Vec<oneshot::Receiver<()>>,
     started: Instant,
     program: String,
@@ -385,6 +388,37 @@ pub async fn start(
             fetch(shared, p, peer, service).await?,
         ));
     }
+    // The masker first: a run whose masking tables would not fit its cap or the daemon's
+    // budget is refused before anything is delivered.
+    let masker = if req.masking {
+        let secrets: Vec<&[u8]> = plain.iter().map(|(_, _, _, b)| b.as_slice()).collect();
+        match Masker::with_budget(
+            &secrets,
+            shared.cfg.max_mask_bytes_per_run,
+            &shared.mask_budget,
+        ) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                let (code, outcome) = match e {
+                    MaskError::OverRunCap { .. } => (ErrorCode::BadRequest, "denied"),
+                    MaskError::OverDaemonBudget { .. } => (ErrorCode::Busy, "busy"),
+                };
+                shared.audit_best_effort(&Event {
+                    event: "deny",
+                    who: Some(p.who()),
+                    service: None,
+                    delivery: None,
+                    degraded: false,
+                    peer: Some(peer),
+                    outcome,
+                    detail: Some("masking tables over their cap"),
+                });
+                return Err(refuse(code, e.to_string()));
+            }
+        }
+    } else {
+        None
+    };
     // Environment secrets in memfd_secret pages (the child maps them); file secrets in sealed,
     // readable memfds (a program must be able to read(2) them).
     let mut pages: Vec<SecretPage> = Vec::with_capacity(plain.len());
@@ -399,12 +433,6 @@ pub async fn start(
                 .map_err(|e| refuse(ErrorCode::Internal, format!("making a secret page: {e}")))?,
         );
     }
-    let masker = if req.masking {
-        let secrets: Vec<&[u8]> = plain.iter().map(|(_, _, _, b)| b.as_slice()).collect();
-        Some(Arc::new(Masker::new(&secrets)))
-    } else {
-        None
-    };
     let secret_names: Vec<(String, String, bool)> = plain
         .iter()
         .map(|(v, s, f, _)| (v.clone(), s.clone(), *f))
@@ -451,18 +479,21 @@ pub async fn start(
         fds.next().expect("3 fds"),
     );
     let mut pumps = Vec::new();
+    let mut stalls = crate::pump::Stalls::none();
     let (child_out, child_err) = match &masker {
         Some(m) => {
             let (r1, w1) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| refuse(ErrorCode::Internal, format!("pipe: {e}")))?;
             let (r2, w2) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| refuse(ErrorCode::Internal, format!("pipe: {e}")))?;
-            pumps.push(crate::pump::spawn(r1, out, m.clone()));
-            pumps.push(crate::pump::spawn(r2, err, m.clone()));
+            (pumps, stalls) =
+                crate::pump::start((r1, out), (r2, err), m, shared.cfg.output_timeout);
             (w1, w2)
         }
         None => (out, err),
     };
+    // The pumps hold the masker now; it goes (and its budget comes back) with the last one.
+    drop(masker);
     let env: Vec<String> = req
         .caller_env
         .into_iter()
@@ -524,6 +555,7 @@ pub async fn start(
                 pid: s.pid,
                 exited: s.exited,
                 active: Some(s.active),
+                stalls,
                 pumps,
                 started: Instant::now(),
                 program,
@@ -585,6 +617,8 @@ pub enum StopReason {
     CallerGone,
     /// The daemon is shutting down.
     Shutdown,
+    /// The caller stopped reading the program's output for `output_timeout`.
+    OutputStalled,
 }
 
 impl StopReason {
@@ -595,6 +629,7 @@ impl StopReason {
             StopReason::SessionEnded => "session_ended",
             StopReason::CallerGone => "caller_gone",
             StopReason::Shutdown => "shutdown",
+            StopReason::OutputStalled => "output_stalled",
         }
     }
 }

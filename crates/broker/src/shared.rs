@@ -55,6 +55,8 @@ pub struct Shared {
     pub approvals: Mutex<crate::approvals::Approvals>,
     /// Remote backends (OpenBao / Vault) and the services mapped onto them.
     pub backends: crate::backends::Backends,
+    /// The memory all masked runs' tables may take at once (`[daemon] max_mask_bytes`).
+    pub mask_budget: Arc<crate::mask::MaskBudget>,
 }
 
 /// One open connection, as the server sees it.
