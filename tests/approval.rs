@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use agentkeys_e2e::{TestHome, text};
+use agentkeys_e2e::{TestHome, code_from, text};
 
 const CANARY: &str = "ak-canary-approval-0b1c2d3e4f5a";
 
@@ -15,19 +15,6 @@ fn audit_events(h: &TestHome) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-/// The approval code from a pending message ("... agentkeys approve XXXXX-XXXXX ...").
-fn code_from(out: &std::process::Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    let at = err
-        .find("agentkeys approve ")
-        .unwrap_or_else(|| panic!("no code in: {err}"));
-    err[at + "agentkeys approve ".len()..]
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn setup(tag: &str, config: Option<&str>) -> (TestHome, String) {

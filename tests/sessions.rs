@@ -9,7 +9,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentkeys_e2e::{TestHome, is_root, text, wait_until};
+use agentkeys_e2e::{TestHome, code_from, is_root, text, wait_until};
 use agentkeys_proto::client::{Client, ClientError};
 use agentkeys_proto::wire::ErrorCode;
 use secrecy::SecretString;
@@ -36,19 +36,6 @@ fn run_unnoticed(h: &TestHome, args: &[&str]) -> std::process::Output {
     c.env("AGENTKEYS_SOCKET", h.dir.join("nobody-listens.sock"))
         .stdin(Stdio::null());
     c.output().unwrap()
-}
-
-/// The approval code from a pending message ("... agentkeys approve XXXXX-XXXXX ...").
-fn code_from(out: &std::process::Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    let at = err
-        .find("agentkeys approve ")
-        .unwrap_or_else(|| panic!("no code in: {err}"));
-    err[at + "agentkeys approve ".len()..]
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {

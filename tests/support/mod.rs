@@ -355,6 +355,20 @@ pub fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// The approval code from a `pending` answer's message on stderr ("... agentkeys approve
+/// XXXXX-XXXXX ...").
+pub fn code_from(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = err
+        .find("agentkeys approve ")
+        .unwrap_or_else(|| panic!("no code in: {err}"));
+    err[at + "agentkeys approve ".len()..]
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
