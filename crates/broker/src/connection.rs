@@ -230,7 +230,7 @@ pub async fn run(
             send(&conn, req.id, auth_error(&e)).await;
             return;
         }
-        let peer = Peer { uid, pid };
+        let peer = Peer::local(uid, pid);
         if let RequestBody::Run {
             argv,
             env,
