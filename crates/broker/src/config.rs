@@ -1003,4 +1003,47 @@ high_value = true
             assert!(check_kv_path(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn agentkeys_backends_and_listeners() {
+        let p = Path::new("c.toml");
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        let good = format!(
+            "[daemon]\nlisten = [\"tls://100.64.0.5:7777\"]\n\n[backends.owner]\nkind = \"agentkeys\"\naddress = \"tls://10.0.0.1:7777\"\nfingerprint = \"{fp}\"\ntoken_file = \"/etc/ak/owner.token\"\n\n[services.github]\nbackend = \"owner\"\n\n[services.gh2]\nbackend = \"owner\"\npath = \"github\"\n"
+        );
+        let c = Config::parse(&good, p).unwrap();
+        assert_eq!(c.daemon.listen, vec!["tls://100.64.0.5:7777".to_string()]);
+        assert_eq!(c.services["github"].remote_name("github"), "github");
+        assert_eq!(c.services["gh2"].remote_name("gh2"), "github");
+        // Each mistake names its key.
+        for (bad, key) in [
+            (good.replace("tls://10.0.0.1", "https://10.0.0.1"), "backends.owner.address"),
+            (good.replace(&fp, "sha256:00"), "backends.owner.fingerprint"),
+            (good.replace(&format!("fingerprint = \"{fp}\"\n"), ""), "backends.owner.fingerprint"),
+            (good.replace("token_file = \"/etc/ak/owner.token\"\n", ""), "backends.owner.token_file"),
+            (good.replace("/etc/ak/owner.token", "owner.token"), "backends.owner.token_file"),
+            (good.replace("kind = \"agentkeys\"\n", "kind = \"agentkeys\"\nca_file = \"/x\"\n"), "backends.owner.ca_file"),
+            (good.replace("path = \"github\"", "path = \"github\"\nfield = \"token\""), "services.gh2.field"),
+            (good.replace("path = \"github\"", "path = \"Git/Hub\""), "services.gh2.path"),
+            (good.replace("tls://100.64.0.5:7777", "tcp://100.64.0.5:7777"), "daemon.listen[0]"),
+            (good.replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777"), "daemon.listen[0]"),
+        ] {
+            let e = Config::parse(&bad, p).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // The public opt-in.
+        let public = good.replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777").replace(
+            "[daemon]\n",
+            "[daemon]\nallow_public_listen = true\n",
+        );
+        assert!(Config::parse(&public, p).is_ok());
+        // A fingerprint belongs to kind = "agentkeys" only.
+        let e = Config::parse(
+            &format!("[backends.b]\nkind = \"openbao\"\naddress = \"https://b:8200\"\ntoken_file = \"/t\"\nfingerprint = \"{fp}\"\n"),
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("backends.b.fingerprint"), "{e}");
+    }
 }

@@ -912,7 +912,10 @@ mod tests {
         // Every list that is installed together with the base list.
         for network in [Network::Off, Network::Unix, Network::Inet] {
             entries_have_reasons_and_no_duplicates(network.extra());
+            // A daemon may serve network listeners with any kind of backend.
+            assert!(DaemonFilter::compile_with(network, true).is_ok());
         }
+        entries_have_reasons_and_no_duplicates(DAEMON_LISTEN_ALLOWLIST);
     }
 
     fn entries_have_reasons_and_no_duplicates(extra: &[Allowed]) {
