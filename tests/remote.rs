@@ -75,10 +75,7 @@ fn owner_with(tag: &str, listen: SocketAddr, daemon_extra: &str) -> Owner {
         vm_token_file.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let fingerprint = remote_info(&h)["fingerprint"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let fingerprint = remote_info(&h)["fingerprint"].as_str().unwrap().to_string();
     h.start_daemon(&[]);
     Owner {
         h,
@@ -184,10 +181,7 @@ async fn tcp_from(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpSt
 async fn tls(to: SocketAddr) -> std::io::Result<Tls> {
     let tcp = tcp_from(None, to).await?;
     connector(&[&rustls::version::TLS13])
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(to.ip().into()),
-            tcp,
-        )
+        .connect(rustls_pki_types::ServerName::IpAddress(to.ip().into()), tcp)
         .await
 }
 
@@ -247,7 +241,12 @@ fn remote_agents_read_run_and_mcp_over_loopback_tls() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), CANARY);
     // Under another name on this side (`path`).
     let out = r.run_agent(&token, &["read", "gh2"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), CANARY, "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        CANARY,
+        "{}",
+        text(&out)
+    );
 
     let out = r.run_agent(
         &token,
@@ -263,7 +262,12 @@ fn remote_agents_read_run_and_mcp_over_loopback_tls() {
             CANARY,
         ],
     );
-    assert_eq!(code(&out), 0, "the child did not get the value: {}", text(&out));
+    assert_eq!(
+        code(&out),
+        0,
+        "the child did not get the value: {}",
+        text(&out)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("gh=********"), "{stdout}");
     assert!(!stdout.contains(CANARY), "unmasked: {stdout}");
@@ -289,7 +293,9 @@ fn remote_agents_read_run_and_mcp_over_loopback_tls() {
     }
     let denied = records(&o.h, "deny", "vm1");
     assert!(
-        denied.iter().any(|d| d["service"] == "prod" && d["peer"]["addr"].is_string()),
+        denied
+            .iter()
+            .any(|d| d["service"] == "prod" && d["peer"]["addr"].is_string()),
         "{denied:?}"
     );
     // The remote side's audit: its agent bot, and each fetch names the owner's daemon and the
@@ -313,7 +319,10 @@ fn remote_agents_read_run_and_mcp_over_loopback_tls() {
     // doctor on the remote side reports the link.
     let out = r.run(&["doctor", "--json"]);
     let all = String::from_utf8_lossy(&out.stdout);
-    assert!(all.contains("backend_owner") && all.contains("connected as"), "{all}");
+    assert!(
+        all.contains("backend_owner") && all.contains("connected as"),
+        "{all}"
+    );
 }
 
 async fn mcp_run(r: &TestHome, token: &str) {
@@ -321,8 +330,11 @@ async fn mcp_run(r: &TestHome, token: &str) {
     use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
     let token_file = r.dir.join("bot.token");
     std::fs::write(&token_file, token).unwrap();
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let mut c = std::process::Command::new(bin("agentkeys"));
     c.arg("mcp");
     r.env(&mut c);
@@ -384,7 +396,17 @@ fn remote_daemon_in_a_network_namespace() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), CANARY);
     let out = r.run_agent(
         &token,
-        &["run", "--env", "GH=github", "--", "sh", "-c", "test \"$GH\" = \"$1\"", "sh", CANARY],
+        &[
+            "run",
+            "--env",
+            "GH=github",
+            "--",
+            "sh",
+            "-c",
+            "test \"$GH\" = \"$1\"",
+            "sh",
+            CANARY,
+        ],
     );
     assert_eq!(code(&out), 0, "{}", text(&out));
     let delivered = records(&o.h, "deliver", "vm1");
@@ -419,9 +441,24 @@ impl Netns {
             assert!(out.status.success(), "ip {args:?}: {}", text(&out));
         };
         run(&["netns", "add", &ns.name]);
-        run(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &peer]);
+        run(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ]);
         run(&["link", "set", &peer, "netns", &ns.name]);
-        run(&["addr", "add", &format!("{}/30", ns.host_ip), "dev", &ns.host_if]);
+        run(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.host_if,
+        ]);
         run(&["link", "set", &ns.host_if, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &ns.name, "ip"];
@@ -437,8 +474,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -459,14 +500,29 @@ fn refused_at_start(tag: &str, config: &str) -> String {
 #[test]
 fn listen_addresses_refused_at_start_name_the_rule() {
     for (config, rule) in [
-        ("[daemon]\nlisten = [\"tcp://127.0.0.1:7777\"]\n", "plaintext TCP is never served"),
-        ("[daemon]\nlisten = [\"tls://8.8.8.8:7777\"]\n", "not in a non-public range"),
-        ("[daemon]\nlisten = [\"tls://0.0.0.0:7777\"]\n", "not in a non-public range"),
-        ("[daemon]\nlisten = [\"tls://localhost:7777\"]\n", "literal IP address"),
+        (
+            "[daemon]\nlisten = [\"tcp://127.0.0.1:7777\"]\n",
+            "plaintext TCP is never served",
+        ),
+        (
+            "[daemon]\nlisten = [\"tls://8.8.8.8:7777\"]\n",
+            "not in a non-public range",
+        ),
+        (
+            "[daemon]\nlisten = [\"tls://0.0.0.0:7777\"]\n",
+            "not in a non-public range",
+        ),
+        (
+            "[daemon]\nlisten = [\"tls://localhost:7777\"]\n",
+            "literal IP address",
+        ),
         ("[daemon]\nlisten = [\"vsock://3:7777\"]\n", "not built"),
     ] {
         let msg = refused_at_start("remote-refuse", config);
-        assert!(msg.contains(rule) && msg.contains("daemon.listen[0]"), "{config}: {msg}");
+        assert!(
+            msg.contains(rule) && msg.contains("daemon.listen[0]"),
+            "{config}: {msg}"
+        );
     }
     // A backend with a wrong fingerprint form, or without one.
     let msg = refused_at_start(
@@ -503,7 +559,11 @@ fn tokens_are_bound_to_their_link() {
     // The remote token on the unix socket: refused, exit 4, with the reason.
     let out = o.h.run_agent(&vm, &["read", "github"]);
     assert_eq!(code(&out), 4, "{}", text(&out));
-    assert!(text(&out).contains("valid only on the daemon's network listener"), "{}", text(&out));
+    assert!(
+        text(&out).contains("valid only on the daemon's network listener"),
+        "{}",
+        text(&out)
+    );
 
     let rt = runtime();
     rt.block_on(async {
@@ -532,12 +592,20 @@ fn tokens_are_bound_to_their_link() {
         send(&mut s, TEMPLATES[3].as_bytes()).await.unwrap();
         let v = recv(&mut s).await.unwrap();
         assert_eq!(v["body"]["code"], "forbidden", "{v}");
-        assert!(v["body"]["message"].as_str().unwrap().contains("remote daemon launches programs itself"), "{v}");
+        assert!(
+            v["body"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("remote daemon launches programs itself"),
+            "{v}"
+        );
         // Owner-only requests and approvals are refused to it.
         send(&mut s, TEMPLATES[4].as_bytes()).await.unwrap();
         let v = recv(&mut s).await.unwrap();
         assert_eq!(v["body"]["code"], "forbidden", "{v}");
-        send(&mut s, br#"{"v":1,"id":20,"body":{"kind":"shutdown"}}"#).await.unwrap();
+        send(&mut s, br#"{"v":1,"id":20,"body":{"kind":"shutdown"}}"#)
+            .await
+            .unwrap();
         assert_eq!(recv(&mut s).await.unwrap()["body"]["code"], "forbidden");
         // An inline credential, whatever allow_inline says (it is not set for github).
         send(&mut s, TEMPLATES[2].as_bytes()).await.unwrap();
@@ -548,7 +616,10 @@ fn tokens_are_bound_to_their_link() {
         // Downgrade: a TLS 1.2-only client does not get a session.
         let tcp = tcp_from(None, listen).await.unwrap();
         let r = connector(&[&rustls::version::TLS12])
-            .connect(rustls_pki_types::ServerName::IpAddress(listen.ip().into()), tcp)
+            .connect(
+                rustls_pki_types::ServerName::IpAddress(listen.ip().into()),
+                tcp,
+            )
             .await;
         assert!(r.is_err(), "a TLS 1.2 handshake succeeded");
         // Plaintext: an HTTP request or a bare JSON frame gets no answer and is closed.
@@ -590,9 +661,17 @@ fn a_wrong_fingerprint_sends_nothing_and_a_new_certificate_is_refused() {
     );
     let out = r.run_agent(&token, &["read", "github"]);
     assert_eq!(code(&out), 69, "{}", text(&out));
-    assert!(text(&out).contains(&recorder.fingerprint) && text(&out).contains("nothing was sent"), "{}", text(&out));
+    assert!(
+        text(&out).contains(&recorder.fingerprint) && text(&out).contains("nothing was sent"),
+        "{}",
+        text(&out)
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(recorder.received.load(Ordering::SeqCst), 0, "bytes reached the impostor");
+    assert_eq!(
+        recorder.received.load(Ordering::SeqCst),
+        0,
+        "bytes reached the impostor"
+    );
     assert!(recorder.handshakes_failed.load(Ordering::SeqCst) >= 1);
 
     // Control: pinned to the recorder, the hello does arrive there.
@@ -604,7 +683,10 @@ fn a_wrong_fingerprint_sends_nothing_and_a_new_certificate_is_refused() {
     let out = r2.run_agent(&token2, &["read", "github"]);
     assert_eq!(code(&out), 69, "{}", text(&out));
     assert!(
-        wait_until(Duration::from_secs(5), || recorder.received.load(Ordering::SeqCst) > 0),
+        wait_until(Duration::from_secs(5), || recorder
+            .received
+            .load(Ordering::SeqCst)
+            > 0),
         "the control did not reach the recorder"
     );
 
@@ -617,13 +699,20 @@ fn a_wrong_fingerprint_sends_nothing_and_a_new_certificate_is_refused() {
     assert_eq!(code(&r3.run_agent(&token3, &["read", "github"])), 0);
     o.h.run(&["daemon", "stop"]);
     std::fs::remove_file(o.h.home().join("tls.enc")).unwrap();
-    let new_fp = remote_info(&o.h)["fingerprint"].as_str().unwrap().to_string();
+    let new_fp = remote_info(&o.h)["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(new_fp, o.fingerprint);
     o.h.start_daemon(&[]);
     let before = records(&o.h, "deliver", "vm1").len();
     let out = r3.run_agent(&token3, &["read", "github"]);
     assert_eq!(code(&out), 69, "{}", text(&out));
-    assert!(text(&out).contains(&new_fp) && text(&out).contains("nothing was sent"), "{}", text(&out));
+    assert!(
+        text(&out).contains(&new_fp) && text(&out).contains("nothing was sent"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(records(&o.h, "deliver", "vm1").len(), before);
     assert!(
         !o.h.daemon_log().contains("network session opened"),
@@ -740,7 +829,11 @@ fn pending_on_the_owners_daemon_reaches_the_remote_agent() {
     let list: Value = serde_json::from_slice(&pending.stdout).unwrap();
     let code_str = list[0]["code"].as_str().unwrap().to_string();
     assert_eq!(list[0]["agent"], "vm1", "{list}");
-    assert!(text(&out).contains(&code_str), "the code did not reach the agent: {}", text(&out));
+    assert!(
+        text(&out).contains(&code_str),
+        "the code did not reach the agent: {}",
+        text(&out)
+    );
     let out2 = o.h.run(&["approve", &code_str]);
     assert!(out2.status.success(), "{}", text(&out2));
     let out = r.run_agent(&token, &["read", "hv"]);
@@ -764,10 +857,13 @@ fn owner_killed_and_restarted_under_load() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let r = Arc::new(r);
-    let results = Arc::new(std::sync::Mutex::new(Vec::<(Instant, i32, Duration, String)>::new()));
+    let results = Arc::new(std::sync::Mutex::new(
+        Vec::<(Instant, i32, Duration, String)>::new(),
+    ));
     let workers: Vec<_> = (0..3)
         .map(|_| {
-            let (stop, r, token, results) = (stop.clone(), r.clone(), token.clone(), results.clone());
+            let (stop, r, token, results) =
+                (stop.clone(), r.clone(), token.clone(), results.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     let t = Instant::now();
@@ -776,7 +872,10 @@ fn owner_killed_and_restarted_under_load() {
                     if c == 0 {
                         assert_eq!(String::from_utf8_lossy(&out.stdout), CANARY);
                     }
-                    results.lock().unwrap().push((t, c, t.elapsed(), text(&out)));
+                    results
+                        .lock()
+                        .unwrap()
+                        .push((t, c, t.elapsed(), text(&out)));
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })
@@ -802,7 +901,10 @@ fn owner_killed_and_restarted_under_load() {
     }
     let results = results.lock().unwrap();
     assert!(resumed, "no success after the restart");
-    let before = results.iter().filter(|(t, c, _, _)| *t < killed && *c == 0).count();
+    let before = results
+        .iter()
+        .filter(|(t, c, _, _)| *t < killed && *c == 0)
+        .count();
     assert!(before > 0, "no success before the kill");
     let mut failures = 0;
     for (_, c, took, msg) in results.iter() {
@@ -835,7 +937,10 @@ fn owner_killed_and_restarted_under_load() {
         results.len(),
         before
     );
-    assert!(r.run(&["status"]).status.success(), "the remote daemon went down");
+    assert!(
+        r.run(&["status"]).status.success(),
+        "the remote daemon went down"
+    );
 }
 
 /// The unix socket's hostile-input set (tests/hostile.rs's generator), sent over TLS in frames
@@ -959,7 +1064,11 @@ fn hostile_input_over_tls_never_crashes_the_owner() {
     });
     // Still the same daemon, still serving.
     assert_eq!(o.h.daemon_pid(), pid);
-    assert!(o.h.run(&["status"]).status.success(), "{}", o.h.daemon_log());
+    assert!(
+        o.h.run(&["status"]).status.success(),
+        "{}",
+        o.h.daemon_log()
+    );
     let log = o.h.daemon_log();
     assert!(!log.contains("panicked"), "{log}");
 }

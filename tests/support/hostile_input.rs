@@ -63,4 +63,3 @@ pub fn hostile_packet(rng: &mut Prng) -> Vec<u8> {
         _ => vec![b'['; 65 * 1024 + rng.below(135 * 1024) as usize],
     }
 }
-

@@ -194,16 +194,19 @@ pub struct FetchError {
     pub audit: Option<&'static str>,
     /// An answer other than an error for the caller: `pending` from the owner's daemon (a
     /// high-value service there), which reaches this daemon's agent with its code.
-    pub answer: Option<wire::ResponseBody>,
+    pub answer: Option<Box<wire::ResponseBody>>,
 }
 
 impl FetchError {
     /// The caller's answer: [`FetchError::answer`] if there is one, else the error.
     pub fn into_body(self) -> wire::ResponseBody {
-        self.answer.unwrap_or(wire::ResponseBody::Error {
-            code: self.code,
-            message: self.message,
-        })
+        match self.answer {
+            Some(body) => *body,
+            None => wire::ResponseBody::Error {
+                code: self.code,
+                message: self.message,
+            },
+        }
     }
 }
 
@@ -212,7 +215,7 @@ impl From<RemoteError> for FetchError {
         FetchError {
             code: e.code(),
             audit: Some(e.audit_detail()),
-            answer: e.pending_answer(),
+            answer: e.pending_answer().map(Box::new),
             message: e.to_string(),
         }
     }

@@ -1017,25 +1017,54 @@ high_value = true
         assert_eq!(c.services["gh2"].remote_name("gh2"), "github");
         // Each mistake names its key.
         for (bad, key) in [
-            (good.replace("tls://10.0.0.1", "https://10.0.0.1"), "backends.owner.address"),
+            (
+                good.replace("tls://10.0.0.1", "https://10.0.0.1"),
+                "backends.owner.address",
+            ),
             (good.replace(&fp, "sha256:00"), "backends.owner.fingerprint"),
-            (good.replace(&format!("fingerprint = \"{fp}\"\n"), ""), "backends.owner.fingerprint"),
-            (good.replace("token_file = \"/etc/ak/owner.token\"\n", ""), "backends.owner.token_file"),
-            (good.replace("/etc/ak/owner.token", "owner.token"), "backends.owner.token_file"),
-            (good.replace("kind = \"agentkeys\"\n", "kind = \"agentkeys\"\nca_file = \"/x\"\n"), "backends.owner.ca_file"),
-            (good.replace("path = \"github\"", "path = \"github\"\nfield = \"token\""), "services.gh2.field"),
-            (good.replace("path = \"github\"", "path = \"Git/Hub\""), "services.gh2.path"),
-            (good.replace("tls://100.64.0.5:7777", "tcp://100.64.0.5:7777"), "daemon.listen[0]"),
-            (good.replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777"), "daemon.listen[0]"),
+            (
+                good.replace(&format!("fingerprint = \"{fp}\"\n"), ""),
+                "backends.owner.fingerprint",
+            ),
+            (
+                good.replace("token_file = \"/etc/ak/owner.token\"\n", ""),
+                "backends.owner.token_file",
+            ),
+            (
+                good.replace("/etc/ak/owner.token", "owner.token"),
+                "backends.owner.token_file",
+            ),
+            (
+                good.replace(
+                    "kind = \"agentkeys\"\n",
+                    "kind = \"agentkeys\"\nca_file = \"/x\"\n",
+                ),
+                "backends.owner.ca_file",
+            ),
+            (
+                good.replace("path = \"github\"", "path = \"github\"\nfield = \"token\""),
+                "services.gh2.field",
+            ),
+            (
+                good.replace("path = \"github\"", "path = \"Git/Hub\""),
+                "services.gh2.path",
+            ),
+            (
+                good.replace("tls://100.64.0.5:7777", "tcp://100.64.0.5:7777"),
+                "daemon.listen[0]",
+            ),
+            (
+                good.replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777"),
+                "daemon.listen[0]",
+            ),
         ] {
             let e = Config::parse(&bad, p).unwrap_err().to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
         // The public opt-in.
-        let public = good.replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777").replace(
-            "[daemon]\n",
-            "[daemon]\nallow_public_listen = true\n",
-        );
+        let public = good
+            .replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777")
+            .replace("[daemon]\n", "[daemon]\nallow_public_listen = true\n");
         assert!(Config::parse(&public, p).is_ok());
         // A fingerprint belongs to kind = "agentkeys" only.
         let e = Config::parse(

@@ -162,7 +162,11 @@ pub async fn get_credential(
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(detail) = e.audit {
-                        let outcome = if e.answer.is_some() { "pending" } else { "error" };
+                        let outcome = if e.answer.is_some() {
+                            "pending"
+                        } else {
+                            "error"
+                        };
                         shared.audit_best_effort(&ev("fetch", outcome, None, false, Some(detail)));
                     }
                     return Delivery {

@@ -134,8 +134,8 @@ pub fn bind_all(cfg: &crate::config::DaemonConfig) -> Result<Vec<Bound>, String>
     let mut out = Vec::new();
     for a in &cfg.listen {
         let addr = check_listen(a, cfg.allow_public_listen)?;
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("listening on {a}: {e}"))?;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| format!("listening on {a}: {e}"))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("listening on {a}: {e}"))?;
@@ -692,7 +692,11 @@ mod tests {
             "tls://[fe80::1]:7777",
             "tls://[::ffff:10.0.0.1]:7777",
         ] {
-            assert!(check_listen(ok, false).is_ok(), "{ok}: {:?}", check_listen(ok, false));
+            assert!(
+                check_listen(ok, false).is_ok(),
+                "{ok}: {:?}",
+                check_listen(ok, false)
+            );
         }
         let cases: &[(&str, &str)] = &[
             ("tcp://127.0.0.1:7777", "plaintext TCP is never served"),
@@ -725,20 +729,36 @@ mod tests {
     async fn frames_are_capped_before_reading() {
         // A length over the cap is refused without reading (or allocating) the body.
         let mut over: &[u8] = &((MAX_MESSAGE_BYTES as u32 + 1).to_be_bytes());
-        assert!(matches!(read_frame(&mut over).await, Err(FrameError::TooLarge)));
+        assert!(matches!(
+            read_frame(&mut over).await,
+            Err(FrameError::TooLarge)
+        ));
         let mut huge: &[u8] = &u32::MAX.to_be_bytes();
-        assert!(matches!(read_frame(&mut huge).await, Err(FrameError::TooLarge)));
+        assert!(matches!(
+            read_frame(&mut huge).await,
+            Err(FrameError::TooLarge)
+        ));
         let mut empty: &[u8] = &0u32.to_be_bytes();
-        assert!(matches!(read_frame(&mut empty).await, Err(FrameError::Empty)));
+        assert!(matches!(
+            read_frame(&mut empty).await,
+            Err(FrameError::Empty)
+        ));
         // Cut short: closed, not a partial message.
         let mut cut: &[u8] = &[0, 0, 0, 9, b'{'];
-        assert!(matches!(read_frame(&mut cut).await, Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame(&mut cut).await,
+            Err(FrameError::Closed)
+        ));
         // A round trip.
         let mut out = Vec::new();
         write_frame(&mut out, b"{\"v\":1}").await.unwrap();
         let mut r: &[u8] = &out;
         assert_eq!(&read_frame(&mut r).await.unwrap()[..], b"{\"v\":1}");
-        assert!(write_frame(&mut out, &vec![b'x'; MAX_MESSAGE_BYTES + 1]).await.is_err());
+        assert!(
+            write_frame(&mut out, &vec![b'x'; MAX_MESSAGE_BYTES + 1])
+                .await
+                .is_err()
+        );
     }
 
     #[test]
@@ -757,7 +777,10 @@ mod tests {
         // Another address is not affected.
         assert!(l.admit(b, &cfg).is_ok());
         l.release(a);
-        assert!(l.admit(a, &cfg).is_ok(), "a closed connection frees its place");
+        assert!(
+            l.admit(a, &cfg).is_ok(),
+            "a closed connection frees its place"
+        );
         l.release(a);
         // Three new connections this minute already: the rate limit holds although one is free.
         assert!(matches!(l.admit(a, &cfg), Err(Over::Rate(3))));

@@ -391,7 +391,11 @@ impl RemoteDaemon {
     ///
     /// # Errors
     /// [`RemoteError`].
-    pub async fn read(&self, service: &str, local: &str) -> Result<Zeroizing<Vec<u8>>, RemoteError> {
+    pub async fn read(
+        &self,
+        service: &str,
+        local: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, RemoteError> {
         match tokio::time::timeout(self.timeout, self.read_unbounded(service, local)).await {
             Ok(r) => r,
             Err(_) => {
@@ -423,13 +427,16 @@ impl RemoteDaemon {
         if link.is_none() {
             *link = Some(self.connect().await?);
         }
-        let first = self.ask(link.as_mut().expect("link just set"), service).await;
+        let first = self
+            .ask(link.as_mut().expect("link just set"), service)
+            .await;
         let answer = match first {
             Err(Broken(detail)) if reused => {
                 info!(backend = %self.name, "the link to the owner's daemon broke ({detail}); reconnecting");
                 *link = None;
                 *link = Some(self.connect().await?);
-                self.ask(link.as_mut().expect("link just set"), service).await
+                self.ask(link.as_mut().expect("link just set"), service)
+                    .await
             }
             other => other,
         };
@@ -529,7 +536,10 @@ impl RemoteDaemon {
             }
             other => {
                 *link = None;
-                Err(protocol(&format!("a {:?} answer to get_credential", other.kind())))
+                Err(protocol(&format!(
+                    "a {:?} answer to get_credential",
+                    other.kind()
+                )))
             }
         }
     }

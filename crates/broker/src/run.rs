@@ -302,7 +302,11 @@ async fn fetch(
         Ok(p) => p,
         Err(e) => {
             if let Some(detail) = e.audit {
-                let outcome = if e.answer.is_some() { "pending" } else { "error" };
+                let outcome = if e.answer.is_some() {
+                    "pending"
+                } else {
+                    "error"
+                };
                 shared.audit_best_effort(&ev("fetch", outcome, Some(detail)));
             }
             // `pending` from the owner's daemon reaches the caller with its code.

@@ -101,7 +101,10 @@ pub fn sandbox(network: impl Into<seccomp::Network>) -> Result<(), StartupError>
 ///
 /// # Errors
 /// As [`sandbox`].
-pub fn sandbox_with(network: impl Into<seccomp::Network>, listen: bool) -> Result<(), StartupError> {
+pub fn sandbox_with(
+    network: impl Into<seccomp::Network>,
+    listen: bool,
+) -> Result<(), StartupError> {
     process::set_no_new_privs()?;
     process::drop_capabilities()?;
     seccomp::install_daemon_filter_with(network, listen)?;

@@ -93,7 +93,10 @@ pub(crate) fn info(caller: &Caller, json: bool) -> Result<(), CliError> {
     writeln!(out, "fingerprint = \"{}\"", info.fingerprint)?;
     writeln!(out, "token_file = \"/path/to/NAME.token\"")?;
     writeln!(out)?;
-    writeln!(out, "[services.SERVICE]   # one section per service its agents use")?;
+    writeln!(
+        out,
+        "[services.SERVICE]   # one section per service its agents use"
+    )?;
     writeln!(out, "backend = \"owner\"")?;
     Ok(())
 }

@@ -558,7 +558,11 @@ fn bench_daemon(cfg: &Config, r: &mut Report) -> Result<(), Error> {
 /// service is read from the owner's daemon over loopback TLS (`kind = "agentkeys"`), against
 /// the same uncached read from the owner's daemon directly. The two alternate, one of each per
 /// iteration, so both see the same machine. `remote_read_over_local` is the p50 ratio.
-fn bench_remote(cfg: &Config, remote_socket: &std::path::Path, r: &mut Report) -> Result<(), Error> {
+fn bench_remote(
+    cfg: &Config,
+    remote_socket: &std::path::Path,
+    r: &mut Report,
+) -> Result<(), Error> {
     let socket = std::env::var_os("AGENTKEYS_SOCKET").ok_or("set AGENTKEYS_SOCKET")?;
     let token = token()?;
     let remote_token = SecretString::from(
@@ -572,7 +576,7 @@ fn bench_remote(cfg: &Config, remote_socket: &std::path::Path, r: &mut Report) -
     drop(token);
     drop(remote_token);
     let service = cfg.uncached.clone();
-    let mut get = |c: &mut Client| -> Result<f64, Error> {
+    let get = |c: &mut Client| -> Result<f64, Error> {
         let t = Instant::now();
         let d = rt
             .block_on(c.get_credential(&service, false))

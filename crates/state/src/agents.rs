@@ -651,13 +651,21 @@ mod tests {
         let plain = open(dek.expose(), AGENTS_AAD, &sealed).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
         let agents = v["agents"].as_array().unwrap();
-        assert!(agents[0].get("remote").is_none(), "a local agent has no remote key");
+        assert!(
+            agents[0].get("remote").is_none(),
+            "a local agent has no remote key"
+        );
         assert_eq!(agents[1]["remote"], serde_json::Value::Bool(true));
         // No uid crosses a network: a remote agent bound to one is refused, nothing written.
         let err = add_agent_with(&home, &dek, "vm2", &scope(&["*"]), day, Some(1000), true)
             .err()
             .unwrap();
         assert!(err.to_string().contains("--uid"), "{err}");
-        assert!(load_agents(&home, dek.expose()).unwrap().get("vm2").is_none());
+        assert!(
+            load_agents(&home, dek.expose())
+                .unwrap()
+                .get("vm2")
+                .is_none()
+        );
     }
 }

@@ -58,8 +58,8 @@ pub mod vault;
 mod testutil;
 
 pub use agents::{
-    AgentRecord, AgentRegistry, AgentStatus, add_agent, add_agent_with, agents_stamp, load_agents, revoke_agent,
-    validate_agent_name,
+    AgentRecord, AgentRegistry, AgentStatus, add_agent, add_agent_with, agents_stamp, load_agents,
+    revoke_agent, validate_agent_name,
 };
 pub use crypto::{Dek, KEY_LEN, open, seal};
 pub use error::StateError;

@@ -97,7 +97,8 @@ pub fn load_tls_identity(
     let Some((sealed, _)) = read_state_file(&path, MAX_TLS_LEN)? else {
         return Ok(None);
     };
-    let plain = open(dek, TLS_AAD, &sealed).map_err(|_| StateError::DekWrong { file: path.clone() })?;
+    let plain =
+        open(dek, TLS_AAD, &sealed).map_err(|_| StateError::DekWrong { file: path.clone() })?;
     let stored: Zeroizing<Stored> = Zeroizing::new(
         serde_json::from_slice(&plain)
             .map_err(|_| StateError::corrupt(&path, "the sealed TLS identity is not valid"))?,
@@ -155,7 +156,7 @@ pub fn load_or_create_tls_identity(
     });
     let mut plain = Zeroizing::new(Vec::with_capacity(4096));
     serde_json::to_writer(&mut *plain, &*stored)
-        .map_err(|e| StateError::corrupt(&home.path(TLS_FILE), format!("cannot serialise ({e})")))?;
+        .map_err(|e| StateError::corrupt(home.path(TLS_FILE), format!("cannot serialise ({e})")))?;
     let sealed = seal(dek, TLS_AAD, &plain)?;
     write_atomic(home.root(), TLS_FILE, &sealed)?;
     Ok(id)
@@ -168,8 +169,8 @@ fn generate(home: &Home) -> Result<TlsIdentity, StateError> {
     let fail = |what: &str, e: rcgen::Error| {
         StateError::corrupt(&path, format!("cannot make the TLS identity: {what}: {e}"))
     };
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| fail("key", e))?;
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| fail("key", e))?;
     let mut params = rcgen::CertificateParams::new(vec!["agentkeysd".to_string()])
         .map_err(|e| fail("parameters", e))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -178,7 +179,9 @@ fn generate(home: &Home) -> Result<TlsIdentity, StateError> {
         .push(rcgen::DnType::CommonName, "agentkeysd");
     params.not_before = rcgen::date_time_ymd(2025, 1, 1);
     params.not_after = rcgen::date_time_ymd(2125, 1, 1);
-    let cert = params.self_signed(&key).map_err(|e| fail("certificate", e))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| fail("certificate", e))?;
     Ok(TlsIdentity {
         cert_der: cert.der().to_vec(),
         key_der: Zeroizing::new(key.serialize_der()),
@@ -195,7 +198,10 @@ mod tests {
     fn identity_is_made_once_sealed_and_reloaded() {
         let t = TempHome::new("tls");
         let home = t.home();
-        assert!(matches!(init(&home, false).unwrap(), InitOutcome::Initialized(_)));
+        assert!(matches!(
+            init(&home, false).unwrap(),
+            InitOutcome::Initialized(_)
+        ));
         let (_, dek) = open_owner(&home).unwrap();
         assert!(load_tls_identity(&home, dek.expose()).unwrap().is_none());
         let a = load_or_create_tls_identity(&home, dek.expose()).unwrap();
@@ -214,14 +220,19 @@ mod tests {
         let fp = a.fingerprint();
         assert_eq!(fp.len(), 71);
         let bytes = parse_fingerprint(&fp).unwrap();
-        assert_eq!(parse_fingerprint(&fp.to_uppercase().replacen("SHA256", "sha256", 1)).unwrap(), bytes);
-        let colons: String = fp[7..]
-            .as_bytes()
+        assert_eq!(
+            parse_fingerprint(&fp.to_uppercase().replacen("SHA256", "sha256", 1)).unwrap(),
+            bytes
+        );
+        let colons: String = fp.as_bytes()[7..]
             .chunks(2)
             .map(|c| std::str::from_utf8(c).unwrap())
             .collect::<Vec<_>>()
             .join(":");
-        assert_eq!(parse_fingerprint(&format!("sha256:{colons}")).unwrap(), bytes);
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{colons}")).unwrap(),
+            bytes
+        );
         // A wrong key does not open it.
         let other = crate::crypto::Dek::generate().unwrap();
         assert!(matches!(
@@ -232,7 +243,13 @@ mod tests {
 
     #[test]
     fn malformed_fingerprints_are_refused_without_echo() {
-        for bad in ["", "sha256:", "md5:00", "sha256:zz", &format!("sha256:{}", "0".repeat(63))] {
+        for bad in [
+            "",
+            "sha256:",
+            "md5:00",
+            "sha256:zz",
+            &format!("sha256:{}", "0".repeat(63)),
+        ] {
             let e = parse_fingerprint(bad).unwrap_err();
             assert!(e.contains("64 hex digits"), "{e}");
         }
