@@ -316,6 +316,10 @@ fn remote_agents_read_run_and_mcp_over_loopback_tls() {
         let a = std::fs::read_to_string(h.home().join("audit.jsonl")).unwrap();
         assert!(!a.contains(CANARY) && !a.contains(&token_of(&o.vm_token_file)));
     }
+    // Neither daemon logged the value (both log at debug level in tests).
+    for h in [&o.h, &r] {
+        assert!(!h.daemon_log().contains(CANARY), "a daemon logged the value");
+    }
     // doctor on the remote side reports the link.
     let out = r.run(&["doctor", "--json"]);
     let all = String::from_utf8_lossy(&out.stdout);
