@@ -318,7 +318,10 @@ fn remote_agents_read_run_and_mcp_over_loopback_tls() {
     }
     // Neither daemon logged the value (both log at debug level in tests).
     for h in [&o.h, &r] {
-        assert!(!h.daemon_log().contains(CANARY), "a daemon logged the value");
+        assert!(
+            !h.daemon_log().contains(CANARY),
+            "a daemon logged the value"
+        );
     }
     // doctor on the remote side reports the link.
     let out = r.run(&["doctor", "--json"]);
@@ -611,11 +614,29 @@ fn tokens_are_bound_to_their_link() {
             .await
             .unwrap();
         assert_eq!(recv(&mut s).await.unwrap()["body"]["code"], "forbidden");
-        // An inline credential, whatever allow_inline says (it is not set for github).
+        // A credential needs a one-time wrap key over the network...
         send(&mut s, TEMPLATES[2].as_bytes()).await.unwrap();
         let v = recv(&mut s).await.unwrap();
+        assert_eq!(v["body"]["code"], "bad_request", "{v}");
+        assert!(v["body"]["message"].as_str().unwrap().contains("wrap_key"), "{v}");
+        // ... and then comes inline, sealed under it, whatever allow_inline says (not set for
+        // github): only that key opens it.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = [7u8; 32];
+        let req = format!(
+            r#"{{"v":1,"id":30,"body":{{"kind":"get_credential","service":"github","wrap_key":"{}"}}}}"#,
+            b64.encode(key)
+        );
+        send(&mut s, req.as_bytes()).await.unwrap();
+        let v = recv(&mut s).await.unwrap();
         assert_eq!(v["body"]["kind"], "credential", "{v}");
-        assert_eq!(v["body"]["delivery"], "inline", "{v}");
+        assert_eq!(v["body"]["delivery"], "sealed", "{v}");
+        assert!(!v.to_string().contains(CANARY));
+        let sealed = b64.decode(v["body"]["value_b64"].as_str().unwrap()).unwrap();
+        let aad = [&b"agentkeys sealed value v1\0"[..], b"github"].concat();
+        let plain = agentkeys_state::crypto::open(&key, &aad, &sealed).unwrap();
+        assert_eq!(&plain[..], CANARY.as_bytes());
 
         // Downgrade: a TLS 1.2-only client does not get a session.
         let tcp = tcp_from(None, listen).await.unwrap();
@@ -1075,4 +1096,49 @@ fn hostile_input_over_tls_never_crashes_the_owner() {
     );
     let log = o.h.daemon_log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Memory canary scan (root): after uncached reads through the link, neither daemon holds the
+/// value, raw or base64, once the reads are answered. Found: the remote daemon kept the base64
+/// value in rustls's receive buffer (decrypted in place, reused, never freed) for as long as the
+/// link lived; values now cross the link sealed under a one-time key of the requester's
+/// (`wrap_key`), so that buffer holds only ciphertext.
+#[test]
+fn neither_daemon_keeps_the_value_after_remote_reads() {
+    if !is_root() {
+        println!(
+            "SKIP neither_daemon_keeps_the_value_after_remote_reads: needs root (/proc/PID/mem of a non-dumpable daemon)"
+        );
+        return;
+    }
+    use base64::Engine;
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let o = owner("remote-canary", listen);
+    let (r, token) = remote(
+        "remote-canary-r",
+        &remote_config(&o, listen, &o.fingerprint, "3s"),
+        &[],
+    );
+    for _ in 0..3 {
+        let out = r.run_agent(&token, &["read", "github"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            CANARY,
+            "{}",
+            text(&out)
+        );
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(CANARY);
+    for (who, pid) in [
+        ("owner's daemon", o.h.daemon_pid()),
+        ("remote daemon", r.daemon_pid()),
+    ] {
+        for (form, needle) in [("raw", CANARY.as_bytes()), ("base64", b64.as_bytes())] {
+            let found = agentkeys_e2e::memory_find(pid, needle);
+            assert!(
+                found.is_none(),
+                "the {who} holds the value ({form}) at {found:?}"
+            );
+        }
+    }
 }

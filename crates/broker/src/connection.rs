@@ -486,7 +486,9 @@ pub(crate) async fn handle(
             ErrorCode::BadRequest,
             "no program is running on this connection",
         )),
-        RequestBody::GetCredential { service, inline } => {
+        RequestBody::GetCredential {
+            service, inline, ..
+        } => {
             let d = crate::delivery::get_credential(shared, p, peer, &service, inline).await;
             Reply {
                 body: d.body,

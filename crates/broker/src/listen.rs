@@ -659,16 +659,59 @@ async fn network_request(
             "no program is running on this connection",
         )),
         // No fd crosses a network: the value travels inline inside TLS, whatever the
-        // service's allow_inline (which governs local agents).
-        RequestBody::GetCredential { service, .. } => {
+        // service's allow_inline (which governs local agents), sealed under the requester's
+        // one-time key so that its TLS buffers hold only ciphertext.
+        RequestBody::GetCredential {
+            service, wrap_key, ..
+        } => {
+            let Some(key) = wrap_key.and_then(|k| crate::remote::parse_wrap_key(&k.0)) else {
+                return plain(error(
+                    ErrorCode::BadRequest,
+                    "over a network link get_credential needs wrap_key (32 random bytes, \
+                     base64, used once): the value is sealed under it",
+                ));
+            };
             let d = crate::delivery::get_credential(shared, p, peer, &service, true).await;
             Reply {
-                body: d.body,
+                body: seal_answer(d.body, &key),
                 close: false,
                 after: Some(d.after),
             }
         }
         other => handle(shared, p, peer, other).await,
+    }
+}
+
+/// An inline credential answer, its value sealed under `key` (`delivery: "sealed"`); any other
+/// answer unchanged. The plaintext copies are wiped.
+fn seal_answer(body: ResponseBody, key: &Zeroizing<[u8; 32]>) -> ResponseBody {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match body {
+        ResponseBody::Credential {
+            service,
+            degraded,
+            len,
+            value_b64: Some(v),
+            ..
+        } => {
+            let v = Zeroizing::new(v);
+            let mut plain = Zeroizing::new(Vec::with_capacity(len));
+            if b64.decode_vec(v.as_bytes(), &mut plain).is_err() {
+                return error(ErrorCode::Internal, "sealing the value failed");
+            }
+            match crate::remote::seal_value(key, &service, &plain) {
+                Ok(sealed) => ResponseBody::Credential {
+                    service,
+                    delivery: "sealed".into(),
+                    degraded,
+                    len,
+                    value_b64: Some(b64.encode(sealed)),
+                },
+                Err(_) => error(ErrorCode::Internal, "sealing the value failed"),
+            }
+        }
+        other => other,
     }
 }
 

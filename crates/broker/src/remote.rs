@@ -192,6 +192,62 @@ impl RemoteError {
     }
 }
 
+/// Associated data of a sealed value: this prefix, then the service's name on the owner's side.
+const SEALED_AAD: &[u8] = b"agentkeys sealed value v1\0";
+
+/// Seals `plain` under a requester's one-time `key` (XChaCha20-Poly1305, random nonce), bound
+/// to `service`: what the owner's daemon sends a network principal.
+///
+/// # Errors
+/// The cipher's error (not expected).
+pub fn seal_value(
+    key: &[u8; 32],
+    service: &str,
+    plain: &[u8],
+) -> Result<Vec<u8>, agentkeys_state::StateError> {
+    let aad = [SEALED_AAD, service.as_bytes()].concat();
+    agentkeys_state::crypto::seal(key, &aad, plain)
+}
+
+/// Opens what [`seal_value`] made.
+///
+/// # Errors
+/// Wrong key, service or any changed bit.
+pub fn open_value(
+    key: &[u8; 32],
+    service: &str,
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, agentkeys_state::StateError> {
+    let aad = [SEALED_AAD, service.as_bytes()].concat();
+    agentkeys_state::crypto::open(key, &aad, sealed)
+}
+
+/// A `wrap_key` from the wire: exactly 32 bytes, base64.
+pub fn parse_wrap_key(k: &secrecy::SecretString) -> Option<Zeroizing<[u8; 32]>> {
+    use secrecy::ExposeSecret;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(48));
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(k.expose_secret().as_bytes(), &mut bytes)
+        .ok()?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() != 32 {
+        return None;
+    }
+    key.copy_from_slice(&bytes);
+    Some(key)
+}
+
+/// A fresh one-time key, and its wire form.
+fn new_wrap_key() -> Result<(Zeroizing<[u8; 32]>, WireToken), String> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut *key).map_err(|e| format!("random wrap key: {e}"))?;
+    let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*key));
+    Ok((
+        key,
+        WireToken(secrecy::SecretString::from(text.as_str().to_string())),
+    ))
+}
+
 /// Text from the other daemon, for our messages: bounded, without control characters.
 fn clean(s: &str) -> String {
     s.chars()
@@ -440,25 +496,26 @@ impl RemoteDaemon {
             }
             other => other,
         };
-        let body = match answer {
-            Ok(body) => body,
+        let answer = match answer {
+            Ok(a) => a,
             Err(Broken(detail)) => {
                 *link = None;
                 self.failed(detail.clone());
                 return Err(self.unavailable(format!("the link broke: {detail}")));
             }
         };
-        self.answer(body, service, local, &mut link)
+        self.answer(answer, service, local, &mut link)
     }
 
     /// Turns the owner's answer into the value or the error.
     fn answer(
         &self,
-        body: ResponseBody,
+        answer: Answer,
         service: &str,
         local: &str,
         link: &mut Option<Link>,
     ) -> Result<Zeroizing<Vec<u8>>, RemoteError> {
+        let Answer { body, key } = answer;
         let protocol = |detail: &str| RemoteError::Protocol {
             backend: self.name.clone(),
             detail: detail.to_string(),
@@ -467,22 +524,26 @@ impl RemoteDaemon {
             ResponseBody::Credential {
                 service: s,
                 len,
+                delivery,
                 value_b64: Some(v),
                 ..
             } => {
-                let v = Zeroizing::new(v);
-                if s != service {
+                // Ciphertext: the value is sealed under this request's one-time key.
+                if s != service || delivery != "sealed" {
                     *link = None;
-                    return Err(protocol("a credential for another service"));
+                    return Err(protocol("a credential for another service, or not sealed"));
                 }
-                if v.len() != len.div_ceil(3).saturating_mul(4) {
+                let sealed_len = len.saturating_add(agentkeys_state::crypto::SEAL_OVERHEAD);
+                if v.len() != sealed_len.div_ceil(3).saturating_mul(4) {
                     *link = None;
                     return Err(protocol("a credential whose length does not match"));
                 }
-                let mut out = Zeroizing::new(Vec::with_capacity(len));
-                base64::engine::general_purpose::STANDARD
-                    .decode_vec(v.as_bytes(), &mut out)
+                let sealed = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_bytes())
                     .map_err(|_| protocol("a credential that is not base64"))?;
+                let out = open_value(&key, service, &sealed)
+                    .map_err(|_| protocol("a sealed credential that does not open"))?;
+                drop(key);
                 if out.len() != len {
                     return Err(protocol("a credential whose length does not match"));
                 }
@@ -544,16 +605,18 @@ impl RemoteDaemon {
         }
     }
 
-    /// One request and its answer on an open link.
-    async fn ask(&self, link: &mut Link, service: &str) -> Result<ResponseBody, Broken> {
+    /// One request and its answer on an open link, under a fresh one-time wrap key.
+    async fn ask(&self, link: &mut Link, service: &str) -> Result<Answer, Broken> {
         link.next_id += 1;
         let id = link.next_id;
+        let (key, wire_key) = new_wrap_key().map_err(Broken)?;
         let req = Request {
             v: PROTOCOL_VERSION,
             id,
             body: RequestBody::GetCredential {
                 service: service.to_string(),
                 inline: true,
+                wrap_key: Some(wire_key),
             },
         };
         let bytes = wire::encode(&req).map_err(|e| Broken(e.to_string()))?;
@@ -569,7 +632,10 @@ impl RemoteDaemon {
             // id 0: something about the connection itself (a revocation notice before it
             // closes); answered as the request's outcome.
             if resp.id == id || resp.id == 0 {
-                return Ok(resp.body);
+                return Ok(Answer {
+                    body: resp.body,
+                    key,
+                });
             }
         }
     }
@@ -693,6 +759,12 @@ impl RemoteDaemon {
 /// The link broke mid-request (write or read failed, or an unreadable answer).
 struct Broken(String);
 
+/// An answer and the one-time key its value is sealed under.
+struct Answer {
+    body: ResponseBody,
+    key: Zeroizing<[u8; 32]>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,6 +785,24 @@ mod tests {
             "tls://0.0.0.0:7777",
         ] {
             assert!(parse_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_and_service() {
+        let (key, wire) = new_wrap_key().unwrap();
+        let back = parse_wrap_key(&wire.0).unwrap();
+        assert_eq!(*back, *key);
+        let sealed = seal_value(&key, "github", b"value").unwrap();
+        assert_eq!(&*open_value(&key, "github", &sealed).unwrap(), b"value");
+        assert!(open_value(&key, "gitlab", &sealed).is_err());
+        let (other, _) = new_wrap_key().unwrap();
+        assert!(open_value(&other, "github", &sealed).is_err());
+        for bad in ["", "AAAA", &"A".repeat(44), "not base64!"] {
+            assert!(
+                parse_wrap_key(&secrecy::SecretString::from(bad)).is_none(),
+                "{bad}"
+            );
         }
     }
 
