@@ -866,6 +866,21 @@ fn pending_on_the_owners_daemon_reaches_the_remote_agent() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), HIGH);
     // Once: the next request is pending again.
     assert_eq!(code(&r.run_agent(&token, &["read", "hv"])), 10);
+    let again: Value = serde_json::from_slice(&o.h.run(&["pending", "--json"]).stdout).unwrap();
+    let code2 = again[0]["code"].as_str().unwrap().to_string();
+    // `read --wait` through the remote daemon: it polls, the owner approves meanwhile.
+    let mut c = r.cli(&["read", "hv", "--wait"]);
+    c.env("AGENTKEYS_TOKEN", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out2 = o.h.run(&["approve", &code2]);
+    assert!(out2.status.success(), "{}", text(&out2));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), HIGH);
 }
 
 /// The owner's daemon killed (SIGKILL) and restarted under load from the remote daemon's
