@@ -823,8 +823,20 @@ fn revoking_the_remote_daemon_cuts_its_agents_off() {
         &[],
     );
     assert_eq!(code(&r.run_agent(&token, &["read", "github"])), 0);
+    // The remote daemon's link stays open (counted beside `status`'s own connection)...
+    let connections = || -> u64 {
+        let out = o.h.run(&["status", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["connections"].as_u64().unwrap()
+    };
+    assert_eq!(connections(), 2, "the remote daemon's link is not open");
     let out = o.h.run(&["agent", "revoke", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
+    // ... and revocation closes it at once (the reload the CLI asks for kicks it), idle as it is.
+    assert!(
+        wait_until(Duration::from_secs(2), || connections() == 1),
+        "the revoked remote daemon's link is still open"
+    );
     let out = r.run_agent(&token, &["read", "github"]);
     assert_eq!(code(&out), 69, "{}", text(&out));
     assert!(text(&out).contains("revoked"), "{}", text(&out));
