@@ -9,8 +9,9 @@
 # (latency, baselines, 8-client throughput), times `agentkeys run`, stops the daemon; then
 # measures start-up and idle RSS (bench_delivery --startup), the daemon's RSS with 10,000
 # cached secrets (bench_state seed + bench_delivery --fill-cache), a 100,000-entry vault lookup
-# and audit group-commit throughput (bench_state vault / audit). The last line of stdout is one
-# JSON object of numbers.
+# and audit group-commit throughput (bench_state vault / audit), and an uncached read through a
+# remote daemon over loopback TLS against a local one (remote_read_over_local). The last line of
+# stdout is one JSON object of numbers.
 #
 # Environment:
 #   BENCH_ITERS / BENCH_WARMUP   timed / warm-up iterations per measurement (2000 / 200)
@@ -24,6 +25,7 @@
 #   BENCH_CLIENTS / BENCH_TPUT_SECS   throughput clients / seconds (8 / 3)
 #   BENCH_CACHED_N               secrets cached for rss_kib_10k_cached (10000)
 #   BENCH_VAULT_N                entries of the lookup vault (100000)
+#   BENCH_REMOTE_ITERS           timed iterations of the remote-vs-local read (500)
 # Progress, build output and profiles go to stderr; stdout is the report only.
 set -euo pipefail
 
@@ -44,11 +46,16 @@ export AGENTKEYS_HOME=$dir/home AGENTKEYS_SOCKET=$dir/run/agentkeysd.sock
 unset AGENTKEYS_TOKEN AGENTKEYS_TOKEN_FILE AGENTKEYS_LOG
 daemon_pid=
 profiler_pid=
+remote_pid=
 
 ak() { "$bin/agentkeys" "$@"; }
 
 cleanup() {
     local rc=$?
+    if [[ -n $remote_pid ]] && kill -0 "$remote_pid" 2>/dev/null; then
+        kill "$remote_pid" 2>/dev/null || true
+        wait "$remote_pid" 2>/dev/null || true
+    fi
     if [[ -n $profiler_pid ]] && kill -0 "$profiler_pid" 2>/dev/null; then
         kill -INT "$profiler_pid" 2>/dev/null || true
         wait "$profiler_pid" 2>/dev/null || true
@@ -180,6 +187,46 @@ start_daemon() {
 }
 stop_daemon
 
+# Remote agents (issue 17): an uncached read through a second daemon whose service comes from
+# this one over loopback TLS (`kind = "agentkeys"`), against the same read from this daemon
+# directly, alternating, in one process.
+echo "bench: remote daemon over loopback TLS" >&2
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf '[daemon]\nlisten = ["tls://127.0.0.1:%s"]\n' "$port" >"$AGENTKEYS_HOME/config.toml"
+chmod 600 "$AGENTKEYS_HOME/config.toml"
+start_daemon
+ak agent add bench-remote --scope bench-uncached --remote --out "$dir/remote.token" >/dev/null 2>&1
+fingerprint=$(ak remote info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["fingerprint"])')
+rhome=$dir/rhome rsock=$dir/rrun/agentkeysd.sock
+AGENTKEYS_HOME=$rhome AGENTKEYS_SOCKET=$rsock ak init >/dev/null
+cat >"$rhome/config.toml" <<TOML
+[backends.owner]
+kind = "agentkeys"
+address = "tls://127.0.0.1:$port"
+fingerprint = "$fingerprint"
+token_file = "$dir/remote.token"
+
+[services.bench-uncached]
+backend = "owner"
+TOML
+chmod 600 "$rhome/config.toml"
+AGENTKEYS_HOME=$rhome AGENTKEYS_SOCKET=$rsock "$bin/agentkeysd" --foreground >"$dir/remote.log" 2>&1 &
+remote_pid=$!
+for _ in $(seq 200); do
+    AGENTKEYS_HOME=$rhome AGENTKEYS_SOCKET=$rsock ak status >/dev/null 2>&1 && break
+    sleep 0.1
+done
+rtoken=$(AGENTKEYS_HOME=$rhome AGENTKEYS_SOCKET=$rsock ak agent add rbench --scope bench-uncached | tail -n 1)
+[[ $rtoken == akt_* ]] || { echo "bench: remote agent add printed no token" >&2; exit 1; }
+AGENTKEYS_TOKEN=$token BENCH_REMOTE_TOKEN=$rtoken \
+    "$bench_exe" --remote-vs-local "$rsock" --iters "${BENCH_REMOTE_ITERS:-500}" --warmup 50 >"$dir/remote.txt"
+unset rtoken
+AGENTKEYS_HOME=$rhome AGENTKEYS_SOCKET=$rsock ak daemon stop >/dev/null 2>&1 || true
+wait "$remote_pid" 2>/dev/null || true
+remote_pid=
+stop_daemon
+rm -f "$AGENTKEYS_HOME/config.toml"
+
 # Start-up time and idle RSS: the daemon started fresh several times, as the agent (no daemon
 # running in between).
 echo "bench: start-up and idle RSS" >&2
@@ -214,6 +261,7 @@ agentkeys run vs. the program alone ($runs runs each, medians of whole processes
   /usr/bin/env T=x /bin/true               ${env_us} us
   run_overhead_ratio                       ${ratio}
 TXT
+head -n -1 "$dir/remote.txt"
 head -n -1 "$dir/startup.txt"
 head -n -1 "$dir/vault.txt"
 head -n -1 "$dir/audit.txt"
@@ -225,4 +273,4 @@ daemon memory with $cached_n cached secrets (each fetched once, then all again):
 TXT
 # One JSON object: the example's line, plus the run figures and the other parts' lines.
 body() { tail -n 1 "$1" | sed 's/^{//; s/}$//'; }
-echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt")}"
+echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},$(body "$dir/remote.txt"),$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt")}"

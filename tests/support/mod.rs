@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod hostile_input;
+
 /// The directory holding the binaries built for this test run (`target/<profile>`).
 ///
 /// `cargo test --workspace` / `cargo nextest run --workspace` build `agentkeysd` and
@@ -135,8 +137,21 @@ impl TestHome {
 
     /// Starts `agentkeysd --foreground ARGS` and waits until it answers `status`.
     pub fn start_daemon(&mut self, args: &[&str]) -> u32 {
+        self.start_daemon_under(&[], args)
+    }
+
+    /// [`TestHome::start_daemon`] through a wrapper that `exec`s it (`ip netns exec NS`), so
+    /// the pid is the daemon's.
+    pub fn start_daemon_under(&mut self, wrapper: &[&str], args: &[&str]) -> u32 {
         let log = std::fs::File::create(self.dir.join("daemon.log")).expect("daemon log");
-        let mut c = Command::new(bin("agentkeysd"));
+        let mut c = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin("agentkeysd"));
+                c
+            }
+            None => Command::new(bin("agentkeysd")),
+        };
         c.arg("--foreground").args(args);
         self.env(&mut c);
         let child = c

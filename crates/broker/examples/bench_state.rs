@@ -199,10 +199,7 @@ fn audit(dir: &Path, secs: u64, threads: u64) -> Result<(), Error> {
                                 service: Some(&svc),
                                 delivery: Some("fd"),
                                 degraded: false,
-                                peer: Some(Peer {
-                                    uid: 1000,
-                                    pid: 4242,
-                                }),
+                                peer: Some(Peer::local(1000, 4242)),
                                 outcome: "ok",
                                 detail: None,
                             },

@@ -409,7 +409,7 @@ mod tests {
     }
 
     fn ev(i: usize) -> (String, Peer) {
-        (format!("svc-{i}"), Peer { uid: 1, pid: 2 })
+        (format!("svc-{i}"), Peer::local(1, 2))
     }
 
     fn event<'a>(svc: &'a str, peer: Peer) -> Event<'a> {

@@ -12,23 +12,52 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentkeys_hardening::seccomp::Network;
-use agentkeys_proto::wire::ErrorCode;
+use agentkeys_proto::wire::{self, ErrorCode};
 use agentkeys_state::vault::{Policy, VaultIndex};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::openbao::{BackendError, OpenBao};
+use crate::remote::{RemoteDaemon, RemoteError};
 use crate::sessions::Principal;
 use crate::shared::Shared;
+
+/// A remote backend: an OpenBao / Vault server, or the owner's agentkeysd (`kind =
+/// "agentkeys"`).
+#[derive(Clone)]
+pub enum Backend {
+    /// OpenBao or Vault (KV v2).
+    Bao(Arc<OpenBao>),
+    /// The owner's agentkeysd over TLS.
+    Agentkeys(Arc<RemoteDaemon>),
+}
+
+impl Backend {
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Backend::Bao(b) => b.name(),
+            Backend::Agentkeys(r) => r.name(),
+        }
+    }
+
+    fn health(&self) -> (bool, String) {
+        match self {
+            Backend::Bao(b) => b.health(),
+            Backend::Agentkeys(r) => r.health(),
+        }
+    }
+}
 
 /// A service read from a remote backend.
 pub struct RemoteService {
     /// The backend.
-    pub backend: Arc<OpenBao>,
-    /// The secret's path inside the backend's mount.
+    pub backend: Backend,
+    /// The secret's path inside the backend's mount; for `kind = "agentkeys"`, the service's
+    /// name on the owner's daemon.
     pub path: String,
-    /// The field delivered.
+    /// The field delivered (OpenBao / Vault only).
     pub field: String,
     /// Delivery policy from `config.toml`.
     pub policy: Policy,
@@ -37,7 +66,7 @@ pub struct RemoteService {
 /// The remote backends and the services mapped onto them.
 #[derive(Default)]
 pub struct Backends {
-    backends: BTreeMap<String, Arc<OpenBao>>,
+    backends: BTreeMap<String, Backend>,
     services: BTreeMap<String, RemoteService>,
 }
 
@@ -50,7 +79,13 @@ impl Backends {
     pub fn from_config(cfg: &Config) -> Result<Backends, String> {
         let mut backends = BTreeMap::new();
         for (name, b) in &cfg.backends {
-            backends.insert(name.clone(), Arc::new(OpenBao::new(name, b)?));
+            let backend = match b.kind {
+                BackendKind::Agentkeys => Backend::Agentkeys(Arc::new(RemoteDaemon::new(name, b)?)),
+                BackendKind::Openbao | BackendKind::Vault => {
+                    Backend::Bao(Arc::new(OpenBao::new(name, b)?))
+                }
+            };
+            backends.insert(name.clone(), backend);
         }
         let mut services = BTreeMap::new();
         for (name, s) in &cfg.services {
@@ -58,10 +93,14 @@ impl Backends {
                 .get(&s.backend)
                 .cloned()
                 .ok_or_else(|| format!("services.{name}.backend: no [backends.{}]", s.backend))?;
+            let path = match &backend {
+                Backend::Bao(b) => s.path_in_mount(b.mount()).to_string(),
+                Backend::Agentkeys(_) => s.remote_name(name).to_string(),
+            };
             services.insert(
                 name.clone(),
                 RemoteService {
-                    path: s.path_in_mount(backend.mount()).to_string(),
+                    path,
                     backend,
                     field: s.field.clone(),
                     policy: Policy {
@@ -85,7 +124,11 @@ impl Backends {
     pub fn network(&self) -> Network {
         if self.backends.is_empty() {
             Network::Off
-        } else if self.backends.values().all(|b| b.is_unix()) {
+        } else if self
+            .backends
+            .values()
+            .all(|b| matches!(b, Backend::Bao(b) if b.is_unix()))
+        {
             Network::Unix
         } else {
             Network::Inet
@@ -114,11 +157,14 @@ impl Backends {
             .collect()
     }
 
-    /// Starts each backend's token refresher (it logs in at once). Needs the runtime.
+    /// Starts each OpenBao backend's token refresher (it logs in at once). Needs the runtime.
+    /// An agentkeys backend connects on its first request.
     pub fn start(&self) {
         for b in self.backends.values() {
-            info!(backend = b.name(), "starting the token refresher");
-            tokio::spawn(b.clone().refresh_forever());
+            if let Backend::Bao(b) = b {
+                info!(backend = b.name(), "starting the token refresher");
+                tokio::spawn(b.clone().refresh_forever());
+            }
         }
     }
 }
@@ -146,6 +192,33 @@ pub struct FetchError {
     pub message: String,
     /// For the audit record's `detail`.
     pub audit: Option<&'static str>,
+    /// An answer other than an error for the caller: `pending` from the owner's daemon (a
+    /// high-value service there), which reaches this daemon's agent with its code.
+    pub answer: Option<Box<wire::ResponseBody>>,
+}
+
+impl FetchError {
+    /// The caller's answer: [`FetchError::answer`] if there is one, else the error.
+    pub fn into_body(self) -> wire::ResponseBody {
+        match self.answer {
+            Some(body) => *body,
+            None => wire::ResponseBody::Error {
+                code: self.code,
+                message: self.message,
+            },
+        }
+    }
+}
+
+impl From<RemoteError> for FetchError {
+    fn from(e: RemoteError) -> FetchError {
+        FetchError {
+            code: e.code(),
+            audit: Some(e.audit_detail()),
+            answer: e.pending_answer().map(Box::new),
+            message: e.to_string(),
+        }
+    }
 }
 
 impl From<BackendError> for FetchError {
@@ -154,6 +227,22 @@ impl From<BackendError> for FetchError {
             code: e.code(),
             audit: Some(e.audit_detail()),
             message: e.to_string(),
+            answer: None,
+        }
+    }
+}
+
+impl Resolved<'_> {
+    /// For the `fetch` audit record of a service read through the owner's daemon: which
+    /// backend, and who this daemon is there (`via backend owner: ak-… as remote agent "vm1"
+    /// (s-…)`); `None` for other sources.
+    pub fn fetch_note(&self) -> Option<String> {
+        match &self.source {
+            Source::Remote(RemoteService {
+                backend: Backend::Agentkeys(d),
+                ..
+            }) => d.session_note(),
+            _ => None,
         }
     }
 }
@@ -177,6 +266,7 @@ impl Shared {
                 code: ErrorCode::Internal,
                 message: "the vault could not be read; see the daemon log".into(),
                 audit: None,
+                answer: None,
             }
         })?;
         Ok(index.meta(service).map(|m| Resolved {
@@ -205,6 +295,7 @@ impl Shared {
                     code: ErrorCode::NotFound,
                     message: format!("no service named {service:?}"),
                     audit: None,
+                    answer: None,
                 }),
                 Err(e) => {
                     warn!(service, "fetch failed: {e}");
@@ -212,12 +303,24 @@ impl Shared {
                         code: ErrorCode::Internal,
                         message: format!("fetching {service:?} failed: {e}"),
                         audit: Some("vault entry failed to open"),
+                        answer: None,
                     })
                 }
             },
             Source::Remote(r) => {
                 let started = std::time::Instant::now();
-                let out = r.backend.read(&r.path, &r.field).await;
+                let out = match &r.backend {
+                    Backend::Bao(b) => b.read(&r.path, &r.field).await.map_err(|e| {
+                        warn!(service, "{e}");
+                        FetchError::from(e)
+                    }),
+                    Backend::Agentkeys(d) => d.read(&r.path, service).await.map_err(|e| {
+                        if !matches!(e, RemoteError::Pending { .. }) {
+                            warn!(service, "{e}");
+                        }
+                        FetchError::from(e)
+                    }),
+                };
                 let took = started.elapsed();
                 if took > Duration::from_secs(1) {
                     info!(
@@ -226,14 +329,12 @@ impl Shared {
                         "backend read took {took:?}"
                     );
                 }
-                let plaintext = out.map_err(|e| {
-                    warn!(service, "{e}");
-                    FetchError::from(e)
-                })?;
+                let plaintext = out?;
                 self.sessions.check(p, None).map_err(|e| FetchError {
                     code: crate::connection::auth_code(&e),
                     message: e.to_string(),
                     audit: None,
+                    answer: None,
                 })?;
                 Ok(plaintext)
             }

@@ -56,6 +56,9 @@ pub enum BackendKind {
     Openbao,
     /// HashiCorp Vault: the same KV v2, AppRole and token API.
     Vault,
+    /// The owner's agentkeysd, over TLS to one of its network listeners, with a pinned
+    /// certificate fingerprint and a remote agent's token (see [`crate::remote`]).
+    Agentkeys,
 }
 
 /// `[backends.NAME]`.
@@ -86,6 +89,10 @@ pub struct BackendConfig {
     /// Limit on each HTTP request, connection included.
     #[serde(default = "default_timeout", with = "humantime_serde_compat")]
     pub timeout: Duration,
+    /// `kind = "agentkeys"` only: the SHA-256 of the owner's daemon's certificate
+    /// (`sha256:...`, as `agentkeys remote info` prints it); nothing is sent to a server whose
+    /// certificate differs.
+    pub fingerprint: Option<String>,
 }
 
 /// `approle = { ... }` of a backend.
@@ -107,9 +114,12 @@ pub struct AppRoleConfig {
 pub struct ServiceConfig {
     /// The backend's name (a `[backends.NAME]` section).
     pub backend: String,
-    /// The secret's path as `bao kv get` takes it (`secret/github`: mount, then path).
+    /// The secret's path as `bao kv get` takes it (`secret/github`: mount, then path). For a
+    /// `kind = "agentkeys"` backend: optional, the service's name on the owner's daemon.
+    #[serde(default)]
     pub path: String,
-    /// The field of the secret to deliver.
+    /// The field of the secret to deliver (not for a `kind = "agentkeys"` backend).
+    #[serde(default)]
     pub field: String,
     /// How long the daemon may keep a copy (default 0: never).
     #[serde(default, with = "humantime_serde_compat")]
@@ -123,6 +133,16 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// For `kind = "agentkeys"`: the service's name on the owner's daemon (default: the same
+    /// name as here).
+    pub fn remote_name<'a>(&'a self, local: &'a str) -> &'a str {
+        if self.path.is_empty() {
+            local
+        } else {
+            &self.path
+        }
+    }
+
     /// The path inside the backend's mount (`secret/github` with mount `secret` is `github`).
     pub fn path_in_mount<'a>(&'a self, mount: &str) -> &'a str {
         self.path
@@ -213,6 +233,17 @@ pub struct DaemonConfig {
     pub max_mask_bytes_per_run: usize,
     /// Most bytes of masking tables all runs together may take (bytes; default 64 MiB).
     pub max_mask_bytes: usize,
+    /// Network listeners beside the unix socket, for remote agents (another host's or a VM's
+    /// agentkeysd): `tls://IP:PORT` with a literal IP in a non-public range (see
+    /// [`crate::listen::check_listen`]). Empty: no network listener, no network syscalls.
+    pub listen: Vec<String>,
+    /// Accept listen addresses outside the non-public ranges (and 0.0.0.0 / ::).
+    pub allow_public_listen: bool,
+    /// Most connections open at once from one source IP address on the network listeners.
+    pub max_connections_per_address: usize,
+    /// Most new connections one source IP address may open per minute on the network
+    /// listeners; beyond it, connections are closed unread until the minute has passed.
+    pub connections_per_minute_per_address: u32,
 }
 
 impl Default for DaemonConfig {
@@ -233,6 +264,10 @@ impl Default for DaemonConfig {
             output_timeout: Duration::from_secs(60),
             max_mask_bytes_per_run: 4 << 20,
             max_mask_bytes: 64 << 20,
+            listen: Vec::new(),
+            allow_public_listen: false,
+            max_connections_per_address: 16,
+            connections_per_minute_per_address: 120,
         }
     }
 }
@@ -307,6 +342,23 @@ impl Config {
             check_command(argv).map_err(|e| invalid(format!("daemon.approval_command: {e}")))?;
         }
         check_masking(&cfg.daemon).map_err(invalid)?;
+        if cfg.daemon.listen.len() > crate::listen::MAX_LISTENERS {
+            return Err(invalid(format!(
+                "daemon.listen: at most {} addresses",
+                crate::listen::MAX_LISTENERS
+            )));
+        }
+        for (i, a) in cfg.daemon.listen.iter().enumerate() {
+            crate::listen::check_listen(a, cfg.daemon.allow_public_listen)
+                .map_err(|e| invalid(format!("daemon.listen[{i}]: {e}")))?;
+        }
+        if cfg.daemon.max_connections_per_address == 0
+            || cfg.daemon.connections_per_minute_per_address == 0
+        {
+            return Err(invalid(
+                "daemon.max_connections_per_address and daemon.connections_per_minute_per_address must be at least 1".into(),
+            ));
+        }
         for (name, b) in &cfg.backends {
             check_backend(name, b).map_err(invalid)?;
         }
@@ -457,6 +509,14 @@ fn check_masking(d: &DaemonConfig) -> Result<(), String> {
 fn check_backend(name: &str, b: &BackendConfig) -> Result<(), String> {
     let key = format!("backends.{name}");
     check_ident(name).map_err(|e| format!("{key}: the backend name {e}"))?;
+    if b.kind == BackendKind::Agentkeys {
+        return check_agentkeys_backend(&key, b);
+    }
+    if b.fingerprint.is_some() {
+        return Err(format!(
+            "{key}.fingerprint: only for kind = \"agentkeys\" (an OpenBao/Vault server is checked through ca_file); remove it"
+        ));
+    }
     let address = check_address(&b.address).map_err(|e| format!("{key}.address: {e}"))?;
     match &address {
         Address::Http { loopback: true } if !b.allow_plain_http => {
@@ -530,6 +590,47 @@ fn check_backend(name: &str, b: &BackendConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a `kind = "agentkeys"` backend: `tls://IP:PORT`, a pinned fingerprint, a token
+/// file, and none of the OpenBao keys.
+fn check_agentkeys_backend(key: &str, b: &BackendConfig) -> Result<(), String> {
+    crate::remote::parse_address(&b.address).map_err(|e| format!("{key}.address: {e}"))?;
+    let Some(fp) = &b.fingerprint else {
+        return Err(format!(
+            "{key}.fingerprint: required: the owner's daemon's certificate fingerprint, as `agentkeys remote info` prints it on the owner's host"
+        ));
+    };
+    agentkeys_state::tls::parse_fingerprint(fp).map_err(|e| format!("{key}.fingerprint: {e}"))?;
+    let Some(token_file) = &b.token_file else {
+        return Err(format!(
+            "{key}.token_file: required: the file holding the remote agent's token (`agentkeys agent add NAME --remote --out FILE` on the owner's host)"
+        ));
+    };
+    if !token_file.is_absolute() {
+        return Err(format!("{key}.token_file: must be an absolute path"));
+    }
+    for (k, set) in [
+        ("approle", b.approle.is_some()),
+        ("ca_file", b.ca_file.is_some()),
+        ("socket_owner", b.socket_owner.is_some()),
+        ("allow_plain_http", b.allow_plain_http),
+        ("mount", b.mount != default_mount()),
+    ] {
+        if set {
+            return Err(format!(
+                "{key}.{k}: not for kind = \"agentkeys\" (its server is pinned by fingerprint and it logs in with token_file); remove it"
+            ));
+        }
+    }
+    if b.timeout < TIMEOUT_RANGE.0 || b.timeout > TIMEOUT_RANGE.1 {
+        return Err(format!(
+            "{key}.timeout: must be between {} and {}",
+            humantime::format_duration(TIMEOUT_RANGE.0),
+            humantime::format_duration(TIMEOUT_RANGE.1)
+        ));
+    }
+    Ok(())
+}
+
 /// Checks one `[services.NAME]`.
 fn check_service(
     name: &str,
@@ -538,11 +639,24 @@ fn check_service(
 ) -> Result<(), String> {
     let key = format!("services.{name}");
     agentkeys_state::vault::validate_service_name(name).map_err(|e| format!("{key}: {e}"))?;
-    if !backends.contains_key(&s.backend) {
+    let Some(backend) = backends.get(&s.backend) else {
         return Err(format!(
             "{key}.backend: no [backends.{}] section",
             s.backend
         ));
+    };
+    if backend.kind == BackendKind::Agentkeys {
+        if !s.path.is_empty() {
+            agentkeys_state::vault::validate_service_name(&s.path).map_err(|e| {
+                format!("{key}.path: the service's name on the owner's daemon: {e}")
+            })?;
+        }
+        if !s.field.is_empty() {
+            return Err(format!(
+                "{key}.field: not for a kind = \"agentkeys\" backend (it delivers whole services); remove it"
+            ));
+        }
+        return Ok(());
     }
     check_kv_path(&s.path).map_err(|e| format!("{key}.path: {e}"))?;
     if s.field.is_empty() || s.field.len() > 256 || s.field.chars().any(char::is_control) {
@@ -970,5 +1084,77 @@ high_value = true
         ] {
             assert!(check_kv_path(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn agentkeys_backends_and_listeners() {
+        let p = Path::new("c.toml");
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        let good = format!(
+            "[daemon]\nlisten = [\"tls://100.64.0.5:7777\"]\n\n[backends.owner]\nkind = \"agentkeys\"\naddress = \"tls://10.0.0.1:7777\"\nfingerprint = \"{fp}\"\ntoken_file = \"/etc/ak/owner.token\"\n\n[services.github]\nbackend = \"owner\"\n\n[services.gh2]\nbackend = \"owner\"\npath = \"github\"\n"
+        );
+        let c = Config::parse(&good, p).unwrap();
+        assert_eq!(c.daemon.listen, vec!["tls://100.64.0.5:7777".to_string()]);
+        assert_eq!(c.services["github"].remote_name("github"), "github");
+        assert_eq!(c.services["gh2"].remote_name("gh2"), "github");
+        // Each mistake names its key.
+        for (bad, key) in [
+            (
+                good.replace("tls://10.0.0.1", "https://10.0.0.1"),
+                "backends.owner.address",
+            ),
+            (good.replace(&fp, "sha256:00"), "backends.owner.fingerprint"),
+            (
+                good.replace(&format!("fingerprint = \"{fp}\"\n"), ""),
+                "backends.owner.fingerprint",
+            ),
+            (
+                good.replace("token_file = \"/etc/ak/owner.token\"\n", ""),
+                "backends.owner.token_file",
+            ),
+            (
+                good.replace("/etc/ak/owner.token", "owner.token"),
+                "backends.owner.token_file",
+            ),
+            (
+                good.replace(
+                    "kind = \"agentkeys\"\n",
+                    "kind = \"agentkeys\"\nca_file = \"/x\"\n",
+                ),
+                "backends.owner.ca_file",
+            ),
+            (
+                good.replace("path = \"github\"", "path = \"github\"\nfield = \"token\""),
+                "services.gh2.field",
+            ),
+            (
+                good.replace("path = \"github\"", "path = \"Git/Hub\""),
+                "services.gh2.path",
+            ),
+            (
+                good.replace("tls://100.64.0.5:7777", "tcp://100.64.0.5:7777"),
+                "daemon.listen[0]",
+            ),
+            (
+                good.replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777"),
+                "daemon.listen[0]",
+            ),
+        ] {
+            let e = Config::parse(&bad, p).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // The public opt-in.
+        let public = good
+            .replace("tls://100.64.0.5:7777", "tls://1.1.1.1:7777")
+            .replace("[daemon]\n", "[daemon]\nallow_public_listen = true\n");
+        assert!(Config::parse(&public, p).is_ok());
+        // A fingerprint belongs to kind = "agentkeys" only.
+        let e = Config::parse(
+            &format!("[backends.b]\nkind = \"openbao\"\naddress = \"https://b:8200\"\ntoken_file = \"/t\"\nfingerprint = \"{fp}\"\n"),
+            p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("backends.b.fingerprint"), "{e}");
     }
 }

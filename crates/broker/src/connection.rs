@@ -26,12 +26,12 @@ use crate::shared::Shared;
 const KICK_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What a request handler decided.
-struct Reply {
-    body: ResponseBody,
+pub(crate) struct Reply {
+    pub(crate) body: ResponseBody,
     /// Close the connection after sending.
-    close: bool,
+    pub(crate) close: bool,
     /// An fd to attach and audit to write once the answer is out.
-    after: Option<AfterSend>,
+    pub(crate) after: Option<AfterSend>,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
@@ -44,7 +44,9 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
 /// The wire code for a session that is no longer valid.
 pub(crate) fn auth_code(e: &AuthError) -> ErrorCode {
     match e {
-        AuthError::Unknown | AuthError::WrongUid(_) => ErrorCode::Unauthenticated,
+        AuthError::Unknown | AuthError::WrongUid(_) | AuthError::WrongLink(_) => {
+            ErrorCode::Unauthenticated
+        }
         AuthError::Revoked(_) | AuthError::Replaced(_) => ErrorCode::Revoked,
         AuthError::Expired(..) => ErrorCode::Expired,
     }
@@ -230,7 +232,7 @@ pub async fn run(
             send(&conn, req.id, auth_error(&e)).await;
             return;
         }
-        let peer = Peer { uid, pid };
+        let peer = Peer::local(uid, pid);
         if let RequestBody::Run {
             argv,
             env,
@@ -452,7 +454,13 @@ fn owner_only(p: &Principal) -> Option<Reply> {
     })
 }
 
-async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBody) -> Reply {
+/// One request other than `run` (the unix socket's loop, and `listen` for network principals).
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    p: &Principal,
+    peer: Peer,
+    body: RequestBody,
+) -> Reply {
     let ok = |body| Reply {
         body,
         close: false,
@@ -502,7 +510,9 @@ async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBo
             ErrorCode::BadRequest,
             "no program is running on this connection",
         )),
-        RequestBody::GetCredential { service, inline } => {
+        RequestBody::GetCredential {
+            service, inline, ..
+        } => {
             let d = crate::delivery::get_credential(shared, p, peer, &service, inline).await;
             Reply {
                 body: d.body,

@@ -106,7 +106,9 @@ pub async fn get_credential(
         return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
     };
     let policy = resolved.policy;
-    if inline && !policy.allow_inline {
+    // A network principal (another host's daemon) always takes the value inline, inside TLS:
+    // no fd crosses a network. allow_inline governs local agents.
+    if inline && !policy.allow_inline && !p.is_network() {
         shared.audit_best_effort(&ev(
             "deny",
             "denied",
@@ -160,12 +162,28 @@ pub async fn get_credential(
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(detail) = e.audit {
-                        shared.audit_best_effort(&ev("fetch", "error", None, false, Some(detail)));
+                        let outcome = if e.answer.is_some() {
+                            "pending"
+                        } else {
+                            "error"
+                        };
+                        shared.audit_best_effort(&ev("fetch", outcome, None, false, Some(detail)));
                     }
-                    return refuse(e.code, e.message);
+                    return Delivery {
+                        body: e.into_body(),
+                        after: AfterSend {
+                            fd: None,
+                            drop: None,
+                        },
+                    };
                 }
             };
-            if let Err(e) = shared.audit(&ev("fetch", "ok", None, false, None)) {
+            let note = resolved.fetch_note();
+            let fetched = Event {
+                detail: note.as_deref(),
+                ..ev("fetch", "ok", None, false, None)
+            };
+            if let Err(e) = shared.audit(&fetched) {
                 return refuse(ErrorCode::Internal, e);
             }
             let page = match SecretPage::from_bytes(&plaintext, page_policy) {

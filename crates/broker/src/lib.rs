@@ -13,6 +13,8 @@
 //! - [`sessions`]: owner and agent sessions, authentication bound to the peer's uid.
 //! - [`shared`]: the state every connection shares ([`shared::Shared`]).
 //! - [`server`]: socket, accept loop, peer check, connection caps, shutdown.
+//! - [`listen`]: network (TLS) listeners for remote agents; [`remote`]: the `kind = "agentkeys"`
+//!   backend, this daemon as a remote agent of the owner's.
 //! - [`connection`]: one client: handshake, requests, responses.
 //! - [`mask`]: streaming masker for `run` output: secrets and their encodings become `********`.
 #![forbid(unsafe_code)]
@@ -26,9 +28,11 @@ pub mod connection;
 pub mod delivery;
 pub mod keys;
 pub mod launch;
+pub mod listen;
 pub mod mask;
 pub mod openbao;
 pub mod pump;
+pub mod remote;
 pub mod run;
 pub mod server;
 pub mod sessions;

@@ -263,8 +263,22 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     // refreshers log in once the runtime runs, so an unreachable backend does not stop the
     // daemon from serving the local vault and other backends.
     let backends = Backends::from_config(&cfg)?;
+    // Network listeners (remote agents): bound now, and the TLS key unsealed now, while
+    // `bind` and the home's files are reachable; served once the runtime runs.
+    let network_listeners = if cfg.daemon.listen.is_empty() {
+        None
+    } else {
+        let id = key
+            .with_key(|k| agentkeys_state::tls::load_or_create_tls_identity(&home, k))
+            .map_err(|e| format!("the TLS identity for [daemon] listen: {e}"))?;
+        let acceptor = agentkeys_broker::listen::tls_acceptor(&id)?;
+        info!(fingerprint = %id.fingerprint(), "TLS identity for network listeners");
+        drop(id);
+        Some((agentkeys_broker::listen::bind_all(&cfg.daemon)?, acceptor))
+    };
 
-    startup::sandbox(backends.network()).map_err(|e| e.to_string())?;
+    startup::sandbox_with(backends.network(), network_listeners.is_some())
+        .map_err(|e| e.to_string())?;
 
     let (shutdown, _) = tokio::sync::watch::channel(false);
     let cfg_approval_ttl = cfg.daemon.approval_ttl;
@@ -307,6 +321,9 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
             Err(e) => warn!("the launcher link failed; `run` is unavailable: {e}"),
         }
         shared.backends.start();
+        if let Some((bound, acceptor)) = network_listeners {
+            agentkeys_broker::listen::serve(bound, acceptor, shared.clone()).await;
+        }
         let signals = shared.clone();
         tokio::spawn(async move { wait_for_signal(&signals).await });
         if let Some(r) = ready {

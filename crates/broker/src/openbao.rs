@@ -912,7 +912,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Reads a small credential file (role_id, secret_id, token): trimmed, non-empty, visible
 /// ASCII. `private` files must not be readable by group or others and must belong to us or
 /// root, as ssh treats a private key.
-fn read_cred_file(path: &Path, private: bool) -> Result<SecretString, String> {
+pub(crate) fn read_cred_file(path: &Path, private: bool) -> Result<SecretString, String> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;

@@ -305,13 +305,20 @@ async fn fetch(
         Ok(p) => p,
         Err(e) => {
             if let Some(detail) = e.audit {
-                shared.audit_best_effort(&ev("fetch", "error", Some(detail)));
+                let outcome = if e.answer.is_some() {
+                    "pending"
+                } else {
+                    "error"
+                };
+                shared.audit_best_effort(&ev("fetch", outcome, Some(detail)));
             }
-            return Err(refuse(e.code, e.message));
+            // `pending` from the owner's daemon reaches the caller with its code.
+            return Err(e.into_body());
         }
     };
+    let note = resolved.fetch_note();
     shared
-        .audit(&ev("fetch", "ok", None))
+        .audit(&ev("fetch", "ok", note.as_deref()))
         .map_err(|e| refuse(ErrorCode::Internal, e))?;
     if !cache_ttl.is_zero()
         && let Ok(g) = crate::keys::GuardedPage::new(&plaintext, shared.page_policy())

@@ -9,6 +9,10 @@
 //! Authentication binds a token to the peer's uid, for as long as the connection lives: the
 //! owner must connect from the daemon's uid; an agent from the uid it was bound to (`agent add
 //! --uid`), else from the daemon's uid.
+//!
+//! A session is also bound to the kind of link it was opened on: a remote agent's token
+//! (`agent add --remote`) opens a session only on a network listener, every other token (the
+//! owner's included) only on the unix socket. [`Sessions::check`] enforces it with the rest.
 
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -34,15 +38,23 @@ pub struct Principal(Arc<SessionRef>);
 struct SessionRef {
     /// `None` for the owner, the agent's name otherwise.
     agent: Option<String>,
+    /// Opened on a network listener (else on the unix socket).
+    network: bool,
     /// [`TokenHash::session_id`], computed once.
     id: String,
     hash: TokenHash,
 }
 
 impl Principal {
+    #[cfg(test)]
     fn new(agent: Option<String>, hash: TokenHash) -> Principal {
+        Principal::on_link(agent, hash, false)
+    }
+
+    fn on_link(agent: Option<String>, hash: TokenHash, network: bool) -> Principal {
         Principal(Arc::new(SessionRef {
             agent,
+            network,
             id: hash.session_id(),
             hash,
         }))
@@ -61,6 +73,11 @@ impl Principal {
     #[cfg(test)]
     pub(crate) fn test_owner() -> Principal {
         Principal::new(None, SessionToken::generate().expect("random").hash())
+    }
+
+    /// A session opened on a network listener: a remote agent (another host's agentkeysd).
+    pub fn is_network(&self) -> bool {
+        self.0.network
     }
 
     /// The owner's session.
@@ -144,7 +161,18 @@ pub enum AuthError {
     /// The token is valid but not from this uid.
     #[error("this session may not be used from uid {0}")]
     WrongUid(u32),
+    /// The token is valid, but not on this kind of link: a remote agent's token on the unix
+    /// socket, or a local token (the owner's or a local agent's) on a network listener.
+    #[error("{0}")]
+    WrongLink(&'static str),
 }
+
+/// [`AuthError::WrongLink`] for a local token on a network listener.
+const LOCAL_ON_NETWORK: &str = "this token is not valid on a network listener: only a remote \
+     agent's token is (`agentkeys agent add NAME --scope ... --remote`)";
+/// [`AuthError::WrongLink`] for a remote agent's token on the unix socket.
+const REMOTE_ON_SOCKET: &str = "this is a remote agent's token: it is valid only on the daemon's \
+     network listener, not on the unix socket";
 
 impl AuthError {
     /// Why a session ended, in the words of audit details (`session revoked`, ...).
@@ -155,6 +183,7 @@ impl AuthError {
             AuthError::Expired(..) => "session expired",
             AuthError::Replaced(_) => "session replaced",
             AuthError::WrongUid(_) => "session used from another uid",
+            AuthError::WrongLink(_) => "session used on the wrong kind of link",
         }
     }
 }
@@ -274,33 +303,55 @@ impl Sessions {
             .any(|r| r.uid == Some(uid) && r.status(now) == AgentStatus::Active)
     }
 
-    /// Authenticates a hello from `peer_uid`: the exact session the token opens.
+    /// Authenticates a hello on the unix socket from `peer_uid`: the exact session the token
+    /// opens.
     ///
     /// # Errors
-    /// [`AuthError`]: unknown, revoked, expired, or from the wrong uid.
+    /// [`AuthError`]: unknown, revoked, expired, from the wrong uid, or a remote agent's token.
     pub fn authenticate(
         &self,
         token: &SecretString,
         peer_uid: u32,
     ) -> Result<Principal, AuthError> {
+        self.authenticate_on(token, Some(peer_uid))
+    }
+
+    /// Authenticates a hello on a network listener: only a remote agent's token opens a
+    /// session there.
+    ///
+    /// # Errors
+    /// [`AuthError`]: unknown, revoked, expired, or not a remote agent's token.
+    pub fn authenticate_network(&self, token: &SecretString) -> Result<Principal, AuthError> {
+        self.authenticate_on(token, None)
+    }
+
+    /// `peer_uid` `None`: a network listener.
+    fn authenticate_on(
+        &self,
+        token: &SecretString,
+        peer_uid: Option<u32>,
+    ) -> Result<Principal, AuthError> {
+        let network = peer_uid.is_none();
         let token = SessionToken::from_secret(token.clone()).map_err(|_| AuthError::Unknown)?;
         let hash = token.hash();
         drop(token);
         let owner = self.owner.read().expect("owner lock").hash.ct_eq(&hash);
         let p = if owner {
-            Principal::new(None, hash)
+            Principal::on_link(None, hash, network)
         } else {
             let a = self.agents.read().expect("agents lock");
             let rec = a.registry.find_by_token(&hash).ok_or(AuthError::Unknown)?;
-            Principal::new(Some(rec.name.clone()), hash)
+            Principal::on_link(Some(rec.name.clone()), hash, network)
         };
-        self.check(&p, Some(peer_uid))?;
+        self.check(&p, peer_uid)?;
         Ok(p)
     }
 
     /// Whether `p`'s session is still the one in force: not revoked, not expired, not replaced,
-    /// and (with `peer_uid`) used from the uid it is bound to. Called on every request and by
-    /// the one-second tick for every open connection.
+    /// used on the kind of link its token is for (a remote agent's on a network listener, any
+    /// other on the unix socket), and (with `peer_uid`, unix socket only) used from the uid it
+    /// is bound to. Called on every request and by the one-second tick for every open
+    /// connection.
     ///
     /// # Errors
     /// The [`AuthError`] that ends the session.
@@ -321,6 +372,10 @@ impl Sessions {
                         rfc3339(o.expires),
                         "run `agentkeys init --force` for a new owner session",
                     ));
+                }
+                // The owner never acts over a network.
+                if p.is_network() {
+                    return Err(AuthError::WrongLink(LOCAL_ON_NETWORK));
                 }
                 match peer_uid {
                     Some(uid) if uid != self.daemon_uid => Err(AuthError::WrongUid(uid)),
@@ -350,6 +405,15 @@ impl Sessions {
                         ));
                     }
                     AgentStatus::Active => {}
+                }
+                match (rec.remote, p.is_network()) {
+                    (true, false) => return Err(AuthError::WrongLink(REMOTE_ON_SOCKET)),
+                    (false, true) => return Err(AuthError::WrongLink(LOCAL_ON_NETWORK)),
+                    _ => {}
+                }
+                if p.is_network() {
+                    // No uid on a network link (remote agents are bound to none).
+                    return Ok(());
                 }
                 match peer_uid {
                     Some(uid) if uid != rec.uid.unwrap_or(self.daemon_uid) => {

@@ -94,9 +94,20 @@ pub fn lock_down(opts: &StartupOptions) -> Result<Hardened, StartupError> {
 /// # Errors
 /// The step that failed.
 pub fn sandbox(network: impl Into<seccomp::Network>) -> Result<(), StartupError> {
+    sandbox_with(network, false)
+}
+
+/// [`sandbox`], with the network-listener additions to the filter when `listen`.
+///
+/// # Errors
+/// As [`sandbox`].
+pub fn sandbox_with(
+    network: impl Into<seccomp::Network>,
+    listen: bool,
+) -> Result<(), StartupError> {
     process::set_no_new_privs()?;
     process::drop_capabilities()?;
-    seccomp::install_daemon_filter(network)?;
+    seccomp::install_daemon_filter_with(network, listen)?;
     Ok(())
 }
 

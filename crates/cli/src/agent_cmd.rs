@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use agentkeys_state::agents::{add_agent, load_agents, revoke_agent};
+use agentkeys_state::agents::{add_agent_with, load_agents, revoke_agent};
 use agentkeys_state::init::open_owner;
 use serde::Serialize;
 
@@ -19,6 +19,7 @@ pub(crate) struct AddOpts {
     pub ttl: Duration,
     pub uid: Option<u32>,
     pub out: Option<std::path::PathBuf>,
+    pub remote: bool,
 }
 
 pub(crate) fn add(caller: &Caller, o: AddOpts) -> Result<(), CliError> {
@@ -33,9 +34,14 @@ pub(crate) fn add(caller: &Caller, o: AddOpts) -> Result<(), CliError> {
             path.display()
         )));
     }
-    let (rec, token) = add_agent(&home, &dek, &o.name, &o.scope, o.ttl, o.uid)?;
+    let (rec, token) = add_agent_with(&home, &dek, &o.name, &o.scope, o.ttl, o.uid, o.remote)?;
     eprintln!(
-        "Agent {:?} added (session {}): scope {}, expires {} ({}){}",
+        "{} {:?} added (session {}): scope {}, expires {} ({}){}",
+        if rec.remote {
+            "Remote agent (network listeners only)"
+        } else {
+            "Agent"
+        },
         rec.name,
         rec.token_hash.session_id(),
         rec.scope.join(","),
@@ -90,6 +96,8 @@ struct AgentRow {
     created: u64,
     expires: u64,
     status: &'static str,
+    /// Its token works only on network listeners.
+    remote: bool,
 }
 
 pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
@@ -115,6 +123,7 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
             } else {
                 "active"
             },
+            remote: a.remote,
         })
         .collect();
     let mut out = std::io::stdout().lock();
@@ -144,7 +153,11 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
             r.session,
             r.status,
             ctx::when(r.expires),
-            r.uid.map_or_else(|| "-".into(), |u| u.to_string()),
+            if r.remote {
+                "remote".into()
+            } else {
+                r.uid.map_or_else(|| "-".into(), |u| u.to_string())
+            },
             r.scope.join(",")
         )?;
     }

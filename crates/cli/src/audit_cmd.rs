@@ -10,7 +10,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, UNIX_EPOCH};
 
-use agentkeys_state::audit::{self, AUDIT_FILE, AuditReader, RawLine, Record};
+use agentkeys_state::audit::{self, AUDIT_FILE, AuditReader, Peer, RawLine, Record};
 use clap::Subcommand;
 
 use crate::CliError;
@@ -166,7 +166,8 @@ fn print_line(out: &mut impl Write, line: &RawLine, json: bool) -> Result<(), Cl
 }
 
 /// `2026-11-24T01:02:03.456789Z  #12  deliver  agent=ci-bot  service=github  delivery=fd
-/// peer=1000/4242  ok degraded (detail)`.
+/// peer=1000/4242  ok degraded (detail)`; a network peer shows `from=IP:PORT` instead of
+/// `peer=`.
 fn human(r: &Record) -> String {
     let mut s = if r.ts <= MAX_RFC3339_MICROS {
         humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(r.ts)).to_string()
@@ -193,8 +194,17 @@ fn human(r: &Record) -> String {
             let _ = write!(s, "  {key}={}", clean(v));
         }
     }
-    if let Some(p) = r.peer {
-        let _ = write!(s, "  peer={}/{}", p.uid, p.pid);
+    match r.peer {
+        // A network connection: its source address (uid and pid mean nothing there).
+        Some(Peer {
+            addr: Some(addr), ..
+        }) => {
+            let _ = write!(s, "  from={addr}");
+        }
+        Some(p) => {
+            let _ = write!(s, "  peer={}/{}", p.uid, p.pid);
+        }
+        None => {}
     }
     let _ = write!(s, "  {}", clean(&r.outcome));
     if r.degraded {
@@ -215,7 +225,6 @@ fn clean(s: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentkeys_state::audit::Peer;
 
     fn rec() -> Record {
         Record {
@@ -228,10 +237,7 @@ mod tests {
             service: Some("github".into()),
             delivery: Some("fd".into()),
             degraded: false,
-            peer: Some(Peer {
-                uid: 1000,
-                pid: 4242,
-            }),
+            peer: Some(Peer::local(1000, 4242)),
             outcome: "ok".into(),
             detail: None,
             prev: "0".repeat(64),
@@ -271,6 +277,19 @@ mod tests {
             format!(
                 "{ts}  #12  deliver  service=github  delivery=fd  ok degraded (fallback memfd)"
             )
+        );
+        let r = Record {
+            peer: Some(Peer {
+                uid: 1000,
+                pid: 0,
+                addr: Some("100.64.0.7:40123".parse().unwrap()),
+            }),
+            ..rec()
+        };
+        assert!(
+            human(&r).contains("  delivery=fd  from=100.64.0.7:40123  ok"),
+            "{}",
+            human(&r)
         );
         let r = Record {
             ts: u64::MAX,

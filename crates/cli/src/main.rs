@@ -17,6 +17,7 @@ mod doctor;
 mod init_cmd;
 mod mcp_cmd;
 mod read_cmd;
+mod remote_cmd;
 mod run_cmd;
 mod vault_cmd;
 mod whoami;
@@ -159,6 +160,12 @@ enum Command {
         #[command(subcommand)]
         action: AgentAction,
     },
+    /// This daemon's network identity for remote daemons: its TLS certificate's fingerprint
+    /// and the config lines for the other host (owner only).
+    Remote {
+        #[command(subcommand)]
+        action: RemoteAction,
+    },
     /// Show the identity, role, scope and expiry of this session (never a token).
     Whoami {
         /// Print JSON.
@@ -222,6 +229,17 @@ enum GrantsAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum RemoteAction {
+    /// The TLS fingerprint to pin and the exact config.toml lines for the remote host (makes
+    /// the daemon's TLS key, sealed in tls.enc, if there is none yet).
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AgentAction {
     /// Mint a session for an agent; its token is printed once, alone on stdout.
     Add {
@@ -239,6 +257,10 @@ enum AgentAction {
         /// Write the token to this new file (mode 0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A remote principal (another host's agentkeysd): the token works only on this
+        /// daemon's network listeners (`[daemon] listen`), never on the unix socket.
+        #[arg(long, conflicts_with = "uid")]
+        remote: bool,
     },
     /// List agents (never tokens).
     List {
@@ -398,6 +420,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 ttl,
                 uid,
                 out,
+                remote,
             } => agent_cmd::add(
                 &caller,
                 agent_cmd::AddOpts {
@@ -406,11 +429,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     ttl,
                     uid,
                     out,
+                    remote,
                 },
             ),
             AgentAction::List { json } => agent_cmd::list(&caller, json),
             AgentAction::Revoke { name } => agent_cmd::revoke(&caller, &name),
         },
+        Command::Remote {
+            action: RemoteAction::Info { json },
+        } => remote_cmd::info(&caller, json),
         Command::Whoami { json } => whoami::run(&caller, json),
         Command::Doctor { json } => doctor::run(&caller, json),
         Command::Mcp { fd_channel } => mcp_cmd::run(caller, fd_channel),

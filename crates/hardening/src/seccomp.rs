@@ -333,6 +333,17 @@ pub const DAEMON_UNIX_BACKEND_ALLOWLIST: &[Allowed] = &[
          directories and SO_PEERCRED the daemon checks before sending"),
 ];
 
+/// What network listeners add (`[daemon] listen = ["tls://..."]`, for remote agents): the
+/// listening sockets are bound before the sandbox and accepted with `accept4` (base list); the
+/// accepted TCP connections get `TCP_NODELAY` (request and answer are one small message each).
+/// Nothing else: no `socket`, no `connect`, no `bind` or `listen` after the sandbox.
+#[rustfmt::skip]
+pub const DAEMON_LISTEN_ALLOWLIST: &[Allowed] = &[
+    allow!(SYS_setsockopt if [ArgIs::Eq(1, libc::IPPROTO_TCP as u32),
+                              ArgIs::Eq(2, libc::TCP_NODELAY as u32)],
+        "TCP_NODELAY on connections accepted from a network listener"),
+];
+
 /// Which outward connections the daemon's filter allows: decided by the configured backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Network {
@@ -494,7 +505,7 @@ pub fn policy_markdown() -> String {
          syscall are alternatives; a row's conditions must all hold. Arguments count from 0.\n",
         std::env::consts::ARCH
     );
-    let lists: [(&str, &str, &[Allowed]); 4] = [
+    let lists: [(&str, &str, &[Allowed]); 5] = [
         (
             "Answered with ENOSYS (a first filter)",
             "These calls fail with `ENOSYS` whatever the allowlist says.",
@@ -516,6 +527,13 @@ pub fn policy_markdown() -> String {
             "`connect` cannot be limited to the backend's address: with these, a compromised \
              daemon can connect anywhere.",
             DAEMON_NETWORK_ALLOWLIST,
+        ),
+        (
+            "Added when a network listener is configured (`DAEMON_LISTEN_ALLOWLIST`)",
+            "The listening sockets are bound before the sandbox; accepting uses `accept4` from the \
+             base list. A `kind = \"agentkeys\"` backend (the client side) uses \
+             `DAEMON_NETWORK_ALLOWLIST` instead.",
+            DAEMON_LISTEN_ALLOWLIST,
         ),
     ];
     for (title, note, list) in lists {
@@ -555,12 +573,30 @@ impl DaemonFilter {
     /// # Errors
     /// [`SeccompError::Compile`].
     pub fn compile(network: impl Into<Network>) -> Result<DaemonFilter, SeccompError> {
+        DaemonFilter::compile_with(network, false)
+    }
+
+    /// [`DaemonFilter::compile`], plus [`DAEMON_LISTEN_ALLOWLIST`] when `listen` (the daemon
+    /// serves network listeners).
+    ///
+    /// # Errors
+    /// [`SeccompError::Compile`].
+    pub fn compile_with(
+        network: impl Into<Network>,
+        listen: bool,
+    ) -> Result<DaemonFilter, SeccompError> {
         let extra = network.into().extra();
-        let allow = if extra.is_empty() {
+        let listen: &[Allowed] = if listen { DAEMON_LISTEN_ALLOWLIST } else { &[] };
+        let allow = if extra.is_empty() && listen.is_empty() {
             compile(DAEMON_ALLOWLIST)?
         } else {
-            let both: Vec<Allowed> = DAEMON_ALLOWLIST.iter().chain(extra).copied().collect();
-            compile(&both)?
+            let all: Vec<Allowed> = DAEMON_ALLOWLIST
+                .iter()
+                .chain(extra)
+                .chain(listen)
+                .copied()
+                .collect();
+            compile(&all)?
         };
         Ok(DaemonFilter {
             enosys: compile_enosys(DAEMON_ENOSYS)?,
@@ -586,6 +622,17 @@ impl DaemonFilter {
 /// The step that failed, [`SeccompError::Compile`] or [`SeccompError::Install`].
 pub fn install_daemon_filter(network: impl Into<Network>) -> Result<(), SeccompError> {
     DaemonFilter::compile(network)?.install()
+}
+
+/// [`install_daemon_filter`] with [`DAEMON_LISTEN_ALLOWLIST`] added when `listen`.
+///
+/// # Errors
+/// As [`install_daemon_filter`].
+pub fn install_daemon_filter_with(
+    network: impl Into<Network>,
+    listen: bool,
+) -> Result<(), SeccompError> {
+    DaemonFilter::compile_with(network, listen)?.install()
 }
 
 #[cfg(test)]
@@ -865,7 +912,10 @@ mod tests {
         // Every list that is installed together with the base list.
         for network in [Network::Off, Network::Unix, Network::Inet] {
             entries_have_reasons_and_no_duplicates(network.extra());
+            // A daemon may serve network listeners with any kind of backend.
+            assert!(DaemonFilter::compile_with(network, true).is_ok());
         }
+        entries_have_reasons_and_no_duplicates(DAEMON_LISTEN_ALLOWLIST);
     }
 
     fn entries_have_reasons_and_no_duplicates(extra: &[Allowed]) {

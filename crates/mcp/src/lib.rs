@@ -444,6 +444,7 @@ impl AgentkeysMcp {
             .call(RequestBody::GetCredential {
                 service: service.to_string(),
                 inline: false,
+                wrap_key: None,
             })
             .await
         {

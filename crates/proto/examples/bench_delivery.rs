@@ -72,6 +72,9 @@ struct Config {
     startup_runs: usize,
     /// `--fill-cache PREFIX N`: fetch PREFIX-0 .. PREFIX-(N-1) twice (see [`fill_cache`]).
     fill: Option<(String, usize)>,
+    /// `--remote-vs-local SOCKET`: an uncached read through the remote daemon at SOCKET
+    /// (token in `BENCH_REMOTE_TOKEN`) against a local one (see [`bench_remote`]).
+    remote: Option<PathBuf>,
 }
 
 impl Config {
@@ -97,6 +100,7 @@ impl Config {
             startup: None,
             startup_runs: env_num("BENCH_STARTUP_RUNS", 5)?,
             fill: None,
+            remote: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -110,6 +114,7 @@ impl Config {
                 "--baselines-only" => c.baselines_only = true,
                 "--clients" => c.clients = val()?.parse()?,
                 "--startup" => c.startup = Some(val()?.into()),
+                "--remote-vs-local" => c.remote = Some(val()?.into()),
                 "--fill-cache" => {
                     let prefix = val()?;
                     c.fill = Some((prefix, val()?.parse()?));
@@ -549,6 +554,73 @@ fn bench_daemon(cfg: &Config, r: &mut Report) -> Result<(), Error> {
     Ok(())
 }
 
+/// Remote agents (issue 17): an uncached `get_credential` (fd) through a remote daemon whose
+/// service is read from the owner's daemon over loopback TLS (`kind = "agentkeys"`), against
+/// the same uncached read from the owner's daemon directly. The two alternate, one of each per
+/// iteration, so both see the same machine. `remote_read_over_local` is the p50 ratio.
+fn bench_remote(
+    cfg: &Config,
+    remote_socket: &std::path::Path,
+    r: &mut Report,
+) -> Result<(), Error> {
+    let socket = std::env::var_os("AGENTKEYS_SOCKET").ok_or("set AGENTKEYS_SOCKET")?;
+    let token = token()?;
+    let remote_token = SecretString::from(
+        std::env::var("BENCH_REMOTE_TOKEN").map_err(|_| "set BENCH_REMOTE_TOKEN")?,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut local, _) = rt.block_on(Client::connect_with(socket.as_ref(), &token))?;
+    let (mut remote, _) = rt.block_on(Client::connect_with(remote_socket, &remote_token))?;
+    drop(token);
+    drop(remote_token);
+    let service = cfg.uncached.clone();
+    let get = |c: &mut Client| -> Result<f64, Error> {
+        let t = Instant::now();
+        let d = rt
+            .block_on(c.get_credential(&service, false))
+            .map_err(|e| format!("get_credential({service:?}): {e}"))?;
+        let sum: u32 = d.bytes().iter().map(|&x| u32::from(x)).sum();
+        black_box(sum);
+        drop(d);
+        Ok(t.elapsed().as_secs_f64() * 1e6)
+    };
+    eprintln!(
+        "  remote vs local uncached read: {} warm-up + {} timed each",
+        cfg.warmup, cfg.iters
+    );
+    for _ in 0..cfg.warmup {
+        get(&mut local)?;
+        get(&mut remote)?;
+    }
+    let (mut l, mut m) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.iters {
+        l.push(get(&mut local)?);
+        m.push(get(&mut remote)?);
+    }
+    let (l, m) = (Stats::of(l), Stats::of(m));
+    r.value("local_uncached_p50_us", l.p50);
+    r.value("remote_uncached_p50_us", m.p50);
+    r.value("remote_uncached_p99_us", m.p99);
+    r.rows
+        .push((format!("get_credential fd, uncached, local ({service})"), l));
+    r.rows.push((
+        format!("get_credential fd, uncached, through a remote daemon over TLS ({service})"),
+        m,
+    ));
+    r.ratio(
+        "remote_read_over_local",
+        "remote_uncached_p50_us",
+        "local_uncached_p50_us",
+    );
+    r.note(
+        "remote: agent -> remote daemon (unix socket) -> owner's daemon (TLS 1.3 over loopback, \
+         one long-lived link) -> back; both daemons write their audit records",
+    );
+    Ok(())
+}
+
 /// `clients` threads, each with its own connection and runtime, doing uncached `get_credential`
 /// fd deliveries back to back for `tput_secs`: deliveries per second across all of them.
 fn bench_throughput(cfg: &Config, r: &mut Report) -> Result<(), Error> {
@@ -724,6 +796,12 @@ fn main() -> Result<(), Error> {
             println!("  note: {n}");
         }
         return r.print_json();
+    }
+    if let Some(sock) = &cfg.remote {
+        let mut r = Report::default();
+        bench_remote(&cfg, sock, &mut r)?;
+        r.print(&cfg)?;
+        return Ok(());
     }
     if let Some((prefix, n)) = &cfg.fill {
         let mut r = Report::default();

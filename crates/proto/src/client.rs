@@ -296,6 +296,7 @@ impl Client {
             .call(RequestBody::GetCredential {
                 service: service.to_string(),
                 inline,
+                wrap_key: None,
             })
             .await?;
         let (len, value_b64, delivery) = match answer.body {

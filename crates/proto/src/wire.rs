@@ -82,6 +82,11 @@ pub enum RequestBody {
         /// Ask for inline bytes instead of an fd.
         #[serde(default)]
         inline: bool,
+        /// Network listeners only (a remote daemon asking): 32 random bytes, base64, used once.
+        /// The value comes back sealed under it (XChaCha20-Poly1305, `delivery: "sealed"`), so
+        /// the requester's TLS buffers only ever hold ciphertext. Ignored on the unix socket.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wrap_key: Option<WireToken>,
     },
     /// Launch a program with secrets in its environment (or files). Exactly three fds are
     /// attached: the caller's stdin, stdout and stderr. The answer is `run_started`, then, when
@@ -334,6 +339,8 @@ pub enum ResponseBody {
     },
     /// Answer to `get_credential`. With `delivery: "fd"` one fd is attached: a `memfd_secret`
     /// (or, `degraded`, a sealed memfd) whose size is the secret's length; map it read-only.
+    /// `"inline"`: the bytes in `value_b64`; `"sealed"` (network listeners): `value_b64` is the
+    /// value sealed under the request's `wrap_key`.
     Credential {
         /// The service.
         service: String,

@@ -5,7 +5,8 @@
 //! shown once by `agent add` and never stored. The whole registry is one sealed blob (AAD
 //! `agentkeys agents.enc v1`), so not even the hashes or the names appear in a file in clear.
 //! Plaintext: `{"v":1,"agents":[{"name":…,"scope":[…],"uid":…,"created":…,"expires":…,
-//! "revoked":…,"token_hash":"<64 hex>"}]}`.
+//! "revoked":…,"token_hash":"<64 hex>","remote":true}]}` (`remote` only for remote agents; files
+//! written before it existed load as local agents).
 
 use std::time::Duration;
 
@@ -48,6 +49,10 @@ pub struct AgentRecord {
     pub revoked: Option<u64>,
     /// SHA-256 of its token.
     pub token_hash: TokenHash,
+    /// A remote principal (`agent add --remote`, typically another host's agentkeysd): its
+    /// token is valid only on the daemon's network listeners, never on the unix socket; a
+    /// local agent's token is valid only on the unix socket.
+    pub remote: bool,
 }
 
 /// Whether an agent's session is usable.
@@ -122,6 +127,12 @@ struct AgentOut<'a> {
     expires: u64,
     revoked: Option<u64>,
     token_hash: &'a str,
+    #[serde(skip_serializing_if = "is_false")]
+    remote: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Deserialize)]
@@ -143,6 +154,9 @@ struct AgentIn<'a> {
     revoked: Option<u64>,
     #[serde(borrow)]
     token_hash: &'a str,
+    /// Absent in files written before remote agents existed: a local agent.
+    #[serde(default)]
+    remote: bool,
 }
 
 /// Names the daemon uses for itself or for the owner: no agent may be called one of them, so
@@ -226,6 +240,7 @@ pub fn load_agents(home: &Home, dek: &[u8; KEY_LEN]) -> Result<AgentRegistry, St
             expires: a.expires,
             revoked: a.revoked,
             token_hash,
+            remote: a.remote,
         });
     }
     Ok(AgentRegistry { agents })
@@ -249,6 +264,7 @@ fn write_agents(home: &Home, dek: &[u8; KEY_LEN], reg: &AgentRegistry) -> Result
                 expires: a.expires,
                 revoked: a.revoked,
                 token_hash: h.as_str(),
+                remote: a.remote,
             })
             .collect(),
     };
@@ -318,7 +334,32 @@ pub fn add_agent(
     ttl: Duration,
     uid: Option<u32>,
 ) -> Result<(AgentRecord, SessionToken), StateError> {
+    add_agent_with(home, dek, name, scope, ttl, uid, false)
+}
+
+/// [`add_agent`] for a local (`remote` false) or a remote agent (`agent add --remote`: its
+/// token is valid only on network listeners). A remote agent cannot be bound to a uid (no uid
+/// crosses a network).
+///
+/// # Errors
+/// As [`add_agent`]; [`StateError::InvalidScope`] for a remote agent with a uid.
+pub fn add_agent_with(
+    home: &Home,
+    dek: &Dek,
+    name: &str,
+    scope: &[String],
+    ttl: Duration,
+    uid: Option<u32>,
+    remote: bool,
+) -> Result<(AgentRecord, SessionToken), StateError> {
     validate_agent_name(name)?;
+    if remote && uid.is_some() {
+        return Err(StateError::InvalidScope {
+            detail: "a remote agent connects over the network, where no uid is known: \
+                     leave out --uid"
+                .into(),
+        });
+    }
     let scope = normalise_scope(scope)?;
     if ttl.as_secs() == 0 || ttl > MAX_AGENT_TTL {
         return Err(StateError::InvalidTtl {
@@ -348,6 +389,7 @@ pub fn add_agent(
         expires: now + ttl.as_secs(),
         revoked: None,
         token_hash: token.hash(),
+        remote,
     };
     reg.agents.push(record.clone());
     reg.agents.sort_by(|a, b| a.name.cmp(&b.name));
@@ -592,5 +634,38 @@ mod tests {
         write_atomic(home.root(), AGENTS_FILE, &bytes).unwrap();
         assert_ne!(agents_stamp(&home).unwrap(), stamp);
         assert!(load_agents(&home, dek.expose()).is_err());
+    }
+
+    #[test]
+    fn remote_agents_round_trip_and_old_files_load_as_local() {
+        let (_t, home, dek) = initialized("agents-remote");
+        let day = Duration::from_secs(86400);
+        add_agent(&home, &dek, "local", &scope(&["*"]), day, None).unwrap();
+        add_agent_with(&home, &dek, "vm1", &scope(&["github"]), day, None, true).unwrap();
+        let reg = load_agents(&home, dek.expose()).unwrap();
+        assert!(!reg.get("local").unwrap().remote);
+        assert!(reg.get("vm1").unwrap().remote);
+        // A local record is written exactly as before remote agents existed (no `remote` key),
+        // so files of older versions, which lack the key, load as local agents.
+        let sealed = std::fs::read(home.path(AGENTS_FILE)).unwrap();
+        let plain = open(dek.expose(), AGENTS_AAD, &sealed).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        let agents = v["agents"].as_array().unwrap();
+        assert!(
+            agents[0].get("remote").is_none(),
+            "a local agent has no remote key"
+        );
+        assert_eq!(agents[1]["remote"], serde_json::Value::Bool(true));
+        // No uid crosses a network: a remote agent bound to one is refused, nothing written.
+        let err = add_agent_with(&home, &dek, "vm2", &scope(&["*"]), day, Some(1000), true)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--uid"), "{err}");
+        assert!(
+            load_agents(&home, dek.expose())
+                .unwrap()
+                .get("vm2")
+                .is_none()
+        );
     }
 }

@@ -76,13 +76,30 @@ const MAX_NAME: usize = 32;
 /// `prev` of the first record.
 const GENESIS: [u8; 32] = [0; 32];
 
-/// The peer process of a request, from `SO_PEERCRED`.
+/// The peer of a request: the process on the unix socket (`SO_PEERCRED`), or, on a network
+/// listener, the source address (`addr`, with `uid` the daemon's own and `pid` 0: no process
+/// credentials cross a network).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Peer {
     /// Its uid.
     pub uid: u32,
     /// Its pid.
     pub pid: i32,
+    /// The source address (IP and port) of a network connection (`[daemon] listen`); absent on
+    /// the unix socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl Peer {
+    /// A process on the unix socket.
+    pub fn local(uid: u32, pid: i32) -> Peer {
+        Peer {
+            uid,
+            pid,
+            addr: None,
+        }
+    }
 }
 
 /// Who acted: the owner or an agent, each with the id of the exact session
@@ -1076,10 +1093,7 @@ mod tests {
                 session: "s-0123456789ab",
             }),
             service: Some(service),
-            peer: Some(Peer {
-                uid: 1000,
-                pid: 4242,
-            }),
+            peer: Some(Peer::local(1000, 4242)),
             outcome: "ok",
             ..Event::default()
         }
@@ -1186,10 +1200,7 @@ mod tests {
             service: Some("github"),
             delivery: Some("fd"),
             degraded: true,
-            peer: Some(Peer {
-                uid: 1000,
-                pid: 4242,
-            }),
+            peer: Some(Peer::local(1000, 4242)),
             outcome: "ok",
             detail: Some("fallback memfd"),
         };
@@ -1211,8 +1222,33 @@ mod tests {
                 ..Event::default()
             })
             .unwrap();
+        let r4 = log
+            .append(&Event {
+                event: "deliver",
+                who: Some(Who::Agent {
+                    name: "vm1",
+                    session: "s-bbbbbbbbbbbb",
+                }),
+                peer: Some(Peer {
+                    uid: 1000,
+                    pid: 0,
+                    addr: Some("100.64.0.7:40123".parse().unwrap()),
+                }),
+                outcome: "ok",
+                ..Event::default()
+            })
+            .unwrap();
         let lines = lines_of(log.path());
         let zeros = "0".repeat(64);
+        // A network peer: its source address inside `peer`, nowhere else.
+        assert_eq!(
+            String::from_utf8(lines[3].clone()).unwrap(),
+            format!(
+                r#"{{"ts":{},"seq":4,"event":"deliver","role":"agent","agent":"vm1","session":"s-bbbbbbbbbbbb","peer":{{"uid":1000,"pid":0,"addr":"100.64.0.7:40123"}},"outcome":"ok","prev":"{}"}}"#,
+                r4.ts,
+                hex(&sha256(&lines[2]))
+            )
+        );
         // The owner is a kind (`role`), never an `agent` name.
         assert_eq!(
             String::from_utf8(lines[2].clone()).unwrap(),

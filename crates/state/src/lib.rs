@@ -14,6 +14,7 @@
 //! - [`session`]: the owner's master session, sealed in `session.enc`.
 //! - [`agents`]: the agent registry (token hashes, scopes, expiry, revocation), sealed in
 //!   `agents.enc`.
+//! - [`tls`]: the daemon's TLS key and self-signed certificate (`tls.enc`), and fingerprints.
 //! - [`vault`]: the local vault `vault.enc`, each entry sealed on its own.
 //! - [`audit`]: the audit trail `audit.jsonl` (hash-chained JSON lines): [`audit::AuditLog`]
 //!   for the daemon, [`audit::verify`] and [`audit::AuditReader`] for the CLI.
@@ -29,6 +30,7 @@
 //! | `session.enc`   | owner token, created, expires, scope      | whole file (`agentkeys session.enc v1`) |
 //! | `agents.enc`    | agents with token hashes                  | whole file (`agentkeys agents.enc v1`)  |
 //! | `vault.enc`     | names, policies, times; sealed values     | per entry (service + policy)      |
+//! | `tls.enc`       | the daemon's TLS key and certificate (listeners) | whole file (`agentkeys tls.enc v1`) |
 //! | `audit.jsonl`   | audit records (names, never secrets)      | no: hash-chained, daemon appends  |
 //! | `state.lock`    | empty; `flock`ed by writers               | n/a                               |
 //!
@@ -48,6 +50,7 @@ pub mod init;
 pub mod keystore;
 mod names;
 pub mod session;
+pub mod tls;
 pub mod token;
 pub mod vault;
 
@@ -55,8 +58,8 @@ pub mod vault;
 mod testutil;
 
 pub use agents::{
-    AgentRecord, AgentRegistry, AgentStatus, add_agent, agents_stamp, load_agents, revoke_agent,
-    validate_agent_name,
+    AgentRecord, AgentRegistry, AgentStatus, add_agent, add_agent_with, agents_stamp, load_agents,
+    revoke_agent, validate_agent_name,
 };
 pub use crypto::{Dek, KEY_LEN, open, seal};
 pub use error::StateError;
