@@ -288,6 +288,7 @@ pub fn approval_hook(
         umask: None,
         kill_grace_ms: ms(shared.cfg.kill_grace),
         deadline_ms: Some(ms(shared.cfg.approval_command_timeout)),
+        confine: None,
     };
     runtime.spawn(async move {
         let _slot = slot;
