@@ -482,6 +482,8 @@ pub async fn start(
         umask: req.umask,
         kill_grace_ms: u64::try_from(shared.cfg.kill_grace.as_millis()).unwrap_or(u64::MAX),
         deadline_ms: None,
+        // A jailed session's program is confined by its jail's policy (issue 15).
+        confine: shared.sessions.jail_policy(p),
     };
     // Pages in the order the launcher expects: env secrets, then files.
     let mut ordered: Vec<&SecretPage> = Vec::new();
