@@ -259,7 +259,9 @@ pub async fn run(
                             agent,
                             ttl_secs,
                             policy,
-                        } => crate::jail::start(shared, &principal, peer, id, &agent, ttl_secs, policy),
+                        } => crate::jail::start(
+                            shared, &principal, peer, id, &agent, ttl_secs, policy,
+                        ),
                         RequestBody::JailExit { jail, code, signal } => {
                             crate::jail::exit(shared, &principal, peer, id, &jail, code, signal)
                         }
@@ -534,10 +536,7 @@ async fn handle(shared: &Arc<Shared>, p: &Principal, peer: Peer, body: RequestBo
             owner_only(p).unwrap_or_else(|| ok(revoke_grants(shared, peer, id, agent, all)))
         }
         RequestBody::Run { .. } | RequestBody::JailStart { .. } | RequestBody::JailExit { .. } => {
-            ok(error(
-                ErrorCode::Internal,
-                "served by the connection loop",
-            ))
+            ok(error(ErrorCode::Internal, "served by the connection loop"))
         }
         RequestBody::Signal { .. } => ok(error(
             ErrorCode::BadRequest,

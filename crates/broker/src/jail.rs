@@ -110,7 +110,12 @@ pub fn exit(
     if !p.is_owner() {
         return error(ErrorCode::Forbidden, "only the owner may end a jail");
     }
-    if !shared.sessions.jails_of(conn).iter().any(|(id, _)| id == jail) {
+    if !shared
+        .sessions
+        .jails_of(conn)
+        .iter()
+        .any(|(id, _)| id == jail)
+    {
         return error(ErrorCode::NotFound, "this connection started no such jail");
     }
     let how = match (code, signal) {

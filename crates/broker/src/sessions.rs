@@ -322,9 +322,7 @@ impl Sessions {
             match rec.status(now) {
                 AgentStatus::Active => {}
                 AgentStatus::Revoked => {
-                    return Err(JailStartError::Agent(format!(
-                        "agent {name:?} is revoked"
-                    )));
+                    return Err(JailStartError::Agent(format!("agent {name:?} is revoked")));
                 }
                 AgentStatus::Expired => {
                     return Err(JailStartError::Agent(format!(
@@ -383,7 +381,14 @@ impl Sessions {
             .expect("jails lock")
             .iter()
             .filter(|s| s.conn == conn)
-            .map(|s| (s.id.clone(), s.agent.clone(), s.hash.clone(), s.parent.clone()))
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    s.agent.clone(),
+                    s.hash.clone(),
+                    s.parent.clone(),
+                )
+            })
             .collect();
         ids.into_iter()
             .map(|(id, agent, hash, parent)| {
@@ -608,14 +613,8 @@ impl Sessions {
                     agent: Some(name.to_string()),
                     session: Some(p.session_id().to_string()),
                     scope: rec.map(|r| r.scope.clone()).unwrap_or_default(),
-                    created: jail
-                        .map(|j| j.0)
-                        .or(rec.map(|r| r.created))
-                        .unwrap_or(0),
-                    expires: jail
-                        .map(|j| j.1)
-                        .or(rec.map(|r| r.expires))
-                        .unwrap_or(0),
+                    created: jail.map(|j| j.0).or(rec.map(|r| r.created)).unwrap_or(0),
+                    expires: jail.map(|j| j.1).or(rec.map(|r| r.expires)).unwrap_or(0),
                     uid: if p.jail_id().is_some() {
                         Some(self.daemon_uid)
                     } else {

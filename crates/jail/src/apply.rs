@@ -126,6 +126,12 @@ pub fn confine(
 /// Writes the identity uid/gid maps of the new user namespace (the owner's ids map to
 /// themselves; `setgroups` denied, as an unprivileged process must).
 fn map_ids(policy: &JailPolicy, fail: Fail<'_>) {
+    // A non-dumpable process's /proc/self files belong to root: the maps could not be
+    // written. Dumpable only for these three writes (this process is outside the jail's PID
+    // namespace, so nothing inside can name it meanwhile).
+    if agentkeys_hardening::process::set_dumpable(true).is_err() {
+        die(fail, "make the maps writable (dumpable)", libc::EPERM);
+    }
     let write = |path: &str, text: String, step: &'static str| {
         if let Err(e) = std::fs::write(path, text) {
             die(fail, step, errno_of(&e));
@@ -136,6 +142,9 @@ fn map_ids(policy: &JailPolicy, fail: Fail<'_>) {
         "deny".into(),
         "deny setgroups in the user namespace",
     );
+    // Mapping uid 0 needs CAP_SETFCAP (Linux 5.12+): the launcher of a daemon running as
+    // root has dropped it, so a jailed session's `run` fails closed there (EPERM at
+    // `confine`) rather than run unconfined.
     write(
         "/proc/self/uid_map",
         format!("{0} {0} 1\n", policy.uid),
@@ -146,6 +155,9 @@ fn map_ids(policy: &JailPolicy, fail: Fail<'_>) {
         format!("{0} {0} 1\n", policy.gid),
         "write gid_map",
     );
+    if agentkeys_hardening::process::set_dumpable(false).is_err() {
+        die(fail, "not dumpable again", libc::EPERM);
+    }
 }
 
 /// The outer process: forwards SIGTERM/SIGHUP to init (with [`Signals::Forward`]), waits for
@@ -395,24 +407,7 @@ fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult 
     )
     .map_err(io("make the root read-only, nosuid, nodev"))?;
 
-    // 2. Writable roots: fresh binds of the owner's (writable) mounts, nosuid and nodev.
-    for w in &policy.writable {
-        let src = inside(old, w);
-        let dst = inside(new, w);
-        no_symlink(&dst, "bind a writable path")?;
-        m(
-            "bind a writable path",
-            Some(&src),
-            &dst,
-            nofs,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )?;
-        ns::mount_setattr_recursive(&dst, ns::MOUNT_ATTR_NOSUID | ns::MOUNT_ATTR_NODEV)
-            .map_err(io("make a writable path nosuid, nodev"))?;
-    }
-
-    // 3. Private temporary directories.
+    // 2. Private temporary directories.
     for t in &policy.private_tmp {
         let dst = inside(new, t);
         if !dst.is_dir() {
@@ -426,6 +421,32 @@ fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult 
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some("mode=1777"),
         )?;
+    }
+
+    // 3. Writable roots: fresh binds of the owner's (writable) mounts, nosuid and nodev;
+    // after the private tmp, so a writable root under /tmp is bound into it.
+    for w in &policy.writable {
+        let src = inside(old, w);
+        let dst = inside(new, w);
+        no_symlink(&dst, "bind a writable path")?;
+        if !dst.exists() {
+            // Under a private tmp (a fresh tmpfs): make the mount point.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&dst)
+                .map_err(io("bind a writable path (mount point)"))?;
+        }
+        m(
+            "bind a writable path",
+            Some(&src),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        ns::mount_setattr_recursive(&dst, ns::MOUNT_ATTR_NOSUID | ns::MOUNT_ATTR_NODEV)
+            .map_err(io("make a writable path nosuid, nodev"))?;
     }
 
     // 4. A minimal /dev (no disks, no other terminals), a new devpts, the session file.
@@ -459,7 +480,7 @@ fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult 
                 &dst,
                 Some("tmpfs"),
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some("mode=0755,size=64k"),
+                Some("mode=0700,size=64k"),
             )?;
             hidden_dirs.push(h.clone());
         } else {
@@ -478,12 +499,13 @@ fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult 
 
     // 7. Paths bound back into hidden directories: agentkeys' socket, --allow-socket, --show.
     for r in &policy.reveal {
-        let Some(h) = hidden_dirs.iter().find(|h| r.starts_with(h)) else {
-            continue; // not hidden: already reachable
-        };
-        let _ = h;
         let src = inside(old, r);
         let dst = inside(new, r);
+        let under_hidden = hidden_dirs.iter().any(|h| r.starts_with(h));
+        if !under_hidden && std::fs::symlink_metadata(&dst).is_ok() {
+            continue; // not hidden: already reachable
+        }
+        // Hidden, or not visible at all (under the private /tmp): bound back.
         let Ok(meta) = std::fs::metadata(&src) else {
             continue; // not there (the daemon's socket before it starts): nothing to bind
         };

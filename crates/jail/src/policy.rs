@@ -160,7 +160,6 @@ pub const CREDENTIAL_FRAGMENTS: &[&str] = &[
     "COOKIE",
     "SESSION",
     "PRIVATE",
-    "CERT",
     "SIGNATURE",
     "_PAT",
     "APIKEY",
