@@ -105,7 +105,13 @@ fn parse(
         wire::decode_request(&packet.data).map_err(|e| Some(error(e.code(), e.to_string())))?;
     // Only `run` takes descriptors (the caller's stdio); anything else carrying some is
     // refused and they are closed.
-    if !packet.fds.is_empty() && !matches!(req.body, RequestBody::Run { .. }) {
+    // `jail_start` takes one: the user namespace for the jail's runs.
+    let takes_fds = match req.body {
+        RequestBody::Run { .. } => true,
+        RequestBody::JailStart { .. } => packet.fds.len() <= 1,
+        _ => false,
+    };
+    if !packet.fds.is_empty() && !takes_fds {
         return Err(Some(error(
             ErrorCode::UnexpectedFd,
             "this request takes no file descriptors",
@@ -260,7 +266,14 @@ pub async fn run(
                             ttl_secs,
                             policy,
                         } => crate::jail::start(
-                            shared, &principal, peer, id, &agent, ttl_secs, policy,
+                            shared,
+                            &principal,
+                            peer,
+                            id,
+                            &agent,
+                            ttl_secs,
+                            policy,
+                            fds.into_iter().next(),
                         ),
                         RequestBody::JailExit { jail, code, signal } => {
                             crate::jail::exit(shared, &principal, peer, id, &jail, code, signal)

@@ -29,6 +29,7 @@ pub fn start(
     agent: &str,
     ttl_secs: Option<u64>,
     policy: serde_json::Value,
+    userns: Option<std::os::fd::OwnedFd>,
 ) -> ResponseBody {
     if !p.is_owner() {
         return error(
@@ -40,7 +41,13 @@ pub fn start(
     if let Err(e) = agentkeys_jail::JailPolicy::from_json(&policy) {
         return error(ErrorCode::BadRequest, e.to_string());
     }
-    match shared.sessions.start_jail(agent, ttl_secs, policy, conn) {
+    // The attached fd should be a user namespace: the launcher's `setns(CLONE_NEWUSER)`
+    // checks that (EINVAL otherwise, and the run fails closed). The daemon does not look at
+    // it: its seccomp allowlist has no call that would (readlink, ioctl(NS_GET_NSTYPE)).
+    match shared
+        .sessions
+        .start_jail(agent, ttl_secs, policy, userns, conn)
+    {
         Ok((jailed, token, expires)) => {
             let jail = jailed.jail_id().unwrap_or_default().to_string();
             let detail = format!(

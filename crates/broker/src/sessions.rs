@@ -217,6 +217,8 @@ struct JailSession {
     expires: u64,
     /// The jail's policy, so a `run` of this session is confined by the same rules.
     policy: serde_json::Value,
+    /// The user namespace `agentkeys jail` made for the jail's runs, if it sent one.
+    userns: Option<Arc<std::os::fd::OwnedFd>>,
     /// The owner's connection that started it: it ends with it.
     conn: u64,
 }
@@ -309,6 +311,7 @@ impl Sessions {
         name: &str,
         ttl_secs: Option<u64>,
         policy: serde_json::Value,
+        userns: Option<std::os::fd::OwnedFd>,
         conn: u64,
     ) -> Result<(Principal, SessionToken, u64), JailStartError> {
         let now = now();
@@ -352,6 +355,7 @@ impl Sessions {
             created: now,
             expires,
             policy,
+            userns: userns.map(Arc::new),
             conn,
         });
         let p = Principal(Arc::new(SessionRef {
@@ -404,15 +408,19 @@ impl Sessions {
             .collect()
     }
 
-    /// The policy of a jailed session (for confining its `run`s); `None` outside any jail.
-    pub fn jail_policy(&self, p: &Principal) -> Option<serde_json::Value> {
+    /// The policy of a jailed session (for confining its `run`s) and the user namespace made
+    /// for them; `None` outside any jail.
+    pub fn jail_policy(
+        &self,
+        p: &Principal,
+    ) -> Option<(serde_json::Value, Option<Arc<std::os::fd::OwnedFd>>)> {
         let id = p.jail_id()?;
         self.jails
             .read()
             .expect("jails lock")
             .iter()
             .find(|s| s.id == id)
-            .map(|s| s.policy.clone())
+            .map(|s| (s.policy.clone(), s.userns.clone()))
     }
 
     /// Re-reads whichever file changed and says which did.

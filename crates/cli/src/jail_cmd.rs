@@ -153,6 +153,14 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     let pipe = || nix::unistd::pipe2(cloexec).map_err(|e| CliError::Output(e.into()));
     let (tok_r, tok_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
+    // allowed even for root; the daemon's launcher may not map uid 0 itself).
+    let run_userns = apply::user_namespace_for_runs(&policy).map_err(|(step, errno)| {
+        CliError::Jail(format!(
+            "setting up the jail failed at step `{step}`: {}",
+            std::io::Error::from_raw_os_error(errno)
+        ))
+    })?;
     let me = nix::unistd::getpid();
     let outer = match ns::fork_single_threaded()
         .map_err(|e| CliError::Jail(format!("starting the jail: {e}")))?
@@ -160,6 +168,7 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         Forked::Child => {
             drop(tok_w);
             drop(err_r);
+            drop(run_userns);
             jail_child(&policy, &socket, tok_r, err_w, me, argv)
         }
         Forked::Parent(pid) => pid,
@@ -167,7 +176,9 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     drop(tok_r);
     drop(err_w);
     let rt = ctx::runtime()?;
-    rt.block_on(supervise(&home, caller, &o, &policy, outer, tok_w, err_r))
+    rt.block_on(supervise(
+        &home, caller, &o, &policy, outer, tok_w, err_r, run_userns,
+    ))
 }
 
 /// The jail's outer process: waits for the session, confines, and (in CMD's process) execs.
@@ -204,6 +215,7 @@ fn jail_child(
         Some(Session {
             token: &buf[nl + 1..got],
         }),
+        None,
         Some(parent),
         Signals::Forward,
         &fail,
@@ -247,6 +259,7 @@ async fn supervise(
     outer: Pid,
     tok_w: OwnedFd,
     err_r: OwnedFd,
+    run_userns: OwnedFd,
 ) -> Result<(), CliError> {
     use tokio::signal::unix::{SignalKind, signal};
     let abandon = |tok_w: OwnedFd| {
@@ -260,13 +273,21 @@ async fn supervise(
             return Err(e);
         }
     };
-    let started = client
-        .call(RequestBody::JailStart {
-            agent: o.agent.clone(),
-            ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
-            policy: serde_json::to_value(policy).map_err(std::io::Error::from)?,
-        })
+    let sent = client
+        .send(
+            RequestBody::JailStart {
+                agent: o.agent.clone(),
+                ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
+                policy: serde_json::to_value(policy).map_err(std::io::Error::from)?,
+            },
+            &[std::os::fd::AsFd::as_fd(&run_userns)],
+        )
         .await;
+    drop(run_userns);
+    let started = match sent {
+        Ok(_) => client.recv().await,
+        Err(e) => Err(e),
+    };
     let (jail, session) = match started.map(|a| a.body) {
         Ok(ResponseBody::JailStarted {
             jail,

@@ -124,6 +124,11 @@ pub struct LaunchSpec {
     /// run from outside any jail, unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confine: Option<serde_json::Value>,
+    /// With `confine`: the last fd attached is a user namespace made by `agentkeys jail` for
+    /// the jail's runs (a sibling of the agent's), which the program's process joins instead
+    /// of making one (a launcher of a root daemon may not map uid 0 itself).
+    #[serde(default)]
+    pub confine_userns: bool,
 }
 
 /// Confines the process that is about to become a run's program (crate `agentkeys-jail`):
@@ -132,8 +137,11 @@ pub struct LaunchSpec {
 /// `Infallible`). Helpers
 /// must close every descriptor above 2 once their own set-up is done, so the exec error pipe
 /// reports the program's `execve` alone.
-pub type ConfineHook =
-    fn(policy: &serde_json::Value, fail: &dyn Fn(&'static str, i32) -> std::convert::Infallible);
+pub type ConfineHook = fn(
+    policy: &serde_json::Value,
+    userns: Option<BorrowedFd<'_>>,
+    fail: &dyn Fn(&'static str, i32) -> std::convert::Infallible,
+);
 
 static CONFINE: std::sync::OnceLock<ConfineHook> = std::sync::OnceLock::new();
 
@@ -853,7 +861,7 @@ fn report_failure(err_w: &OwnedFd, step: u32, errno: i32) -> ! {
 
 fn launch(spec: &LaunchSpec, fds: Vec<OwnedFd>) -> Result<Launched, (i32, &'static str)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    let expected = 3 + spec.secret_env.len() + spec.files.len();
+    let expected = 3 + spec.secret_env.len() + spec.files.len() + usize::from(spec.confine_userns);
     if spec.argv.is_empty() || fds.len() != expected {
         return Err((libc::EINVAL, "request"));
     }
@@ -1139,7 +1147,13 @@ fn child_exec(spec: &LaunchSpec, fds: &[OwnedFd], err_w: &OwnedFd) -> ! {
     // The jail's agent cannot name it: it is in another PID namespace.
     if let Some(policy) = &spec.confine {
         match CONFINE.get() {
-            Some(hook) => hook(policy, &|_step, errno| fail(STEP_CONFINE, errno)),
+            Some(hook) => {
+                let userns = spec
+                    .confine_userns
+                    .then(|| fds.last().map(|f| f.as_fd()))
+                    .flatten();
+                hook(policy, userns, &|_step, errno| fail(STEP_CONFINE, errno))
+            }
             None => fail(STEP_CONFINE, libc::ENOSYS),
         }
     }
@@ -1177,7 +1191,7 @@ fn child_exec(spec: &LaunchSpec, fds: &[OwnedFd], err_w: &OwnedFd) -> ! {
     let mut targets: Vec<(RawFd, RawFd)> = Vec::with_capacity(3 + spec.files.len());
     for (k, fd) in fds[..3]
         .iter()
-        .chain(&fds[3 + spec.secret_env.len()..])
+        .chain(&fds[3 + spec.secret_env.len()..3 + spec.secret_env.len() + spec.files.len()])
         .enumerate()
     {
         // SAFETY: F_DUPFD_CLOEXEC on our own fd; integer arguments.
@@ -1314,6 +1328,7 @@ mod tests {
             kill_grace_ms: DEFAULT_KILL_GRACE_MS,
             deadline_ms: None,
             confine: None,
+            confine_userns: false,
         }
     }
 

@@ -70,6 +70,7 @@ fn nix_errno(e: nix::Error) -> i32 {
 pub fn confine(
     policy: &JailPolicy,
     session: Option<Session<'_>>,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
     parent: Option<Pid>,
     signals: Signals,
     fail: Fail<'_>,
@@ -94,18 +95,33 @@ pub fn confine(
     }
     let namespaces = policy.applies(Protection::Namespaces);
     if namespaces {
-        let flags = CloneFlags::CLONE_NEWUSER
-            | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWIPC;
-        if let Err(e) = unshare(flags) {
-            die(
-                fail,
-                "unshare user, mount, PID and IPC namespaces",
-                nix_errno(e),
-            );
+        let rest = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC;
+        match userns {
+            // A run of a jailed session: the user namespace `agentkeys jail` made for its
+            // runs (already mapped), then mount, PID and IPC namespaces of this run's own.
+            Some(fd) => {
+                if let Err(e) = nix::sched::setns(fd, CloneFlags::CLONE_NEWUSER) {
+                    die(
+                        fail,
+                        "join the jail's user namespace for runs",
+                        nix_errno(e),
+                    );
+                }
+                if let Err(e) = unshare(rest) {
+                    die(fail, "unshare mount, PID and IPC namespaces", nix_errno(e));
+                }
+            }
+            None => {
+                if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER | rest) {
+                    die(
+                        fail,
+                        "unshare user, mount, PID and IPC namespaces",
+                        nix_errno(e),
+                    );
+                }
+                map_ids(policy, fail, false);
+            }
         }
-        map_ids(policy, fail);
     }
     let (status_r, status_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
@@ -123,9 +139,59 @@ pub fn confine(
     outer_loop(init, status_r, signals)
 }
 
+/// Makes the user namespace a jail's `run`s join (see [`confine`]'s `userns`): a short-lived
+/// child creates it and maps the owner's ids, this process opens it, the child exits; the
+/// descriptor keeps it alive. A sibling of the agent's own namespace: nothing in the jail has
+/// any capability in it. Call it while single-threaded.
+///
+/// # Errors
+/// The step and errno that failed.
+pub fn user_namespace_for_runs(policy: &JailPolicy) -> Result<OwnedFd, (&'static str, i32)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+    match ns::fork_single_threaded() {
+        Ok(Forked::Child) => {
+            drop(r);
+            drop(go_w);
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
+                report(&w, step, errno);
+                ns::exit_now(1)
+            };
+            if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+                die(&fail, "user namespace for runs", nix_errno(e));
+            }
+            // Dumpable, so the parent may open /proc/PID/ns/user; it holds nothing.
+            map_ids(policy, &fail, true);
+            drop(w);
+            // Until the parent has opened the namespace.
+            let mut b = [0u8; 1];
+            let _ = nix::unistd::read(&go_r, &mut b);
+            ns::exit_now(0)
+        }
+        Ok(Forked::Parent(pid)) => {
+            drop(w);
+            drop(go_r);
+            let failed = read_report(&r);
+            let opened = match failed {
+                Some((_, errno)) => Err(("user namespace for runs", errno)),
+                None => std::fs::File::open(format!("/proc/{pid}/ns/user"))
+                    .map(OwnedFd::from)
+                    .map_err(|e| ("user namespace for runs (open)", errno_of(&e))),
+            };
+            drop(go_w);
+            let _ = waitpid(pid, None);
+            opened
+        }
+        Err(e) => Err(("user namespace for runs (fork)", errno_of(&e))),
+    }
+}
+
 /// Writes the identity uid/gid maps of the new user namespace (the owner's ids map to
 /// themselves; `setgroups` denied, as an unprivileged process must).
-fn map_ids(policy: &JailPolicy, fail: Fail<'_>) {
+fn map_ids(policy: &JailPolicy, fail: Fail<'_>, stay_dumpable: bool) {
     // A non-dumpable process's /proc/self files belong to root: the maps could not be
     // written. Dumpable only for these three writes (this process is outside the jail's PID
     // namespace, so nothing inside can name it meanwhile).
@@ -155,7 +221,7 @@ fn map_ids(policy: &JailPolicy, fail: Fail<'_>) {
         format!("{0} {0} 1\n", policy.gid),
         "write gid_map",
     );
-    if agentkeys_hardening::process::set_dumpable(false).is_err() {
+    if !stay_dumpable && agentkeys_hardening::process::set_dumpable(false).is_err() {
         die(fail, "not dumpable again", libc::EPERM);
     }
 }

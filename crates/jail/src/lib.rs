@@ -41,6 +41,7 @@ pub enum JailError {
 /// the jail's agent cannot name. Returns only in the confined program's process.
 pub fn confine_launch(
     policy: &serde_json::Value,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
     fail: &dyn Fn(&'static str, i32) -> std::convert::Infallible,
 ) {
     let policy = match JailPolicy::from_json(policy) {
@@ -50,6 +51,7 @@ pub fn confine_launch(
     apply::confine(
         &policy,
         None,
+        userns,
         Some(nix::unistd::getppid()),
         apply::Signals::Group,
         fail,
