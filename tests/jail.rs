@@ -768,3 +768,202 @@ fn print_policy_shows_the_rules() {
         o.proj().canonicalize().unwrap().display().to_string()
     );
 }
+
+/// The MCP host's half of [`mcp_clients_started_inside_the_jail`]: this test binary, run
+/// again *inside* a jail, starts `agentkeys mcp` with rmcp's client and no token
+/// configuration, and checks `whoami` (jailed) and a masked `run` with its exit code.
+#[tokio::test(flavor = "current_thread")]
+async fn inner_rmcp_host() {
+    use rmcp::ServiceExt;
+    use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
+    if std::env::var_os("AK_JAIL_INNER").is_none() {
+        println!(
+            "SKIP inner_rmcp_host: runs only inside the jail (mcp_clients_started_inside_the_jail)"
+        );
+        return;
+    }
+    let mut c = tokio::process::Command::new("agentkeys");
+    c.arg("mcp").stderr(Stdio::null());
+    let transport = rmcp::transport::TokioChildProcess::new(c).expect("spawn agentkeys mcp");
+    let config = ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("agentkeys-e2e-jail", "0"),
+    );
+    let client = config.serve(transport).await.expect("MCP initialize");
+    let call = |name: &'static str, args: serde_json::Value| {
+        let serde_json::Value::Object(args) = args else {
+            panic!("object")
+        };
+        client.call_tool(CallToolRequestParams::new(name).with_arguments(args))
+    };
+    let who = call("whoami", serde_json::json!({})).await.expect("whoami");
+    let who = serde_json::to_string(&who).unwrap();
+    assert!(
+        who.contains("jailed: j-"),
+        "whoami does not say jailed: {who}"
+    );
+    let r = call(
+        "run",
+        serde_json::json!({"command": "sh", "args": ["-c", "echo \"v=$T\"; exit 3"], "env": {"T": "gh"}}),
+    )
+    .await
+    .expect("run");
+    let r = serde_json::to_string(&r).unwrap();
+    assert!(r.contains("v=********") && !r.contains(SECRET), "{r}");
+    assert!(r.contains('3'), "{r}");
+    println!("OK inner rmcp host");
+    client.cancel().await.expect("close");
+}
+
+/// An MCP host started inside the jail starts `agentkeys mcp` in it with no token
+/// configuration: rmcp's client (this test binary, run again inside) and the official Python
+/// SDK (`$AGENTKEYS_TEST_PYTHON`; root only, as the venv lives under /root).
+#[test]
+fn mcp_clients_started_inside_the_jail() {
+    skip_unless_jail!("mcp_clients_started_inside_the_jail");
+    let me = std::env::current_exe().unwrap();
+    for o in owners("mcp") {
+        let out = o
+            .cli(&[
+                "jail",
+                "--agent",
+                "a",
+                "--",
+                me.to_str().unwrap(),
+                "--exact",
+                "inner_rmcp_host",
+                "--nocapture",
+            ])
+            .env("AK_JAIL_INNER", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            all(&out).contains("OK inner rmcp host"),
+            "{}",
+            show(&o, &out)
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", show(&o, &out));
+
+        if o.uid.is_some() {
+            println!(
+                "SKIP mcp_clients_started_inside_the_jail (Python SDK) [{}]: the SDK's venv \
+                 lives under /root, which this uid may not read",
+                o.who()
+            );
+            continue;
+        }
+        let python = std::env::var("AGENTKEYS_TEST_PYTHON").ok();
+        let usable = python.as_deref().is_some_and(|p| {
+            o.command(p, &["-c", "import mcp.client.stdio"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        let Some(python) = python.filter(|_| usable) else {
+            if std::env::var("CI").as_deref() == Ok("true") && o.uid.is_none() {
+                panic!("CI=true but AGENTKEYS_TEST_PYTHON is not a Python with the mcp SDK");
+            }
+            println!(
+                "SKIP mcp_clients_started_inside_the_jail (Python SDK) [{}]: no Python with the mcp SDK usable by this uid",
+                o.who()
+            );
+            continue;
+        };
+        let script = r#"
+import anyio, json, sys
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+async def main():
+    async with stdio_client(StdioServerParameters(command="agentkeys", args=["mcp"])) as (r, w):
+        async with ClientSession(r, w) as s:
+            await s.initialize()
+            who = json.dumps((await s.call_tool("whoami", {})).model_dump(mode="json"))
+            assert "j-" in who, who
+            res = json.dumps((await s.call_tool("run", {"command": "sh", "args": ["-c", "echo v=$T; exit 3"], "env": {"T": "gh"}})).model_dump(mode="json"))
+            assert "v=********" in res and "ghp_" not in res, res
+            print("OK python mcp in jail")
+anyio.run(main)
+"#;
+        let out = o
+            .cli(&["jail", "--agent", "a", "--", &python, "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            all(&out).contains("OK python mcp in jail"),
+            "{}",
+            show(&o, &out)
+        );
+    }
+}
+
+/// An interactive program in the owner's terminal: driven through a pseudo-terminal, it sees
+/// the window size, a resize (SIGWINCH) and Ctrl-C (SIGINT from the terminal), and its exit
+/// status comes back; the CLI itself survives the Ctrl-C.
+#[test]
+fn interactive_program_through_a_pty() {
+    skip_unless_jail!("interactive_program_through_a_pty");
+    for o in owners("pty") {
+        let b = bin("agentkeys");
+        let inner = r#"
+import signal, sys, os, fcntl, termios, struct, time
+def size():
+    r, c, _, _ = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0"*8))
+    return f"{r}x{c}"
+print("size", size(), flush=True)
+ev = []
+signal.signal(signal.SIGWINCH, lambda *a: ev.append("winch"))
+signal.signal(signal.SIGINT, lambda *a: ev.append("int"))
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+    while ev:
+        e = ev.pop(0)
+        if e == "winch":
+            print("winch", size(), flush=True)
+        else:
+            print("got SIGINT", flush=True); sys.exit(42)
+"#;
+        // The driver: a pty, a first size, then a resize and Ctrl-C typed at the terminal.
+        let driver = format!(
+            r#"
+import os, pty, sys, time, fcntl, termios, struct, select
+argv = [{b:?}, "jail", "--agent", "a", "--", "/usr/bin/python3", "-c", {inner:?}]
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    os.execvp(argv[0], argv)
+out = b""
+def read_until(word, t=15):
+    global out
+    end = time.time() + t
+    while word not in out and time.time() < end:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try: out += os.read(fd, 4096)
+            except OSError: break
+    return word in out
+ok = read_until(b"ready")
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+read_until(b"winch 40x120")
+os.write(fd, b"\x03")
+read_until(b"got SIGINT")
+_, st = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+print("\nEXIT", os.waitstatus_to_exitcode(st))
+"#
+        );
+        let out = o
+            .command("/usr/bin/python3", &["-c", &driver])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let s = all(&out);
+        assert!(s.contains("size 24x80"), "{}", show(&o, &out));
+        assert!(s.contains("winch 40x120"), "{}", show(&o, &out));
+        assert!(s.contains("got SIGINT"), "{}", show(&o, &out));
+        assert!(s.contains("EXIT 42"), "{}", show(&o, &out));
+    }
+}

@@ -101,6 +101,11 @@ pub(crate) fn home() -> Result<Home, CliError> {
 
 /// The daemon's socket for this home.
 pub(crate) fn socket(home: &Home) -> PathBuf {
+    // Inside a jail without AGENTKEYS_SOCKET (an MCP host gives its servers a minimal
+    // environment): the jail binds the daemon's socket next to the session file.
+    if std::env::var_os("AGENTKEYS_SOCKET").is_none() && jailed() {
+        return PathBuf::from(agentkeys_jail::policy::SESSION_SOCKET);
+    }
     agentkeys_proto::paths::socket_path(home.root())
 }
 

@@ -516,7 +516,7 @@ fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult 
     }
 
     // 4. A minimal /dev (no disks, no other terminals), a new devpts, the session file.
-    build_dev(old, new, session)?;
+    build_dev(old, new, session, policy.socket.as_deref())?;
 
     // 5. A fresh /proc for the new PID namespace: outside processes have no entry in it.
     m(
@@ -672,7 +672,12 @@ fn remount_ro(p: &Path, step: &'static str) -> StepResult {
 /// /dev: a tmpfs with null, zero, full, random, urandom and tty bound in, a new devpts
 /// instance (ptys made inside), a private /dev/shm, the usual links, and the session file;
 /// then read-only.
-fn build_dev(old: &Path, new: &Path, session: Option<&Session<'_>>) -> StepResult {
+fn build_dev(
+    old: &Path,
+    new: &Path,
+    session: Option<&Session<'_>>,
+    socket: Option<&Path>,
+) -> StepResult {
     let dev = inside(new, Path::new("/dev"));
     m(
         "mount /dev",
@@ -742,6 +747,18 @@ fn build_dev(old: &Path, new: &Path, session: Option<&Session<'_>>) -> StepResul
             .open(&file)
             .map_err(io("write the session file"))?;
         std::io::Write::write_all(&mut f, s.token).map_err(io("write the session file"))?;
+        if let Some(sock) = socket {
+            let dst = inside(new, Path::new(crate::policy::SESSION_SOCKET));
+            std::fs::write(&dst, b"").map_err(io("bind the daemon's socket"))?;
+            m(
+                "bind the daemon's socket",
+                Some(&inside(old, sock)),
+                &dst,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
     }
     remount_ro(&dev, "make /dev read-only").or_else(|_| {
         // noexec/nodev flags as mounted; only read-only matters here.

@@ -18,6 +18,9 @@ pub const MAX_PATHS: usize = 256;
 pub const SESSION_DIR: &str = "/dev/agentkeys";
 /// The session token file inside the jail.
 pub const SESSION_FILE: &str = "/dev/agentkeys/session";
+/// The daemon's socket inside the jail, bound there too, so a client that finds no
+/// `AGENTKEYS_SOCKET` (an MCP host passes its servers a minimal environment) still reaches it.
+pub const SESSION_SOCKET: &str = "/dev/agentkeys/agentkeysd.sock";
 
 /// How the jail reaches the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +261,9 @@ pub struct JailPolicy {
     /// Directories created (empty) before being made read-only, so the agent cannot create
     /// them.
     pub create_dirs: Vec<PathBuf>,
+    /// agentkeys' socket, also bound at [`SESSION_SOCKET`] in a jail with a session.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
     /// The network.
     pub network: Network,
     /// The environment filter.
@@ -519,6 +525,7 @@ impl PolicyBuilder {
             reveal: reveal.into_iter().collect(),
             protected: protected.into_iter().collect(),
             create_dirs: create_dirs.into_iter().collect(),
+            socket: Some(socket),
             network: Network::Host,
             env: EnvPolicy { removed, passed },
             protections: vec![
