@@ -967,3 +967,23 @@ print("\nEXIT", os.waitstatus_to_exitcode(st))
         assert!(s.contains("EXIT 42"), "{}", show(&o, &out));
     }
 }
+
+/// A descriptor the owner's shell left open (here on `dek.key`) does not reach the jail: every
+/// fd but 0-2 is closed before CMD starts.
+#[test]
+fn inherited_descriptors_are_closed() {
+    skip_unless_jail!("inherited_descriptors_are_closed");
+    for o in owners("fds") {
+        let key = o.akhome().join("dek.key");
+        let b = bin("agentkeys");
+        let line = format!(
+            "exec 7<'{}'; exec '{}' jail --agent a -- sh -c 'cat <&7; echo \"fd7=$?\"; ls /proc/self/fd | tr \"\\n\" \" \"'",
+            key.display(),
+            b.display()
+        );
+        let out = o.command("sh", &["-c", &line]).stdin(Stdio::null()).output().unwrap();
+        let s = all(&out);
+        assert!(s.contains("fd7=2") || s.contains("fd7=1"), "{}", show(&o, &out));
+        assert!(s.contains("Bad file descriptor"), "{}", show(&o, &out));
+    }
+}
