@@ -981,9 +981,17 @@ fn inherited_descriptors_are_closed() {
             key.display(),
             b.display()
         );
-        let out = o.command("sh", &["-c", &line]).stdin(Stdio::null()).output().unwrap();
+        let out = o
+            .command("sh", &["-c", &line])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let s = all(&out);
-        assert!(s.contains("fd7=2") || s.contains("fd7=1"), "{}", show(&o, &out));
+        assert!(
+            s.contains("fd7=2") || s.contains("fd7=1"),
+            "{}",
+            show(&o, &out)
+        );
         assert!(s.contains("Bad file descriptor"), "{}", show(&o, &out));
     }
 }

@@ -21,6 +21,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
 }
 
 /// `jail_start` from the owner's connection `conn`.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     shared: &Shared,
     p: &Principal,

@@ -176,9 +176,12 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     drop(tok_r);
     drop(err_w);
     let rt = ctx::runtime()?;
-    rt.block_on(supervise(
-        &home, caller, &o, &policy, outer, tok_w, err_r, run_userns,
-    ))
+    let handoff = Handoff {
+        tok_w,
+        err_r,
+        run_userns,
+    };
+    rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff))
 }
 
 /// The jail's outer process: waits for the session, confines, and (in CMD's process) execs.
@@ -250,6 +253,14 @@ fn jail_child(
     })
 }
 
+/// What the CLI hands the jail: the session (`jail_id\ntoken` on `tok_w`), the set-up's
+/// report (`err_r`), and the user namespace for the jail's runs (sent to the daemon).
+struct Handoff {
+    tok_w: OwnedFd,
+    err_r: OwnedFd,
+    run_userns: OwnedFd,
+}
+
 /// The CLI's side while the jail runs.
 async fn supervise(
     home: &agentkeys_state::home::Home,
@@ -257,10 +268,13 @@ async fn supervise(
     o: &JailOpts,
     policy: &JailPolicy,
     outer: Pid,
-    tok_w: OwnedFd,
-    err_r: OwnedFd,
-    run_userns: OwnedFd,
+    handoff: Handoff,
 ) -> Result<(), CliError> {
+    let Handoff {
+        tok_w,
+        err_r,
+        run_userns,
+    } = handoff;
     use tokio::signal::unix::{SignalKind, signal};
     let abandon = |tok_w: OwnedFd| {
         drop(tok_w);

@@ -76,25 +76,25 @@ pub const JAIL_DENYLIST: &[Denied] = &[
     Denied {
         name: "ioctl(TIOCSTI)",
         nr: libc::SYS_ioctl,
-        when: Some(Cond::Eq32(1, libc::TIOCSTI as u64)),
+        when: Some(Cond::Eq32(1, libc::TIOCSTI)),
         why: "pushes keystrokes into the owner's terminal (legacy_tiocsti is 1 on many machines)",
     },
     Denied {
         name: "ioctl(TIOCLINUX)",
         nr: libc::SYS_ioctl,
-        when: Some(Cond::Eq32(1, libc::TIOCLINUX as u64)),
+        when: Some(Cond::Eq32(1, libc::TIOCLINUX)),
         why: "virtual-console selection paste: input injection on a VT",
     },
     Denied {
         name: "ioctl(TIOCCONS)",
         nr: libc::SYS_ioctl,
-        when: Some(Cond::Eq32(1, libc::TIOCCONS as u64)),
+        when: Some(Cond::Eq32(1, libc::TIOCCONS)),
         why: "redirects console output to a terminal of the agent's choosing",
     },
     Denied {
         name: "ioctl(TIOCSETD)",
         nr: libc::SYS_ioctl,
-        when: Some(Cond::Eq32(1, libc::TIOCSETD as u64)),
+        when: Some(Cond::Eq32(1, libc::TIOCSETD)),
         why: "changes the terminal's line discipline (kernel attack surface, no agent needs it)",
     },
     Denied {
