@@ -82,7 +82,7 @@ fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
 /// Checks the kernel: refuses on a missing requirement, or (best effort) marks it skipped
 /// and says what is lost.
 fn check_kernel(policy: &mut JailPolicy) -> Result<(), CliError> {
-    let missing: Vec<_> = agentkeys_jail::probe::probe()
+    let missing: Vec<_> = agentkeys_jail::probe::probe_quick()
         .into_iter()
         .filter(|i| !i.ok)
         .collect();
@@ -352,8 +352,13 @@ async fn supervise(
                 126
             }));
         }
+        let hint = if step.starts_with("unshare") {
+            " (are unprivileged user namespaces allowed? see `agentkeys doctor`, items jail_*)"
+        } else {
+            ""
+        };
         return Err(CliError::Jail(format!(
-            "setting up the jail failed at step `{step}`: {err}"
+            "setting up the jail failed at step `{step}`: {err}{hint}"
         )));
     }
     eprintln!(
@@ -394,12 +399,17 @@ async fn supervise(
         }
     };
     if ended.is_none() {
+        // Sent, not waited for: the daemon handles it before it sees this connection close,
+        // and ends the jail on the close anyway. Saves a round trip and a sync per jail.
         let _ = client
-            .call(RequestBody::JailExit {
-                jail,
-                code: status.0,
-                signal: status.1,
-            })
+            .send(
+                RequestBody::JailExit {
+                    jail,
+                    code: status.0,
+                    signal: status.1,
+                },
+                &[],
+            )
             .await;
     }
     let code = match status {

@@ -27,13 +27,19 @@ fn sysctl(path: &str) -> Option<i64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Probes the kernel. Forks a short-lived child to try a user namespace when this process is
-/// single-threaded (the CLI is, at that point); otherwise reads the sysctls alone.
+/// Probes the kernel thoroughly (`agentkeys doctor`): forks a short-lived child to try a user
+/// namespace when this process is single-threaded; otherwise reads the sysctls alone.
 pub fn probe() -> Vec<Item> {
-    vec![user_namespaces(), landlock(), seccomp()]
+    vec![user_namespaces(true), landlock(), seccomp()]
 }
 
-fn user_namespaces() -> Item {
+/// The quick probe `agentkeys jail` runs before every start: the sysctls and the Landlock ABI,
+/// no fork (a namespace the kernel still refuses fails the jail's own step, which names it).
+pub fn probe_quick() -> Vec<Item> {
+    vec![user_namespaces(false), landlock(), seccomp()]
+}
+
+fn user_namespaces(try_it: bool) -> Item {
     let mut item = Item {
         name: "user_namespaces",
         protection: Protection::Namespaces,
@@ -52,7 +58,8 @@ fn user_namespaces() -> Item {
         return item;
     }
     let apparmor = sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == Some(1);
-    match try_unshare() {
+    let tried = if try_it { try_unshare() } else { None };
+    match tried {
         Some(0) => {
             item.ok = true;
             item.detail = "unprivileged user, mount, PID and IPC namespaces work".into();
@@ -78,7 +85,7 @@ fn user_namespaces() -> Item {
             item.detail = if apparmor {
                 "kernel.apparmor_restrict_unprivileged_userns is 1".into()
             } else {
-                "sysctls allow unprivileged user namespaces (not tried: multi-threaded)".into()
+                "sysctls allow unprivileged user namespaces".into()
             };
             if apparmor {
                 item.fix = Some("sysctl -w kernel.apparmor_restrict_unprivileged_userns=0".into());
