@@ -995,3 +995,37 @@ fn inherited_descriptors_are_closed() {
         assert!(s.contains("Bad file descriptor"), "{}", show(&o, &out));
     }
 }
+
+/// `agentkeys mcp` started outside any jail warns once on stderr, naming the jail command;
+/// inside a jail it does not.
+#[test]
+fn mcp_outside_a_jail_warns() {
+    skip_unless_jail!("mcp_outside_a_jail_warns");
+    let o = Owner::new("mcpwarn", None);
+    let tok = o.base.join("a.token");
+    let out = o.run(&[
+        "agent",
+        "add",
+        "m",
+        "--scope",
+        "gh",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = o
+        .cli(&["mcp"])
+        .env("AGENTKEYS_TOKEN_FILE", &tok)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(s.matches("not running in a jail").count(), 1, "{s}");
+    assert!(s.contains("agentkeys jail --agent"), "{s}");
+    let out = o.jail(&[], "agentkeys mcp </dev/null");
+    assert!(
+        !all(&out).contains("not running in a jail"),
+        "{}",
+        show(&o, &out)
+    );
+}

@@ -166,3 +166,19 @@ fn seccomp() -> Item {
         fix: (!ok).then(|| "a kernel with CONFIG_SECCOMP_FILTER".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_name_each_requirement_and_a_fix_when_missing() {
+        let items = probe_quick();
+        let names: Vec<_> = items.iter().map(|i| i.name).collect();
+        assert_eq!(names, ["user_namespaces", "landlock", "seccomp"]);
+        for i in &items {
+            assert!(!i.detail.is_empty());
+            assert!(i.ok || i.fix.is_some(), "{}: missing without a fix", i.name);
+        }
+    }
+}
