@@ -809,6 +809,10 @@ mod tests {
             ("TERM", None),
             ("LANG", None),
             ("XDG_SESSION_TYPE", None),
+            // Paths to CA bundles are not credentials (an early pattern with CERT removed
+            // them and broke TLS inside the jail).
+            ("SSL_CERT_FILE", None),
+            ("NODE_EXTRA_CA_CERTS", None),
         ] {
             assert_eq!(env_removal_reason(name), want, "{name}");
         }
