@@ -301,7 +301,10 @@ fn state_and_token_files_are_unreachable() {
             show(&o, &out)
         );
         assert!(o.audit().contains("\"jail_start\""));
-        assert!(o.audit().contains("\"jail_exit\""));
+        // `jail_exit` is sent as the CLI leaves, not waited for.
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(5), || o
+            .audit()
+            .contains("\"jail_exit\"")));
     }
 }
 

@@ -193,38 +193,21 @@ fn jail_child(
     parent: Pid,
     argv: Vec<std::ffi::CString>,
 ) -> ! {
-    // `jail_id\ntoken`, then EOF; nothing (EOF alone) when the daemon refused.
-    let mut buf = Zeroizing::new(vec![0u8; 1024]);
-    let mut got = 0;
-    while got < buf.len() {
-        match nix::unistd::read(&tok_r, &mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => ns::exit_now(1),
-        }
-    }
-    drop(tok_r);
-    let Some(nl) = buf[..got].iter().position(|&b| b == b'\n') else {
-        ns::exit_now(0)
-    };
-    let jail_id = String::from_utf8_lossy(&buf[..nl]).into_owned();
     let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
         apply::report(&err_w, step, errno);
         ns::exit_now(125)
     };
-    apply::confine(
+    // Returns in CMD's process, confined; init read the session from the pipe (while this
+    // CLI asked the daemon for it) and wrote it to the jail's file.
+    let jail_id = apply::confine(
         policy,
-        Some(Session {
-            token: &buf[nl + 1..got],
-        }),
+        Some(Session { pipe: tok_r }),
         None,
         Some(parent),
         Signals::Forward,
         &fail,
-    );
-    // CMD's process, confined. The token lives on in the jail's file only.
-    zeroize::Zeroize::zeroize(&mut *buf);
+    )
+    .unwrap_or_default();
     let env: Vec<String> = policy
         .environment(&jail_id, socket)
         .into_iter()
@@ -314,10 +297,26 @@ async fn supervise(
             msg.push(b'\n');
             msg.extend_from_slice(token.0.0.expose_secret().as_bytes());
             if nix::unistd::write(&tok_w, &msg).is_err() {
+                // The set-up failed before it needed the session: say at which step.
                 abandon(tok_w);
-                return Err(CliError::Jail(
-                    "the jail went away before it started".into(),
-                ));
+                let why = match apply::read_report(&err_r) {
+                    Some((step, errno)) => format!(
+                        "setting up the jail failed at step `{step}`: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ),
+                    None => "the jail went away before it started".into(),
+                };
+                let _ = client
+                    .send(
+                        RequestBody::JailExit {
+                            jail: jail.clone(),
+                            code: None,
+                            signal: None,
+                        },
+                        &[],
+                    )
+                    .await;
+                return Err(CliError::Jail(why));
             }
             drop(tok_w);
             (jail, session)

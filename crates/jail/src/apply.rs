@@ -38,11 +38,12 @@ pub fn die(fail: Fail<'_>, step: &'static str, errno: i32) -> ! {
     match fail(step, errno) {}
 }
 
-/// What the jail's init hands the session to (the ephemeral token), if any.
-pub struct Session<'a> {
-    /// The token's bytes (written to [`SESSION_FILE`], mode 0600, in a tmpfs only the jail
-    /// sees).
-    pub token: &'a [u8],
+/// Where the jail's init gets the session from: a pipe on which `jail_id\ntoken` arrives,
+/// then EOF. Read by init only when the view is built, so the jail's set-up runs while the
+/// caller asks the daemon for the session. EOF alone: the daemon refused, init exits quietly.
+pub struct Session {
+    /// The pipe's read end.
+    pub pipe: OwnedFd,
 }
 
 /// How the outer process treats SIGTERM and SIGHUP.
@@ -69,12 +70,12 @@ fn nix_errno(e: nix::Error) -> i32 {
 /// never return. Every failure goes through `fail`, naming the step.
 pub fn confine(
     policy: &JailPolicy,
-    session: Option<Session<'_>>,
+    session: Option<Session>,
     userns: Option<std::os::fd::BorrowedFd<'_>>,
     parent: Option<Pid>,
     signals: Signals,
     fail: Fail<'_>,
-) {
+) -> Option<String> {
     // --- outer ------------------------------------------------------------------------------
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         die(fail, "set parent-death signal", libc::EINVAL);
@@ -291,24 +292,25 @@ fn finish_signal(sig: i32) -> ! {
 /// The jail's init: pid 1 of the new PID namespace.
 fn init_process(
     policy: &JailPolicy,
-    session: Option<Session<'_>>,
+    session: Option<Session>,
     status_w: OwnedFd,
     fail: Fail<'_>,
-) {
+) -> Option<String> {
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         die(fail, "set parent-death signal", libc::EINVAL);
     }
     let _ = nix::sys::prctl::set_name(c"agentkeys-jail");
+    let mut jail_id = None;
     if policy.applies(Protection::Namespaces) {
-        if let Err((step, errno)) = build_view(policy, session.as_ref()) {
+        if let Err((step, errno)) = build_view(policy, session.as_ref(), &mut jail_id) {
             die(fail, step, errno);
         }
+        drop(session);
         // Defence in depth: no user namespace can be created below this one (the seccomp
         // filter refuses CLONE_NEWUSER too). Best effort: the filter is what is relied on.
         let _ = std::fs::write("/proc/sys/user/max_user_namespaces", "0");
-    } else if let Some(s) = &session {
+    } else if session.is_some() {
         // Without namespaces there is no private place for the token: refuse.
-        let _ = s;
         die(
             fail,
             "hand the session in (needs the mount namespace)",
@@ -322,7 +324,8 @@ fn init_process(
         Ok(Forked::Parent(pid)) => pid,
         Ok(Forked::Child) => {
             drop(status_w);
-            return command_process(policy, fail);
+            command_process(policy, fail);
+            return jail_id;
         }
         Err(e) => die(fail, "fork the command", errno_of(&e)),
     };
@@ -419,7 +422,11 @@ fn inside(root: &Path, p: &Path) -> PathBuf {
 }
 
 /// Builds the jail's filesystem view and pivots into it (see the module docs for the order).
-fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult {
+fn build_view(
+    policy: &JailPolicy,
+    session: Option<&Session>,
+    jail_id: &mut Option<String>,
+) -> StepResult {
     let none: Option<&Path> = None;
     let nofs: Option<&str> = None;
     // Nothing we mount propagates back to the owner's namespace.
@@ -516,7 +523,7 @@ fn build_view(policy: &JailPolicy, session: Option<&Session<'_>>) -> StepResult 
     }
 
     // 4. A minimal /dev (no disks, no other terminals), a new devpts, the session file.
-    build_dev(old, new, session, policy.socket.as_deref())?;
+    build_dev(old, new, session, policy.socket.as_deref(), jail_id)?;
 
     // 5. A fresh /proc for the new PID namespace: outside processes have no entry in it.
     m(
@@ -675,8 +682,9 @@ fn remount_ro(p: &Path, step: &'static str) -> StepResult {
 fn build_dev(
     old: &Path,
     new: &Path,
-    session: Option<&Session<'_>>,
+    session: Option<&Session>,
     socket: Option<&Path>,
+    jail_id: &mut Option<String>,
 ) -> StepResult {
     let dev = inside(new, Path::new("/dev"));
     m(
@@ -737,6 +745,22 @@ fn build_dev(
         std::os::unix::fs::symlink(to, dev.join(link)).map_err(io("populate /dev"))?;
     }
     if let Some(s) = session {
+        // Now the session is needed: `jail_id\ntoken`, or EOF alone (refused: end quietly).
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1024]);
+        let mut got = 0;
+        while got < buf.len() {
+            match nix::unistd::read(&s.pipe, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(("receive the session", nix_errno(e))),
+            }
+        }
+        let Some(nl) = buf[..got].iter().position(|&b| b == b'\n') else {
+            ns::exit_now(0)
+        };
+        *jail_id = Some(String::from_utf8_lossy(&buf[..nl]).into_owned());
+        let token = &buf[nl + 1..got];
         let dir = inside(new, Path::new(SESSION_DIR));
         mkdir(dir, 0o700)?;
         let file = inside(new, Path::new(SESSION_FILE));
@@ -746,7 +770,7 @@ fn build_dev(
             .mode(0o600)
             .open(&file)
             .map_err(io("write the session file"))?;
-        std::io::Write::write_all(&mut f, s.token).map_err(io("write the session file"))?;
+        std::io::Write::write_all(&mut f, token).map_err(io("write the session file"))?;
         if let Some(sock) = socket {
             let dst = inside(new, Path::new(crate::policy::SESSION_SOCKET));
             std::fs::write(&dst, b"").map_err(io("bind the daemon's socket"))?;

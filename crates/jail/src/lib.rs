@@ -48,7 +48,7 @@ pub fn confine_launch(
         Ok(p) => p,
         Err(_) => apply::die(fail, "jail policy", libc::EINVAL),
     };
-    apply::confine(
+    let _ = apply::confine(
         &policy,
         None,
         userns,
