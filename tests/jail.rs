@@ -1032,3 +1032,58 @@ fn mcp_outside_a_jail_warns() {
         show(&o, &out)
     );
 }
+
+/// Pids of processes whose command line is exactly `argv`.
+fn pids_running(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+/// Nothing of the jail survives: not a background process when CMD exits, not anything
+/// when `agentkeys jail` itself is SIGKILLed.
+#[test]
+fn no_process_of_the_jail_survives() {
+    skip_unless_jail!("no_process_of_the_jail_survives");
+    let o = Owner::new("survive", None);
+    // CMD exits and leaves a background process behind.
+    let marker = format!("{}.25", 400 + std::process::id() % 500);
+    let out = o.jail(&[], &format!("sleep {marker} & exit 0"));
+    assert_eq!(out.status.code(), Some(0), "{}", show(&o, &out));
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(5), || pids_running(&["sleep", &marker])
+            .is_empty()),
+        "a background process of the jail survived CMD's exit"
+    );
+    // The CLI is SIGKILLed while the jail runs.
+    let marker2 = format!("{}.5", 400 + std::process::id() % 500);
+    let mut child = o
+        .jail_cmd(&[], &format!("sleep {marker2} & sleep {marker2}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || {
+        pids_running(&["sleep", &marker2]).len() == 2
+    }));
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        agentkeys_e2e::wait_until(Duration::from_secs(5), || pids_running(&[
+            "sleep", &marker2
+        ])
+        .is_empty()),
+        "the jail's processes survived the CLI's SIGKILL"
+    );
+    // And the daemon ended the session with the connection.
+    assert!(agentkeys_e2e::wait_until(Duration::from_secs(5), || o
+        .audit()
+        .contains("went away")));
+}
