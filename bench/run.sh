@@ -164,6 +164,37 @@ run_us=$(median "$dir/run.ms")
 env_us=$(median "$dir/env.ms")
 ratio=$(awk -v a="$run_us" -v b="$env_us" 'BEGIN {printf "%.2f", a / b}')
 
+# `agentkeys jail --agent x -- /bin/true` (whole process: policy, kernel check, session from
+# the daemon, namespaces, mounts, Landlock, seccomp, exec, jail_exit) against bubblewrap doing
+# the same with user, mount and PID namespaces (else util-linux unshare), interleaved, medians.
+jails=${BENCH_JAIL_ITERS:-20}
+ak agent add benchjail --scope bench-uncached >/dev/null
+jail_dir=$dir/jail-cwd
+mkdir -p "$jail_dir"
+if command -v bwrap >/dev/null; then
+    jail_base_name=bwrap
+    jail_base() { bwrap --unshare-user --unshare-pid --unshare-ipc --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --bind "$jail_dir" "$jail_dir" /bin/true; }
+else
+    jail_base_name=unshare
+    jail_base() { unshare -U -m -p -i -f --mount-proc /bin/true; }
+fi
+: >"$dir/jail.ms"
+: >"$dir/jailbase.ms"
+jail_ok=1
+for _ in $(seq "$jails"); do
+    t0=$(ns)
+    (cd "$jail_dir" && ak jail --agent benchjail -- /bin/true 2>/dev/null) || jail_ok=0
+    t1=$(ns)
+    jail_base || jail_ok=0
+    t2=$(ns)
+    echo "$(( (t1 - t0) / 1000 ))" >>"$dir/jail.ms"
+    echo "$(( (t2 - t1) / 1000 ))" >>"$dir/jailbase.ms"
+done
+jail_ms=$(awk -v u="$(median "$dir/jail.ms")" 'BEGIN {printf "%.2f", u / 1000}')
+jailbase_ms=$(awk -v u="$(median "$dir/jailbase.ms")" 'BEGIN {printf "%.2f", u / 1000}')
+jail_ratio=$(awk -v a="$jail_ms" -v b="$jailbase_ms" 'BEGIN {printf "%.2f", a / b}')
+[[ $jail_ok == 1 ]] || echo "bench: a jail start failed (the figures include the failure)" >&2
+
 stop_daemon() {
     ak daemon stop >/dev/null
     for _ in $(seq 100); do
@@ -262,6 +293,12 @@ agentkeys run vs. the program alone ($runs runs each, medians of whole processes
   run_overhead_ratio                       ${ratio}
 TXT
 head -n -1 "$dir/remote.txt"
+cat <<TXT
+agentkeys jail vs. $jail_base_name ($jails runs each, medians of whole processes):
+  agentkeys jail --agent x -- /bin/true    ${jail_ms} ms
+  $jail_base_name (user, mount, PID namespaces)   ${jailbase_ms} ms
+  jail_start_ratio                         ${jail_ratio}
+TXT
 head -n -1 "$dir/startup.txt"
 head -n -1 "$dir/vault.txt"
 head -n -1 "$dir/audit.txt"
@@ -273,4 +310,4 @@ daemon memory with $cached_n cached secrets (each fetched once, then all again):
 TXT
 # One JSON object: the example's line, plus the run figures and the other parts' lines.
 body() { tail -n 1 "$1" | sed 's/^{//; s/}$//'; }
-echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},$(body "$dir/remote.txt"),$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt")}"
+echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},\"jail_start_ms\":${jail_ms},\"jail_baseline_ms\":${jailbase_ms},\"jail_baseline\":\"${jail_base_name}\",\"jail_start_ratio\":${jail_ratio},$(body "$dir/remote.txt"),$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt")}"

@@ -47,7 +47,9 @@ pub(crate) fn auth_code(e: &AuthError) -> ErrorCode {
         AuthError::Unknown | AuthError::WrongUid(_) | AuthError::WrongLink(_) => {
             ErrorCode::Unauthenticated
         }
-        AuthError::Revoked(_) | AuthError::Replaced(_) => ErrorCode::Revoked,
+        AuthError::Revoked(_) | AuthError::Replaced(_) | AuthError::JailEnded(_) => {
+            ErrorCode::Revoked
+        }
         AuthError::Expired(..) => ErrorCode::Expired,
     }
 }
@@ -105,7 +107,13 @@ fn parse(
         wire::decode_request(&packet.data).map_err(|e| Some(error(e.code(), e.to_string())))?;
     // Only `run` takes descriptors (the caller's stdio); anything else carrying some is
     // refused and they are closed.
-    if !packet.fds.is_empty() && !matches!(req.body, RequestBody::Run { .. }) {
+    // `jail_start` takes one: the user namespace for the jail's runs.
+    let takes_fds = match req.body {
+        RequestBody::Run { .. } => true,
+        RequestBody::JailStart { .. } => packet.fds.len() <= 1,
+        _ => false,
+    };
+    if !packet.fds.is_empty() && !takes_fds {
         return Err(Some(error(
             ErrorCode::UnexpectedFd,
             "this request takes no file descriptors",
@@ -195,6 +203,13 @@ pub async fn run(
     let _ = tokio::time::timeout(std::time::Duration::ZERO, kick.notified()).await;
     info!(conn = id, uid, pid, principal = ?principal, "session opened");
     shared.authenticated(id, principal.clone());
+    // The jails this connection starts end when it closes, however it closes.
+    let _jails = JailGuard {
+        shared: shared.clone(),
+        owner: principal.clone(),
+        peer: Peer::local(uid, pid),
+        conn: id,
+    };
     if !send(
         &conn,
         req.id,
@@ -210,6 +225,17 @@ pub async fn run(
             _ = kick.notified() => {
                 if let Err(e) = shared.sessions.check(&principal, Some(uid)) {
                     send(&conn, 0, auth_error(&e)).await;
+                    return;
+                }
+                // A jail this connection started has ended (its agent revoked, its TTL):
+                // tell `agentkeys jail`, which stops the jail, and close.
+                if let Some((jail, why)) = crate::jail::ended_jail(shared, id) {
+                    send(&conn, 0, error(ErrorCode::Revoked, format!("jail {jail} ended: {why}"))).await;
+                    return;
+                }
+                if principal.is_owner() && !*stop.borrow() && shared.sessions.check(&principal, Some(uid)).is_ok() {
+                    // A kick meant for others (the owner's own session is fine): stay.
+                    continue;
                 }
                 return;
             }
@@ -233,6 +259,42 @@ pub async fn run(
             return;
         }
         let peer = Peer::local(uid, pid);
+        match &req.body {
+            RequestBody::JailStart { .. } | RequestBody::JailExit { .. } => {
+                let (body, ticket) = crate::auditor::collect_async(async {
+                    match req.body {
+                        RequestBody::JailStart {
+                            agent,
+                            ttl_secs,
+                            policy,
+                        } => crate::jail::start(
+                            shared,
+                            &principal,
+                            peer,
+                            id,
+                            &agent,
+                            ttl_secs,
+                            policy,
+                            fds.into_iter().next(),
+                        ),
+                        RequestBody::JailExit { jail, code, signal } => {
+                            crate::jail::exit(shared, &principal, peer, id, &jail, code, signal)
+                        }
+                        _ => error(ErrorCode::Internal, "unreachable"),
+                    }
+                })
+                .await;
+                let body = match shared.audit_durable(ticket).await {
+                    Ok(()) => body,
+                    Err(message) => error(ErrorCode::Internal, message),
+                };
+                if !send(&conn, req.id, body).await {
+                    return;
+                }
+                continue;
+            }
+            _ => {}
+        }
         if let RequestBody::Run {
             argv,
             env,
@@ -299,6 +361,22 @@ pub async fn run(
         }
         if !sent || reply.close {
             return;
+        }
+    }
+}
+
+/// Ends the jails of a connection when it closes.
+struct JailGuard {
+    shared: Arc<Shared>,
+    owner: Principal,
+    peer: Peer,
+    conn: u64,
+}
+
+impl Drop for JailGuard {
+    fn drop(&mut self) {
+        if self.owner.is_owner() {
+            crate::jail::connection_closed(&self.shared, &self.owner, self.peer, self.conn);
         }
     }
 }
@@ -502,10 +580,9 @@ pub(crate) async fn handle(
         RequestBody::RevokeGrants { id, agent, all } => {
             owner_only(p).unwrap_or_else(|| ok(revoke_grants(shared, peer, id, agent, all)))
         }
-        RequestBody::Run { .. } => ok(error(
-            ErrorCode::Internal,
-            "run is served by the connection loop",
-        )),
+        RequestBody::Run { .. } | RequestBody::JailStart { .. } | RequestBody::JailExit { .. } => {
+            ok(error(ErrorCode::Internal, "served by the connection loop"))
+        }
         RequestBody::Signal { .. } => ok(error(
             ErrorCode::BadRequest,
             "no program is running on this connection",

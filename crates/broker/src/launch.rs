@@ -288,6 +288,8 @@ pub fn approval_hook(
         umask: None,
         kill_grace_ms: ms(shared.cfg.kill_grace),
         deadline_ms: Some(ms(shared.cfg.approval_command_timeout)),
+        confine: None,
+        confine_userns: false,
     };
     runtime.spawn(async move {
         let _slot = slot;

@@ -26,6 +26,7 @@ pub mod cache;
 pub mod config;
 pub mod connection;
 pub mod delivery;
+pub mod jail;
 pub mod keys;
 pub mod launch;
 pub mod listen;

@@ -227,6 +227,8 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
 
     // The launcher, before anything secret is loaded (it inherits no key page or state fd) and
     // before the sandbox (its children must not inherit the daemon's seccomp filter).
+    // Runs of jailed sessions are confined by their jail's policy (crate agentkeys-jail).
+    agentkeys_hardening::launcher::set_confine_hook(agentkeys_jail::confine_launch);
     let launcher = agentkeys_hardening::launcher::spawn().map_err(|e| e.to_string())?;
     info!(pid = launcher.pid, "launcher started");
 

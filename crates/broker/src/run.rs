@@ -510,6 +510,7 @@ pub async fn start(
         })
         .collect();
     let (secret_env, files): (Vec<_>, Vec<_>) = secret_names.iter().partition(|(_, _, f)| !*f);
+    let jail = shared.sessions.jail_policy(p);
     let spec = LaunchSpec {
         id: 0,
         argv: req.argv,
@@ -520,6 +521,9 @@ pub async fn start(
         umask: req.umask,
         kill_grace_ms: u64::try_from(shared.cfg.kill_grace.as_millis()).unwrap_or(u64::MAX),
         deadline_ms: None,
+        // A jailed session's program is confined by its jail's policy (issue 15).
+        confine: jail.as_ref().map(|(policy, _)| policy.clone()),
+        confine_userns: jail.as_ref().is_some_and(|(_, ns)| ns.is_some()),
     };
     // Pages in the order the launcher expects: env secrets, then files.
     let mut ordered: Vec<&SecretPage> = Vec::new();
@@ -532,6 +536,9 @@ pub async fn start(
     }
     let mut send: Vec<BorrowedFd<'_>> = vec![stdin.as_fd(), child_out.as_fd(), child_err.as_fd()];
     send.extend(ordered.iter().map(|p| p.fd()));
+    if let Some((_, Some(ns))) = &jail {
+        send.push(ns.as_fd());
+    }
     // Nothing is launched before its fetch, run_start and deliver records are on disk.
     shared
         .audit_durable(crate::auditor::current_ticket())

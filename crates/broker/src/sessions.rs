@@ -43,6 +43,9 @@ struct SessionRef {
     /// [`TokenHash::session_id`], computed once.
     id: String,
     hash: TokenHash,
+    /// An ephemeral session of `agentkeys jail`: its jail id and the token hash of the agent
+    /// record it derives from (valid only while that record is).
+    jail: Option<(String, TokenHash)>,
 }
 
 impl Principal {
@@ -57,7 +60,22 @@ impl Principal {
             network,
             id: hash.session_id(),
             hash,
+            jail: None,
         }))
+    }
+
+    /// The jail id (`j-…`) of an ephemeral jailed session; `None` otherwise.
+    pub fn jail_id(&self) -> Option<&str> {
+        self.0.jail.as_ref().map(|(id, _)| id.as_str())
+    }
+
+    /// The token hash of the record this session's scope and policy come from: the agent
+    /// record's own for a jailed session.
+    fn record_hash(&self) -> &TokenHash {
+        match &self.0.jail {
+            Some((_, parent)) => parent,
+            None => &self.0.hash,
+        }
     }
 
     /// An agent session with a fresh random token, for unit tests of tables keyed by sessions.
@@ -110,9 +128,10 @@ impl Principal {
 
     /// For messages and logs: `the owner (s-…)` or `agent "NAME" (s-…)`.
     pub fn label(&self) -> String {
-        match &self.0.agent {
-            None => format!("the owner ({})", self.0.id),
-            Some(name) => format!("agent {name:?} ({})", self.0.id),
+        match (&self.0.agent, self.jail_id()) {
+            (None, _) => format!("the owner ({})", self.0.id),
+            (Some(name), None) => format!("agent {name:?} ({})", self.0.id),
+            (Some(name), Some(j)) => format!("agent {name:?} ({}, jailed {j})", self.0.id),
         }
     }
 
@@ -165,6 +184,9 @@ pub enum AuthError {
     /// socket, or a local token (the owner's or a local agent's) on a network listener.
     #[error("{0}")]
     WrongLink(&'static str),
+    /// The jail this ephemeral session belonged to has ended.
+    #[error("the jail {0} has ended, and its session with it")]
+    JailEnded(String),
 }
 
 /// [`AuthError::WrongLink`] for a local token on a network listener.
@@ -184,6 +206,7 @@ impl AuthError {
             AuthError::Replaced(_) => "session replaced",
             AuthError::WrongUid(_) => "session used from another uid",
             AuthError::WrongLink(_) => "session used on the wrong kind of link",
+            AuthError::JailEnded(_) => "jail ended",
         }
     }
 }
@@ -209,6 +232,40 @@ struct AgentsView {
     stamp: Option<FileStamp>,
 }
 
+/// Most jails open at once.
+pub const MAX_JAILS: usize = 64;
+
+/// An ephemeral session of `agentkeys jail`: minted by the daemon, kept only here (never in
+/// agents.enc), with the scope and uid binding of the agent record it derives from.
+struct JailSession {
+    id: String,
+    agent: String,
+    hash: TokenHash,
+    parent: TokenHash,
+    created: u64,
+    expires: u64,
+    /// The jail's policy, so a `run` of this session is confined by the same rules.
+    policy: serde_json::Value,
+    /// The user namespace `agentkeys jail` made for the jail's runs, if it sent one.
+    userns: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The owner's connection that started it: it ends with it.
+    conn: u64,
+}
+
+/// Why a jail could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum JailStartError {
+    /// No such agent, or it is revoked or expired.
+    #[error("{0}")]
+    Agent(String),
+    /// Too many jails.
+    #[error("too many jails are open ({MAX_JAILS}); end one first")]
+    TooMany,
+    /// No randomness for the token.
+    #[error("minting the jail's session token failed")]
+    Token,
+}
+
 /// The daemon's session table.
 pub struct Sessions {
     home: Home,
@@ -216,6 +273,7 @@ pub struct Sessions {
     daemon_uid: u32,
     owner: RwLock<OwnerView>,
     agents: RwLock<AgentsView>,
+    jails: RwLock<Vec<JailSession>>,
 }
 
 /// Seconds since the epoch.
@@ -266,7 +324,134 @@ impl Sessions {
             daemon_uid,
             owner: RwLock::new(owner),
             agents: RwLock::new(agents),
+            jails: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Starts a jail for the registered agent `name`: a fresh ephemeral session with that
+    /// agent's scope and policy, valid while the agent's record is, until `ttl_secs` (never
+    /// past the record's own expiry), and until the jail ends. Returns the jailed principal
+    /// and its token (handed to the jail, never stored).
+    ///
+    /// # Errors
+    /// [`JailStartError`].
+    pub fn start_jail(
+        &self,
+        name: &str,
+        ttl_secs: Option<u64>,
+        policy: serde_json::Value,
+        userns: Option<std::os::fd::OwnedFd>,
+        conn: u64,
+    ) -> Result<(Principal, SessionToken, u64), JailStartError> {
+        let now = now();
+        let (parent, rec_expires) = {
+            let a = self.agents.read().expect("agents lock");
+            let rec = a.registry.get(name).ok_or_else(|| {
+                JailStartError::Agent(format!(
+                    "no agent named {name:?} (see `agentkeys agent list`)"
+                ))
+            })?;
+            match rec.status(now) {
+                AgentStatus::Active => {}
+                AgentStatus::Revoked => {
+                    return Err(JailStartError::Agent(format!("agent {name:?} is revoked")));
+                }
+                AgentStatus::Expired => {
+                    return Err(JailStartError::Agent(format!(
+                        "agent {name:?} has expired; add it again"
+                    )));
+                }
+            }
+            (rec.token_hash.clone(), rec.expires)
+        };
+        let expires = match ttl_secs {
+            Some(t) => now.saturating_add(t).min(rec_expires),
+            None => rec_expires,
+        };
+        let token = SessionToken::generate().map_err(|_| JailStartError::Token)?;
+        let hash = token.hash();
+        let sid = hash.session_id();
+        let id = format!("j-{}", sid.trim_start_matches("s-"));
+        let mut j = self.jails.write().expect("jails lock");
+        if j.len() >= MAX_JAILS {
+            return Err(JailStartError::TooMany);
+        }
+        j.push(JailSession {
+            id: id.clone(),
+            agent: name.to_string(),
+            hash: hash.clone(),
+            parent: parent.clone(),
+            created: now,
+            expires,
+            policy,
+            userns: userns.map(Arc::new),
+            conn,
+        });
+        let p = Principal(Arc::new(SessionRef {
+            agent: Some(name.to_string()),
+            network: false,
+            id: sid,
+            hash,
+            jail: Some((id, parent)),
+        }));
+        Ok((p, token, expires))
+    }
+
+    /// Ends a jail (its session is refused from now on). Returns the agent's name and the
+    /// session id if it was open.
+    pub fn end_jail(&self, id: &str) -> Option<(String, String)> {
+        let mut j = self.jails.write().expect("jails lock");
+        let pos = j.iter().position(|s| s.id == id)?;
+        let s = j.remove(pos);
+        Some((s.agent, s.hash.session_id()))
+    }
+
+    /// The jails a connection started, with the reason each is no longer valid (`None`
+    /// while it is).
+    pub fn jails_of(&self, conn: u64) -> Vec<(String, Option<String>)> {
+        let ids: Vec<(String, String, TokenHash, TokenHash)> = self
+            .jails
+            .read()
+            .expect("jails lock")
+            .iter()
+            .filter(|s| s.conn == conn)
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    s.agent.clone(),
+                    s.hash.clone(),
+                    s.parent.clone(),
+                )
+            })
+            .collect();
+        ids.into_iter()
+            .map(|(id, agent, hash, parent)| {
+                let p = Principal(Arc::new(SessionRef {
+                    agent: Some(agent),
+                    network: false,
+                    id: hash.session_id(),
+                    hash,
+                    jail: Some((id.clone(), parent)),
+                }));
+                let why = self.check(&p, None).err().map(|e| e.to_string());
+                (id, why)
+            })
+            .collect()
+    }
+
+    /// The policy of a jailed session (for confining its `run`s) and the user namespace made
+    /// for them; `None` outside any jail.
+    pub fn jail_policy(
+        &self,
+        p: &Principal,
+    ) -> Option<(serde_json::Value, Option<Arc<std::os::fd::OwnedFd>>)> {
+        let id = p.jail_id()?;
+        self.jails
+            .read()
+            .expect("jails lock")
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| (s.policy.clone(), s.userns.clone()))
     }
 
     /// Re-reads whichever file changed and says which did.
@@ -336,8 +521,24 @@ impl Sessions {
         let hash = token.hash();
         drop(token);
         let owner = self.owner.read().expect("owner lock").hash.ct_eq(&hash);
+        let jailed = {
+            let j = self.jails.read().expect("jails lock");
+            j.iter().find(|s| s.hash.ct_eq(&hash)).map(|s| {
+                Principal(Arc::new(SessionRef {
+                    agent: Some(s.agent.clone()),
+                    // A jail's token is for the unix socket inside the jail: on a network
+                    // listener `check` refuses it (the wrong kind of link).
+                    network,
+                    id: hash.session_id(),
+                    hash: hash.clone(),
+                    jail: Some((s.id.clone(), s.parent.clone())),
+                }))
+            })
+        };
         let p = if owner {
             Principal::on_link(None, hash, network)
+        } else if let Some(p) = jailed {
+            p
         } else {
             let a = self.agents.read().expect("agents lock");
             let rec = a.registry.find_by_token(&hash).ok_or(AuthError::Unknown)?;
@@ -383,6 +584,25 @@ impl Sessions {
                 }
             }
             Some(name) => {
+                // A jailed session: valid while its jail is open and before its own expiry,
+                // then on the agent record's terms (revoked, expired, replaced end it too).
+                let mut jail_expires = None;
+                if let Some(id) = p.jail_id() {
+                    let j = self.jails.read().expect("jails lock");
+                    let Some(s) = j.iter().find(|s| s.id == id && s.hash.ct_eq(&p.0.hash)) else {
+                        return Err(AuthError::JailEnded(id.to_string()));
+                    };
+                    jail_expires = Some(s.expires);
+                }
+                if let Some(exp) = jail_expires
+                    && exp <= now()
+                {
+                    return Err(AuthError::Expired(
+                        format!("the jail {} of agent {name:?}", p.jail_id().unwrap_or("")),
+                        rfc3339(exp),
+                        "start the jail again",
+                    ));
+                }
                 let a = self.agents.read().expect("agents lock");
                 let Some(rec) = self.record_of(&a, p) else {
                     // Gone from the registry: replaced under the same name, or removed.
@@ -415,10 +635,15 @@ impl Sessions {
                     // No uid on a network link (remote agents are bound to none).
                     return Ok(());
                 }
+                // A jail runs as the owner who started it: its session is bound to the
+                // daemon's uid whatever the agent record's binding.
+                let bound = if p.jail_id().is_some() {
+                    self.daemon_uid
+                } else {
+                    rec.uid.unwrap_or(self.daemon_uid)
+                };
                 match peer_uid {
-                    Some(uid) if uid != rec.uid.unwrap_or(self.daemon_uid) => {
-                        Err(AuthError::WrongUid(uid))
-                    }
+                    Some(uid) if uid != bound => Err(AuthError::WrongUid(uid)),
                     _ => Ok(()),
                 }
             }
@@ -429,7 +654,7 @@ impl Sessions {
     /// (constant-time scan) and whose name matches.
     fn record_of<'a>(&self, a: &'a AgentsView, p: &Principal) -> Option<&'a AgentRecord> {
         a.registry
-            .find_by_token(&p.0.hash)
+            .find_by_token(p.record_hash())
             .filter(|r| Some(r.name.as_str()) == p.agent_name())
     }
 
@@ -447,20 +672,32 @@ impl Sessions {
                     created: o.created,
                     expires: o.expires,
                     uid: Some(self.daemon_uid),
+                    jail: None,
                 }
             }
             Some(name) => {
                 let a = self.agents.read().expect("agents lock");
                 let rec = self.record_of(&a, p);
+                let jail = p.jail_id().and_then(|id| {
+                    let j = self.jails.read().expect("jails lock");
+                    j.iter()
+                        .find(|s| s.id == id)
+                        .map(|s| (s.created, s.expires))
+                });
                 SessionInfo {
                     identity: self.identity.id.clone(),
                     role: Role::Agent,
                     agent: Some(name.to_string()),
                     session: Some(p.session_id().to_string()),
                     scope: rec.map(|r| r.scope.clone()).unwrap_or_default(),
-                    created: rec.map(|r| r.created).unwrap_or(0),
-                    expires: rec.map(|r| r.expires).unwrap_or(0),
-                    uid: rec.and_then(|r| r.uid),
+                    created: jail.map(|j| j.0).or(rec.map(|r| r.created)).unwrap_or(0),
+                    expires: jail.map(|j| j.1).or(rec.map(|r| r.expires)).unwrap_or(0),
+                    uid: if p.jail_id().is_some() {
+                        Some(self.daemon_uid)
+                    } else {
+                        rec.and_then(|r| r.uid)
+                    },
+                    jail: p.jail_id().map(str::to_string),
                 }
             }
         }

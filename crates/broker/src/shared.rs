@@ -392,6 +392,12 @@ impl Shared {
             {
                 info!(conn = id, principal = ?p, "closing connection: {why}");
                 e.kick.notify_one();
+            } else if e.principal.as_ref().is_some_and(|p| p.is_owner())
+                && let Some((jail, why)) = crate::jail::ended_jail(self, *id)
+            {
+                // `agentkeys jail` is told, and stops the jail.
+                info!(conn = id, jail = %jail, "a jail's session ended: {why}");
+                e.kick.notify_one();
             }
         }
     }

@@ -38,6 +38,12 @@ impl Caller {
         if let Some(path) = std::env::var_os("AGENTKEYS_TOKEN_FILE") {
             return read_token_file(Path::new(&path)).map(Caller::Agent);
         }
+        // Inside `agentkeys jail` the session needs no variable: the jail's own token file
+        // is there, in a tmpfs only the jail sees. Never the owner inside a jail.
+        if jailed() {
+            return read_token_file(Path::new(agentkeys_jail::policy::SESSION_FILE))
+                .map(Caller::Agent);
+        }
         Ok(Caller::Owner)
     }
 
@@ -65,8 +71,21 @@ fn read_token_file(path: &Path) -> Result<SecretString, CliError> {
     Ok(SecretString::from(text.trim().to_string()))
 }
 
-/// Refuses owner-only commands when an agent token is set.
+/// Whether this process runs inside `agentkeys jail`: the jail's session file exists (the jail
+/// makes it; nothing outside a jail has `/dev/agentkeys`), whatever the environment says.
+pub(crate) fn jailed() -> bool {
+    std::fs::symlink_metadata(agentkeys_jail::policy::SESSION_FILE).is_ok()
+}
+
+/// Refuses owner-only commands when an agent token is set, and inside a jail.
 pub(crate) fn require_owner(caller: &Caller, what: &str) -> Result<(), CliError> {
+    if jailed() {
+        return Err(CliError::Forbidden(format!(
+            "`agentkeys {what}` is for the owner: refused inside a jail (this is agent session \
+             of the jail {})",
+            std::env::var("AGENTKEYS_JAIL").unwrap_or_else(|_| "you are in".into())
+        )));
+    }
     if caller.is_agent() {
         return Err(CliError::Forbidden(format!(
             "`agentkeys {what}` is for the owner; AGENTKEYS_TOKEN/AGENTKEYS_TOKEN_FILE is set, so this is an agent"
@@ -82,6 +101,11 @@ pub(crate) fn home() -> Result<Home, CliError> {
 
 /// The daemon's socket for this home.
 pub(crate) fn socket(home: &Home) -> PathBuf {
+    // Inside a jail without AGENTKEYS_SOCKET (an MCP host gives its servers a minimal
+    // environment): the jail binds the daemon's socket next to the session file.
+    if std::env::var_os("AGENTKEYS_SOCKET").is_none() && jailed() {
+        return PathBuf::from(agentkeys_jail::policy::SESSION_SOCKET);
+    }
     agentkeys_proto::paths::socket_path(home.root())
 }
 

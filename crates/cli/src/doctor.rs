@@ -57,6 +57,21 @@ pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
         };
         mine.push("keystore", status, detail);
     }
+    // Jail readiness (`agentkeys jail`): one item per requirement, each with its fix.
+    for item in agentkeys_jail::probe::probe() {
+        let (status, detail) = match (&item.ok, &item.fix) {
+            (true, _) => (Status::Ok, item.detail.clone()),
+            (false, Some(fix)) => (
+                Status::Degraded,
+                format!(
+                    "{}; `agentkeys jail` refuses without it (fix: {fix})",
+                    item.detail
+                ),
+            ),
+            (false, None) => (Status::Degraded, item.detail.clone()),
+        };
+        mine.push(&format!("jail_{}", item.name), status, detail);
+    }
     let mut reports = vec![serde_json::to_value(&mine).map_err(std::io::Error::from)?];
     let daemon = match daemon_report(caller) {
         Ok(r) => {

@@ -15,6 +15,7 @@ mod ctx;
 mod daemon_cmd;
 mod doctor;
 mod init_cmd;
+mod jail_cmd;
 mod mcp_cmd;
 mod read_cmd;
 mod remote_cmd;
@@ -186,6 +187,44 @@ enum Command {
         #[arg(long, value_name = "FD")]
         fd_channel: Option<i32>,
     },
+    /// Run an agent (CMD and everything it starts) in a jail, as an ephemeral session of the
+    /// registered agent NAME: agentkeys' state, credential files, shell history, other
+    /// processes and the owner's service sockets out of reach; writes only in the working
+    /// directory, a private /tmp and --write paths; the owner's environment minus credentials.
+    /// Exit status is CMD's (128+N for a signal); 70 when the jail cannot be set up.
+    Jail {
+        /// The registered agent whose scope and policy the jail gets.
+        #[arg(long)]
+        agent: String,
+        /// End the jail's session after this long (default: the agent's own expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Also writable (repeatable); never your home directory itself, nor a hidden path.
+        #[arg(long, value_name = "PATH")]
+        write: Vec<PathBuf>,
+        /// Also hidden (repeatable).
+        #[arg(long, value_name = "PATH")]
+        hide: Vec<PathBuf>,
+        /// Re-allow a path of the default hidden set (repeatable); never agentkeys' state.
+        #[arg(long, value_name = "PATH")]
+        show: Vec<PathBuf>,
+        /// Keep this unix socket reachable (repeatable).
+        #[arg(long, value_name = "PATH")]
+        allow_socket: Vec<PathBuf>,
+        /// Pass this environment variable although it looks like a credential (repeatable).
+        #[arg(long = "env", value_name = "NAME")]
+        env: Vec<String>,
+        /// Where the kernel lacks a protection, run without it and list it (default: refuse).
+        #[arg(long)]
+        best_effort: bool,
+        /// Print the jail's policy (what is hidden, writable, protected, which sockets and
+        /// environment names) and exit.
+        #[arg(long)]
+        print_policy: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Show the audit trail (who got which secret, when); `audit verify` checks its hash chain.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -308,6 +347,9 @@ pub(crate) enum CliError {
     /// `audit verify` found a broken hash chain.
     #[error("{0}")]
     AuditBroken(String),
+    /// `agentkeys jail`: a missing kernel feature or a failed set-up step.
+    #[error("{0}")]
+    Jail(String),
     /// `run`: the program's own exit status, passed on without a message.
     #[error("exit status {0}")]
     Exit(u8),
@@ -330,6 +372,7 @@ impl CliError {
             CliError::NotFound(_) => 6,
             CliError::AuditBroken(_) => 7,
             CliError::Harden(_) => 70, // EX_SOFTWARE: the environment refused a safety step
+            CliError::Jail(_) => 70,
             CliError::Output(_) => 74, // EX_IOERR
             CliError::Exit(code) => *code,
             _ => 1,
@@ -440,6 +483,32 @@ fn run(cli: Cli) -> Result<(), CliError> {
         } => remote_cmd::info(&caller, json),
         Command::Whoami { json } => whoami::run(&caller, json),
         Command::Doctor { json } => doctor::run(&caller, json),
+        Command::Jail {
+            agent,
+            ttl,
+            write,
+            hide,
+            show,
+            allow_socket,
+            env,
+            best_effort,
+            print_policy,
+            command,
+        } => jail_cmd::run(
+            &caller,
+            jail_cmd::JailOpts {
+                agent,
+                ttl,
+                write,
+                hide,
+                show,
+                allow_socket,
+                env,
+                best_effort,
+                print_policy,
+                command,
+            },
+        ),
         Command::Mcp { fd_channel } => mcp_cmd::run(caller, fd_channel),
         Command::Audit {
             action,

@@ -15,6 +15,13 @@ pub(crate) fn run(caller: Caller, fd_channel: Option<RawFd>) -> Result<(), CliEr
                 .into(),
         ));
     };
+    if !crate::ctx::jailed() {
+        eprintln!(
+            "agentkeys mcp: warning: not running in a jail: any process of this uid (the agent's \
+             own shell commands included) can bypass this agent's scope and read the owner's \
+             state; start the agent host with `agentkeys jail --agent NAME -- HOST...`"
+        );
+    }
     if let Some(fd) = fd_channel {
         agentkeys_mcp::check_fd_channel(fd).map_err(|e| CliError::Input(e.to_string()))?;
     }

@@ -39,6 +39,7 @@ pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
                 created: s.created,
                 expires: s.expires,
                 uid: Some(nix::unistd::geteuid().as_raw()),
+                jail: None,
             }
         }
         // An agent knows nothing but its token: the daemon answers.
@@ -58,7 +59,10 @@ pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
     }
     writeln!(out, "identity  {}", info.identity)?;
     match (&info.role, &info.agent) {
-        (Role::Agent, Some(name)) => writeln!(out, "role      agent {name}")?,
+        (Role::Agent, Some(name)) => match &info.jail {
+            Some(j) => writeln!(out, "role      agent {name}, jailed ({j})")?,
+            None => writeln!(out, "role      agent {name}")?,
+        },
         _ => writeln!(out, "role      owner")?,
     }
     if let Some(session) = &info.session {

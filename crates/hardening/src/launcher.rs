@@ -119,6 +119,36 @@ pub struct LaunchSpec {
     /// Stop the run after this many milliseconds (the approval hook's timeout).
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// The jail policy of the session that asked (`agentkeys jail`): the program is confined
+    /// by the hook set with [`set_confine_hook`] before its environment is built. `None`: a
+    /// run from outside any jail, unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confine: Option<serde_json::Value>,
+    /// With `confine`: the last fd attached is a user namespace made by `agentkeys jail` for
+    /// the jail's runs (a sibling of the agent's), which the program's process joins instead
+    /// of making one (a launcher of a root daemon may not map uid 0 itself).
+    #[serde(default)]
+    pub confine_userns: bool,
+}
+
+/// Confines the process that is about to become a run's program (crate `agentkeys-jail`):
+/// returns only in the confined process; every failure, in that process or in a helper it
+/// forked, goes through `fail` (a failed step's name and errno), which never returns (hence
+/// `Infallible`). Helpers
+/// must close every descriptor above 2 once their own set-up is done, so the exec error pipe
+/// reports the program's `execve` alone.
+pub type ConfineHook = fn(
+    policy: &serde_json::Value,
+    userns: Option<BorrowedFd<'_>>,
+    fail: &dyn Fn(&'static str, i32) -> std::convert::Infallible,
+);
+
+static CONFINE: std::sync::OnceLock<ConfineHook> = std::sync::OnceLock::new();
+
+/// Sets the hook that confines runs of jailed sessions. Call it before [`spawn`]; without it,
+/// a launch that carries a policy fails (`confine`, `ENOSYS`) rather than run unconfined.
+pub fn set_confine_hook(hook: ConfineHook) {
+    let _ = CONFINE.set(hook);
 }
 
 fn default_grace() -> u64 {
@@ -799,6 +829,7 @@ const STEP_CHDIR: u32 = 2;
 const STEP_SECRET: u32 = 3;
 const STEP_SETUP: u32 = 4;
 const STEP_FORK: u32 = 5;
+const STEP_CONFINE: u32 = 6;
 
 fn step_name(code: u32) -> &'static str {
     match code {
@@ -806,6 +837,7 @@ fn step_name(code: u32) -> &'static str {
         STEP_CHDIR => "chdir",
         STEP_SECRET => "secret",
         STEP_FORK => "fork",
+        STEP_CONFINE => "confine",
         _ => "setup",
     }
 }
@@ -829,7 +861,7 @@ fn report_failure(err_w: &OwnedFd, step: u32, errno: i32) -> ! {
 
 fn launch(spec: &LaunchSpec, fds: Vec<OwnedFd>) -> Result<Launched, (i32, &'static str)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    let expected = 3 + spec.secret_env.len() + spec.files.len();
+    let expected = 3 + spec.secret_env.len() + spec.files.len() + usize::from(spec.confine_userns);
     if spec.argv.is_empty() || fds.len() != expected {
         return Err((libc::EINVAL, "request"));
     }
@@ -1110,6 +1142,22 @@ fn child_exec(spec: &LaunchSpec, fds: &[OwnedFd], err_w: &OwnedFd) -> ! {
     // SAFETY: setpgid takes integers only.
     unsafe { libc::setpgid(0, 0) };
 
+    // A jailed session's run: confined like the jail (a user, mount and PID namespace of its
+    // own, the same filesystem rules, Landlock, seccomp) before anything secret is mapped.
+    // The jail's agent cannot name it: it is in another PID namespace.
+    if let Some(policy) = &spec.confine {
+        match CONFINE.get() {
+            Some(hook) => {
+                let userns = spec
+                    .confine_userns
+                    .then(|| fds.last().map(|f| f.as_fd()))
+                    .flatten();
+                hook(policy, userns, &|_step, errno| fail(STEP_CONFINE, errno))
+            }
+            None => fail(STEP_CONFINE, libc::ENOSYS),
+        }
+    }
+
     // The environment: the caller's, then the secrets, read from their pages.
     let mut env: Vec<CString> =
         Vec::with_capacity(spec.env.len() + spec.secret_env.len() + spec.files.len());
@@ -1143,7 +1191,7 @@ fn child_exec(spec: &LaunchSpec, fds: &[OwnedFd], err_w: &OwnedFd) -> ! {
     let mut targets: Vec<(RawFd, RawFd)> = Vec::with_capacity(3 + spec.files.len());
     for (k, fd) in fds[..3]
         .iter()
-        .chain(&fds[3 + spec.secret_env.len()..])
+        .chain(&fds[3 + spec.secret_env.len()..3 + spec.secret_env.len() + spec.files.len()])
         .enumerate()
     {
         // SAFETY: F_DUPFD_CLOEXEC on our own fd; integer arguments.
@@ -1279,6 +1327,8 @@ mod tests {
             umask: None,
             kill_grace_ms: DEFAULT_KILL_GRACE_MS,
             deadline_ms: None,
+            confine: None,
+            confine_userns: false,
         }
     }
 

@@ -11,6 +11,8 @@
 //! - [`seccomp`]: the syscall allowlist (reviewed data) and its installation on all threads.
 //! - [`launcher`]: the process, forked before the sandbox, that starts programs for `run`
 //!   (each under a supervisor of its own) and stops them.
+//! - [`ns`]: the raw steps of `agentkeys jail` (checked fork, `_exit`, recursive mount
+//!   attributes, signal dispositions, closing fds before exec).
 //! - [`proctree`]: the processes below this one, found through `/proc` and held by pidfds.
 //! - [`peer`]: credentials of the process at the other end of a unix socket.
 //! - [`alloc`]: the global allocator for both binaries: mimalloc (secure) that wipes on free.
@@ -22,6 +24,7 @@
 pub mod alloc;
 pub mod errno;
 pub mod launcher;
+pub mod ns;
 pub mod page;
 pub mod peer;
 pub mod pkey;

@@ -409,12 +409,16 @@ impl AgentkeysMcp {
                         .map(|d| d.as_secs())
                         .unwrap_or(0);
                     let agent = info.agent.clone().unwrap_or_default();
-                    let text = format!(
+                    let mut text = format!(
                         "agent: {agent}\nscope: {}\nexpires: {} (in {} s)",
                         info.scope.join(", "),
                         info.expires,
                         info.expires.saturating_sub(now)
                     );
+                    // `agentkeys jail`: say so (the session is the jail's, ended with it).
+                    if let Some(j) = &info.jail {
+                        text.push_str(&format!("\njailed: {j}"));
+                    }
                     structured(
                         text,
                         json!({
@@ -424,6 +428,7 @@ impl AgentkeysMcp {
                             "created": info.created,
                             "expires": info.expires,
                             "expires_in_secs": info.expires.saturating_sub(now),
+                            "jail": info.jail,
                         }),
                     )
                 }

@@ -149,6 +149,52 @@ pub enum RequestBody {
         #[serde(default)]
         all: bool,
     },
+    /// Start a jail (owner only): an ephemeral session of the registered agent, handed to
+    /// `agentkeys jail`; it ends when this connection closes, at `ttl_secs`, or with the agent.
+    JailStart {
+        /// The registered agent whose scope and policy the jail gets.
+        agent: String,
+        /// Lifetime in seconds (never past the agent's own expiry).
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+        /// The jail's policy (`agentkeys_jail::JailPolicy` as JSON): `run`s of the session are
+        /// confined by it.
+        policy: serde_json::Value,
+    },
+    /// The jail's command ended (owner only): recorded in `jail_exit`, and the jail's session
+    /// ends now.
+    JailExit {
+        /// The jail's id (`j-…`).
+        jail: String,
+        /// Exit code, when it exited.
+        #[serde(default)]
+        code: Option<i32>,
+        /// Signal, when a signal killed it.
+        #[serde(default)]
+        signal: Option<i32>,
+    },
+}
+
+/// A jail's session token in the `jail_started` answer: serialized only into a wiped buffer
+/// by [`encode`]; its `Debug` shows no token.
+pub struct JailToken(pub WireToken);
+
+impl std::fmt::Debug for JailToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JailToken(..)")
+    }
+}
+
+impl Serialize for JailToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JailToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WireToken::deserialize(d).map(JailToken)
+    }
 }
 
 fn yes() -> bool {
@@ -172,6 +218,8 @@ pub const REQUEST_KINDS: &[&str] = &[
     "deny",
     "list_grants",
     "revoke_grants",
+    "jail_start",
+    "jail_exit",
 ];
 
 impl RequestBody {
@@ -193,6 +241,8 @@ impl RequestBody {
             RequestBody::Deny { .. } => "deny",
             RequestBody::ListGrants {} => "list_grants",
             RequestBody::RevokeGrants { .. } => "revoke_grants",
+            RequestBody::JailStart { .. } => "jail_start",
+            RequestBody::JailExit { .. } => "jail_exit",
         }
     }
 }
@@ -241,6 +291,9 @@ pub struct SessionInfo {
     /// The uid an agent is bound to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The jail (`j-…`) of an ephemeral `agentkeys jail` session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
 }
 
 /// A service as listed: name and policy, never the value.
@@ -392,6 +445,17 @@ pub enum ResponseBody {
         /// How many.
         count: usize,
     },
+    /// Answer to `jail_start`.
+    JailStarted {
+        /// The jail's id (`j-…`).
+        jail: String,
+        /// The ephemeral session's id (`s-…`).
+        session: String,
+        /// Unix seconds when the session expires.
+        expires: u64,
+        /// The session's token, for the jail's private token file only.
+        token: JailToken,
+    },
     /// The request was carried out.
     Done,
     /// The request failed.
@@ -419,6 +483,7 @@ impl ResponseBody {
             ResponseBody::PendingList { .. } => "pending_list",
             ResponseBody::GrantList { .. } => "grant_list",
             ResponseBody::GrantsRevoked { .. } => "grants_revoked",
+            ResponseBody::JailStarted { .. } => "jail_started",
             ResponseBody::Done => "done",
             ResponseBody::Error { .. } => "error",
         }

@@ -1,0 +1,452 @@
+//! `agentkeys jail --agent NAME [...] -- CMD [ARGS...]`: runs CMD and everything it starts
+//! confined (crate `agentkeys-jail`), acting as an ephemeral session of the registered agent
+//! NAME that the daemon mints for this jail alone.
+//!
+//! Order: build the policy and check the kernel (refuse, naming what is missing and its fix,
+//! unless `--best-effort`); fork the jail's outer process while single-threaded (it waits for
+//! the session on a pipe); ask the daemon for the session (`jail_start`) on a connection that
+//! stays open for the jail's life; hand the token to the jail; wait for the set-up's report;
+//! then wait for CMD, forwarding SIGTERM and SIGHUP (Ctrl-C, Ctrl-\, Ctrl-Z and window
+//! resizes reach CMD from the terminal itself); stop the jail if the daemon ends its session
+//! (agent revoked, TTL); finally `jail_exit` with CMD's status, which is ours too.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentkeys_hardening::ns::{self, Forked};
+use agentkeys_jail::apply::{self, Session, Signals};
+use agentkeys_jail::policy::{Context, JailOptions, PolicyBuilder};
+use agentkeys_jail::{JailPolicy, Protection};
+use agentkeys_proto::wire::{RequestBody, ResponseBody};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use secrecy::ExposeSecret;
+use zeroize::Zeroizing;
+
+use crate::CliError;
+use crate::ctx::{self, Caller};
+
+/// The options of `agentkeys jail`.
+#[derive(Debug)]
+pub(crate) struct JailOpts {
+    pub agent: String,
+    pub ttl: Option<Duration>,
+    pub write: Vec<PathBuf>,
+    pub hide: Vec<PathBuf>,
+    pub show: Vec<PathBuf>,
+    pub allow_socket: Vec<PathBuf>,
+    pub env: Vec<String>,
+    pub best_effort: bool,
+    pub print_policy: bool,
+    pub command: Vec<String>,
+}
+
+fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
+    let home = ctx::home()?;
+    let user_home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| CliError::Input("HOME is not set to an absolute path".into()))?;
+    let cwd = std::env::current_dir()
+        .map_err(|e| CliError::Input(format!("the working directory: {e}")))?;
+    let c = Context {
+        home: user_home,
+        agentkeys_home: home.root().to_path_buf(),
+        socket: ctx::socket(&home),
+        cwd,
+        runtime_dir: std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute()),
+        histfile: std::env::var_os("HISTFILE")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute()),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    };
+    let opts = JailOptions {
+        write: o.write.clone(),
+        hide: o.hide.clone(),
+        show: o.show.clone(),
+        allow_socket: o.allow_socket.clone(),
+        env: o.env.clone(),
+        best_effort: o.best_effort,
+    };
+    PolicyBuilder::new(c, opts)
+        .build()
+        .map_err(|e| CliError::Jail(e.to_string()))
+}
+
+/// Checks the kernel: refuses on a missing requirement, or (best effort) marks it skipped
+/// and says what is lost.
+fn check_kernel(policy: &mut JailPolicy) -> Result<(), CliError> {
+    let missing: Vec<_> = agentkeys_jail::probe::probe_quick()
+        .into_iter()
+        .filter(|i| !i.ok)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !policy.best_effort {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|i| match &i.fix {
+                Some(fix) => format!("{}: {} (fix: {fix})", i.name, i.detail),
+                None => format!("{}: {}", i.name, i.detail),
+            })
+            .collect();
+        return Err(CliError::Jail(format!(
+            "refusing to start the jail: this kernel lacks what it needs: {}. An agent is never \
+             run half-confined unless you pass --best-effort",
+            list.join("; ")
+        )));
+    }
+    for i in &missing {
+        if !policy.skipped.contains(&i.protection) {
+            policy.skipped.push(i.protection);
+            eprintln!(
+                "agentkeys jail: --best-effort: NOT applied: {} ({})",
+                i.protection.loss(),
+                i.detail
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
+    ctx::require_owner(caller, "jail")?;
+    let mut policy = policy_for(&o)?;
+    check_kernel(&mut policy)?;
+    if o.print_policy {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", policy.print())?;
+        return Ok(());
+    }
+    if o.command.is_empty() {
+        return Err(CliError::Input("no command given after `--`".into()));
+    }
+    if policy.skipped.contains(&Protection::Namespaces) {
+        return Err(CliError::Jail(
+            "refusing to start the jail: without a mount namespace there is no private place \
+             to hand the agent its session, and agentkeys' state would stay readable"
+                .into(),
+        ));
+    }
+    if !policy.env.removed.is_empty() {
+        eprintln!(
+            "agentkeys jail: removed from the environment: {} (--env NAME passes one)",
+            policy.env.removed.join(" ")
+        );
+    }
+    let home = ctx::home()?;
+    let socket = ctx::socket(&home);
+    let argv = apply::cstrings(&o.command)
+        .ok_or_else(|| CliError::Input("a command argument contains a NUL byte".into()))?;
+
+    // The helpers and the jail ignore Ctrl-C and Ctrl-\ (CMD gets them from the terminal and
+    // decides); CMD's dispositions are reset before it execs.
+    ns::ignore_signals(&[libc::SIGINT, libc::SIGQUIT]);
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let pipe = || nix::unistd::pipe2(cloexec).map_err(|e| CliError::Output(e.into()));
+    let (tok_r, tok_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
+    // allowed even for root; the daemon's launcher may not map uid 0 itself).
+    let run_userns = apply::user_namespace_for_runs(&policy).map_err(|(step, errno)| {
+        CliError::Jail(format!(
+            "setting up the jail failed at step `{step}`: {}",
+            std::io::Error::from_raw_os_error(errno)
+        ))
+    })?;
+    let me = nix::unistd::getpid();
+    let outer = match ns::fork_single_threaded()
+        .map_err(|e| CliError::Jail(format!("starting the jail: {e}")))?
+    {
+        Forked::Child => {
+            drop(tok_w);
+            drop(err_r);
+            drop(run_userns);
+            jail_child(&policy, &socket, tok_r, err_w, me, argv)
+        }
+        Forked::Parent(pid) => pid,
+    };
+    drop(tok_r);
+    drop(err_w);
+    let rt = ctx::runtime()?;
+    let handoff = Handoff {
+        tok_w,
+        err_r,
+        run_userns,
+    };
+    rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff))
+}
+
+/// The jail's outer process: waits for the session, confines, and (in CMD's process) execs.
+fn jail_child(
+    policy: &JailPolicy,
+    socket: &std::path::Path,
+    tok_r: OwnedFd,
+    err_w: OwnedFd,
+    parent: Pid,
+    argv: Vec<std::ffi::CString>,
+) -> ! {
+    let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
+        apply::report(&err_w, step, errno);
+        ns::exit_now(125)
+    };
+    // Returns in CMD's process, confined; init read the session from the pipe (while this
+    // CLI asked the daemon for it) and wrote it to the jail's file.
+    let jail_id = apply::confine(
+        policy,
+        Some(Session { pipe: tok_r }),
+        None,
+        Some(parent),
+        Signals::Forward,
+        &fail,
+    )
+    .unwrap_or_default();
+    let env: Vec<String> = policy
+        .environment(&jail_id, socket)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let Some(envp) = apply::cstrings(&env) else {
+        apply::report(&err_w, "environment", libc::EINVAL);
+        ns::exit_now(125)
+    };
+    // Nothing but stdio crosses into CMD (the error pipe closes at exec).
+    let keep = [std::os::fd::AsRawFd::as_raw_fd(&err_w)];
+    if ns::close_fds_from(3, &keep).is_err() {
+        apply::report(&err_w, "close inherited descriptors", libc::EBADF);
+        ns::exit_now(125)
+    }
+    // PATH is searched in the jail's environment (the same PATH as the owner's).
+    let e = match nix::unistd::execvpe(&argv[0], &argv, &envp) {
+        Err(e) => e,
+        Ok(never) => match never {},
+    };
+    apply::report(&err_w, "exec", e as i32);
+    ns::exit_now(if e == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    })
+}
+
+/// What the CLI hands the jail: the session (`jail_id\ntoken` on `tok_w`), the set-up's
+/// report (`err_r`), and the user namespace for the jail's runs (sent to the daemon).
+struct Handoff {
+    tok_w: OwnedFd,
+    err_r: OwnedFd,
+    run_userns: OwnedFd,
+}
+
+/// The CLI's side while the jail runs.
+async fn supervise(
+    home: &agentkeys_state::home::Home,
+    caller: &Caller,
+    o: &JailOpts,
+    policy: &JailPolicy,
+    outer: Pid,
+    handoff: Handoff,
+) -> Result<(), CliError> {
+    let Handoff {
+        tok_w,
+        err_r,
+        run_userns,
+    } = handoff;
+    use tokio::signal::unix::{SignalKind, signal};
+    let abandon = |tok_w: OwnedFd| {
+        drop(tok_w);
+        let _ = waitpid(outer, None);
+    };
+    let mut client = match ctx::connect(home, caller).await {
+        Ok((c, _)) => c,
+        Err(e) => {
+            abandon(tok_w);
+            return Err(e);
+        }
+    };
+    let sent = client
+        .send(
+            RequestBody::JailStart {
+                agent: o.agent.clone(),
+                ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
+                policy: serde_json::to_value(policy).map_err(std::io::Error::from)?,
+            },
+            &[std::os::fd::AsFd::as_fd(&run_userns)],
+        )
+        .await;
+    drop(run_userns);
+    let started = match sent {
+        Ok(_) => client.recv().await,
+        Err(e) => Err(e),
+    };
+    let (jail, session) = match started.map(|a| a.body) {
+        Ok(ResponseBody::JailStarted {
+            jail,
+            session,
+            token,
+            ..
+        }) => {
+            let mut msg = Zeroizing::new(Vec::with_capacity(jail.len() + 1 + 256));
+            msg.extend_from_slice(jail.as_bytes());
+            msg.push(b'\n');
+            msg.extend_from_slice(token.0.0.expose_secret().as_bytes());
+            if nix::unistd::write(&tok_w, &msg).is_err() {
+                // The set-up failed before it needed the session: say at which step.
+                abandon(tok_w);
+                let why = match apply::read_report(&err_r) {
+                    Some((step, errno)) => format!(
+                        "setting up the jail failed at step `{step}`: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ),
+                    None => "the jail went away before it started".into(),
+                };
+                let _ = client
+                    .send(
+                        RequestBody::JailExit {
+                            jail: jail.clone(),
+                            code: None,
+                            signal: None,
+                        },
+                        &[],
+                    )
+                    .await;
+                return Err(CliError::Jail(why));
+            }
+            drop(tok_w);
+            (jail, session)
+        }
+        Ok(other) => {
+            abandon(tok_w);
+            return Err(agentkeys_proto::client::unexpected(&other).into());
+        }
+        Err(e) => {
+            abandon(tok_w);
+            return Err(e.into());
+        }
+    };
+    // A short blocking read: the set-up reports a failure, or EOF once CMD has exec'd.
+    let report = apply::read_report(&err_r);
+    drop(err_r);
+    if let Some((step, errno)) = report {
+        let status = wait_exit(outer);
+        let _ = client
+            .call(RequestBody::JailExit {
+                jail: jail.clone(),
+                code: status.0,
+                signal: status.1,
+            })
+            .await;
+        let err = std::io::Error::from_raw_os_error(errno);
+        if step == "exec" {
+            eprintln!("agentkeys jail: cannot run {}: {err}", o.command[0]);
+            return Err(CliError::Exit(if errno == libc::ENOENT {
+                127
+            } else {
+                126
+            }));
+        }
+        let hint = if step.starts_with("unshare") {
+            " (are unprivileged user namespaces allowed? see `agentkeys doctor`, items jail_*)"
+        } else {
+            ""
+        };
+        return Err(CliError::Jail(format!(
+            "setting up the jail failed at step `{step}`: {err}{hint}"
+        )));
+    }
+    eprintln!(
+        "agentkeys jail: {jail} started for agent {:?} (session {session})",
+        o.agent
+    );
+    let mut chld = signal(SignalKind::child()).map_err(CliError::Output)?;
+    let mut term = signal(SignalKind::terminate()).map_err(CliError::Output)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(CliError::Output)?;
+    let mut ended: Option<String> = None;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let status = loop {
+        if let Some(st) = try_exit(outer) {
+            break st;
+        }
+        let deadline =
+            kill_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = chld.recv() => {}
+            _ = term.recv() => { let _ = kill(outer, Signal::SIGTERM); }
+            _ = hup.recv() => { let _ = kill(outer, Signal::SIGHUP); }
+            r = client.recv(), if ended.is_none() => {
+                // The daemon ended the jail's session (agent revoked, TTL, daemon stopping):
+                // the jail stops too (SIGTERM, SIGKILL after 3 s).
+                let why = match r {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "unexpected message from agentkeysd".into(),
+                };
+                eprintln!("agentkeys jail: {why}; stopping the jail");
+                ended = Some(why);
+                let _ = kill(outer, Signal::SIGTERM);
+                kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+            }
+            _ = tokio::time::sleep_until(deadline), if kill_at.is_some() => {
+                let _ = kill(outer, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+    };
+    if ended.is_none() {
+        // Sent, not waited for: the daemon handles it before it sees this connection close,
+        // and ends the jail on the close anyway. Saves a round trip and a sync per jail.
+        let _ = client
+            .send(
+                RequestBody::JailExit {
+                    jail,
+                    code: status.0,
+                    signal: status.1,
+                },
+                &[],
+            )
+            .await;
+    }
+    let code = match status {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    };
+    if ended.is_some() && code == 0 {
+        return Err(CliError::Exit(4));
+    }
+    Err(CliError::Exit(u8::try_from(code).unwrap_or(1)))
+}
+
+fn decode(ws: WaitStatus) -> Option<(Option<i32>, Option<i32>)> {
+    match ws {
+        WaitStatus::Exited(_, c) => Some((Some(c), None)),
+        WaitStatus::Signaled(_, s, _) => Some((None, Some(s as i32))),
+        _ => None,
+    }
+}
+
+fn try_exit(pid: Pid) -> Option<(Option<i32>, Option<i32>)> {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(ws) => decode(ws),
+        Err(_) => Some((None, None)),
+    }
+}
+
+fn wait_exit(pid: Pid) -> (Option<i32>, Option<i32>) {
+    loop {
+        match waitpid(pid, None) {
+            Ok(ws) => {
+                if let Some(s) = decode(ws) {
+                    return s;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return (None, None),
+        }
+    }
+}

@@ -1,0 +1,850 @@
+//! Applying a [`JailPolicy`], in a fixed order, refusing rather than continuing half-applied:
+//!
+//! ```text
+//! caller (agentkeys jail, or the launcher's program process) forks:
+//!   outer   PDEATHSIG; INT/QUIT ignored; unshare(USER|NS|PID|IPC); uid/gid map; fork
+//!   init    pid 1 of the new PID namespace; PDEATHSIG; mounts (read-only root, writable
+//!           roots, private tmp, /dev, /proc, hidden paths, sockets bound back, protected
+//!           files), pivot_root, max_user_namespaces=0; fork; then reaps and forwards signals
+//!   command capabilities dropped, Landlock (filesystem, signal and abstract-socket scopes),
+//!           seccomp, no_new_privs; [`confine`] returns here, the caller execs
+//! ```
+//!
+//! The outer process stays in the caller's PID namespace so the caller can wait for it; it
+//! ends with the command's status. When init exits, the kernel kills everything left in the
+//! namespace; when the caller dies, PDEATHSIG (SIGKILL) takes outer, then init, then all.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use agentkeys_hardening::ns::{self, Forked};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{Pid, getpid, getppid};
+
+use crate::policy::{JailPolicy, Protection, SESSION_DIR, SESSION_FILE};
+
+/// Reports a failed step (its name and errno) and ends the process; never returns.
+pub type Fail<'a> = &'a dyn Fn(&'static str, i32) -> std::convert::Infallible;
+
+/// Calls `fail`, which never returns.
+#[allow(unreachable_code)]
+pub fn die(fail: Fail<'_>, step: &'static str, errno: i32) -> ! {
+    match fail(step, errno) {}
+}
+
+/// Where the jail's init gets the session from: a pipe on which `jail_id\ntoken` arrives,
+/// then EOF. Read by init only when the view is built, so the jail's set-up runs while the
+/// caller asks the daemon for the session. EOF alone: the daemon refused, init exits quietly.
+pub struct Session {
+    /// The pipe's read end.
+    pub pipe: OwnedFd,
+}
+
+/// How the outer process treats SIGTERM and SIGHUP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signals {
+    /// Forward them to the command (through init): `agentkeys jail`, whose caller signals
+    /// the outer process alone.
+    Forward,
+    /// Leave them: the launcher's supervisor signals the whole process group, which the
+    /// command is part of; forwarding would deliver each twice.
+    Group,
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn nix_errno(e: nix::Error) -> i32 {
+    e as i32
+}
+
+/// Confines this (freshly forked, single-threaded) process per `policy`. Returns only in the
+/// jail's command process, fully confined but for `execve`; the outer and init processes
+/// never return. Every failure goes through `fail`, naming the step.
+pub fn confine(
+    policy: &JailPolicy,
+    session: Option<Session>,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
+    parent: Option<Pid>,
+    signals: Signals,
+    fail: Fail<'_>,
+) -> Option<String> {
+    // --- outer ------------------------------------------------------------------------------
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+        die(fail, "set parent-death signal", libc::EINVAL);
+    }
+    if parent.is_some_and(|p| getppid() != p) {
+        // The caller died before the death signal was armed.
+        ns::exit_now(1);
+    }
+    // Ctrl-C and Ctrl-\ reach the command straight from the terminal (it is in the caller's
+    // foreground process group); the helpers must not die of them.
+    ns::ignore_signals(&[libc::SIGINT, libc::SIGQUIT]);
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGHUP);
+    if mask.thread_block().is_err() {
+        die(fail, "block signals", libc::EINVAL);
+    }
+    let namespaces = policy.applies(Protection::Namespaces);
+    if namespaces {
+        let rest = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC;
+        match userns {
+            // A run of a jailed session: the user namespace `agentkeys jail` made for its
+            // runs (already mapped), then mount, PID and IPC namespaces of this run's own.
+            Some(fd) => {
+                if let Err(e) = nix::sched::setns(fd, CloneFlags::CLONE_NEWUSER) {
+                    die(
+                        fail,
+                        "join the jail's user namespace for runs",
+                        nix_errno(e),
+                    );
+                }
+                if let Err(e) = unshare(rest) {
+                    die(fail, "unshare mount, PID and IPC namespaces", nix_errno(e));
+                }
+            }
+            None => {
+                if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER | rest) {
+                    die(
+                        fail,
+                        "unshare user, mount, PID and IPC namespaces",
+                        nix_errno(e),
+                    );
+                }
+                map_ids(policy, fail, false);
+            }
+        }
+    }
+    let (status_r, status_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => die(fail, "status pipe", nix_errno(e)),
+    };
+    let init = match ns::fork_single_threaded() {
+        Ok(Forked::Parent(pid)) => pid,
+        Ok(Forked::Child) => {
+            drop(status_r);
+            return init_process(policy, session, status_w, fail);
+        }
+        Err(e) => die(fail, "fork the jail's init", errno_of(&e)),
+    };
+    drop(status_w);
+    outer_loop(init, status_r, signals)
+}
+
+/// Makes the user namespace a jail's `run`s join (see [`confine`]'s `userns`): a short-lived
+/// child creates it and maps the owner's ids, this process opens it, the child exits; the
+/// descriptor keeps it alive. A sibling of the agent's own namespace: nothing in the jail has
+/// any capability in it. Call it while single-threaded.
+///
+/// # Errors
+/// The step and errno that failed.
+pub fn user_namespace_for_runs(policy: &JailPolicy) -> Result<OwnedFd, (&'static str, i32)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+    match ns::fork_single_threaded() {
+        Ok(Forked::Child) => {
+            drop(r);
+            drop(go_w);
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
+                report(&w, step, errno);
+                ns::exit_now(1)
+            };
+            if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+                die(&fail, "user namespace for runs", nix_errno(e));
+            }
+            // Dumpable, so the parent may open /proc/PID/ns/user; it holds nothing.
+            map_ids(policy, &fail, true);
+            drop(w);
+            // Until the parent has opened the namespace.
+            let mut b = [0u8; 1];
+            let _ = nix::unistd::read(&go_r, &mut b);
+            ns::exit_now(0)
+        }
+        Ok(Forked::Parent(pid)) => {
+            drop(w);
+            drop(go_r);
+            let failed = read_report(&r);
+            let opened = match failed {
+                Some((_, errno)) => Err(("user namespace for runs", errno)),
+                None => std::fs::File::open(format!("/proc/{pid}/ns/user"))
+                    .map(OwnedFd::from)
+                    .map_err(|e| ("user namespace for runs (open)", errno_of(&e))),
+            };
+            drop(go_w);
+            let _ = waitpid(pid, None);
+            opened
+        }
+        Err(e) => Err(("user namespace for runs (fork)", errno_of(&e))),
+    }
+}
+
+/// Writes the identity uid/gid maps of the new user namespace (the owner's ids map to
+/// themselves; `setgroups` denied, as an unprivileged process must).
+fn map_ids(policy: &JailPolicy, fail: Fail<'_>, stay_dumpable: bool) {
+    // A non-dumpable process's /proc/self files belong to root: the maps could not be
+    // written. Dumpable only for these three writes (this process is outside the jail's PID
+    // namespace, so nothing inside can name it meanwhile).
+    if agentkeys_hardening::process::set_dumpable(true).is_err() {
+        die(fail, "make the maps writable (dumpable)", libc::EPERM);
+    }
+    let write = |path: &str, text: String, step: &'static str| {
+        if let Err(e) = std::fs::write(path, text) {
+            die(fail, step, errno_of(&e));
+        }
+    };
+    write(
+        "/proc/self/setgroups",
+        "deny".into(),
+        "deny setgroups in the user namespace",
+    );
+    // Mapping uid 0 needs CAP_SETFCAP (Linux 5.12+): the launcher of a daemon running as
+    // root has dropped it, so a jailed session's `run` fails closed there (EPERM at
+    // `confine`) rather than run unconfined.
+    write(
+        "/proc/self/uid_map",
+        format!("{0} {0} 1\n", policy.uid),
+        "write uid_map",
+    );
+    write(
+        "/proc/self/gid_map",
+        format!("{0} {0} 1\n", policy.gid),
+        "write gid_map",
+    );
+    if !stay_dumpable && agentkeys_hardening::process::set_dumpable(false).is_err() {
+        die(fail, "not dumpable again", libc::EPERM);
+    }
+}
+
+/// The outer process: forwards SIGTERM/SIGHUP to init (with [`Signals::Forward`]), waits for
+/// it and ends the way the command ended.
+fn outer_loop(init: Pid, status_r: OwnedFd, signals: Signals) -> ! {
+    let sigfd = match SignalFd::with_flags(&signal_mask(), SfdFlags::SFD_CLOEXEC) {
+        Ok(f) => f,
+        Err(_) => {
+            let _ = kill(init, Signal::SIGKILL);
+            ns::exit_now(125)
+        }
+    };
+    // Nothing of the caller's stays open here: the error pipe must see EOF once the command
+    // has exec'd, and no secret fd of a launched run may linger.
+    let keep = [sigfd.as_fd().as_raw_fd(), status_r.as_raw_fd()];
+    let _ = ns::close_fds_from(3, &keep);
+    loop {
+        match sigfd.read_signal() {
+            Ok(Some(info)) => {
+                let sig = info.ssi_signo as i32;
+                if (sig == libc::SIGTERM || sig == libc::SIGHUP) && signals == Signals::Forward {
+                    let _ = nix::sys::signal::kill(init, Signal::try_from(sig).ok());
+                }
+                if sig == libc::SIGCHLD {
+                    match waitpid(init, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::Exited(_, code)) => finish(&status_r, code),
+                        Ok(WaitStatus::Signaled(_, s, _)) => finish_signal(s as i32),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(_) => ns::exit_now(125),
+        }
+    }
+}
+
+fn signal_mask() -> SigSet {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGHUP);
+    mask
+}
+
+/// Ends the outer process as the command ended: init wrote `[b'x', code]` or `[b's', sig]`.
+fn finish(status_r: &OwnedFd, init_code: i32) -> ! {
+    let mut b = [0u8; 2];
+    match nix::unistd::read(status_r, &mut b) {
+        Ok(2) if b[0] == b's' => finish_signal(i32::from(b[1])),
+        Ok(2) if b[0] == b'x' => ns::exit_now(i32::from(b[1])),
+        _ => ns::exit_now(init_code),
+    }
+}
+
+/// Dies of the command's signal, so the caller sees the same status.
+fn finish_signal(sig: i32) -> ! {
+    ns::default_signals();
+    if let Ok(s) = Signal::try_from(sig) {
+        let _ = kill(getpid(), s);
+    }
+    ns::exit_now(128 + sig)
+}
+
+/// The jail's init: pid 1 of the new PID namespace.
+fn init_process(
+    policy: &JailPolicy,
+    session: Option<Session>,
+    status_w: OwnedFd,
+    fail: Fail<'_>,
+) -> Option<String> {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+        die(fail, "set parent-death signal", libc::EINVAL);
+    }
+    let _ = nix::sys::prctl::set_name(c"agentkeys-jail");
+    let mut jail_id = None;
+    if policy.applies(Protection::Namespaces) {
+        if let Err((step, errno)) = build_view(policy, session.as_ref(), &mut jail_id) {
+            die(fail, step, errno);
+        }
+        drop(session);
+        // Defence in depth: no user namespace can be created below this one (the seccomp
+        // filter refuses CLONE_NEWUSER too). Best effort: the filter is what is relied on.
+        let _ = std::fs::write("/proc/sys/user/max_user_namespaces", "0");
+    } else if session.is_some() {
+        // Without namespaces there is no private place for the token: refuse.
+        die(
+            fail,
+            "hand the session in (needs the mount namespace)",
+            libc::ENOSYS,
+        );
+    }
+    if let Err(e) = std::env::set_current_dir(&policy.cwd) {
+        die(fail, "enter the working directory", errno_of(&e));
+    }
+    let cmd = match ns::fork_single_threaded() {
+        Ok(Forked::Parent(pid)) => pid,
+        Ok(Forked::Child) => {
+            drop(status_w);
+            command_process(policy, fail);
+            return jail_id;
+        }
+        Err(e) => die(fail, "fork the command", errno_of(&e)),
+    };
+    init_loop(cmd, status_w)
+}
+
+/// init's loop: reap everything (orphans are reparented to pid 1), forward SIGTERM/SIGHUP to
+/// the command, and exit when the command exits (the kernel then kills what is left).
+fn init_loop(cmd: Pid, status_w: OwnedFd) -> ! {
+    let sigfd = match SignalFd::with_flags(&signal_mask(), SfdFlags::SFD_CLOEXEC) {
+        Ok(f) => f,
+        Err(_) => ns::exit_now(125),
+    };
+    let keep = [sigfd.as_fd().as_raw_fd(), status_w.as_raw_fd()];
+    let _ = ns::close_fds_from(3, &keep);
+    loop {
+        match sigfd.read_signal() {
+            Ok(Some(info)) => {
+                let sig = info.ssi_signo as i32;
+                if sig == libc::SIGTERM || sig == libc::SIGHUP {
+                    let _ = kill(cmd, Signal::try_from(sig).ok());
+                    continue;
+                }
+                loop {
+                    match waitpid(
+                        Pid::from_raw(-1),
+                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                    ) {
+                        Ok(WaitStatus::Exited(pid, code)) if pid == cmd => {
+                            let _ = nix::unistd::write(&status_w, &[b'x', code as u8]);
+                            ns::exit_now(code)
+                        }
+                        Ok(WaitStatus::Signaled(pid, s, _)) if pid == cmd => {
+                            let _ = nix::unistd::write(&status_w, &[b's', s as i32 as u8]);
+                            ns::exit_now(128 + s as i32)
+                        }
+                        Ok(WaitStatus::StillAlive) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(_) => ns::exit_now(125),
+        }
+    }
+}
+
+/// The command's process: capabilities, Landlock, seccomp. Returns to the caller, which
+/// execs.
+fn command_process(policy: &JailPolicy, fail: Fail<'_>) {
+    ns::default_signals();
+    if !policy.applies(Protection::Namespaces) {
+        // No PID namespace to end it with init: die with it.
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    }
+    // Full capabilities in the jail's user namespace would let it remount; none survive.
+    if agentkeys_hardening::process::drop_capabilities().is_err() {
+        die(fail, "drop capabilities", libc::EPERM);
+    }
+    if policy.applies(Protection::Landlock)
+        && let Err(e) = crate::landlock::restrict(policy)
+    {
+        let _ = e;
+        die(fail, "Landlock", libc::EPERM);
+    }
+    if policy.applies(Protection::Seccomp) && crate::seccomp::install().is_err() {
+        die(fail, "seccomp filter", libc::EINVAL);
+    }
+    if nix::sys::prctl::set_no_new_privs().is_err() {
+        die(fail, "no_new_privs", libc::EINVAL);
+    }
+}
+
+type StepResult = Result<(), (&'static str, i32)>;
+
+fn m(
+    step: &'static str,
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> StepResult {
+    mount(src, target, fstype, flags, data).map_err(|e| (step, nix_errno(e)))
+}
+
+fn io(step: &'static str) -> impl Fn(std::io::Error) -> (&'static str, i32) {
+    move |e| (step, errno_of(&e))
+}
+
+/// `/newroot` + an absolute path.
+fn inside(root: &Path, p: &Path) -> PathBuf {
+    root.join(p.strip_prefix("/").unwrap_or(p))
+}
+
+/// Builds the jail's filesystem view and pivots into it (see the module docs for the order).
+fn build_view(
+    policy: &JailPolicy,
+    session: Option<&Session>,
+    jail_id: &mut Option<String>,
+) -> StepResult {
+    let none: Option<&Path> = None;
+    let nofs: Option<&str> = None;
+    // Nothing we mount propagates back to the owner's namespace.
+    m(
+        "make mounts private",
+        none,
+        Path::new("/"),
+        nofs,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    // A scratch tmpfs becomes the root for a while; the old root is reached as /oldroot and
+    // the jail's view is assembled at /newroot (bubblewrap's method).
+    m(
+        "scratch tmpfs",
+        Some(Path::new("tmpfs")),
+        Path::new("/tmp"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )?;
+    let mk = |p: &str| {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(p)
+            .map_err(io("scratch directories"))
+    };
+    mk("/tmp/newroot")?;
+    mk("/tmp/oldroot")?;
+    std::fs::write("/tmp/empty", b"").map_err(io("scratch empty file"))?;
+    std::fs::set_permissions("/tmp/empty", std::fs::Permissions::from_mode(0o444))
+        .map_err(io("scratch empty file"))?;
+    nix::unistd::pivot_root("/tmp", "/tmp/oldroot")
+        .map_err(|e| ("pivot to scratch", nix_errno(e)))?;
+    std::env::set_current_dir("/").map_err(io("pivot to scratch"))?;
+    let old = Path::new("/oldroot");
+    let new = Path::new("/newroot");
+
+    // 1. Everything, read-only, nosuid, nodev.
+    m(
+        "bind the root read-only",
+        Some(old),
+        new,
+        nofs,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    ns::mount_setattr_recursive(
+        new,
+        ns::MOUNT_ATTR_RDONLY | ns::MOUNT_ATTR_NOSUID | ns::MOUNT_ATTR_NODEV,
+    )
+    .map_err(io("make the root read-only, nosuid, nodev"))?;
+
+    // 2. Private temporary directories.
+    for t in &policy.private_tmp {
+        let dst = inside(new, t);
+        if !dst.is_dir() {
+            continue;
+        }
+        m(
+            "private tmp",
+            Some(Path::new("tmpfs")),
+            &dst,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        )?;
+    }
+
+    // 3. Writable roots: fresh binds of the owner's (writable) mounts, nosuid and nodev;
+    // after the private tmp, so a writable root under /tmp is bound into it.
+    for w in &policy.writable {
+        let src = inside(old, w);
+        let dst = inside(new, w);
+        no_symlink(&dst, "bind a writable path")?;
+        if !dst.exists() {
+            // Under a private tmp (a fresh tmpfs): make the mount point.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&dst)
+                .map_err(io("bind a writable path (mount point)"))?;
+        }
+        m(
+            "bind a writable path",
+            Some(&src),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        ns::mount_setattr_recursive(&dst, ns::MOUNT_ATTR_NOSUID | ns::MOUNT_ATTR_NODEV)
+            .map_err(io("make a writable path nosuid, nodev"))?;
+    }
+
+    // 4. A minimal /dev (no disks, no other terminals), a new devpts, the session file.
+    build_dev(old, new, session, policy.socket.as_deref(), jail_id)?;
+
+    // 5. A fresh /proc for the new PID namespace: outside processes have no entry in it.
+    m(
+        "mount /proc",
+        Some(Path::new("proc")),
+        &inside(new, Path::new("/proc")),
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+
+    // 6. Hidden paths: an empty tmpfs over directories, an empty file over anything else.
+    // Sorted, so a parent is covered before its children (which then no longer exist).
+    let mut hidden_dirs: Vec<PathBuf> = Vec::new();
+    for h in &policy.hidden {
+        let dst = inside(new, h);
+        let Ok(meta) = std::fs::symlink_metadata(&dst) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            return Err(("hide a path", libc::ELOOP));
+        }
+        if meta.is_dir() {
+            m(
+                "hide a directory",
+                Some(Path::new("tmpfs")),
+                &dst,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("mode=0700,size=64k"),
+            )?;
+            hidden_dirs.push(h.clone());
+        } else {
+            m(
+                "hide a file",
+                // /tmp/empty before the pivot to the scratch root.
+                Some(Path::new("/empty")),
+                &dst,
+                nofs,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+            remount_ro(&dst, "hide a file (read-only)")?;
+        }
+    }
+
+    // 7. Paths bound back into hidden directories: agentkeys' socket, --allow-socket, --show.
+    for r in &policy.reveal {
+        let src = inside(old, r);
+        let dst = inside(new, r);
+        let under_hidden = hidden_dirs.iter().any(|h| r.starts_with(h));
+        if !under_hidden && std::fs::symlink_metadata(&dst).is_ok() {
+            continue; // not hidden: already reachable
+        }
+        // Hidden, or not visible at all (under the private /tmp): bound back.
+        let Ok(meta) = std::fs::metadata(&src) else {
+            continue; // not there (the daemon's socket before it starts): nothing to bind
+        };
+        if let Some(parent) = dst.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io("bind a path back (directories)"))?;
+        }
+        if meta.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dst)
+                .map_err(io("bind a path back"))?;
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&dst)
+                .map_err(io("bind a path back"))?;
+        }
+        m(
+            "bind a path back",
+            Some(&src),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
+    for h in &hidden_dirs {
+        remount_ro(&inside(new, h), "hide a directory (read-only)")?;
+    }
+
+    // 8. Files the owner's tools run by themselves stay read-only inside writable roots.
+    for d in &policy.create_dirs {
+        let dst = inside(new, d);
+        no_symlink(&dst, "create a protected directory")?;
+        if !dst.exists() {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .recursive(true)
+                .create(&dst)
+                .map_err(io("create a protected directory"))?;
+        }
+    }
+    for p in &policy.protected {
+        let dst = inside(new, p);
+        if std::fs::symlink_metadata(&dst).is_err() {
+            continue;
+        }
+        no_symlink(&dst, "protect a path")?;
+        m(
+            "protect a path",
+            Some(&dst),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        ns::mount_setattr_recursive(&dst, ns::MOUNT_ATTR_RDONLY | ns::MOUNT_ATTR_NOSUID)
+            .map_err(io("protect a path (read-only)"))?;
+    }
+
+    // 9. Into the new root; the scratch root and the old tree go away.
+    std::env::set_current_dir(new).map_err(io("pivot_root"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| ("pivot_root", nix_errno(e)))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| ("detach the old root", nix_errno(e)))?;
+    std::env::set_current_dir("/").map_err(io("pivot_root"))?;
+    Ok(())
+}
+
+fn no_symlink(p: &Path, step: &'static str) -> StepResult {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => Err((step, libc::ELOOP)),
+        _ => Ok(()),
+    }
+}
+
+fn remount_ro(p: &Path, step: &'static str) -> StepResult {
+    m(
+        step,
+        None,
+        p,
+        None,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None,
+    )
+}
+
+/// /dev: a tmpfs with null, zero, full, random, urandom and tty bound in, a new devpts
+/// instance (ptys made inside), a private /dev/shm, the usual links, and the session file;
+/// then read-only.
+fn build_dev(
+    old: &Path,
+    new: &Path,
+    session: Option<&Session>,
+    socket: Option<&Path>,
+    jail_id: &mut Option<String>,
+) -> StepResult {
+    let dev = inside(new, Path::new("/dev"));
+    m(
+        "mount /dev",
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    for n in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let dst = dev.join(n);
+        std::fs::write(&dst, b"").map_err(io("populate /dev"))?;
+        m(
+            "populate /dev",
+            Some(&old.join("dev").join(n)),
+            &dst,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    let mkdir = |p: PathBuf, mode: u32| {
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(&p)
+            .map_err(io("populate /dev"))
+    };
+    mkdir(dev.join("pts"), 0o755)?;
+    mkdir(dev.join("shm"), 0o1777)?;
+    // A new devpts instance; without it (some containers) only ptys are unavailable.
+    if m(
+        "mount /dev/pts",
+        Some(Path::new("devpts")),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    )
+    .is_ok()
+    {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
+    }
+    m(
+        "mount /dev/shm",
+        Some(Path::new("tmpfs")),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(to, dev.join(link)).map_err(io("populate /dev"))?;
+    }
+    if let Some(s) = session {
+        // Now the session is needed: `jail_id\ntoken`, or EOF alone (refused: end quietly).
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1024]);
+        let mut got = 0;
+        while got < buf.len() {
+            match nix::unistd::read(&s.pipe, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(("receive the session", nix_errno(e))),
+            }
+        }
+        let Some(nl) = buf[..got].iter().position(|&b| b == b'\n') else {
+            ns::exit_now(0)
+        };
+        *jail_id = Some(String::from_utf8_lossy(&buf[..nl]).into_owned());
+        let token = &buf[nl + 1..got];
+        let dir = inside(new, Path::new(SESSION_DIR));
+        mkdir(dir, 0o700)?;
+        let file = inside(new, Path::new(SESSION_FILE));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(io("write the session file"))?;
+        std::io::Write::write_all(&mut f, token).map_err(io("write the session file"))?;
+        if let Some(sock) = socket {
+            let dst = inside(new, Path::new(crate::policy::SESSION_SOCKET));
+            std::fs::write(&dst, b"").map_err(io("bind the daemon's socket"))?;
+            m(
+                "bind the daemon's socket",
+                Some(&inside(old, sock)),
+                &dst,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    remount_ro(&dev, "make /dev read-only").or_else(|_| {
+        // noexec/nodev flags as mounted; only read-only matters here.
+        m(
+            "make /dev read-only",
+            None,
+            &dev,
+            None,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NOEXEC,
+            None,
+        )
+    })
+}
+
+/// The error pipe's writer side for callers: `step\0errno` then EOF.
+pub fn report(fd: &impl AsFd, step: &str, errno: i32) {
+    let mut msg = Vec::with_capacity(step.len() + 8);
+    msg.extend_from_slice(step.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(&errno.to_le_bytes());
+    let _ = nix::unistd::write(fd, &msg);
+}
+
+/// Reads a report written by [`report`]: `None` at a clean EOF (the command exec'd).
+pub fn read_report(fd: &OwnedFd) -> Option<(String, i32)> {
+    let mut buf = [0u8; 512];
+    let mut got = 0;
+    loop {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == buf.len() {
+                    break;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    if got == 0 {
+        return None;
+    }
+    let data = &buf[..got];
+    let nul = data.iter().position(|&b| b == 0)?;
+    let step = String::from_utf8_lossy(&data[..nul]).into_owned();
+    let errno = data
+        .get(nul + 1..nul + 5)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_le_bytes)
+        .unwrap_or(libc::EIO);
+    Some((step, errno))
+}
+
+/// argv/env to C strings for the exec (no NUL inside any).
+pub fn cstrings(items: &[String]) -> Option<Vec<CString>> {
+    items
+        .iter()
+        .map(|s| CString::new(s.as_bytes()).ok())
+        .collect()
+}

@@ -1,0 +1,840 @@
+//! The jail's policy: plain data that says what a jail hides, what it lets the agent write,
+//! which sockets stay reachable, which environment names pass and which protections are
+//! required. [`PolicyBuilder`] makes one from the owner's environment and the command line;
+//! [`JailPolicy::print`] shows it (`agentkeys jail --print-policy`); [`crate::apply`] applies it.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::JailError;
+
+/// The policy format's version.
+pub const POLICY_VERSION: u32 = 1;
+/// Most paths of each kind a policy may name (a bound on what the daemon accepts).
+pub const MAX_PATHS: usize = 256;
+/// Where the jail puts the session token file, in a tmpfs only the jail sees.
+pub const SESSION_DIR: &str = "/dev/agentkeys";
+/// The session token file inside the jail.
+pub const SESSION_FILE: &str = "/dev/agentkeys/session";
+/// The daemon's socket inside the jail, bound there too, so a client that finds no
+/// `AGENTKEYS_SOCKET` (an MCP host passes its servers a minimal environment) still reaches it.
+pub const SESSION_SOCKET: &str = "/dev/agentkeys/agentkeysd.sock";
+
+/// How the jail reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// The host's network, unchanged (agents need their APIs).
+    Host,
+}
+
+/// Credentials files and directories hidden by default, relative to the home directory.
+pub const DEFAULT_HIDDEN_IN_HOME: &[&str] = &[
+    // Private keys and the agent's way to them (ssh-agent's socket is hidden separately).
+    ".ssh",
+    ".gnupg",
+    ".password-store",
+    // Cloud and cluster credentials.
+    ".aws",
+    ".azure",
+    ".config/gcloud",
+    ".kube/config",
+    ".docker/config.json",
+    ".vault-token",
+    ".terraform.d/credentials.tfrc.json",
+    // Forges and package registries.
+    ".netrc",
+    ".git-credentials",
+    ".config/gh",
+    ".config/hub",
+    ".npmrc",
+    ".pypirc",
+    ".cargo/credentials",
+    ".cargo/credentials.toml",
+    ".gem/credentials",
+    // Keyrings and browser profiles (cookies are credentials).
+    ".local/share/keyrings",
+    ".mozilla",
+    ".config/google-chrome",
+    ".config/chromium",
+    ".config/BraveSoftware",
+    // agentkeys' own default token place (besides $AGENTKEYS_HOME).
+    ".config/agentkeys",
+    // Shell and tool histories (commands typed with secrets in them).
+    ".bash_history",
+    ".zsh_history",
+    ".histfile",
+    ".sh_history",
+    ".local/share/fish/fish_history",
+    ".python_history",
+    ".node_repl_history",
+    ".psql_history",
+    ".mysql_history",
+    ".sqlite_history",
+    ".lesshst",
+    ".viminfo",
+];
+
+/// Well-known sockets of other local services hidden by default (besides the whole of
+/// `/run/user`, which holds the owner's D-Bus, systemd, gpg-agent, Wayland and PulseAudio
+/// sockets, and a private `/tmp`, which hides X11's, tmux's and ssh-agent's usual places).
+pub const DEFAULT_HIDDEN_SOCKETS: &[&str] = &[
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/podman",
+    "/run/containerd",
+    "/run/dbus",
+    "/run/screen",
+    "/run/tmux",
+    "/run/systemd/private",
+    "/run/user",
+];
+
+/// Files the owner's tools run by themselves, relative to each writable root: kept read-only
+/// there (a read-only bind mount over each that exists; `.git/hooks` is created empty when a
+/// `.git` directory exists without it).
+pub const PROTECTED_IN_WRITABLE: &[&str] = &[
+    ".git/hooks",
+    ".git/config",
+    ".envrc",
+    ".vscode",
+    ".cargo/config",
+    ".cargo/config.toml",
+];
+
+/// The same for a writable root inside the home directory (`--write ~/.config`): paths
+/// relative to the home directory that stay read-only if they fall inside it. Directories
+/// among them are created empty when missing.
+pub const PROTECTED_IN_HOME: &[&str] = &[
+    ".config/systemd",
+    ".config/autostart",
+    ".config/environment.d",
+    ".config/fish",
+    ".config/git",
+    ".config/nvim",
+    ".local/bin",
+    ".local/share/applications",
+    ".local/share/systemd",
+];
+
+/// Directories among [`PROTECTED_IN_HOME`] (created when missing so the agent cannot create
+/// them).
+pub const PROTECTED_DIRS_IN_HOME: &[&str] = &[
+    ".config/systemd",
+    ".config/autostart",
+    ".config/environment.d",
+    ".local/bin",
+];
+
+/// Environment variables that point at sockets or displays of other services: removed.
+pub const SOCKET_POINTERS: &[&str] = &[
+    "SSH_AUTH_SOCK",
+    "SSH_AGENT_PID",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "DBUS_SYSTEM_BUS_ADDRESS",
+    "DISPLAY",
+    "WAYLAND_DISPLAY",
+    "WAYLAND_SOCKET",
+    "XAUTHORITY",
+    "GPG_AGENT_INFO",
+    "DOCKER_HOST",
+    "CONTAINER_HOST",
+    "TMUX",
+    "TMUX_PANE",
+    "STY",
+    "PULSE_SERVER",
+    "KRB5CCNAME",
+    "VAULT_ADDR",
+    "BAO_ADDR",
+];
+
+/// Name fragments (upper-cased name contains one) that mark a variable as a credential.
+pub const CREDENTIAL_FRAGMENTS: &[&str] = &[
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "PASSPHRASE",
+    "KEY",
+    "CREDENTIAL",
+    "AUTH",
+    "COOKIE",
+    "SESSION",
+    "PRIVATE",
+    "SIGNATURE",
+    "_PAT",
+    "APIKEY",
+];
+
+/// Names that contain a fragment but are not credentials: passed.
+pub const NOT_CREDENTIALS: &[&str] = &["KEYTIMEOUT", "XDG_SESSION_TYPE", "XDG_SESSION_CLASS"];
+
+/// Whether the environment variable `name` is removed, and why (`credential`, `socket`,
+/// `agentkeys`); `None`: it passes.
+pub fn env_removal_reason(name: &str) -> Option<&'static str> {
+    let up = name.to_ascii_uppercase();
+    if up.starts_with("AGENTKEYS_") {
+        return Some("agentkeys");
+    }
+    if SOCKET_POINTERS.contains(&up.as_str()) {
+        return Some("socket");
+    }
+    if NOT_CREDENTIALS.contains(&up.as_str()) {
+        return None;
+    }
+    if CREDENTIAL_FRAGMENTS.iter().any(|f| up.contains(f)) {
+        return Some("credential");
+    }
+    None
+}
+
+/// Which environment names pass into the jail (values are never part of a policy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvPolicy {
+    /// Names removed from the owner's environment (credentials, socket pointers, agentkeys').
+    pub removed: Vec<String>,
+    /// Names passed on purpose with `--env` although they match the pattern.
+    pub passed: Vec<String>,
+}
+
+/// The protections a jail applies; each one can be required (the default) or, with
+/// `--best-effort`, skipped where the kernel lacks it (and then listed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protection {
+    /// User, mount, PID and IPC namespaces: the hidden paths, read-only view, private /tmp,
+    /// hidden sockets, and processes outside the jail made unnameable.
+    Namespaces,
+    /// Landlock: the filesystem layer, and (ABI 6) signals and abstract unix sockets scoped
+    /// to the jail.
+    Landlock,
+    /// The seccomp filter (ptrace, TIOCSTI, new user namespaces, mount, keyctl, bpf, ...).
+    Seccomp,
+}
+
+impl Protection {
+    /// What is lost without it, for `--best-effort`'s list.
+    pub fn loss(self) -> &'static str {
+        match self {
+            Protection::Namespaces => {
+                "no user/mount/PID namespaces: agentkeys' state, credential files and service \
+                 sockets are NOT hidden, the filesystem is NOT read-only, and outside processes \
+                 stay visible"
+            }
+            Protection::Landlock => {
+                "no Landlock: signals to outside processes and abstract unix sockets are NOT \
+                 scoped to the jail, and there is no second filesystem layer"
+            }
+            Protection::Seccomp => "no seccomp filter",
+        }
+    }
+}
+
+/// The jail's policy. Plain data: printed by `--print-policy`, sent to the daemon so a `run`
+/// of the jailed session is confined by the same rules, and applied by [`crate::apply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailPolicy {
+    /// [`POLICY_VERSION`].
+    pub version: u32,
+    /// The uid and gid mapped to themselves in the jail's user namespace (the owner's).
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// The working directory (writable).
+    pub cwd: PathBuf,
+    /// Writable roots besides the private temporary directories: the working directory and
+    /// `--write` paths. Everything else is read-only.
+    pub writable: Vec<PathBuf>,
+    /// Fresh, empty, private tmpfs mounts (writable).
+    pub private_tmp: Vec<PathBuf>,
+    /// Hidden: an empty read-only tmpfs over a directory, an empty read-only file over a file.
+    pub hidden: Vec<PathBuf>,
+    /// Bound back into hidden directories, same path (agentkeys' socket, `--allow-socket`,
+    /// `--show` of a path inside a hidden directory).
+    pub reveal: Vec<PathBuf>,
+    /// Read-only inside writable roots (files the owner's tools run by themselves).
+    pub protected: Vec<PathBuf>,
+    /// Directories created (empty) before being made read-only, so the agent cannot create
+    /// them.
+    pub create_dirs: Vec<PathBuf>,
+    /// agentkeys' socket, also bound at [`SESSION_SOCKET`] in a jail with a session.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// The network.
+    pub network: Network,
+    /// The environment filter.
+    pub env: EnvPolicy,
+    /// Protections applied; with `best_effort` false, a missing one refuses the jail.
+    pub protections: Vec<Protection>,
+    /// Protections that were skipped because the kernel lacks them (`--best-effort` only).
+    #[serde(default)]
+    pub skipped: Vec<Protection>,
+    /// Run half-confined when a protection is missing (and list it) instead of refusing.
+    pub best_effort: bool,
+}
+
+/// Options from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct JailOptions {
+    /// `--write PATH`.
+    pub write: Vec<PathBuf>,
+    /// `--hide PATH`.
+    pub hide: Vec<PathBuf>,
+    /// `--show PATH`.
+    pub show: Vec<PathBuf>,
+    /// `--allow-socket PATH`.
+    pub allow_socket: Vec<PathBuf>,
+    /// `--env NAME`.
+    pub env: Vec<String>,
+    /// `--best-effort`.
+    pub best_effort: bool,
+}
+
+/// What the owner's side knows when building a policy (passed in, so tests can build one for
+/// any home).
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The owner's home directory.
+    pub home: PathBuf,
+    /// `$AGENTKEYS_HOME` (resolved).
+    pub agentkeys_home: PathBuf,
+    /// The daemon's socket (kept reachable).
+    pub socket: PathBuf,
+    /// The working directory.
+    pub cwd: PathBuf,
+    /// `$XDG_RUNTIME_DIR`, if set.
+    pub runtime_dir: Option<PathBuf>,
+    /// `$HISTFILE`, if set.
+    pub histfile: Option<PathBuf>,
+    /// The owner's uid and gid.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+}
+
+/// `path` made absolute against `base` and normalised lexically (`.` and `..` removed; `..`
+/// never climbs above `/`).
+pub fn absolute(base: &Path, path: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    let mut out = PathBuf::from("/");
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// `path` resolved through every symlink when it exists; otherwise its lexical form.
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    let abs = absolute(base, path);
+    std::fs::canonicalize(&abs).unwrap_or(abs)
+}
+
+fn under(path: &Path, root: &Path) -> bool {
+    path.starts_with(root)
+}
+
+/// Builds a [`JailPolicy`].
+#[derive(Debug)]
+pub struct PolicyBuilder {
+    ctx: Context,
+    opts: JailOptions,
+}
+
+impl PolicyBuilder {
+    /// A builder for this context and these options.
+    pub fn new(ctx: Context, opts: JailOptions) -> PolicyBuilder {
+        PolicyBuilder { ctx, opts }
+    }
+
+    /// The policy, with every path resolved and checked.
+    ///
+    /// # Errors
+    /// [`JailError::Policy`] naming the offending path: a writable root that is or contains
+    /// the home directory or `/`, that lies inside a hidden path, or that does not exist; an
+    /// `--allow-socket` that is not a socket; a protected path that is a symbolic link.
+    pub fn build(self) -> Result<JailPolicy, JailError> {
+        let ctx = &self.ctx;
+        let cwd = resolve(&ctx.cwd, Path::new("."));
+        let home = resolve(&ctx.cwd, &ctx.home);
+        let bad = |p: &Path, why: &str| JailError::Policy(format!("{}: {why}", p.display()));
+
+        // Hidden: agentkeys' state first, then the default set, then --hide.
+        let mut hidden: BTreeSet<PathBuf> = BTreeSet::new();
+        hidden.insert(resolve(&cwd, &ctx.agentkeys_home));
+        hidden.insert(absolute(&cwd, &ctx.agentkeys_home));
+        for rel in DEFAULT_HIDDEN_IN_HOME {
+            hidden.insert(resolve(&cwd, &home.join(rel)));
+        }
+        if let Some(h) = &ctx.histfile {
+            hidden.insert(resolve(&cwd, h));
+        }
+        for s in DEFAULT_HIDDEN_SOCKETS {
+            hidden.insert(resolve(&cwd, Path::new(s)));
+        }
+        if let Some(r) = &ctx.runtime_dir {
+            hidden.insert(resolve(&cwd, r));
+        }
+        for h in &self.opts.hide {
+            let p = resolve(&cwd, h);
+            if !p.exists() {
+                return Err(bad(h, "--hide: no such file or directory"));
+            }
+            hidden.insert(p);
+        }
+        // --show: drop an exact entry, else bind the path back inside a hidden directory.
+        let mut reveal: BTreeSet<PathBuf> = BTreeSet::new();
+        for s in &self.opts.show {
+            let p = resolve(&cwd, s);
+            let a = absolute(&cwd, s);
+            let ak = resolve(&cwd, &ctx.agentkeys_home);
+            if under(&p, &ak) || under(&a, &ak) {
+                return Err(bad(s, "--show cannot reveal agentkeys' state"));
+            }
+            if !(hidden.remove(&p) | hidden.remove(&a)) {
+                if !p.exists() {
+                    return Err(bad(s, "--show: no such file or directory"));
+                }
+                reveal.insert(p);
+            }
+        }
+        // Sockets kept reachable: agentkeys' own, and --allow-socket.
+        let socket = resolve(&cwd, &ctx.socket);
+        reveal.insert(socket.clone());
+        for s in &self.opts.allow_socket {
+            let p = resolve(&cwd, s);
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::metadata(&p) {
+                Ok(m) if m.file_type().is_socket() => {
+                    reveal.insert(p);
+                }
+                Ok(_) => return Err(bad(s, "--allow-socket: not a unix socket")),
+                Err(e) => return Err(bad(s, &format!("--allow-socket: {e}"))),
+            }
+        }
+
+        // Writable roots: the working directory and --write.
+        let mut writable: Vec<PathBuf> = vec![cwd.clone()];
+        for w in &self.opts.write {
+            let p = resolve(&cwd, w);
+            if !writable.contains(&p) {
+                writable.push(p);
+            }
+        }
+        for (i, w) in writable.iter().enumerate() {
+            let what = if i == 0 {
+                "the working directory"
+            } else {
+                "--write"
+            };
+            if !w.exists() {
+                return Err(bad(w, &format!("{what}: no such file or directory")));
+            }
+            if w == Path::new("/") || under(&home, w) {
+                return Err(bad(
+                    w,
+                    &format!(
+                        "{what} would make your home directory (or /) writable, where the agent \
+                         could plant shell start-up files; run the jail from a project \
+                         directory, and give --write for the few places it must write"
+                    ),
+                ));
+            }
+            if let Some(h) = hidden.iter().find(|h| under(w, h)) {
+                return Err(bad(
+                    w,
+                    &format!("{what} lies inside a hidden path ({})", h.display()),
+                ));
+            }
+        }
+
+        // Protected files inside writable roots.
+        let mut protected: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for root in &writable {
+            if !root.is_dir() {
+                continue;
+            }
+            for rel in PROTECTED_IN_WRITABLE {
+                let p = root.join(rel);
+                check_not_symlink(&p)?;
+                if p.exists() {
+                    protected.insert(p);
+                } else if *rel == ".git/hooks" && root.join(".git").is_dir() {
+                    create_dirs.insert(p.clone());
+                    protected.insert(p);
+                }
+            }
+            for rel in PROTECTED_IN_HOME {
+                let p = home.join(rel);
+                if !under(&p, root) {
+                    continue;
+                }
+                check_not_symlink(&p)?;
+                if p.exists() {
+                    protected.insert(p);
+                } else if PROTECTED_DIRS_IN_HOME.contains(rel) {
+                    create_dirs.insert(p.clone());
+                    protected.insert(p);
+                }
+            }
+        }
+
+        // Environment: names only.
+        let mut removed = Vec::new();
+        let mut passed = Vec::new();
+        for (k, _) in std::env::vars_os() {
+            let Some(k) = k.to_str() else { continue };
+            if env_removal_reason(k).is_some() {
+                if self.opts.env.iter().any(|e| e == k) && !k.starts_with("AGENTKEYS_") {
+                    passed.push(k.to_string());
+                } else {
+                    removed.push(k.to_string());
+                }
+            }
+        }
+        removed.sort();
+        passed.sort();
+
+        let private_tmp: Vec<PathBuf> = ["/tmp", "/var/tmp", "/dev/shm"]
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir() || p == Path::new("/dev/shm"))
+            .collect();
+        let policy = JailPolicy {
+            version: POLICY_VERSION,
+            uid: ctx.uid,
+            gid: ctx.gid,
+            cwd,
+            writable,
+            private_tmp,
+            hidden: hidden.into_iter().collect(),
+            reveal: reveal.into_iter().collect(),
+            protected: protected.into_iter().collect(),
+            create_dirs: create_dirs.into_iter().collect(),
+            socket: Some(socket),
+            network: Network::Host,
+            env: EnvPolicy { removed, passed },
+            protections: vec![
+                Protection::Namespaces,
+                Protection::Landlock,
+                Protection::Seccomp,
+            ],
+            skipped: Vec::new(),
+            best_effort: self.opts.best_effort,
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+}
+
+fn check_not_symlink(p: &Path) -> Result<(), JailError> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => Err(JailError::Policy(format!(
+            "{} is a symbolic link; the jail keeps it read-only and will not follow a link \
+             there (remove it, or look at what planted it)",
+            p.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl JailPolicy {
+    /// Checks a policy received from elsewhere (the daemon checks the one a jail sends): the
+    /// version, absolute normalised paths without NUL, bounded counts.
+    ///
+    /// # Errors
+    /// [`JailError::Policy`] saying what is wrong.
+    pub fn validate(&self) -> Result<(), JailError> {
+        if self.version != POLICY_VERSION {
+            return Err(JailError::Policy(format!(
+                "policy version {} (this build speaks {POLICY_VERSION})",
+                self.version
+            )));
+        }
+        let lists: [(&str, &Vec<PathBuf>); 6] = [
+            ("writable", &self.writable),
+            ("private_tmp", &self.private_tmp),
+            ("hidden", &self.hidden),
+            ("reveal", &self.reveal),
+            ("protected", &self.protected),
+            ("create_dirs", &self.create_dirs),
+        ];
+        for (name, list) in lists {
+            if list.len() > MAX_PATHS {
+                return Err(JailError::Policy(format!(
+                    "{name}: more than {MAX_PATHS} paths"
+                )));
+            }
+            for p in list.iter().chain(std::iter::once(&self.cwd)) {
+                let ok = p.is_absolute()
+                    && absolute(Path::new("/"), p) == *p
+                    && !p.as_os_str().as_encoded_bytes().contains(&0);
+                if !ok {
+                    return Err(JailError::Policy(format!(
+                        "{name}: not an absolute, normalised path"
+                    )));
+                }
+            }
+        }
+        if self.writable.first() != Some(&self.cwd) {
+            return Err(JailError::Policy(
+                "the working directory must be the first writable root".into(),
+            ));
+        }
+        if self.env.removed.len() + self.env.passed.len() > 4 * MAX_PATHS {
+            return Err(JailError::Policy("too many environment names".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether a protection is to be applied (required, or not skipped).
+    pub fn applies(&self, p: Protection) -> bool {
+        self.protections.contains(&p) && !self.skipped.contains(&p)
+    }
+
+    /// The policy as indented JSON, for `--print-policy` and `agentkeys whoami` inside.
+    pub fn print(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("(unprintable: {e})"))
+    }
+
+    /// From JSON (the daemon's copy), validated.
+    ///
+    /// # Errors
+    /// [`JailError::Policy`] when it does not parse or validate.
+    pub fn from_json(v: &serde_json::Value) -> Result<JailPolicy, JailError> {
+        let p: JailPolicy = serde_json::from_value(v.clone())
+            .map_err(|e| JailError::Policy(format!("not a jail policy: {e}")))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// The environment for the jailed command: the owner's, minus the removed names, plus
+    /// what the jail itself sets (the token file, the socket, the jail marker).
+    pub fn environment(&self, jail_id: &str, socket: &Path) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| !self.env.removed.contains(k))
+            .filter(|(k, _)| env_removal_reason(k).is_none() || self.env.passed.contains(k))
+            .collect();
+        env.push(("AGENTKEYS_TOKEN_FILE".into(), SESSION_FILE.into()));
+        env.push(("AGENTKEYS_JAIL".into(), jail_id.into()));
+        env.push((
+            "AGENTKEYS_SOCKET".into(),
+            socket.to_string_lossy().into_owned(),
+        ));
+        env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(root: &Path) -> Context {
+        let home = root.join("home");
+        let project = root.join("project");
+        std::fs::create_dir_all(home.join(".agentkeys")).unwrap();
+        std::fs::create_dir_all(project.join(".git")).unwrap();
+        Context {
+            home: home.clone(),
+            agentkeys_home: home.join(".agentkeys"),
+            socket: home.join(".agentkeys/agentkeysd.sock"),
+            cwd: project,
+            runtime_dir: None,
+            histfile: None,
+            uid: 1000,
+            gid: 1000,
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ak-jail-policy-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn hidden_set_covers_state_credentials_history_and_sockets() {
+        let d = tmp("hidden");
+        let c = ctx(&d);
+        let p = PolicyBuilder::new(c.clone(), JailOptions::default())
+            .build()
+            .unwrap();
+        for rel in [".agentkeys", ".ssh", ".aws", ".bash_history", ".config/gh"] {
+            assert!(p.hidden.contains(&c.home.join(rel)), "{rel} not hidden");
+        }
+        assert!(p.hidden.contains(&PathBuf::from("/run/user")));
+        assert!(p.hidden.contains(&PathBuf::from("/run/docker.sock")));
+        // agentkeys' socket is bound back.
+        assert!(p.reveal.contains(&c.socket));
+        // .git exists without hooks: hooks are created and protected.
+        assert!(p.create_dirs.contains(&c.cwd.join(".git/hooks")));
+        assert!(p.protected.contains(&c.cwd.join(".git/hooks")));
+        assert_eq!(p.writable, vec![c.cwd.clone()]);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn writable_set_refuses_home_root_and_hidden_places() {
+        let d = tmp("writable");
+        let c = ctx(&d);
+        for (w, want) in [
+            (c.home.clone(), "home directory"),
+            (PathBuf::from("/"), "home directory"),
+            (c.home.join(".agentkeys"), "inside a hidden path"),
+            (d.join("missing"), "no such file"),
+        ] {
+            let e = PolicyBuilder::new(
+                c.clone(),
+                JailOptions {
+                    write: vec![w.clone()],
+                    ..Default::default()
+                },
+            )
+            .build()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{w:?}: {e}");
+        }
+        // `..` is resolved before the checks: project/../home is the home directory.
+        let e = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                write: vec![PathBuf::from("../home")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("home directory"), "{e}");
+        // A symlink to the agentkeys home is resolved and refused.
+        std::os::unix::fs::symlink(c.home.join(".agentkeys"), c.cwd.join("out")).unwrap();
+        let e = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                write: vec![PathBuf::from("out")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("inside a hidden path"), "{e}");
+        // The working directory in the home directory itself is refused.
+        let mut at_home = c.clone();
+        at_home.cwd = c.home.clone();
+        let e = PolicyBuilder::new(at_home, JailOptions::default())
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("working directory"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn symlinked_protected_path_is_refused() {
+        let d = tmp("symlink");
+        let c = ctx(&d);
+        std::os::unix::fs::symlink("/tmp", c.cwd.join(".git/hooks")).unwrap();
+        let e = PolicyBuilder::new(c, JailOptions::default())
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn show_and_hide_adjust_the_set_but_never_reveal_state() {
+        let d = tmp("show");
+        let c = ctx(&d);
+        std::fs::create_dir_all(c.home.join(".aws")).unwrap();
+        std::fs::write(c.home.join("notes"), b"x").unwrap();
+        let p = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                show: vec![c.home.join(".aws")],
+                hide: vec![c.home.join("notes")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        assert!(!p.hidden.contains(&c.home.join(".aws")));
+        assert!(p.hidden.contains(&c.home.join("notes")));
+        let e = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                show: vec![c.home.join(".agentkeys/dek.key")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("agentkeys' state"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn env_filter_removes_credentials_sockets_and_agentkeys() {
+        for (name, want) in [
+            ("GITHUB_TOKEN", Some("credential")),
+            ("OPENAI_API_KEY", Some("credential")),
+            ("AWS_SECRET_ACCESS_KEY", Some("credential")),
+            ("PGPASSWORD", Some("credential")),
+            ("SSH_AUTH_SOCK", Some("socket")),
+            ("DISPLAY", Some("socket")),
+            ("DBUS_SESSION_BUS_ADDRESS", Some("socket")),
+            ("AGENTKEYS_TOKEN", Some("agentkeys")),
+            ("AGENTKEYS_HOME", Some("agentkeys")),
+            ("PATH", None),
+            ("HOME", None),
+            ("TERM", None),
+            ("LANG", None),
+            ("XDG_SESSION_TYPE", None),
+            // Paths to CA bundles are not credentials (an early pattern with CERT removed
+            // them and broke TLS inside the jail).
+            ("SSL_CERT_FILE", None),
+            ("NODE_EXTRA_CA_CERTS", None),
+        ] {
+            assert_eq!(env_removal_reason(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn policy_round_trips_and_validation_refuses_relative_paths() {
+        let d = tmp("json");
+        let p = PolicyBuilder::new(ctx(&d), JailOptions::default())
+            .build()
+            .unwrap();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(JailPolicy::from_json(&v).unwrap(), p);
+        let mut bad = p.clone();
+        bad.hidden.push(PathBuf::from("relative"));
+        assert!(bad.validate().is_err());
+        let mut bad = p.clone();
+        bad.hidden.push(PathBuf::from("/a/../b"));
+        assert!(bad.validate().is_err());
+        let mut bad = p;
+        bad.version = 99;
+        assert!(bad.validate().is_err());
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
