@@ -64,11 +64,7 @@ impl Backends {
                     path: s.path_in_mount(backend.mount()).to_string(),
                     backend,
                     field: s.field.clone(),
-                    policy: Policy {
-                        high_value: s.high_value,
-                        cache_ttl_secs: s.cache_ttl.as_secs(),
-                        allow_inline: s.allow_inline,
-                    },
+                    policy: s.policy().map_err(|e| format!("services.{name}: {e}"))?,
                 },
             );
         }
@@ -166,7 +162,7 @@ impl Shared {
     pub fn resolve(&self, service: &str) -> Result<Option<Resolved<'_>>, FetchError> {
         if let Some(r) = self.backends.service(service) {
             return Ok(Some(Resolved {
-                policy: r.policy,
+                policy: r.policy.clone(),
                 backend: Some(r.backend.name()),
                 source: Source::Remote(r),
             }));

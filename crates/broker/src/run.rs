@@ -16,7 +16,7 @@ use agentkeys_hardening::launcher::{FromLauncher, LaunchSpec, RunEnd};
 use agentkeys_hardening::page::{PagePolicy, SecretPage};
 use agentkeys_proto::wire::{ErrorCode, ResponseBody};
 use agentkeys_state::audit::{Event, Peer};
-use agentkeys_state::vault::validate_service_name;
+use agentkeys_state::vault::{DeliveryKind, validate_service_name};
 use sha2::Digest;
 use tokio::sync::oneshot;
 use tracing::info;
@@ -253,6 +253,7 @@ async fn fetch(
     p: &Principal,
     peer: Peer,
     service: &str,
+    kind: DeliveryKind,
 ) -> Result<Zeroizing<Vec<u8>>, ResponseBody> {
     let ev = |event, outcome, detail| Event {
         event,
@@ -286,6 +287,17 @@ async fn fetch(
             format!("no service named {service:?}"),
         ));
     };
+    if !resolved.policy.allows(kind) {
+        shared.audit_best_effort(&ev("deny", "denied", Some("delivery kind not allowed")));
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "{service:?} may not be delivered as {}; its policy allows: {}",
+                kind.as_str(),
+                resolved.policy.allowed_kinds()
+            ),
+        ));
+    }
     // High-value services were approved for the whole request before any fetch (see `start`).
     let cache_ttl = Duration::from_secs(resolved.policy.cache_ttl_secs);
     if !cache_ttl.is_zero()
@@ -374,7 +386,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             false,
-            fetch(shared, p, peer, service).await?,
+            fetch(shared, p, peer, service, DeliveryKind::Env).await?,
         ));
     }
     for (var, service) in &req.files {
@@ -382,7 +394,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             true,
-            fetch(shared, p, peer, service).await?,
+            fetch(shared, p, peer, service, DeliveryKind::File).await?,
         ));
     }
     // Environment secrets in memfd_secret pages (the child maps them); file secrets in sealed,

@@ -252,6 +252,12 @@ pub struct ServiceInfo {
     /// The remote backend it is read from; absent for the local vault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// Hosts the credential-injecting proxy may send it to (none: not for the proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_hosts: Vec<String>,
+    /// The delivery kinds allowed, when the policy restricts them (`"proxy"`: proxy-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver: Option<String>,
 }
 
 /// One open approval request.

@@ -14,6 +14,7 @@
 //! - [`session`]: the owner's master session, sealed in `session.enc`.
 //! - [`agents`]: the agent registry (token hashes, scopes, expiry, revocation), sealed in
 //!   `agents.enc`.
+//! - [`inject`]: delivery kinds and the proxy's host, header and query rules of a policy.
 //! - [`vault`]: the local vault `vault.enc`, each entry sealed on its own.
 //! - [`audit`]: the audit trail `audit.jsonl` (hash-chained JSON lines): [`audit::AuditLog`]
 //!   for the daemon, [`audit::verify`] and [`audit::AuditReader`] for the CLI.
@@ -45,6 +46,7 @@ pub mod error;
 pub mod home;
 pub mod identity;
 pub mod init;
+pub mod inject;
 pub mod keystore;
 mod names;
 pub mod session;
