@@ -11,6 +11,7 @@
 //! - [`seccomp`]: the syscall allowlist (reviewed data) and its installation on all threads.
 //! - [`launcher`]: the process, forked before the sandbox, that starts programs for `run`
 //!   (each under a supervisor of its own) and stops them.
+//! - [`helper`]: helper processes the daemon forks before its sandbox (the proxy).
 //! - [`proctree`]: the processes below this one, found through `/proc` and held by pidfds.
 //! - [`peer`]: credentials of the process at the other end of a unix socket.
 //! - [`alloc`]: the global allocator for both binaries: mimalloc (secure) that wipes on free.
@@ -21,6 +22,7 @@
 
 pub mod alloc;
 pub mod errno;
+pub mod helper;
 pub mod launcher;
 pub mod page;
 pub mod peer;
