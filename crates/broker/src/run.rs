@@ -40,6 +40,8 @@ pub struct RunRequest {
     pub env: BTreeMap<String, String>,
     /// VAR -> service, as readable files.
     pub files: BTreeMap<String, String>,
+    /// VAR -> service, as placeholders the credential-injecting proxy replaces.
+    pub proxy: BTreeMap<String, String>,
     /// The caller's environment.
     pub caller_env: Vec<String>,
     /// Working directory (required, absolute).
@@ -64,6 +66,8 @@ pub struct Running {
     pumps: Vec<oneshot::Receiver<()>>,
     started: Instant,
     program: String,
+    /// The run's proxy registration: its placeholders work until the run has ended.
+    proxy: Option<crate::proxy::Registration>,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
@@ -114,6 +118,9 @@ pub fn request_hash(req: &RunRequest) -> String {
     }
     for (k, v) in &req.files {
         field("file", &format!("{k}={v}"));
+    }
+    for (k, v) in &req.proxy {
+        field("proxy", &format!("{k}={v}"));
     }
     field("masking", if req.masking { "1" } else { "0" });
     // The umask decides the modes of every file the program creates.
@@ -167,13 +174,13 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
             format!("at most {MAX_ARGS} arguments"),
         ));
     }
-    if req.env.len() + req.files.len() > MAX_RUN_SECRETS {
+    if req.env.len() + req.files.len() + req.proxy.len() > MAX_RUN_SECRETS {
         return Err(refuse(
             ErrorCode::BadRequest,
             format!("at most {MAX_RUN_SECRETS} secrets per run"),
         ));
     }
-    for (var, service) in req.env.iter().chain(&req.files) {
+    for (var, service) in req.env.iter().chain(&req.files).chain(&req.proxy) {
         if !valid_var(var) {
             return Err(refuse(
                 ErrorCode::BadRequest,
@@ -191,6 +198,16 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
         return Err(refuse(
             ErrorCode::BadRequest,
             "a variable is given both as --env and --file",
+        ));
+    }
+    if req
+        .proxy
+        .keys()
+        .any(|k| req.env.contains_key(k) || req.files.contains_key(k))
+    {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "a variable is given both as --proxy and --env or --file",
         ));
     }
     // Without one the program would run wherever the daemon happened to start.
@@ -359,6 +376,24 @@ pub async fn start(
     };
     let program = program_name(&req.argv[0]);
     let hash = argv_hash(&req.argv);
+    // Proxy mappings: checked before anything is fetched or approved (nothing is fetched for
+    // them now: the daemon decides at each request the proxy wants to inject into).
+    let proxy_link = if req.proxy.is_empty() {
+        None
+    } else {
+        let Some(link) = shared.proxy.get().cloned() else {
+            return Err(refuse(
+                ErrorCode::Internal,
+                "the credential-injecting proxy is not running ([proxy] enabled = false, or it failed at start; see the daemon log)",
+            ));
+        };
+        Some(link)
+    };
+    let proxy_mappings = match &proxy_link {
+        Some(_) => crate::proxy::check_mappings(shared, p, peer, &req.proxy)
+            .map_err(|(code, message)| refuse(code, message))?,
+        None => Vec::new(),
+    };
 
     // Fetch every secret first: nothing is audited as delivered unless all are available.
     let command = shown_command(&req);
@@ -423,10 +458,17 @@ pub async fn start(
         .collect();
     drop(plain);
 
-    let detail = format!(
+    let mut detail = format!(
         "program={program} argv_sha256={hash} masking={}",
         req.masking
     );
+    if !proxy_mappings.is_empty() {
+        let m: Vec<String> = proxy_mappings
+            .iter()
+            .map(|(v, s, _)| format!("{v}:{s}"))
+            .collect();
+        detail.push_str(&format!(" proxy={}", m.join(",")));
+    }
     let start_ev = Event {
         event: "run_start",
         who: Some(p.who()),
@@ -475,14 +517,27 @@ pub async fn start(
         }
         None => (out, err),
     };
-    let env: Vec<String> = req
+    let registration = match &proxy_link {
+        Some(link) => Some(
+            link.register(p, peer, &proxy_mappings)
+                .map_err(|e| refuse(ErrorCode::Internal, e.0))?,
+        ),
+        None => None,
+    };
+    let proxy_names: &[String] = registration.as_ref().map_or(&[], |r| &r.names);
+    let mut env: Vec<String> = req
         .caller_env
         .into_iter()
         .filter(|e| {
             let name = e.split('=').next().unwrap_or("");
-            !name.starts_with("AGENTKEYS_TOKEN") && !secret_names.iter().any(|(v, _, _)| v == name)
+            !name.starts_with("AGENTKEYS_TOKEN")
+                && !secret_names.iter().any(|(v, _, _)| v == name)
+                && !proxy_names.iter().any(|v| v == name)
         })
         .collect();
+    if let Some(r) = &registration {
+        env.extend(r.env.iter().cloned());
+    }
     let (secret_env, files): (Vec<_>, Vec<_>) = secret_names.iter().partition(|(_, _, f)| !*f);
     let spec = LaunchSpec {
         id: 0,
@@ -539,6 +594,7 @@ pub async fn start(
                 pumps,
                 started: Instant::now(),
                 program,
+                proxy: registration,
             })
         }
         Err(e) => {
@@ -627,6 +683,8 @@ pub async fn finish(
         }) => (code, signal, end),
         _ => (None, None, RunEnd::default()),
     };
+    // The run is over: its placeholders and proxy credential stop working now.
+    drop(run.proxy);
     for pump in run.pumps {
         let _ = pump.await;
     }
@@ -696,6 +754,7 @@ mod tests {
             argv: vec!["true".into()],
             env: BTreeMap::new(),
             files: BTreeMap::new(),
+            proxy: BTreeMap::new(),
             caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
             cwd: Some("/".into()),
             masking: true,

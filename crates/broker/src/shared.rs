@@ -55,6 +55,8 @@ pub struct Shared {
     pub approvals: Mutex<crate::approvals::Approvals>,
     /// Remote backends (OpenBao / Vault) and the services mapped onto them.
     pub backends: crate::backends::Backends,
+    /// The credential-injecting proxy, once the runtime runs (`run --proxy` is refused without).
+    pub proxy: std::sync::OnceLock<Arc<crate::proxy::ProxyLink>>,
 }
 
 /// One open connection, as the server sees it.

@@ -124,6 +124,12 @@ enum Command {
         /// environment (repeatable).
         #[arg(long = "file", value_name = "VAR=SERVICE")]
         file: Vec<String>,
+        /// VAR=SERVICE: VAR holds a placeholder, and the credential-injecting proxy (named in
+        /// HTTPS_PROXY/HTTP_PROXY with this run's own credential, its CA in SSL_CERT_FILE and
+        /// the like) puts the value in place of it only on requests to the service's hosts;
+        /// the program never holds the value (repeatable).
+        #[arg(long = "proxy", value_name = "VAR=SERVICE")]
+        proxy: Vec<String>,
         /// Give the program this terminal directly (no masking of its output).
         #[arg(long)]
         no_masking: bool,
@@ -385,6 +391,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Run {
             env,
             file,
+            proxy,
             no_masking,
             wait,
             cwd,
@@ -394,6 +401,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             run_cmd::RunOpts {
                 env,
                 file,
+                proxy,
                 no_masking,
                 wait,
                 cwd,

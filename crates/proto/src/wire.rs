@@ -95,6 +95,11 @@ pub enum RequestBody {
         /// `VAR -> service`: VAR names a readable file (`/dev/fd/N`) holding the secret.
         #[serde(default)]
         files: std::collections::BTreeMap<String, String>,
+        /// `VAR -> service`: VAR holds a placeholder that the credential-injecting proxy replaces
+        /// with the value on requests to the service's hosts; the program gets the proxy and CA
+        /// bundle variables too.
+        #[serde(default)]
+        proxy: std::collections::BTreeMap<String, String>,
         /// The caller's environment, `NAME=value` (without agentkeys tokens).
         #[serde(default)]
         caller_env: Vec<String>,

@@ -170,7 +170,10 @@ fn prepare(
         message: "no key page".into(),
     })?;
     let page = MappedSecret::map(fd).map_err(step("mapping the CA key"))?;
-    let minter = ca::Minter::new(&ca_name, der, &page).map_err(step("loading the CA key"))?;
+    let minter = ca::Minter::new(&ca_name, der, &page).map_err(|e| StartError {
+        step: "loading the CA key",
+        message: format!("{e} (page of {} bytes)", page.len()),
+    })?;
     drop(page);
     Ok((listener, minter, roots))
 }

@@ -15,6 +15,7 @@
 //! - [`agents`]: the agent registry (token hashes, scopes, expiry, revocation), sealed in
 //!   `agents.enc`.
 //! - [`inject`]: delivery kinds and the proxy's host, header and query rules of a policy.
+//! - [`proxy_ca`]: the credential-injecting proxy's CA (`proxy-ca.enc`, sealed) and bundle.
 //! - [`vault`]: the local vault `vault.enc`, each entry sealed on its own.
 //! - [`audit`]: the audit trail `audit.jsonl` (hash-chained JSON lines): [`audit::AuditLog`]
 //!   for the daemon, [`audit::verify`] and [`audit::AuditReader`] for the CLI.
@@ -48,6 +49,7 @@ pub mod identity;
 pub mod init;
 pub mod inject;
 pub mod keystore;
+pub mod proxy_ca;
 mod names;
 pub mod session;
 pub mod token;
