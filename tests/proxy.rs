@@ -142,6 +142,8 @@ fn curl_gets_the_value_injected_only_on_the_service_host_and_never_holds_it() {
     );
     assert_eq!(got[0].target, "/user?page=2");
     assert!(got[0].header("proxy-authorization").is_none());
+    // A GET without a body stays one (no Content-Length: 0 added on the way).
+    assert!(got[0].header("content-length").is_none(), "{:?}", got[0]);
     // The program's environment: a placeholder, the proxy and the CA bundle, never the value.
     let env = std::fs::read_to_string(&envfile).unwrap();
     assert!(!env.contains(VALUE), "the value is in the environment");
@@ -675,6 +677,15 @@ fn high_value_injection_needs_a_grant_bound_to_host_method_and_path() {
     let (code, _) = run("/other-path");
     assert_eq!(code, "403");
     assert_eq!(e.srv.requests().iter().filter(|r| r.header("authorization") == Some(b"Bearer bank-value-123456")).count(), 1);
+    // A window (`approve --for`) covers the agent session, the service and the host: any
+    // method and path there, for its duration.
+    let list: serde_json::Value = serde_json::from_slice(&e.h.run(&["pending", "--json"]).stdout).unwrap();
+    let code_ = list.as_array().unwrap().iter().find(|r| r["command"].as_str().unwrap_or("").contains("/other-path")).unwrap()["code"].as_str().unwrap().to_string();
+    assert!(e.h.run(&["approve", &code_, "--for", "10m"]).status.success());
+    assert_eq!(run("/other-path").0, "200");
+    assert_eq!(run("/third").0, "200");
+    let grants = e.audit_events("grant_used");
+    assert!(grants.iter().any(|g| g["detail"].as_str().unwrap_or("").contains("window")), "{grants:?}");
 }
 
 #[test]
@@ -747,4 +758,57 @@ fn mcp_run_with_a_proxy_mapping_through_the_python_sdk() {
     assert!(stdout(&out).contains("OK python mcp proxy client"), "{}", text(&out));
     let r = e.srv.requests();
     assert_eq!(r[0].header("authorization"), Some(format!("Bearer {VALUE}").as_bytes()));
+}
+
+/// The daemon's child named `agentkeys-proxy`.
+fn proxy_pid(h: &TestHome) -> u32 {
+    let daemon = h.daemon_pid();
+    let kids = std::fs::read_to_string(format!("/proc/{daemon}/task/{daemon}/children")).unwrap();
+    kids.split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "agentkeys-proxy")
+        })
+        .expect("the proxy process")
+}
+
+#[test]
+fn the_proxy_process_is_hardened_and_keeps_no_value_after_a_run() {
+    let e = setup("px-hard");
+    let pid = proxy_pid(&e.h);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(field("Seccomp:"), "2", "no seccomp filter");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    // Its only fds: stdio, the daemon link, the listener, the reactor's.
+    let out = e.run(
+        &["GH=gh"],
+        &format!("curl -s -H \"Authorization: Bearer $GH\" {}", e.url("/echo")),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!stdout(&out).contains(VALUE));
+    if !is_root() {
+        eprintln!("SKIP the_proxy_process_is_hardened_and_keeps_no_value_after_a_run (memory part): needs root");
+        return;
+    }
+    // The scan sees this process's memory at all (a literal of the binary).
+    assert!(memory_find(pid, b"agentkeys proxy: refused").is_some(), "the scan found nothing");
+    // `gh` has no cache_ttl: once the request is done the proxy unmapped its page, and what it
+    // built from it (the header, TLS records) was freed and wiped by the allocator.
+    assert!(
+        wait_until(Duration::from_secs(5), || memory_find(pid, VALUE.as_bytes()).is_none()),
+        "the value stays in the proxy's memory: {:?}",
+        memory_find(pid, VALUE.as_bytes())
+    );
+    assert_eq!(memory_find(e.h.daemon_pid(), VALUE.as_bytes()), None, "in the daemon's memory");
 }

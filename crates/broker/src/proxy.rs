@@ -520,7 +520,13 @@ async fn decide(
             },
             clip(w.path, 256)
         );
-        if let Err(body) = shared.high_value(&p, peer, service, Some((&bound, &shown))) {
+        let subject = crate::approvals::Subject {
+            principal: p.clone(),
+            service: service.to_string(),
+            argv: Some(bound),
+            wider: Some(proxy_host_hash(w.host, w.port)),
+        };
+        if let Err(body) = shared.high_value_subject(&p, peer, service, subject, Some(&shown)) {
             return Err(match body {
                 agentkeys_proto::wire::ResponseBody::Pending { message, .. } => {
                     (403, format!("approval required: {message}"))
@@ -581,6 +587,17 @@ async fn decide(
 pub fn proxy_request_hash(host: &str, port: u16, method: &str, path: &str) -> String {
     let mut h = sha2::Sha256::new();
     for part in ["proxy", host, &port.to_string(), method, path] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of what a proxy window grant (`approve --for`) binds besides session and service:
+/// the host and port.
+pub fn proxy_host_hash(host: &str, port: u16) -> String {
+    let mut h = sha2::Sha256::new();
+    for part in ["proxy-host", host, &port.to_string()] {
         h.update(part.as_bytes());
         h.update([0u8]);
     }

@@ -205,7 +205,23 @@ impl Shared {
             principal: p.clone(),
             service: service.to_string(),
             argv: run.map(|(h, _)| h.to_string()),
+            wider: None,
         };
+        self.high_value_subject(p, peer, service, subject, run.map(|(_, c)| c))
+    }
+
+    /// [`Shared::high_value`] for a prepared subject (the proxy's, whose `wider` lets a window
+    /// bind the host); `shown` is what the owner is shown of the request.
+    pub fn high_value_subject(
+        &self,
+        p: &Principal,
+        peer: Peer,
+        service: &str,
+        subject: Subject,
+        shown: Option<&str>,
+    ) -> Result<(), ResponseBody> {
+        let run = subject.argv.clone().zip(shown);
+        let run = run.as_ref().map(|(h, c)| (h.as_str(), *c));
         let detail = run.map(|(h, _)| format!("request_sha256={h}"));
         let ev = |event, outcome, detail| Event {
             event,

@@ -766,6 +766,85 @@ mod tests {
         );
     }
 
+    /// The proxy's two programs, as `install_proxy_filter` installs them.
+    fn proxy_filter() -> DaemonFilter {
+        DaemonFilter {
+            enosys: compile_enosys(DAEMON_ENOSYS).expect("enosys"),
+            allow: compile(PROXY_ALLOWLIST).expect("the proxy filter compiles"),
+        }
+    }
+
+    #[test]
+    fn the_proxy_filter_kills_execve_fork_ptrace_and_writes() {
+        assert_sigsys(run_filtered(&proxy_filter(), || {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path and argv/envp arrays that outlive the call.
+            unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
+            0
+        }));
+        assert_sigsys(run_filtered(&proxy_filter(), || {
+            // SAFETY: a fork spelled as clone(SIGCHLD); the grandchild, if any, exits at once.
+            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            if pid == 0 {
+                // SAFETY: ends the unexpected grandchild without running any Rust code.
+                unsafe { libc::_exit(0) };
+            }
+            0
+        }));
+        assert_sigsys(run_filtered(&proxy_filter(), || {
+            // SAFETY: PTRACE_TRACEME takes no pointers.
+            unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            0
+        }));
+        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_CREAT] {
+            let status = run_filtered_with(&proxy_filter(), flags, |flags| {
+                // SAFETY: a NUL-terminated path literal and integer flags.
+                unsafe { libc::openat(libc::AT_FDCWD, c"/tmp/ak-proxy-filter".as_ptr(), flags, 0o600) };
+                0
+            });
+            assert_sigsys(status);
+        }
+    }
+
+    #[test]
+    fn the_proxy_filter_allows_sockets_and_reading() {
+        let status = run_filtered(&proxy_filter(), || {
+            // SAFETY: socket takes no pointers; openat gets a NUL-terminated literal.
+            unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if s < 0 {
+                    return 1;
+                }
+                libc::close(s);
+                let f = libc::openat(libc::AT_FDCWD, c"/etc/hosts".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if f < 0 {
+                    return 2;
+                }
+                libc::close(f);
+            }
+            0
+        });
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    }
+
+    /// [`run_filtered`] with an argument for the body.
+    fn run_filtered_with(filter: &DaemonFilter, arg: i32, body: fn(i32) -> i32) -> WaitStatus {
+        // SAFETY: as in `run_filtered`.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                let _ = nix::sys::prctl::set_dumpable(false);
+                let code = match filter.install() {
+                    Ok(()) => body(arg),
+                    Err(_) => INSTALL_FAILED,
+                };
+                // SAFETY: `_exit` ends the child without running the parent's atexit handlers.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => waitpid(child, None).expect("waitpid"),
+        }
+    }
+
     #[test]
     fn forbidden_syscall_kills() {
         assert_sigsys(run_filtered(&daemon_filter(), || {

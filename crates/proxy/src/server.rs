@@ -542,9 +542,8 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         parts.headers.remove(hyper::header::PROXY_AUTHORIZATION);
         parts.headers.remove("proxy-connection");
-        let scan = ScanBody::new(body, &reg.rules);
-        let found = scan.found.clone();
-        let out = Request::from_parts(parts, scan.boxed());
+        let (body, found) = ScanBody::boxed_for(body, &reg.rules);
+        let out = Request::from_parts(parts, body);
         let mut guard = upstream.lock().await;
         if guard.as_ref().is_none_or(|s| s.is_closed()) {
             match self.upstream_tls(host, port).await {
@@ -803,9 +802,8 @@ impl Proxy {
             Ok(u) => u,
             Err(_) => return full(StatusCode::BAD_REQUEST, "agentkeys proxy: bad URL"),
         };
-        let scan = ScanBody::new(body, &reg.rules);
-        let found = scan.found.clone();
-        let out = Request::from_parts(parts, scan.boxed());
+        let (body, found) = ScanBody::boxed_for(body, &reg.rules);
+        let out = Request::from_parts(parts, body);
         let tcp = match connect_tcp(&host, port).await {
             Ok(t) => t,
             Err(e) => {
@@ -902,6 +900,20 @@ struct ScanBody {
 }
 
 impl ScanBody {
+    /// The body to send on: empty when the client sent none (so no `Content-Length: 0` is
+    /// added to a GET), else the scanning wrapper.
+    fn boxed_for(inner: Incoming, rules: &Rules) -> (ReqBody, Arc<Mutex<Option<usize>>>) {
+        let scan = ScanBody::new(inner, rules);
+        let found = scan.found.clone();
+        if scan.inner.is_end_stream() {
+            let empty = http_body_util::Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed();
+            return (empty, found);
+        }
+        (scan.boxed(), found)
+    }
+
     fn new(inner: Incoming, rules: &Rules) -> ScanBody {
         let needles: Vec<Vec<u8>> = rules
             .specs()
