@@ -66,6 +66,9 @@ pub struct ProxyConfig {
     /// The system roots written into the CA bundle programs get (with the agentkeys CA); none:
     /// the first of the usual distribution paths that exists.
     pub system_ca_file: Option<PathBuf>,
+    /// Wait for the audit log's sync before each injection (default false: the `inject` record
+    /// is written before the value leaves, and on disk within 5 ms).
+    pub sync_audit: bool,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +78,7 @@ impl Default for ProxyConfig {
             listen: "127.0.0.1:0".into(),
             upstream_ca_file: None,
             system_ca_file: None,
+            sync_audit: false,
         }
     }
 }

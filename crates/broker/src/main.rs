@@ -345,6 +345,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
                 r.port,
                 r.bundle,
                 Arc::downgrade(&shared),
+                r.sync_audit,
             ) {
                 Ok(link) => {
                     info!(port = link.port, "the credential-injecting proxy listens on 127.0.0.1");

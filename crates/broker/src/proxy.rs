@@ -76,6 +76,8 @@ pub struct ProxyLink {
     regs: Mutex<HashMap<u64, Reg>>,
     next_reg: AtomicU64,
     shared: Weak<Shared>,
+    /// Wait for the audit sync before each injection (`[proxy] sync_audit`).
+    sync_audit: bool,
 }
 
 /// A run's use of the proxy: unregistered (its placeholders and credential stop working, the
@@ -114,6 +116,7 @@ impl ProxyLink {
         port: u16,
         bundle: PathBuf,
         shared: Weak<Shared>,
+        sync_audit: bool,
     ) -> std::io::Result<Arc<ProxyLink>> {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
         fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
@@ -126,6 +129,7 @@ impl ProxyLink {
             regs: Mutex::new(HashMap::new()),
             next_reg: AtomicU64::new(1),
             shared,
+            sync_audit,
         });
         let writer = sock.clone();
         tokio::spawn(async move {
@@ -329,21 +333,23 @@ impl ProxyLink {
         let Some(shared) = self.shared.upgrade() else {
             return self.answer(id, Err((503, "the daemon is stopping".into())));
         };
-        let (result, ticket) = crate::auditor::collect_async(decide(
-            &shared,
-            &self,
-            Want {
-                reg,
-                index,
-                host: &host,
-                port,
-                method: &method,
-                path: &path,
-                cached,
-            },
-        ))
-        .await;
-        // The inject record is on disk before the value leaves (fail closed).
+        let w = Want {
+            reg,
+            index,
+            host: &host,
+            port,
+            method: &method,
+            path: &path,
+            cached,
+        };
+        if !self.sync_audit {
+            // The inject record is written before the value leaves (a write error refuses);
+            // the syncer puts it on disk within LAZY_SYNC.
+            let result = decide(&shared, &self, w, false).await;
+            return self.answer(id, result);
+        }
+        let (result, ticket) = crate::auditor::collect_async(decide(&shared, &self, w, true)).await;
+        // `sync_audit`: the inject record is on disk before the value leaves.
         let result = match (result, shared.audit_durable(ticket).await) {
             (Ok(fd), Ok(())) => Ok(fd),
             (Err(e), _) => Err(e),
@@ -442,6 +448,7 @@ async fn decide(
     shared: &Shared,
     link: &ProxyLink,
     w: Want<'_>,
+    durable: bool,
 ) -> Result<Option<OwnedFd>, (u16, String)> {
     let Some((p, peer, spec)) = link.reg_info(w.reg, w.index) else {
         return Err((403, "this run has ended".into()));
@@ -538,18 +545,22 @@ async fn decide(
     }
     let cache_ttl = Duration::from_secs(policy.cache_ttl_secs);
     let record = |detail: &str| {
-        shared
-            .audit(&Event {
-                event: "inject",
-                who: Some(p.who()),
-                service: Some(service),
-                delivery: Some("proxy"),
-                degraded: false,
-                peer: Some(peer),
-                outcome: "ok",
-                detail: Some(detail),
-            })
-            .map_err(|e| (503, e))
+        let ev = Event {
+            event: "inject",
+            who: Some(p.who()),
+            service: Some(service),
+            delivery: Some("proxy"),
+            degraded: false,
+            peer: Some(peer),
+            outcome: "ok",
+            detail: Some(detail),
+        };
+        if durable {
+            shared.audit(&ev)
+        } else {
+            shared.audit_written(&ev)
+        }
+        .map_err(|e| (503, e))
     };
     if w.cached && !cache_ttl.is_zero() {
         record(&format!("{target} value=proxy_copy"))?;
@@ -715,6 +726,8 @@ pub struct ProxyReady {
     pub port: u16,
     /// The CA bundle file programs get.
     pub bundle: PathBuf,
+    /// `[proxy] sync_audit`.
+    pub sync_audit: bool,
 }
 
 fn der_to_pem(der: &[u8]) -> String {
@@ -811,6 +824,7 @@ pub fn hand_over_ca(
             sock: helper.sock,
             port,
             bundle: home.path(proxy_ca::BUNDLE_FILE),
+            sync_audit: cfg.sync_audit,
         }),
         FromProxy::Failed { step, message } => Err(format!("the proxy failed at {step}: {message}")),
         _ => Err("the proxy sent something unexpected".into()),

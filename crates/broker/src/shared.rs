@@ -129,6 +129,22 @@ impl Shared {
         })
     }
 
+    /// Writes an audit record that must exist before what it records happens (a write error
+    /// refuses), without waiting for the sync: it is on disk within
+    /// [`crate::auditor::LAZY_SYNC`]. The proxy's `inject` records use it unless
+    /// `[proxy] sync_audit` asks for a sync per injection (see the architecture's decisions).
+    ///
+    /// # Errors
+    /// The record could not be written.
+    pub fn audit_written(&self, ev: &Event<'_>) -> Result<(), String> {
+        self.audit
+            .append(ev, crate::auditor::Need::Lazy)
+            .map_err(|e| {
+                error!("AUDIT WRITE FAILED, refusing deliveries until it works again: {e}");
+                format!("the audit log cannot be written ({e}); delivery refused")
+            })
+    }
+
     /// The secret-page policy: memfd_secret, with or without the degraded fallback.
     pub fn page_policy(&self) -> PagePolicy {
         if self.cfg.require_secretmem {

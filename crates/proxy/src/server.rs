@@ -545,6 +545,13 @@ impl Proxy {
         let (body, found) = ScanBody::boxed_for(body, &reg.rules);
         let out = Request::from_parts(parts, body);
         let mut guard = upstream.lock().await;
+        // A kept connection that the server closed meanwhile (or that is not ready for the
+        // next request) is replaced.
+        if let Some(s) = guard.as_mut()
+            && s.ready().await.is_err()
+        {
+            *guard = None;
+        }
         if guard.as_ref().is_none_or(|s| s.is_closed()) {
             match self.upstream_tls(host, port).await {
                 Ok(s) => *guard = Some(s),
