@@ -303,12 +303,14 @@ fn client(port: &str, ca: &str) {
         let first_proxy = handshakes(&cfg, true, 200, true).await;
         let r = |a: f64, b: f64| (a / b * 100.0).round() / 100.0;
         println!("credential-injecting proxy (same client and local HTTPS server; value injected into every proxied request):");
+        println!("  minimal client (hyper + rustls, Rust):");
         println!("  keep-alive GET p50          direct {direct} us, proxy {proxied} us, ratio {}", r(proxied as f64, direct as f64));
         println!("  8 clients                   direct {rps_direct:.0} req/s, proxy {rps_proxy:.0} req/s, ratio {}", r(rps_proxy, rps_direct));
         println!("  new connection handshake    direct {hs_direct} us, proxy {hs_proxy} us, ratio {}", r(hs_proxy as f64, hs_direct as f64));
         println!("  new connection + first GET  direct {first_direct} us, proxy {first_proxy} us, ratio {}", r(first_proxy as f64, first_direct as f64));
+        let py = python_client(port, ca, n, secs);
         println!(
-            "{{\"proxy_get_p50_us\":{proxied},\"direct_get_p50_us\":{direct},\"proxy_p50_over_direct\":{},\"proxy_rps_8clients\":{rps_proxy:.0},\"direct_rps_8clients\":{rps_direct:.0},\"proxy_rps_8clients_over_direct\":{},\"proxy_handshake_p50_us\":{hs_proxy},\"direct_handshake_p50_us\":{hs_direct},\"proxy_handshake_over_direct\":{},\"proxy_first_request_p50_us\":{first_proxy},\"direct_first_request_p50_us\":{first_direct},\"proxy_first_request_over_direct\":{}}}",
+            "{{{py}\"proxy_get_p50_us_hyper\":{proxied},\"direct_get_p50_us_hyper\":{direct},\"proxy_p50_over_direct_hyper\":{},\"proxy_rps_8clients_hyper\":{rps_proxy:.0},\"direct_rps_8clients_hyper\":{rps_direct:.0},\"proxy_rps_8clients_over_direct_hyper\":{},\"proxy_handshake_p50_us_hyper\":{hs_proxy},\"direct_handshake_p50_us_hyper\":{hs_direct},\"proxy_handshake_over_direct_hyper\":{},\"proxy_first_request_p50_us_hyper\":{first_proxy},\"direct_first_request_p50_us_hyper\":{first_direct},\"proxy_first_request_over_direct_hyper\":{}}}",
             r(proxied as f64, direct as f64),
             r(rps_proxy, rps_direct),
             r(hs_proxy as f64, hs_direct as f64),
@@ -316,3 +318,91 @@ fn client(port: &str, ca: &str) {
         );
     });
 }
+
+/// The same three measurements with Python's `requests` (a `Session`, keep-alive), the client
+/// most agent tools are: `$BENCH_PROXY_PYTHON`, else `.venv-proxy`. Returns the JSON members
+/// (with a trailing comma) or nothing when no such Python exists.
+fn python_client(port: u16, ca: &str, n: usize, secs: u64) -> String {
+    let cands: Vec<std::path::PathBuf> = std::env::var_os("BENCH_PROXY_PYTHON")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-proxy/bin/python")])
+        .collect();
+    let Some(py) = cands.into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import requests"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        eprintln!("bench_proxy: no Python with requests (BENCH_PROXY_PYTHON or .venv-proxy): requests figures skipped");
+        return String::new();
+    };
+    let out = std::process::Command::new(py)
+        .args(["-c", PY_BENCH, &port.to_string(), ca, &n.min(1000).to_string(), &secs.to_string()])
+        .output()
+        .expect("python");
+    if !out.status.success() {
+        eprintln!("bench_proxy: the requests client failed: {}", String::from_utf8_lossy(&out.stderr));
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = text.lines().collect();
+    let json = lines.pop().unwrap_or("{}");
+    for l in lines {
+        println!("{l}");
+    }
+    let inner = json.trim().trim_start_matches('{').trim_end_matches('}');
+    if inner.is_empty() { String::new() } else { format!("{inner},") }
+}
+
+const PY_BENCH: &str = r#"
+import json, multiprocessing as mp, os, statistics, sys, time
+import requests
+port, ca, n, secs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+url = f"https://127.0.0.1:{port}/bench"
+auth = {"Authorization": "Bearer " + os.environ["GH"]}
+def session(via):
+    s = requests.Session()
+    s.trust_env = False
+    if via:
+        s.proxies = {"https": os.environ["HTTPS_PROXY"]}
+        s.verify = os.environ["SSL_CERT_FILE"]
+    else:
+        s.verify = ca
+    return s
+def lat(via, n):
+    s = session(via)
+    for _ in range(n // 10):
+        s.get(url, headers=auth)
+    v = []
+    for _ in range(n):
+        t = time.perf_counter(); s.get(url, headers=auth); v.append(time.perf_counter() - t)
+    return statistics.median(v) * 1e6
+def worker(via, q):
+    s = session(via); c = 0; end = time.time() + secs
+    while time.time() < end:
+        s.get(url, headers=auth); c += 1
+    q.put(c)
+def tput(via):
+    q = mp.Queue(); ps = [mp.Process(target=worker, args=(via, q)) for _ in range(8)]
+    for p in ps: p.start()
+    total = sum(q.get() for _ in ps)
+    for p in ps: p.join()
+    return total / secs
+def hs(via, n):
+    v = []
+    for _ in range(n):
+        s = session(via); t = time.perf_counter(); s.get(url, headers=auth); v.append(time.perf_counter() - t); s.close()
+    return statistics.median(v) * 1e6
+d = (lat(False, n // 2) + lat(False, n // 2)) / 2
+p = (lat(True, n // 2) + lat(True, n // 2)) / 2
+rd, rp = tput(False), tput(True)
+hd, hp = hs(False, 100), hs(True, 100)
+r = lambda a, b: round(a / b, 2)
+print(f"  requests keep-alive GET p50 direct {d:.0f} us, proxy {p:.0f} us, ratio {r(p, d)}")
+print(f"  requests 8 clients          direct {rd:.0f} req/s, proxy {rp:.0f} req/s, ratio {r(rp, rd)}")
+print(f"  requests new connection     direct {hd:.0f} us, proxy {hp:.0f} us, ratio {r(hp, hd)} (handshake and first GET)")
+print(json.dumps({"proxy_get_p50_us": round(p), "direct_get_p50_us": round(d), "proxy_p50_over_direct": r(p, d),
+  "proxy_rps_8clients": round(rp), "direct_rps_8clients": round(rd), "proxy_rps_8clients_over_direct": r(rp, rd),
+  "proxy_handshake_p50_us": round(hp), "direct_handshake_p50_us": round(hd), "proxy_handshake_over_direct": r(hp, hd)}))
+"#;

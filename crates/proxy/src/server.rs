@@ -441,6 +441,20 @@ impl Proxy {
         }));
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let upstream: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>> =
+            Arc::new(tokio::sync::Mutex::new(None));
+        // The upstream connection is opened while the client's handshake runs: its first
+        // request then finds it ready. Nothing is sent on it before a request is judged.
+        {
+            let (this, slot, host) = (self.clone(), upstream.clone(), host.clone());
+            let mut guard = slot.clone().lock_owned().await;
+            tokio::spawn(async move {
+                if let Ok(s) = this.upstream_tls(&host, port).await {
+                    *guard = Some(s);
+                }
+                drop(slot);
+            });
+        }
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
@@ -449,8 +463,6 @@ impl Proxy {
             }
             Err(_) => return,
         };
-        let upstream: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>> =
-            Arc::new(tokio::sync::Mutex::new(None));
         let mut gone = reg.gone.subscribe();
         let this = self.clone();
         let svc = service_fn(move |req| {
@@ -849,11 +861,15 @@ async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
         format!("{host}:{port}")
     };
     let fut = async {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target)
-            .await
-            .map_err(|e| format!("resolving: {e}"))?
-            .take(8)
-            .collect();
+        // An IP literal needs no resolver (getaddrinfo runs on the blocking pool).
+        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host(&target)
+                .await
+                .map_err(|e| format!("resolving: {e}"))?
+                .take(8)
+                .collect(),
+        };
         let mut last = String::from("no address");
         for a in addrs {
             match TcpStream::connect(a).await {
