@@ -17,7 +17,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use agentkeys_e2e::https::HttpsServer;
-use agentkeys_e2e::{TestHome, bin, contains, is_root, memory_find, text, wait_until, workspace_root};
+use agentkeys_e2e::{
+    TestHome, bin, contains, is_root, memory_find, text, wait_until, workspace_root,
+};
 
 const VALUE: &str = "ghp_AkProxyRealValue7d1e0c9b8a";
 const OTHER_VALUE: &str = "sk-ak-other-service-value-42";
@@ -47,12 +49,23 @@ fn setup(tag: &str) -> Env {
     for (args, value) in [
         (
             vec![
-                "store", "gh", "--inject-host", &gh_host, "--inject-header", "x-api-key",
-                "--inject-query", "access_token", "--deliver", "proxy",
+                "store",
+                "gh",
+                "--inject-host",
+                &gh_host,
+                "--inject-header",
+                "x-api-key",
+                "--inject-query",
+                "access_token",
+                "--deliver",
+                "proxy",
             ],
             VALUE,
         ),
-        (vec!["store", "other", "--inject-host", &other_host], OTHER_VALUE),
+        (
+            vec!["store", "other", "--inject-host", &other_host],
+            OTHER_VALUE,
+        ),
     ] {
         let out = h.run_stdin(&args, value.as_bytes());
         assert!(out.status.success(), "{}", text(&out));
@@ -148,10 +161,21 @@ fn curl_gets_the_value_injected_only_on_the_service_host_and_never_holds_it() {
     let env = std::fs::read_to_string(&envfile).unwrap();
     assert!(!env.contains(VALUE), "the value is in the environment");
     assert!(env.contains("GH=akph_"), "{env}");
-    for var in ["HTTPS_PROXY=http://", "https_proxy=", "HTTP_PROXY=", "http_proxy="] {
+    for var in [
+        "HTTPS_PROXY=http://",
+        "https_proxy=",
+        "HTTP_PROXY=",
+        "http_proxy=",
+    ] {
         assert!(env.contains(var), "{var} missing");
     }
-    for var in ["SSL_CERT_FILE=", "REQUESTS_CA_BUNDLE=", "CURL_CA_BUNDLE=", "GIT_SSL_CAINFO=", "NODE_EXTRA_CA_CERTS="] {
+    for var in [
+        "SSL_CERT_FILE=",
+        "REQUESTS_CA_BUNDLE=",
+        "CURL_CA_BUNDLE=",
+        "GIT_SSL_CAINFO=",
+        "NODE_EXTRA_CA_CERTS=",
+    ] {
         assert!(env.contains(var), "{var} missing");
     }
     // Audited: the injection (before it happened, with host, method, path without the query)
@@ -162,16 +186,31 @@ fn curl_gets_the_value_injected_only_on_the_service_host_and_never_holds_it() {
     assert_eq!(inj[0]["agent"], "bot");
     assert_eq!(inj[0]["delivery"], "proxy");
     let d = inj[0]["detail"].as_str().unwrap();
-    assert!(d.contains(&format!("host=127.0.0.1")) && d.contains("method=GET") && d.contains("path=/user"), "{d}");
+    assert!(
+        d.contains("host=127.0.0.1") && d.contains("method=GET") && d.contains("path=/user"),
+        "{d}"
+    );
     assert!(!d.contains("page=2"), "the query is not recorded: {d}");
     let res = e.audit_events("inject_result");
-    assert!(res[0]["detail"].as_str().unwrap().contains("status=200"), "{res:?}");
+    assert!(
+        res[0]["detail"].as_str().unwrap().contains("status=200"),
+        "{res:?}"
+    );
     // The vault entry is proxy-only: no delivery kind that hands over bytes works.
     let read = e.h.run_agent_file(&e.token_file, &["read", "gh"]);
     assert!(!read.status.success());
-    assert!(text(&read).contains("its policy allows: proxy"), "{}", text(&read));
-    let env_run = e.h.run_agent_file(&e.token_file, &["run", "--env", "T=gh", "--", "true"]);
-    assert!(text(&env_run).contains("its policy allows: proxy"), "{}", text(&env_run));
+    assert!(
+        text(&read).contains("its policy allows: proxy"),
+        "{}",
+        text(&read)
+    );
+    let env_run =
+        e.h.run_agent_file(&e.token_file, &["run", "--env", "T=gh", "--", "true"]);
+    assert!(
+        text(&env_run).contains("its policy allows: proxy"),
+        "{}",
+        text(&env_run)
+    );
 }
 
 #[test]
@@ -183,19 +222,49 @@ fn a_placeholder_sent_anywhere_else_is_refused_with_403_and_audited() {
     // expected status, and a word of the reason.
     let cases: Vec<(String, &str, &str)> = vec![
         // Another host (decrypted there, since `other` may go to it): refused.
-        (format!("-H \"Authorization: Bearer $GH\" https://localhost:{port}/x"), "403", "localhost"),
+        (
+            format!("-H \"Authorization: Bearer $GH\" https://localhost:{port}/x"),
+            "403",
+            "localhost",
+        ),
         // The URL path, percent-encoded or not, and a query parameter the policy does not name.
         (format!("https://127.0.0.1:{port}/$GH"), "403", "URL path"),
-        (format!("\"https://127.0.0.1:{port}/a?q=$GH\""), "403", "query parameter"),
+        (
+            format!("\"https://127.0.0.1:{port}/a?q=$GH\""),
+            "403",
+            "query parameter",
+        ),
         // A header the policy does not name; Authorization with another scheme.
-        (format!("-H \"X-Other: $GH\" https://127.0.0.1:{port}/x"), "403", "x-other"),
-        (format!("-H \"Authorization: Digest $GH\" https://127.0.0.1:{port}/x"), "403", "scheme"),
+        (
+            format!("-H \"X-Other: $GH\" https://127.0.0.1:{port}/x"),
+            "403",
+            "x-other",
+        ),
+        (
+            format!("-H \"Authorization: Digest $GH\" https://127.0.0.1:{port}/x"),
+            "403",
+            "scheme",
+        ),
         // A body.
-        (format!("--data-binary \"x=$GH\" https://127.0.0.1:{port}/x"), "403", "body"),
+        (
+            format!("--data-binary \"x=$GH\" https://127.0.0.1:{port}/x"),
+            "403",
+            "body",
+        ),
         // Plain http: never a value.
-        ("-H \"Authorization: Bearer $GH\" http://127.0.0.1:9/x".to_string(), "403", "plain http"),
+        (
+            "-H \"Authorization: Bearer $GH\" http://127.0.0.1:9/x".to_string(),
+            "403",
+            "plain http",
+        ),
         // The Host header names another host than the connection (SNI/Host disagree).
-        (format!("-H \"Host: localhost:{port}\" -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/x"), "421", "Host"),
+        (
+            format!(
+                "-H \"Host: localhost:{port}\" -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/x"
+            ),
+            "421",
+            "Host",
+        ),
     ];
     let mut script = String::new();
     for (i, (args, _, _)) in cases.iter().enumerate() {
@@ -213,7 +282,10 @@ fn a_placeholder_sent_anywhere_else_is_refused_with_403_and_audited() {
     for (i, (_, status, word)) in cases.iter().enumerate() {
         assert!(so.contains(&format!("case {i} {status}")), "case {i}: {so}");
         let body = std::fs::read_to_string(e.h.dir.join(format!("body{i}"))).unwrap_or_default();
-        assert!(body.contains(word), "case {i}: body {body:?} lacks {word:?}");
+        assert!(
+            body.contains(word),
+            "case {i}: body {body:?} lacks {word:?}"
+        );
     }
     assert!(so.contains("case enc 403"), "{so}");
     e.server_never_got_value();
@@ -224,7 +296,13 @@ fn a_placeholder_sent_anywhere_else_is_refused_with_403_and_audited() {
     // Audited deny records name the host; no inject record.
     let denies = e.audit_events("deny");
     assert!(denies.len() >= cases.len(), "{denies:?}");
-    assert!(denies.iter().any(|d| d["detail"].as_str().unwrap_or("").contains("host=localhost")), "{denies:?}");
+    assert!(
+        denies.iter().any(|d| d["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("host=localhost")),
+        "{denies:?}"
+    );
     assert!(denies.iter().all(|d| d["delivery"] == "proxy"));
     assert!(e.audit_events("inject").is_empty());
 }
@@ -250,15 +328,30 @@ fn split_or_reflected_placeholders_and_redirects_never_carry_the_value_away() {
     );
     let so = stdout(&out);
     assert!(so.contains("done"), "{so} {}", text(&out));
-    assert!(!so.contains(VALUE), "the reflected value reached the program: {so}");
-    assert!(so.contains("\"x-api-key\":\"******************************\""), "{so}");
+    assert!(
+        !so.contains(VALUE),
+        "the reflected value reached the program: {so}"
+    );
+    assert!(
+        so.contains("\"x-api-key\":\"******************************\""),
+        "{so}"
+    );
     let reqs = e.srv.requests();
-    let echo = reqs.iter().find(|r| r.target == "/echo").expect("echo request");
+    let echo = reqs
+        .iter()
+        .find(|r| r.target == "/echo")
+        .expect("echo request");
     assert_eq!(echo.header("x-api-key"), Some(VALUE.as_bytes()));
-    let after = reqs.iter().find(|r| r.target == "/after").expect("redirected request");
+    let after = reqs
+        .iter()
+        .find(|r| r.target == "/after")
+        .expect("redirected request");
     assert!(contains(&after.all_bytes(), b"Bearer akph_"), "{after:?}");
     assert!(!contains(&after.all_bytes(), VALUE.as_bytes()));
-    let split = reqs.iter().find(|r| r.target == "/split").expect("split request");
+    let split = reqs
+        .iter()
+        .find(|r| r.target == "/split")
+        .expect("split request");
     assert!(!contains(&split.all_bytes(), VALUE.as_bytes()));
 }
 
@@ -266,7 +359,11 @@ fn split_or_reflected_placeholders_and_redirects_never_carry_the_value_away() {
 fn status_of(s: &mut impl BufRead) -> u16 {
     let mut line = String::new();
     s.read_line(&mut line).unwrap();
-    let code = line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     loop {
         let mut l = String::new();
         if s.read_line(&mut l).unwrap() == 0 || l == "\r\n" {
@@ -295,9 +392,13 @@ fn long_run(e: &Env, tag: &str) -> (String, PathBuf, std::thread::JoinHandle<Out
     let mut c = Command::new(bin("agentkeys"));
     c.args(&args);
     e.h.env(&mut c);
-    c.env("AGENTKEYS_TOKEN_FILE", &e.token_file).stdin(Stdio::null());
+    c.env("AGENTKEYS_TOKEN_FILE", &e.token_file)
+        .stdin(Stdio::null());
     let t = std::thread::spawn(move || c.output().unwrap());
-    assert!(wait_until(Duration::from_secs(20), || envfile.exists()), "the run did not start");
+    assert!(
+        wait_until(Duration::from_secs(20), || envfile.exists()),
+        "the run did not start"
+    );
     let env = std::fs::read_to_string(&envfile).unwrap();
     let url = env
         .lines()
@@ -326,7 +427,11 @@ fn connect_via(addr: &str, cred: Option<&str>, target: &str) -> (u16, TcpStream)
             )
         })
         .unwrap_or_default();
-    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").unwrap();
+    write!(
+        s,
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n"
+    )
+    .unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let code = status_of(&mut r);
     (code, s)
@@ -342,14 +447,21 @@ fn another_process_without_the_runs_credential_gets_407_and_other_hosts_are_tunn
     // No credential, a wrong one: 407 (with the challenge), before anything else.
     assert_eq!(connect_via(&addr, None, &target).0, 407);
     let (user, _) = cred.split_once(':').unwrap();
-    assert_eq!(connect_via(&addr, Some(&format!("{user}:wrong")), &target).0, 407);
+    assert_eq!(
+        connect_via(&addr, Some(&format!("{user}:wrong")), &target).0,
+        407
+    );
     assert_eq!(connect_via(&addr, Some("nobody:x"), &target).0, 407);
     // With it: a host that is not injectable is a plain tunnel, so TLS goes to the real server,
     // whose certificate (issued by the test CA) is what we see.
     let (code, tcp) = connect_via(&addr, Some(&cred), &target);
     assert_eq!(code, 200);
     let leaf = tls_peer_cert(tcp, "localhost", Some(&e.srv.ca_pem));
-    assert_eq!(leaf.as_deref(), Some(&e.srv.cert_der[..]), "the tunnel's certificate is not the upstream's");
+    assert_eq!(
+        leaf.as_deref(),
+        Some(&e.srv.cert_der[..]),
+        "the tunnel's certificate is not the upstream's"
+    );
     // An injectable host is decrypted: the certificate is minted by the agentkeys CA, which
     // the test CA alone does not trust.
     let (code, tcp) = connect_via(&addr, Some(&cred), &format!("127.0.0.1:{port}"));
@@ -367,7 +479,12 @@ fn another_process_without_the_runs_credential_gets_407_and_other_hosts_are_tunn
     let out = t.join().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        wait_until(Duration::from_secs(5), || connect_via(&addr, Some(&cred), &target).0 == 407),
+        wait_until(Duration::from_secs(5), || connect_via(
+            &addr,
+            Some(&cred),
+            &target
+        )
+        .0 == 407),
         "the credential of an ended run still works"
     );
 }
@@ -402,11 +519,16 @@ fn tls_peer_cert(tcp: TcpStream, name: &str, ca_pem: Option<&str>) -> Option<Vec
 #[test]
 fn the_process_that_made_the_request_never_holds_the_value_in_memory() {
     if !is_root() {
-        eprintln!("SKIP the_process_that_made_the_request_never_holds_the_value_in_memory: needs root to read another process's memory");
+        eprintln!(
+            "SKIP the_process_that_made_the_request_never_holds_the_value_in_memory: needs root to read another process's memory"
+        );
         return;
     }
     let Some(python) = python_with_requests() else {
-        skip_or_fail("the_process_that_made_the_request_never_holds_the_value_in_memory", "no Python with requests (.ci/run creates .venv-proxy)");
+        skip_or_fail(
+            "the_process_that_made_the_request_never_holds_the_value_in_memory",
+            "no Python with requests (.ci/run creates .venv-proxy)",
+        );
         return;
     };
     let e = setup("px-mem");
@@ -426,18 +548,44 @@ fn the_process_that_made_the_request_never_holds_the_value_in_memory() {
         done = done.display(),
         keep = keep.display()
     );
-    let mut c = e.h.cli(&["run", "--proxy", "GH=gh", "--", python.to_str().unwrap(), "-c", &code]);
-    c.env("AGENTKEYS_TOKEN_FILE", &e.token_file).stdin(Stdio::null());
+    let mut c = e.h.cli(&[
+        "run",
+        "--proxy",
+        "GH=gh",
+        "--",
+        python.to_str().unwrap(),
+        "-c",
+        &code,
+    ]);
+    c.env("AGENTKEYS_TOKEN_FILE", &e.token_file)
+        .stdin(Stdio::null());
     let t = std::thread::spawn(move || c.output().unwrap());
-    assert!(wait_until(Duration::from_secs(30), || done.exists()), "the request did not finish");
-    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || done.exists()),
+        "the request did not finish"
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let answer = std::fs::read_to_string(&done).unwrap();
     assert!(answer.starts_with("200 "), "{answer}");
-    assert!(!answer.contains(VALUE), "the echoed value reached the program");
+    assert!(
+        !answer.contains(VALUE),
+        "the echoed value reached the program"
+    );
     // The whole memory of the process that sent the request: no value (the echo answer was
     // masked by the proxy, the request held only the placeholder).
-    assert_eq!(memory_find(pid, VALUE.as_bytes()), None, "the value is in the client's memory");
-    assert!(memory_find(pid, b"akph_").is_some(), "the scan sees the placeholder (sanity)");
+    assert_eq!(
+        memory_find(pid, VALUE.as_bytes()),
+        None,
+        "the value is in the client's memory"
+    );
+    assert!(
+        memory_find(pid, b"akph_").is_some(),
+        "the scan sees the placeholder (sanity)"
+    );
     std::fs::remove_file(&keep).unwrap();
     let out = t.join().unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -475,7 +623,10 @@ fn skip_or_fail(test: &str, why: &str) {
 #[test]
 fn python_requests_and_httpx_through_the_proxy() {
     let Some(python) = python_with_requests() else {
-        skip_or_fail("python_requests_and_httpx_through_the_proxy", "no Python with requests and httpx (.ci/run creates .venv-proxy)");
+        skip_or_fail(
+            "python_requests_and_httpx_through_the_proxy",
+            "no Python with requests and httpx (.ci/run creates .venv-proxy)",
+        );
         return;
     };
     let e = setup("px-py");
@@ -493,8 +644,16 @@ fn python_requests_and_httpx_through_the_proxy() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(stdout(&out).trim(), "200 200 200");
     let reqs = e.srv.requests();
-    let by = |t: &str| reqs.iter().find(|r| r.target.starts_with(t)).unwrap().clone();
-    assert_eq!(by("/requests").header("authorization"), Some(format!("token {VALUE}").as_bytes()));
+    let by = |t: &str| {
+        reqs.iter()
+            .find(|r| r.target.starts_with(t))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        by("/requests").header("authorization"),
+        Some(format!("token {VALUE}").as_bytes())
+    );
     assert_eq!(by("/httpx").target, format!("/httpx?access_token={VALUE}"));
     let post = by("/post");
     assert_eq!(post.header("x-api-key"), Some(VALUE.as_bytes()));
@@ -505,7 +664,10 @@ fn python_requests_and_httpx_through_the_proxy() {
 #[test]
 fn git_clone_and_push_over_https_with_the_token_as_password() {
     if Command::new("git").arg("--version").output().is_err() {
-        skip_or_fail("git_clone_and_push_over_https_with_the_token_as_password", "no git");
+        skip_or_fail(
+            "git_clone_and_push_over_https_with_the_token_as_password",
+            "no git",
+        );
         return;
     }
     let e = setup("px-git");
@@ -530,8 +692,23 @@ fn git_clone_and_push_over_https_with_the_token_as_password() {
     git(&work, &["init", "-q", "-b", "main"]);
     std::fs::write(work.join("README"), "hello\n").unwrap();
     git(&work, &["add", "README"]);
-    git(&work, &["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "one"]);
-    git(&work, &["push", "-q", root.join("r.git").to_str().unwrap(), "main"]);
+    git(
+        &work,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@e",
+            "commit",
+            "-q",
+            "-m",
+            "one",
+        ],
+    );
+    git(
+        &work,
+        &["push", "-q", root.join("r.git").to_str().unwrap(), "main"],
+    );
     e.srv.serve_git(root.clone(), VALUE);
     let url = e.url("/git/r.git");
     let script = format!(
@@ -566,11 +743,16 @@ fn node_fetch_through_the_proxy() {
         return;
     };
     // NODE_USE_ENV_PROXY (fetch honours HTTP(S)_PROXY) exists from Node 24.5 and 22.21.
-    let ver = String::from_utf8_lossy(&v.stdout).trim().trim_start_matches('v').to_string();
+    let ver = String::from_utf8_lossy(&v.stdout)
+        .trim()
+        .trim_start_matches('v')
+        .to_string();
     let mut it = ver.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     if !(major > 24 || (major == 24 && minor >= 5) || (major == 22 && minor >= 21)) {
-        eprintln!("SKIP node_fetch_through_the_proxy: node {ver} has no NODE_USE_ENV_PROXY (22.21+ or 24.5+)");
+        eprintln!(
+            "SKIP node_fetch_through_the_proxy: node {ver} has no NODE_USE_ENV_PROXY (22.21+ or 24.5+)"
+        );
         return;
     }
     let e = setup("px-node");
@@ -578,11 +760,18 @@ fn node_fetch_through_the_proxy() {
         "fetch('{url}', {{headers: {{authorization: 'Bearer ' + process.env.GH}}}}).then(r => r.text()).then(t => console.log(t.trim()))",
         url = e.url("/node")
     );
-    let out = e.run_argv(&["GH=gh"], &["node", "-e", &code], &[("NODE_USE_ENV_PROXY", "1")]);
+    let out = e.run_argv(
+        &["GH=gh"],
+        &["node", "-e", &code],
+        &[("NODE_USE_ENV_PROXY", "1")],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(stdout(&out).trim(), "ok");
     let r = e.srv.requests();
-    assert_eq!(r[0].header("authorization"), Some(format!("Bearer {VALUE}").as_bytes()));
+    assert_eq!(
+        r[0].header("authorization"),
+        Some(format!("Bearer {VALUE}").as_bytes())
+    );
 }
 
 #[test]
@@ -597,7 +786,10 @@ fn proxy_mappings_are_checked_at_run_start() {
     let o = c.output().unwrap();
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("may not be used through the proxy") && t.contains("--inject-host"), "{t}");
+    assert!(
+        t.contains("may not be used through the proxy") && t.contains("--inject-host"),
+        "{t}"
+    );
     // Out of scope.
     let mut c = e.h.cli(&["run", "--proxy", "O=other", "--", "true"]);
     c.env("AGENTKEYS_TOKEN_FILE", &token).stdin(Stdio::null());
@@ -607,12 +799,23 @@ fn proxy_mappings_are_checked_at_run_start() {
     for args in [
         &["store", "x", "--inject-host", "*.com"][..],
         &["store", "x", "--deliver", "proxy"][..],
-        &["store", "x", "--inject-host", "a.com", "--inject-header", "Host"][..],
+        &[
+            "store",
+            "x",
+            "--inject-host",
+            "a.com",
+            "--inject-header",
+            "Host",
+        ][..],
         &["store", "x", "--deliver", "carrier-pigeon"][..],
     ] {
         let o = e.h.run_stdin(args, b"v");
         assert!(!o.status.success(), "{args:?}");
-        assert!(text(&o).contains("invalid policy"), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("invalid policy"),
+            "{args:?}: {}",
+            text(&o)
+        );
     }
 }
 
@@ -628,10 +831,15 @@ fn a_stalled_client_and_a_huge_head_do_not_hold_the_proxy() {
     let _ = write!(s, "GET http://x/ HTTP/1.1\r\nX-Big: {big}\r\n\r\n");
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
-    assert!(buf.is_empty() || buf.starts_with("HTTP/1.1 431"), "{buf:.80}");
+    assert!(
+        buf.is_empty() || buf.starts_with("HTTP/1.1 431"),
+        "{buf:.80}"
+    );
     // A client that never finishes its head, while others are served.
     let mut stall = TcpStream::connect(&addr).unwrap();
-    stall.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n").unwrap();
+    stall
+        .write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n")
+        .unwrap();
     assert_eq!(connect_via(&addr, None, "localhost:1").0, 407);
     drop(stall);
     std::fs::remove_file(&keep).unwrap();
@@ -643,20 +851,33 @@ fn high_value_injection_needs_a_grant_bound_to_host_method_and_path() {
     let mut e = setup("px-hv");
     let port = e.srv.port();
     let out = e.h.run_stdin(
-        &["store", "bank", "--high-value", "--inject-host", &format!("127.0.0.1:{port}")],
+        &[
+            "store",
+            "bank",
+            "--high-value",
+            "--inject-host",
+            &format!("127.0.0.1:{port}"),
+        ],
         b"bank-value-123456",
     );
     assert!(out.status.success());
     let _ = &mut e;
     let token = e.h.agent_token_file("hv", "bank");
     let script = |path: &str| {
-        format!("curl -s -o {d}/hv-body -w '%{{http_code}}' -H \"Authorization: Bearer $B\" https://127.0.0.1:{port}{path}", d = e.h.dir.display())
+        format!(
+            "curl -s -o {d}/hv-body -w '%{{http_code}}' -H \"Authorization: Bearer $B\" https://127.0.0.1:{port}{path}",
+            d = e.h.dir.display()
+        )
     };
     let run = |path: &str| {
-        let mut c = e.h.cli(&["run", "--proxy", "B=bank", "--", "sh", "-c", &script(path)]);
+        let mut c =
+            e.h.cli(&["run", "--proxy", "B=bank", "--", "sh", "-c", &script(path)]);
         c.env("AGENTKEYS_TOKEN_FILE", &token).stdin(Stdio::null());
         let o = c.output().unwrap();
-        (stdout(&o), std::fs::read_to_string(e.h.dir.join("hv-body")).unwrap_or_default())
+        (
+            stdout(&o),
+            std::fs::read_to_string(e.h.dir.join("hv-body")).unwrap_or_default(),
+        )
     };
     // No grant: 403 naming the approval command; the request waits for the owner.
     let (code, body) = run("/pay");
@@ -665,7 +886,13 @@ fn high_value_injection_needs_a_grant_bound_to_host_method_and_path() {
     let pending = e.h.run(&["pending", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&pending.stdout).unwrap();
     let req = &list[0];
-    assert!(req["command"].as_str().unwrap().contains("GET https://127.0.0.1"), "{req}");
+    assert!(
+        req["command"]
+            .as_str()
+            .unwrap()
+            .contains("GET https://127.0.0.1"),
+        "{req}"
+    );
     let code_ = req["code"].as_str().unwrap().to_string();
     assert!(e.h.run(&["approve", &code_]).status.success());
     // The once-grant covers exactly that request (same session is not needed across runs:
@@ -676,16 +903,41 @@ fn high_value_injection_needs_a_grant_bound_to_host_method_and_path() {
     assert_eq!(code, "403", "a once-grant was used twice");
     let (code, _) = run("/other-path");
     assert_eq!(code, "403");
-    assert_eq!(e.srv.requests().iter().filter(|r| r.header("authorization") == Some(b"Bearer bank-value-123456")).count(), 1);
+    assert_eq!(
+        e.srv
+            .requests()
+            .iter()
+            .filter(|r| r.header("authorization") == Some(b"Bearer bank-value-123456"))
+            .count(),
+        1
+    );
     // A window (`approve --for`) covers the agent session, the service and the host: any
     // method and path there, for its duration.
-    let list: serde_json::Value = serde_json::from_slice(&e.h.run(&["pending", "--json"]).stdout).unwrap();
-    let code_ = list.as_array().unwrap().iter().find(|r| r["command"].as_str().unwrap_or("").contains("/other-path")).unwrap()["code"].as_str().unwrap().to_string();
-    assert!(e.h.run(&["approve", &code_, "--for", "10m"]).status.success());
+    let list: serde_json::Value =
+        serde_json::from_slice(&e.h.run(&["pending", "--json"]).stdout).unwrap();
+    let code_ = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["command"].as_str().unwrap_or("").contains("/other-path"))
+        .unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.h.run(&["approve", &code_, "--for", "10m"])
+            .status
+            .success()
+    );
     assert_eq!(run("/other-path").0, "200");
     assert_eq!(run("/third").0, "200");
     let grants = e.audit_events("grant_used");
-    assert!(grants.iter().any(|g| g["detail"].as_str().unwrap_or("").contains("window")), "{grants:?}");
+    assert!(
+        grants
+            .iter()
+            .any(|g| g["detail"].as_str().unwrap_or("").contains("window")),
+        "{grants:?}"
+    );
 }
 
 #[test]
@@ -698,14 +950,20 @@ fn mcp_run_with_a_proxy_mapping_through_rmcp() {
         .unwrap();
     rt.block_on(async {
         use rmcp::ServiceExt;
-        use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
+        use rmcp::model::{
+            CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation,
+        };
         let mut c = Command::new(bin("agentkeys"));
         c.arg("mcp");
         e.h.env(&mut c);
-        c.env("AGENTKEYS_TOKEN_FILE", &e.token_file).stderr(Stdio::null());
+        c.env("AGENTKEYS_TOKEN_FILE", &e.token_file)
+            .stderr(Stdio::null());
         let transport =
             rmcp::transport::TokioChildProcess::new(tokio::process::Command::from(c)).unwrap();
-        let config = ClientConfig::new(ClientCapabilities::default(), Implementation::new("px", "0"));
+        let config = ClientConfig::new(
+            ClientCapabilities::default(),
+            Implementation::new("px", "0"),
+        );
         let client = config.serve(transport).await.unwrap();
         let tools = client.list_all_tools().await.unwrap();
         let run = tools.iter().find(|t| t.name == "run").unwrap();
@@ -716,7 +974,9 @@ fn mcp_run_with_a_proxy_mapping_through_rmcp() {
             "args": ["-c", format!("curl -s -H \"Authorization: Bearer $GH\" {}", e.url("/echo"))],
             "proxy": {"GH": "gh"},
         });
-        let serde_json::Value::Object(args) = args else { unreachable!() };
+        let serde_json::Value::Object(args) = args else {
+            unreachable!()
+        };
         let r = client
             .call_tool(CallToolRequestParams::new("run").with_arguments(args))
             .await
@@ -727,7 +987,10 @@ fn mcp_run_with_a_proxy_mapping_through_rmcp() {
         let _ = client.cancel().await;
     });
     let r = e.srv.requests();
-    assert_eq!(r[0].header("authorization"), Some(format!("Bearer {VALUE}").as_bytes()));
+    assert_eq!(
+        r[0].header("authorization"),
+        Some(format!("Bearer {VALUE}").as_bytes())
+    );
 }
 
 #[test]
@@ -742,7 +1005,10 @@ fn mcp_run_with_a_proxy_mapping_through_the_python_sdk() {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        skip_or_fail("mcp_run_with_a_proxy_mapping_through_the_python_sdk", "no Python with the mcp SDK (.ci/run creates .venv-mcp)");
+        skip_or_fail(
+            "mcp_run_with_a_proxy_mapping_through_the_python_sdk",
+            "no Python with the mcp SDK (.ci/run creates .venv-mcp)",
+        );
         return;
     }
     let e = setup("px-mcp-py");
@@ -755,9 +1021,16 @@ fn mcp_run_with_a_proxy_mapping_through_the_python_sdk() {
         .env("AK_URL", e.url("/echo"));
     let out = c.output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert!(stdout(&out).contains("OK python mcp proxy client"), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("OK python mcp proxy client"),
+        "{}",
+        text(&out)
+    );
     let r = e.srv.requests();
-    assert_eq!(r[0].header("authorization"), Some(format!("Bearer {VALUE}").as_bytes()));
+    assert_eq!(
+        r[0].header("authorization"),
+        Some(format!("Bearer {VALUE}").as_bytes())
+    );
 }
 
 /// The daemon's child named `agentkeys-proxy`.
@@ -792,23 +1065,39 @@ fn the_proxy_process_is_hardened_and_keeps_no_value_after_a_run() {
     // Its only fds: stdio, the daemon link, the listener, the reactor's.
     let out = e.run(
         &["GH=gh"],
-        &format!("curl -s -H \"Authorization: Bearer $GH\" {}", e.url("/echo")),
+        &format!(
+            "curl -s -H \"Authorization: Bearer $GH\" {}",
+            e.url("/echo")
+        ),
         &[],
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(!stdout(&out).contains(VALUE));
     if !is_root() {
-        eprintln!("SKIP the_proxy_process_is_hardened_and_keeps_no_value_after_a_run (memory part): needs root");
+        eprintln!(
+            "SKIP the_proxy_process_is_hardened_and_keeps_no_value_after_a_run (memory part): needs root"
+        );
         return;
     }
     // The scan sees this process's memory at all (a literal of the binary).
-    assert!(memory_find(pid, b"agentkeys proxy: refused").is_some(), "the scan found nothing");
+    assert!(
+        memory_find(pid, b"agentkeys proxy: refused").is_some(),
+        "the scan found nothing"
+    );
     // `gh` has no cache_ttl: once the request is done the proxy unmapped its page, and what it
     // built from it (the header, TLS records) was freed and wiped by the allocator.
     assert!(
-        wait_until(Duration::from_secs(5), || memory_find(pid, VALUE.as_bytes()).is_none()),
+        wait_until(Duration::from_secs(5), || memory_find(
+            pid,
+            VALUE.as_bytes()
+        )
+        .is_none()),
         "the value stays in the proxy's memory: {:?}",
         memory_find(pid, VALUE.as_bytes())
     );
-    assert_eq!(memory_find(e.h.daemon_pid(), VALUE.as_bytes()), None, "in the daemon's memory");
+    assert_eq!(
+        memory_find(e.h.daemon_pid(), VALUE.as_bytes()),
+        None,
+        "in the daemon's memory"
+    );
 }

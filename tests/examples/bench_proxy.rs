@@ -64,7 +64,11 @@ fn orchestrate(bin: &std::path::Path) {
         }
         drop(ch.stdin.take());
         let o = ch.wait_with_output().unwrap();
-        assert!(o.status.success(), "agentkeys {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "agentkeys {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     ak(&["init"], None);
@@ -78,7 +82,16 @@ fn orchestrate(bin: &std::path::Path) {
     // daemon handed it over; 0s makes every request fetch a fresh secret page.
     let ttl = std::env::var("BENCH_PROXY_CACHE_TTL").unwrap_or_else(|_| "10m".into());
     ak(
-        &["store", "svc", "--inject-host", &host, "--deliver", "proxy", "--cache-ttl", &ttl],
+        &[
+            "store",
+            "svc",
+            "--inject-host",
+            &host,
+            "--deliver",
+            "proxy",
+            "--cache-ttl",
+            &ttl,
+        ],
         Some(VALUE.as_bytes()),
     );
     let mut daemon = Command::new(bin.join("agentkeysd"))
@@ -183,7 +196,11 @@ async fn connect(cfg: &Cfg, via_proxy: bool) -> Sender {
         tcp.set_nodelay(true).unwrap();
         tcp
     };
-    let tls_cfg = if via_proxy { &cfg.proxy_tls } else { &cfg.direct_tls };
+    let tls_cfg = if via_proxy {
+        &cfg.proxy_tls
+    } else {
+        &cfg.direct_tls
+    };
     let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let tls = tokio_rustls::TlsConnector::from(tls_cfg.clone())
         .connect(name, tcp)
@@ -287,8 +304,14 @@ fn client(port: &str, ca: &str) {
             format!("Bearer {}", std::env::var("GH").unwrap())
         },
     });
-    let n: usize = std::env::var("BENCH_PROXY_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let secs: u64 = std::env::var("BENCH_TPUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let n: usize = std::env::var("BENCH_PROXY_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let secs: u64 = std::env::var("BENCH_TPUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -340,15 +363,27 @@ fn python_client(port: u16, ca: &str, n: usize, secs: u64) -> String {
             .output()
             .is_ok_and(|o| o.status.success())
     }) else {
-        eprintln!("bench_proxy: no Python with requests (BENCH_PROXY_PYTHON or .venv-proxy): requests figures skipped");
+        eprintln!(
+            "bench_proxy: no Python with requests (BENCH_PROXY_PYTHON or .venv-proxy): requests figures skipped"
+        );
         return String::new();
     };
     let out = std::process::Command::new(py)
-        .args(["-c", PY_BENCH, &port.to_string(), ca, &n.min(1000).to_string(), &secs.to_string()])
+        .args([
+            "-c",
+            PY_BENCH,
+            &port.to_string(),
+            ca,
+            &n.min(1000).to_string(),
+            &secs.to_string(),
+        ])
         .output()
         .expect("python");
     if !out.status.success() {
-        eprintln!("bench_proxy: the requests client failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "bench_proxy: the requests client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return String::new();
     }
     let text = String::from_utf8_lossy(&out.stdout);
@@ -358,7 +393,11 @@ fn python_client(port: u16, ca: &str, n: usize, secs: u64) -> String {
         println!("{l}");
     }
     let inner = json.trim().trim_start_matches('{').trim_end_matches('}');
-    if inner.is_empty() { String::new() } else { format!("{inner},") }
+    if inner.is_empty() {
+        String::new()
+    } else {
+        format!("{inner},")
+    }
 }
 
 const PY_BENCH: &str = r#"

@@ -88,8 +88,9 @@ impl HttpsServer {
         p.subject_alt_names.push(rcgen::SanType::IpAddress(
             std::net::Ipv4Addr::LOCALHOST.into(),
         ));
-        p.subject_alt_names
-            .push(rcgen::SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+        p.subject_alt_names.push(rcgen::SanType::IpAddress(
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ));
         let cert = p.signed_by(&key, &issuer).expect("cert");
         let cert_der = cert.der().to_vec();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -205,7 +206,10 @@ async fn handle(
     };
     log.lock().expect("log").push(rec);
     let path = target.split('?').next().unwrap_or("").to_string();
-    let query = target.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+    let query = target
+        .split_once('?')
+        .map(|(_, q)| q.to_string())
+        .unwrap_or_default();
     if path == "/echo" {
         let map: HashMap<String, String> = headers
             .iter()

@@ -139,7 +139,8 @@ impl TestHome {
     /// Runs `agentkeys ARGS` as the agent whose token is in `token_file`.
     pub fn run_agent_file(&self, token_file: &Path, args: &[&str]) -> Output {
         let mut c = self.cli(args);
-        c.env("AGENTKEYS_TOKEN_FILE", token_file).stdin(Stdio::null());
+        c.env("AGENTKEYS_TOKEN_FILE", token_file)
+            .stdin(Stdio::null());
         c.output().expect("run agentkeys")
     }
 
@@ -635,7 +636,7 @@ pub mod load {
                     argv: vec!["/bin/sh".into(), "-c".into(), "test -n \"$T\"".into()],
                     env: BTreeMap::from([("T".to_string(), name.clone())]),
                     files: BTreeMap::new(),
-                proxy: BTreeMap::new(),
+                    proxy: BTreeMap::new(),
                     caller_env: vec!["PATH=/usr/bin:/bin".into()],
                     cwd: Some("/".into()),
                     masking: true,

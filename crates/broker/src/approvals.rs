@@ -620,16 +620,40 @@ mod tests {
             panic!()
         };
         a.approve(&code, None).unwrap();
-        assert!(matches!(a.check(&req("/other", "h1"), None), Check::Pending { .. }));
-        assert!(matches!(a.check(&req("/pay", "h1"), None), Check::Granted { consumed: true, .. }));
-        assert!(matches!(a.check(&req("/pay", "h1"), None), Check::Pending { .. }));
+        assert!(matches!(
+            a.check(&req("/other", "h1"), None),
+            Check::Pending { .. }
+        ));
+        assert!(matches!(
+            a.check(&req("/pay", "h1"), None),
+            Check::Granted { consumed: true, .. }
+        ));
+        assert!(matches!(
+            a.check(&req("/pay", "h1"), None),
+            Check::Pending { .. }
+        ));
         let Check::Pending { code, .. } = a.check(&req("/x", "h2"), None) else {
             panic!()
         };
         a.approve(&code, Some(Duration::from_secs(60))).unwrap();
-        assert!(matches!(a.check(&req("/y", "h2"), None), Check::Granted { consumed: false, .. }));
-        assert!(matches!(a.check(&req("/z", "h2"), None), Check::Granted { consumed: false, .. }));
-        assert!(!matches!(a.check(&req("/y", "h3"), None), Check::Granted { .. }));
+        assert!(matches!(
+            a.check(&req("/y", "h2"), None),
+            Check::Granted {
+                consumed: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            a.check(&req("/z", "h2"), None),
+            Check::Granted {
+                consumed: false,
+                ..
+            }
+        ));
+        assert!(!matches!(
+            a.check(&req("/y", "h3"), None),
+            Check::Granted { .. }
+        ));
     }
 
     /// Issue 14, item 2: the owner is a kind, not a name. An agent called `owner` (refused by

@@ -348,7 +348,10 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
                 r.sync_audit,
             ) {
                 Ok(link) => {
-                    info!(port = link.port, "the credential-injecting proxy listens on 127.0.0.1");
+                    info!(
+                        port = link.port,
+                        "the credential-injecting proxy listens on 127.0.0.1"
+                    );
                     let _ = shared.proxy.set(link);
                 }
                 Err(e) => warn!("the proxy link failed; `run --proxy` is unavailable: {e}"),

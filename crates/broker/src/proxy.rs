@@ -216,7 +216,7 @@ impl ProxyLink {
         self: &Arc<Self>,
         p: &Principal,
         peer: Peer,
-        mappings: &[(String, String, agentkeys_state::vault::Policy)],
+        mappings: &[Mapping],
     ) -> Result<Registration, RegisterError> {
         if mappings.len() > agentkeys_proxy::link::MAX_PLACEHOLDERS {
             return Err(RegisterError("too many --proxy mappings".into()));
@@ -364,7 +364,15 @@ impl ProxyLink {
         Some((r.principal.clone(), r.peer, r.specs.get(index)?.clone()))
     }
 
-    fn audit_done(&self, reg: u64, index: usize, host: &str, method: &str, path: &str, status: u16) {
+    fn audit_done(
+        &self,
+        reg: u64,
+        index: usize,
+        host: &str,
+        method: &str,
+        path: &str,
+        status: u16,
+    ) {
         let (Some(shared), Some((p, peer, spec))) =
             (self.shared.upgrade(), self.reg_info(reg, index))
         else {
@@ -405,7 +413,9 @@ impl ProxyLink {
         let Some(r) = regs.get(&reg) else {
             return;
         };
-        let service = index.and_then(|i| r.specs.get(i)).map(|s| s.service.clone());
+        let service = index
+            .and_then(|i| r.specs.get(i))
+            .map(|s| s.service.clone());
         let detail = format!(
             "proxy refused: host={} method={} path={}: {}",
             clip(host, 256),
@@ -615,6 +625,9 @@ pub fn proxy_host_hash(host: &str, port: u16) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// One checked `--proxy` mapping: variable, service, the service's policy.
+pub type Mapping = (String, String, agentkeys_state::vault::Policy);
+
 /// Checks a run's `--proxy` mappings and returns each with its policy: the service in scope,
 /// known, and allowing `proxy` delivery. Refusals are audited `deny` and say which kinds the
 /// policy allows.
@@ -626,8 +639,7 @@ pub fn check_mappings(
     p: &Principal,
     peer: Peer,
     proxy: &BTreeMap<String, String>,
-) -> Result<Vec<(String, String, agentkeys_state::vault::Policy)>, (agentkeys_proto::wire::ErrorCode, String)>
-{
+) -> Result<Vec<Mapping>, (agentkeys_proto::wire::ErrorCode, String)> {
     use agentkeys_proto::wire::ErrorCode;
     let mut out = Vec::new();
     for (var, service) in proxy {
@@ -647,12 +659,13 @@ pub fn check_mappings(
             deny("outside the agent's scope");
             return Err((
                 ErrorCode::Forbidden,
-                format!("{} may not use service {service:?} (outside its scope)", p.label()),
+                format!(
+                    "{} may not use service {service:?} (outside its scope)",
+                    p.label()
+                ),
             ));
         }
-        let resolved = shared
-            .resolve(service)
-            .map_err(|e| (e.code, e.message))?;
+        let resolved = shared.resolve(service).map_err(|e| (e.code, e.message))?;
         let Some(r) = resolved else {
             deny("no such service");
             return Err((ErrorCode::NotFound, format!("no service named {service:?}")));
@@ -784,7 +797,9 @@ pub fn hand_over_ca(
             .unwrap_or_default(),
     };
     if system.is_empty() {
-        warn!("no system root certificates found: the proxy's CA bundle holds only the agentkeys CA");
+        warn!(
+            "no system root certificates found: the proxy's CA bundle holds only the agentkeys CA"
+        );
     }
     proxy_ca::write_bundle(home, &system, &pem)
         .map_err(|e| format!("writing the proxy CA bundle: {e}"))?;
@@ -816,9 +831,10 @@ pub fn hand_over_ca(
     if ready == 0 {
         return Err("the proxy did not report within 30 s".into());
     }
-    let (msg, _) = agentkeys_hardening::launcher::recv_msg::<FromProxy>(helper.sock.as_fd(), &mut buf)
-        .map_err(|e| format!("reading the proxy's report: {e}"))?
-        .ok_or("the proxy exited during its start")?;
+    let (msg, _) =
+        agentkeys_hardening::launcher::recv_msg::<FromProxy>(helper.sock.as_fd(), &mut buf)
+            .map_err(|e| format!("reading the proxy's report: {e}"))?
+            .ok_or("the proxy exited during its start")?;
     match msg {
         FromProxy::Ready { port } => Ok(ProxyReady {
             sock: helper.sock,
@@ -826,7 +842,9 @@ pub fn hand_over_ca(
             bundle: home.path(proxy_ca::BUNDLE_FILE),
             sync_audit: cfg.sync_audit,
         }),
-        FromProxy::Failed { step, message } => Err(format!("the proxy failed at {step}: {message}")),
+        FromProxy::Failed { step, message } => {
+            Err(format!("the proxy failed at {step}: {message}"))
+        }
         _ => Err("the proxy sent something unexpected".into()),
     }
 }

@@ -800,7 +800,14 @@ mod tests {
         for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_CREAT] {
             let status = run_filtered_with(&proxy_filter(), flags, |flags| {
                 // SAFETY: a NUL-terminated path literal and integer flags.
-                unsafe { libc::openat(libc::AT_FDCWD, c"/tmp/ak-proxy-filter".as_ptr(), flags, 0o600) };
+                unsafe {
+                    libc::openat(
+                        libc::AT_FDCWD,
+                        c"/tmp/ak-proxy-filter".as_ptr(),
+                        flags,
+                        0o600,
+                    )
+                };
                 0
             });
             assert_sigsys(status);
@@ -817,7 +824,11 @@ mod tests {
                     return 1;
                 }
                 libc::close(s);
-                let f = libc::openat(libc::AT_FDCWD, c"/etc/hosts".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                let f = libc::openat(
+                    libc::AT_FDCWD,
+                    c"/etc/hosts".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                );
                 if f < 0 {
                     return 2;
                 }

@@ -58,11 +58,14 @@ pub fn ca_params(name: &str) -> CertificateParams {
     p
 }
 
-/// A new CA: (certificate DER, certificate PEM, PKCS#8 private key DER).
+/// A new CA: certificate DER, certificate PEM, PKCS#8 private key DER.
+pub type NewCa = (Vec<u8>, String, Zeroizing<Vec<u8>>);
+
+/// A new CA ([`NewCa`]).
 ///
 /// # Errors
 /// [`CaError::Generate`].
-pub fn generate_ca(name: &str) -> Result<(Vec<u8>, String, Zeroizing<Vec<u8>>), CaError> {
+pub fn generate_ca(name: &str) -> Result<NewCa, CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = ca_params(name);
     let now = SystemTime::now();

@@ -137,7 +137,8 @@ fn prepare(
             sock.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )],
-        nix::poll::PollTimeout::try_from(Duration::from_secs(60)).unwrap_or(nix::poll::PollTimeout::MAX),
+        nix::poll::PollTimeout::try_from(Duration::from_secs(60))
+            .unwrap_or(nix::poll::PollTimeout::MAX),
     )
     .map_err(step("waiting for the CA"))?;
     if ready == 0 {

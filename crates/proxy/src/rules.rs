@@ -160,7 +160,10 @@ impl Rules {
                     if !self.specs[i].query.iter().any(|n| *n == key) {
                         return refuse(
                             i,
-                            format!("in the query parameter {:?} (its policy does not name it)", trunc(&key)),
+                            format!(
+                                "in the query parameter {:?} (its policy does not name it)",
+                                trunc(&key)
+                            ),
                         );
                     }
                     if let Err(e) = place_ok(i) {
@@ -261,7 +264,10 @@ impl Rules {
                 .iter()
                 .any(|(i, _)| contains(q.as_bytes(), self.specs[*i].placeholder.as_bytes()))
                 || values.iter().any(|(i, _)| {
-                    contains(&form_decode(q.as_bytes()), self.specs[*i].placeholder.as_bytes())
+                    contains(
+                        &form_decode(q.as_bytes()),
+                        self.specs[*i].placeholder.as_bytes(),
+                    )
                 });
             if hit {
                 let mut out = Zeroizing::new(String::with_capacity(q.len() + 64));
@@ -292,7 +298,8 @@ impl Rules {
                     pq.parse()
                         .map_err(|_| "the value cannot be placed in the URL")?,
                 );
-                *uri = Uri::from_parts(parts).map_err(|_| "the value cannot be placed in the URL")?;
+                *uri =
+                    Uri::from_parts(parts).map_err(|_| "the value cannot be placed in the URL")?;
             }
         }
         Ok(())
@@ -329,7 +336,11 @@ impl Rules {
 /// `host` or `host:port` for messages (port 443 left out).
 pub fn shown_host(host: &str, port: u16) -> String {
     let h = trunc(host);
-    if port == 443 { h } else { format!("{h}:{port}") }
+    if port == 443 {
+        h
+    } else {
+        format!("{h}:{port}")
+    }
 }
 
 fn trunc(s: &str) -> String {
@@ -342,7 +353,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// `Authorization: Basic <b64>`: the decoded `user:password` (zeroizing), else `None`.
 fn basic_payload(name: &HeaderName, raw: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if name.as_str() != "authorization" || raw.len() < 6 || !raw[..6].eq_ignore_ascii_case(b"basic ")
+    if name.as_str() != "authorization"
+        || raw.len() < 6
+        || !raw[..6].eq_ignore_ascii_case(b"basic ")
     {
         return None;
     }
@@ -390,7 +403,10 @@ pub fn percent_decode(s: &[u8]) -> Vec<u8> {
 
 /// Form decoding of a query part: `+` is a space, then `%XX`.
 fn form_decode(s: &[u8]) -> Vec<u8> {
-    let plus: Vec<u8> = s.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+    let plus: Vec<u8> = s
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
     percent_decode(&plus)
 }
 
@@ -468,7 +484,8 @@ mod tests {
                 "authorization",
                 format!(
                     "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{PH}"))
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("x-access-token:{PH}"))
                 ),
             ),
             ("x-api-key", PH.to_string()),
@@ -493,28 +510,40 @@ mod tests {
         assert!(refused(verdict("api.github.com", &format!("/{PH}"), &[])).contains("URL path"));
         let enc: String = PH.bytes().map(|b| format!("%{b:02X}")).collect();
         assert!(refused(verdict("api.github.com", &format!("/{enc}"), &[])).contains("URL path"));
-        assert!(
-            refused(verdict("api.github.com", &format!("/?q={PH}"), &[])).contains("\"q\"")
-        );
+        assert!(refused(verdict("api.github.com", &format!("/?q={PH}"), &[])).contains("\"q\""));
         assert!(
             refused(verdict("api.github.com", &format!("/?{PH}=1"), &[]))
                 .contains("parameter name")
         );
         assert!(
-            refused(verdict("api.github.com", "/", &[("x-other", PH.to_string())]))
-                .contains("x-other")
+            refused(verdict(
+                "api.github.com",
+                "/",
+                &[("x-other", PH.to_string())]
+            ))
+            .contains("x-other")
         );
         assert!(
-            refused(verdict("api.github.com", "/", &[("authorization", format!("Digest {PH}"))]))
-                .contains("scheme")
+            refused(verdict(
+                "api.github.com",
+                "/",
+                &[("authorization", format!("Digest {PH}"))]
+            ))
+            .contains("scheme")
         );
         // Another service's placeholder on this host: its own policy does not name the host.
         let other = [("authorization", format!("Bearer {PH2}"))];
         assert!(refused(verdict("api.github.com", "/", &other)).contains("OTHER"));
         // Wrong port, plain http.
         let (u, h) = req("/", &bearer);
-        assert!(matches!(rules().examine("127.0.0.1", 9443, true, &u, &h), Verdict::Refuse { .. }));
-        assert!(matches!(rules().examine("127.0.0.1", 8443, true, &u, &h), Verdict::Inject(_)));
+        assert!(matches!(
+            rules().examine("127.0.0.1", 9443, true, &u, &h),
+            Verdict::Refuse { .. }
+        ));
+        assert!(matches!(
+            rules().examine("127.0.0.1", 8443, true, &u, &h),
+            Verdict::Inject(_)
+        ));
         assert!(
             refused(rules().examine("api.github.com", 443, false, &u, &h)).contains("plain http")
         );
@@ -524,7 +553,11 @@ mod tests {
     fn split_placeholders_are_neither_injected_nor_leak_anything() {
         let (a, b) = PH.split_at(10);
         assert_eq!(
-            verdict("api.github.com", "/", &[("x-api-key", a.into()), ("x-api-key", b.into())]),
+            verdict(
+                "api.github.com",
+                "/",
+                &[("x-api-key", a.into()), ("x-api-key", b.into())]
+            ),
             Verdict::Pass
         );
     }

@@ -65,6 +65,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type RespBody = BoxBody<Bytes, BoxError>;
 type ReqBody = BoxBody<Bytes, BoxError>;
 
+/// The daemon's answer to a `Want`: allowed, status, reason, the value's page.
+type Answer = (bool, u16, String, Option<OwnedFd>);
+
+/// A kept upstream connection of one decrypted client connection.
+type Upstream = Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>>;
+
 /// A run's registration.
 struct Registration {
     reg: u64,
@@ -84,7 +90,7 @@ pub struct Proxy {
     users: RwLock<HashMap<String, u64>>,
     link: UnixSeqpacket,
     next_id: AtomicU64,
-    waiters: Mutex<HashMap<u64, oneshot::Sender<(bool, u16, String, Option<OwnedFd>)>>>,
+    waiters: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     conns: Arc<Semaphore>,
 }
 
@@ -330,7 +336,11 @@ impl Proxy {
         b.max_buf_size(MAX_HEAD)
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT);
-        if let Err(e) = b.serve_connection(TokioIo::new(tcp), svc).with_upgrades().await {
+        if let Err(e) = b
+            .serve_connection(TokioIo::new(tcp), svc)
+            .with_upgrades()
+            .await
+        {
             debug!("client connection: {e}");
         }
     }
@@ -354,13 +364,20 @@ impl Proxy {
         self.plain_http(reg, req).await
     }
 
-    async fn connect(self: Arc<Self>, reg: Arc<Registration>, req: Request<Incoming>) -> Response<RespBody> {
+    async fn connect(
+        self: Arc<Self>,
+        reg: Arc<Registration>,
+        req: Request<Incoming>,
+    ) -> Response<RespBody> {
         let Some((host, port)) = req
             .uri()
             .authority()
             .and_then(|a| split_authority(a.as_str(), 443))
         else {
-            return full(StatusCode::BAD_REQUEST, "agentkeys proxy: CONNECT needs host:port");
+            return full(
+                StatusCode::BAD_REQUEST,
+                "agentkeys proxy: CONNECT needs host:port",
+            );
         };
         // The CONNECT authority itself is never a place for a placeholder.
         if let Some(i) = reg
@@ -370,7 +387,8 @@ impl Proxy {
             .position(|s| host.contains(&s.placeholder))
         {
             let reason = "a placeholder in the CONNECT host".to_string();
-            self.refused(&reg, Some(i), &host, "CONNECT", "", &reason).await;
+            self.refused(&reg, Some(i), &host, "CONNECT", "", &reason)
+                .await;
             return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: {reason}"));
         }
         let mut gone = reg.gone.subscribe();
@@ -386,7 +404,11 @@ impl Proxy {
                     Err(e) => debug!("CONNECT upgrade failed: {e}"),
                 }
             });
-            return Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed());
+            return Response::new(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
         }
         // Any other host: a plain tunnel to whatever the name resolves to.
         let upstream = match connect_tcp(&host, port).await {
@@ -394,7 +416,10 @@ impl Proxy {
             Err(e) => {
                 return full(
                     StatusCode::BAD_GATEWAY,
-                    format!("agentkeys proxy: cannot reach {}: {e}", shown_host(&host, port)),
+                    format!(
+                        "agentkeys proxy: cannot reach {}: {e}",
+                        shown_host(&host, port)
+                    ),
                 );
             }
         };
@@ -412,7 +437,11 @@ impl Proxy {
                 }
             }
         });
-        Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed())
+        Response::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
     }
 
     async fn decrypt(
@@ -435,14 +464,17 @@ impl Proxy {
         else {
             return;
         };
-        let mut cfg = cfg.with_no_client_auth().with_cert_resolver(Arc::new(OneHost {
-            host: host.clone(),
-            leaf,
-        }));
+        let mut cfg = cfg
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneHost {
+                host: host.clone(),
+                leaf,
+            }));
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let upstream: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>> =
-            Arc::new(tokio::sync::Mutex::new(None));
+        let upstream: Arc<
+            tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>,
+        > = Arc::new(tokio::sync::Mutex::new(None));
         // The upstream connection is opened while the client's handshake runs: its first
         // request then finds it ready. Nothing is sent on it before a request is judged.
         {
@@ -466,7 +498,8 @@ impl Proxy {
         let mut gone = reg.gone.subscribe();
         let this = self.clone();
         let svc = service_fn(move |req| {
-            let (this, reg, host, upstream) = (this.clone(), reg.clone(), host.clone(), upstream.clone());
+            let (this, reg, host, upstream) =
+                (this.clone(), reg.clone(), host.clone(), upstream.clone());
             async move { Ok::<_, Infallible>(this.inner(reg, &host, port, upstream, req).await) }
         });
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -486,7 +519,7 @@ impl Proxy {
         reg: Arc<Registration>,
         host: &str,
         port: u16,
-        upstream: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>>,
+        upstream: Upstream,
         mut req: Request<Incoming>,
     ) -> Response<RespBody> {
         let method = req.method().to_string();
@@ -505,7 +538,10 @@ impl Proxy {
             .is_some_and(|(h, p)| h == host && p == port);
         if !same {
             // A placeholder sent this way is an attempt worth recording.
-            let seen = match reg.rules.examine(host, port, true, req.uri(), req.headers()) {
+            let seen = match reg
+                .rules
+                .examine(host, port, true, req.uri(), req.headers())
+            {
                 Verdict::Inject(v) => v.first().copied(),
                 Verdict::Refuse { index, .. } => Some(index),
                 Verdict::Pass => None,
@@ -519,12 +555,18 @@ impl Proxy {
                 "agentkeys proxy: the Host header names another host than the connection",
             );
         }
-        let verdict = reg.rules.examine(host, port, true, req.uri(), req.headers());
+        let verdict = reg
+            .rules
+            .examine(host, port, true, req.uri(), req.headers());
         let mut values: Vec<(usize, Arc<MappedSecret>)> = Vec::new();
         match verdict {
             Verdict::Refuse { index, reason } => {
-                self.refused(&reg, Some(index), host, &method, &path, &reason).await;
-                return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: refused: {reason}"));
+                self.refused(&reg, Some(index), host, &method, &path, &reason)
+                    .await;
+                return full(
+                    StatusCode::FORBIDDEN,
+                    format!("agentkeys proxy: refused: {reason}"),
+                );
             }
             Verdict::Pass => {}
             Verdict::Inject(indices) => {
@@ -540,7 +582,10 @@ impl Proxy {
         if injected {
             let pairs: Vec<(usize, &[u8])> = values.iter().map(|(i, v)| (*i, &v[..])).collect();
             let (mut parts, body) = req.into_parts();
-            if let Err(e) = reg.rules.substitute(&pairs, &mut parts.uri, &mut parts.headers) {
+            if let Err(e) = reg
+                .rules
+                .substitute(&pairs, &mut parts.uri, &mut parts.headers)
+            {
                 return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: {e}"));
             }
             // Masking needs the answer uncompressed.
@@ -571,13 +616,19 @@ impl Proxy {
                     self.done(&reg, &values, host, &method, &path, 0).await;
                     return full(
                         StatusCode::BAD_GATEWAY,
-                        format!("agentkeys proxy: cannot reach {}: {e}", shown_host(host, port)),
+                        format!(
+                            "agentkeys proxy: cannot reach {}: {e}",
+                            shown_host(host, port)
+                        ),
                     );
                 }
             }
         }
         let Some(sender) = guard.as_mut() else {
-            return full(StatusCode::BAD_GATEWAY, "agentkeys proxy: no upstream connection");
+            return full(
+                StatusCode::BAD_GATEWAY,
+                "agentkeys proxy: no upstream connection",
+            );
         };
         let sent = sender.send_request(out).await;
         drop(guard);
@@ -588,19 +639,27 @@ impl Proxy {
                 reg.rules.specs()[i].var,
                 reg.rules.specs()[i].service
             );
-            self.refused(&reg, Some(i), host, &method, &path, &reason).await;
+            self.refused(&reg, Some(i), host, &method, &path, &reason)
+                .await;
             *upstream.lock().await = None;
-            return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: refused: {reason}"));
+            return full(
+                StatusCode::FORBIDDEN,
+                format!("agentkeys proxy: refused: {reason}"),
+            );
         }
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 self.done(&reg, &values, host, &method, &path, 0).await;
                 *upstream.lock().await = None;
-                return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: upstream: {e}"));
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    format!("agentkeys proxy: upstream: {e}"),
+                );
             }
         };
-        self.done(&reg, &values, host, &method, &path, resp.status().as_u16()).await;
+        self.done(&reg, &values, host, &method, &path, resp.status().as_u16())
+            .await;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A websocket (or other upgrade): the upstream connection becomes the tunnel.
             *upstream.lock().await = None;
@@ -781,7 +840,11 @@ impl Proxy {
     }
 
     /// A plain-http request (absolute URI): forwarded unless it carries a placeholder.
-    async fn plain_http(&self, reg: Arc<Registration>, req: Request<Incoming>) -> Response<RespBody> {
+    async fn plain_http(
+        &self,
+        reg: Arc<Registration>,
+        req: Request<Incoming>,
+    ) -> Response<RespBody> {
         let method = req.method().to_string();
         let path = path_only(req.uri());
         let Some((host, port)) = req
@@ -795,18 +858,32 @@ impl Proxy {
             );
         };
         if req.uri().scheme_str() != Some("http") {
-            return full(StatusCode::BAD_REQUEST, "agentkeys proxy: only http:// URLs without CONNECT");
+            return full(
+                StatusCode::BAD_REQUEST,
+                "agentkeys proxy: only http:// URLs without CONNECT",
+            );
         }
-        match reg.rules.examine(&host, port, false, req.uri(), req.headers()) {
+        match reg
+            .rules
+            .examine(&host, port, false, req.uri(), req.headers())
+        {
             Verdict::Pass => {}
             Verdict::Refuse { index, reason } => {
-                self.refused(&reg, Some(index), &host, &method, &path, &reason).await;
-                return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: refused: {reason}"));
+                self.refused(&reg, Some(index), &host, &method, &path, &reason)
+                    .await;
+                return full(
+                    StatusCode::FORBIDDEN,
+                    format!("agentkeys proxy: refused: {reason}"),
+                );
             }
             Verdict::Inject(v) => {
                 let reason = "a placeholder over plain http (only https requests get values)";
-                self.refused(&reg, v.first().copied(), &host, &method, &path, reason).await;
-                return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: refused: {reason}"));
+                self.refused(&reg, v.first().copied(), &host, &method, &path, reason)
+                    .await;
+                return full(
+                    StatusCode::FORBIDDEN,
+                    format!("agentkeys proxy: refused: {reason}"),
+                );
             }
         }
         let (mut parts, body) = req.into_parts();
@@ -826,13 +903,17 @@ impl Proxy {
         let tcp = match connect_tcp(&host, port).await {
             Ok(t) => t,
             Err(e) => {
-                return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: cannot reach {host}: {e}"));
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    format!("agentkeys proxy: cannot reach {host}: {e}"),
+                );
             }
         };
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-            Ok(x) => x,
-            Err(e) => return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: {e}")),
-        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                Ok(x) => x,
+                Err(e) => return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: {e}")),
+            };
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -840,15 +921,22 @@ impl Proxy {
         let hit = found.lock().expect("scan").take();
         if let Some(i) = hit {
             let reason = "a placeholder in a request body";
-            self.refused(&reg, Some(i), &host, &method, &path, reason).await;
-            return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: refused: {reason}"));
+            self.refused(&reg, Some(i), &host, &method, &path, reason)
+                .await;
+            return full(
+                StatusCode::FORBIDDEN,
+                format!("agentkeys proxy: refused: {reason}"),
+            );
         }
         match sent {
             Ok(r) => {
                 let (p, b) = r.into_parts();
                 Response::from_parts(p, b.map_err(|e| Box::new(e) as BoxError).boxed())
             }
-            Err(e) => full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: upstream: {e}")),
+            Err(e) => full(
+                StatusCode::BAD_GATEWAY,
+                format!("agentkeys proxy: upstream: {e}"),
+            ),
         }
     }
 }
@@ -943,7 +1031,12 @@ impl ScanBody {
             .iter()
             .map(|s| s.placeholder.as_bytes().to_vec())
             .collect();
-        let keep = needles.iter().map(Vec::len).max().unwrap_or(1).saturating_sub(1);
+        let keep = needles
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
         ScanBody {
             inner,
             needles,
@@ -1028,7 +1121,12 @@ struct MaskBody {
 
 impl MaskBody {
     fn new(inner: Incoming, secrets: Vec<Arc<MappedSecret>>) -> MaskBody {
-        let keep = secrets.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
+        let keep = secrets
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
         MaskBody {
             inner,
             secrets,
@@ -1102,10 +1200,19 @@ mod tests {
 
     #[test]
     fn authorities_split() {
-        assert_eq!(split_authority("Api.GitHub.com:443", 443), Some(("api.github.com".into(), 443)));
+        assert_eq!(
+            split_authority("Api.GitHub.com:443", 443),
+            Some(("api.github.com".into(), 443))
+        );
         assert_eq!(split_authority("a.com", 443), Some(("a.com".into(), 443)));
-        assert_eq!(split_authority("[::1]:8443", 443), Some(("::1".into(), 8443)));
-        assert_eq!(split_authority("a.com.:80", 443), Some(("a.com".into(), 80)));
+        assert_eq!(
+            split_authority("[::1]:8443", 443),
+            Some(("::1".into(), 8443))
+        );
+        assert_eq!(
+            split_authority("a.com.:80", 443),
+            Some(("a.com".into(), 80))
+        );
         assert_eq!(split_authority("a.com:x", 443), None);
         assert_eq!(split_authority("a.com:0", 443), None);
         assert_eq!(split_authority("", 443), None);

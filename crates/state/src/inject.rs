@@ -263,6 +263,14 @@ pub fn parse_query_name(s: &str) -> Result<String, StateError> {
     Ok(s.to_string())
 }
 
+/// A policy's proxy part, normalised: hosts, headers, query parameters, delivery kinds.
+pub type Normalised = (
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Option<Vec<DeliveryKind>>,
+);
+
 /// Checks the proxy part of a policy and returns it normalised: every host parsed, header names
 /// lowercase, no duplicates, at most [`MAX_INJECT_ITEMS`] of each; `proxy` delivery needs at
 /// least one host.
@@ -274,15 +282,7 @@ pub fn normalise(
     headers: &[String],
     query: &[String],
     deliver: Option<&[DeliveryKind]>,
-) -> Result<
-    (
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
-        Option<Vec<DeliveryKind>>,
-    ),
-    StateError,
-> {
+) -> Result<Normalised, StateError> {
     for (what, list) in [("hosts", hosts), ("headers", headers), ("query", query)] {
         if list.len() > MAX_INJECT_ITEMS {
             return Err(invalid(format!(
