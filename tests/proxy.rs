@@ -1101,3 +1101,108 @@ fn the_proxy_process_is_hardened_and_keeps_no_value_after_a_run() {
         "in the daemon's memory"
     );
 }
+
+#[test]
+fn large_bodies_stream_both_ways_and_upgrades_pass() {
+    let e = setup("px-stream");
+    let port = e.srv.port();
+    let big = e.h.dir.join("big.bin");
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&big, &data).unwrap();
+    let out = e.run(
+        &["GH=gh"],
+        &format!(
+            "curl -s -o /dev/null -w '%{{http_code}} ' -H \"Authorization: Bearer $GH\" --data-binary @{big} https://127.0.0.1:{port}/upload;\n\
+             curl -s -H \"Authorization: Bearer $GH\" 'https://127.0.0.1:{port}/big?n=8000000' | wc -c",
+            big = big.display()
+        ),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let so = stdout(&out);
+    assert!(so.starts_with("200 "), "{so}");
+    assert_eq!(so.split_whitespace().last(), Some("8000000"), "{so}");
+    let up = e
+        .srv
+        .requests()
+        .into_iter()
+        .find(|r| r.target == "/upload")
+        .unwrap();
+    assert_eq!(up.body.len(), data.len());
+    assert!(up.body == data, "the uploaded body changed on the way");
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {VALUE}").as_bytes())
+    );
+
+    // An upgrade (websocket-style) through a decrypted connection: the value in the upgrade
+    // request, then bytes both ways.
+    let (url, keep, t) = long_run(&e, "ws");
+    let env = std::fs::read_to_string(e.h.dir.join("ws-env.txt")).unwrap();
+    let ph = env
+        .lines()
+        .find_map(|l| l.strip_prefix("GH="))
+        .unwrap()
+        .to_string();
+    let (addr, cred) = parse_proxy(&url);
+    let (code, tcp) = connect_via(&addr, Some(&cred), &format!("127.0.0.1:{port}"));
+    assert_eq!(code, 200);
+    let bundle = std::fs::read_to_string(e.h.home().join("proxy-ca-bundle.pem")).unwrap();
+    let mut tls = tls_stream(tcp, "127.0.0.1", &bundle);
+    write!(
+        tls,
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nAuthorization: Bearer {ph}\r\n\r\n"
+    )
+    .unwrap();
+    tls.flush().unwrap();
+    let mut r = BufReader::new(tls);
+    assert_eq!(status_of(&mut r), 101);
+    let tls = r.get_mut();
+    tls.write_all(b"ping through the tunnel").unwrap();
+    tls.flush().unwrap();
+    let mut got = [0u8; 23];
+    r.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping through the tunnel");
+    let ws = e
+        .srv
+        .requests()
+        .into_iter()
+        .find(|r| r.target == "/ws")
+        .unwrap();
+    assert_eq!(
+        ws.header("authorization"),
+        Some(format!("Bearer {VALUE}").as_bytes())
+    );
+    // A placeholder in the CONNECT authority: 403, audited.
+    let (code, _) = connect_via(&addr, Some(&cred), &format!("{ph}.example:443"));
+    assert_eq!(code, 403);
+    assert!(
+        e.audit_events("deny")
+            .iter()
+            .any(|d| d["detail"].as_str().unwrap_or("").contains("CONNECT host"))
+    );
+    std::fs::remove_file(&keep).unwrap();
+    let _ = t.join();
+}
+
+/// A TLS client stream over an established tunnel, trusting `ca_pem` only.
+fn tls_stream(
+    tcp: TcpStream,
+    name: &str,
+    ca_pem: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let _ = roots.add(c.unwrap());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}

@@ -134,6 +134,7 @@ impl HttpsServer {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -177,10 +178,41 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> 
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     log: Arc<Mutex<Vec<Received>>>,
     git: Arc<Mutex<Option<(PathBuf, String)>>>,
 ) -> Response<Full<Bytes>> {
+    // `/ws`: an upgrade (websocket-style) whose connection then echoes every byte.
+    if req.uri().path() == "/ws" && req.headers().contains_key(hyper::header::UPGRADE) {
+        let rec = Received {
+            method: req.method().to_string(),
+            target: "/ws".into(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            body: Vec::new(),
+        };
+        log.lock().expect("log").push(rec);
+        let up = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = up.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = respond(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+        r.headers_mut().insert(
+            hyper::header::UPGRADE,
+            hyper::http::HeaderValue::from_static("websocket"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::http::HeaderValue::from_static("upgrade"),
+        );
+        return r;
+    }
     let method = req.method().to_string();
     let target = req
         .uri()
@@ -217,6 +249,17 @@ async fn handle(
             .collect();
         let text = serde_json::to_string(&map).unwrap_or_default();
         return respond(StatusCode::OK, text);
+    }
+    if path == "/big" {
+        // `/big?n=N`: N bytes of a repeating pattern, streamed in 64 KiB frames would need a
+        // streaming body; one large frame is enough to cross the proxy's buffers.
+        let n: usize = query
+            .strip_prefix("n=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            .min(64 << 20);
+        let body: Vec<u8> = (0..n).map(|i| b"0123456789abcdef"[i % 16]).collect();
+        return respond(StatusCode::OK, body);
     }
     if path == "/redirect" {
         let to = query.strip_prefix("to=").unwrap_or("/").to_string();
