@@ -35,8 +35,11 @@ struct Env {
 }
 
 fn setup(tag: &str) -> Env {
+    setup_with(tag, HttpsServer::start())
+}
+
+fn setup_with(tag: &str, srv: HttpsServer) -> Env {
     let mut h = TestHome::initialized(tag);
-    let srv = HttpsServer::start();
     let ca_file = h.dir.join("test-ca.pem");
     std::fs::write(&ca_file, &srv.ca_pem).unwrap();
     h.write_config(&format!(
@@ -117,6 +120,15 @@ impl Env {
             .into_iter()
             .filter(|r| r["event"] == event)
             .collect()
+    }
+
+    /// Nothing the server received holds the value, except on these paths.
+    fn server_never_got_value_except(&self, allowed: &[&str]) {
+        for r in self.srv.requests() {
+            if !allowed.contains(&r.target.as_str()) {
+                assert!(!contains(&r.all_bytes(), VALUE.as_bytes()), "{r:?}");
+            }
+        }
     }
 
     /// Nothing the server received holds the value.
@@ -1205,4 +1217,39 @@ fn tls_stream(
     let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).unwrap();
     rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn http2_on_both_sides_when_client_and_server_offer_it() {
+    let e = setup_with("px-h2", HttpsServer::start_h2());
+    let port = e.srv.port();
+    let out = e.run(
+        &["GH=gh"],
+        &format!(
+            "curl -s --http2 -o /dev/null -w '%{{http_version}} %{{http_code}}' -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/h2;\n\
+             echo; curl -s --http2 -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/$GH"
+        ),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let so = stdout(&out);
+    let mut lines = so.lines();
+    // curl spoke HTTP/2 with the proxy, and the proxy HTTP/2 with the server.
+    assert_eq!(lines.next(), Some("2 200"), "{so}");
+    assert_eq!(
+        lines.next(),
+        Some("403"),
+        "the path rule under HTTP/2: {so}"
+    );
+    let r = e.srv.requests();
+    let h2 = r
+        .iter()
+        .find(|q| q.target == "/h2")
+        .expect("the h2 request");
+    assert_eq!(h2.version, "HTTP/2.0");
+    assert_eq!(
+        h2.header("authorization"),
+        Some(format!("Bearer {VALUE}").as_bytes())
+    );
+    e.server_never_got_value_except(&["/h2"]);
 }

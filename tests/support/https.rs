@@ -30,6 +30,8 @@ pub struct Received {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The body.
     pub body: Vec<u8>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
 }
 
 impl Received {
@@ -69,8 +71,17 @@ pub struct HttpsServer {
 }
 
 impl HttpsServer {
-    /// Starts a server on 127.0.0.1 with a fresh test CA.
+    /// Starts a server on 127.0.0.1 with a fresh test CA, HTTP/1.1 only.
     pub fn start() -> HttpsServer {
+        HttpsServer::start_with(false)
+    }
+
+    /// Starts a server that also speaks HTTP/2 when the client picks it by ALPN.
+    pub fn start_h2() -> HttpsServer {
+        HttpsServer::start_with(true)
+    }
+
+    fn start_with(h2: bool) -> HttpsServer {
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let mut ca_params = rcgen::CertificateParams::default();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -103,7 +114,11 @@ impl HttpsServer {
                 rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             )
             .expect("server config");
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -128,10 +143,19 @@ impl HttpsServer {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let svc = hyper::service::service_fn(move |req| {
                         let (log, git) = (log.clone(), git.clone());
                         async move { Ok::<_, Infallible>(handle(req, log, git).await) }
                     });
+                    if is_h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                        return;
+                    }
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), svc)
                         .with_upgrades()
@@ -193,6 +217,7 @@ async fn handle(
                 .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
                 .collect(),
             body: Vec::new(),
+            version: format!("{:?}", req.version()),
         };
         log.lock().expect("log").push(rec);
         let up = hyper::upgrade::on(&mut req);
@@ -214,6 +239,7 @@ async fn handle(
         return r;
     }
     let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
     let target = req
         .uri()
         .path_and_query()
@@ -235,6 +261,7 @@ async fn handle(
         target: target.clone(),
         headers: headers.clone(),
         body: body.clone(),
+        version,
     };
     log.lock().expect("log").push(rec);
     let path = target.split('?').next().unwrap_or("").to_string();

@@ -68,8 +68,82 @@ type ReqBody = BoxBody<Bytes, BoxError>;
 /// The daemon's answer to a `Want`: allowed, status, reason, the value's page.
 type Answer = (bool, u16, String, Option<OwnedFd>);
 
+/// An upstream connection: HTTP/1.1, or HTTP/2 when the server chose it by ALPN.
+enum UpSender {
+    H1(hyper::client::conn::http1::SendRequest<ReqBody>),
+    H2(hyper::client::conn::http2::SendRequest<ReqBody>),
+}
+
+impl UpSender {
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            UpSender::H1(s) => s.ready().await,
+            UpSender::H2(s) => s.ready().await,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            UpSender::H1(s) => s.is_closed(),
+            UpSender::H2(s) => s.is_closed(),
+        }
+    }
+
+    /// Sends `req`, shaped for the connection's protocol: HTTP/2 gets an absolute URI
+    /// (`:scheme`, `:authority`) and no `Host`; HTTP/1.1 an origin-form URI and a `Host`.
+    async fn send(
+        &mut self,
+        mut req: Request<ReqBody>,
+        host: &str,
+        port: u16,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        let authority = authority_of(host, port);
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        match self {
+            UpSender::H1(s) => {
+                if let Ok(u) = pq.parse() {
+                    *req.uri_mut() = u;
+                }
+                if !req.headers().contains_key(hyper::header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(&authority)
+                {
+                    req.headers_mut().insert(hyper::header::HOST, v);
+                }
+                *req.version_mut() = hyper::Version::HTTP_11;
+                s.send_request(req).await
+            }
+            UpSender::H2(s) => {
+                if let Ok(u) = format!("https://{authority}{pq}").parse() {
+                    *req.uri_mut() = u;
+                }
+                req.headers_mut().remove(hyper::header::HOST);
+                *req.version_mut() = hyper::Version::HTTP_2;
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+/// `host:port` for a URI or `Host` header (IPv6 in brackets, port 443 left out).
+fn authority_of(host: &str, port: u16) -> String {
+    let h = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    if port == 443 {
+        h
+    } else {
+        format!("{h}:{port}")
+    }
+}
+
 /// A kept upstream connection of one decrypted client connection.
-type Upstream = Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>>;
+type Upstream = Arc<tokio::sync::Mutex<Option<UpSender>>>;
 
 /// A run's registration.
 struct Registration {
@@ -85,7 +159,10 @@ struct Registration {
 /// The proxy's shared state.
 pub struct Proxy {
     minter: Minter,
+    /// Upstream TLS offering h2 and http/1.1.
     upstream_tls: Arc<rustls::ClientConfig>,
+    /// The same offering http/1.1 only (for upgrades).
+    upstream_tls_h1: Arc<rustls::ClientConfig>,
     regs: RwLock<HashMap<u64, Arc<Registration>>>,
     users: RwLock<HashMap<String, u64>>,
     link: UnixSeqpacket,
@@ -165,9 +242,14 @@ impl Proxy {
         upstream_tls: Arc<rustls::ClientConfig>,
         link: UnixSeqpacket,
     ) -> Arc<Proxy> {
+        let mut h2 = (*upstream_tls).clone();
+        h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut h1 = (*upstream_tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(Proxy {
             minter,
-            upstream_tls,
+            upstream_tls: Arc::new(h2),
+            upstream_tls_h1: Arc::new(h1),
             regs: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             link,
@@ -470,18 +552,16 @@ impl Proxy {
                 host: host.clone(),
                 leaf,
             }));
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let upstream: Arc<
-            tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>,
-        > = Arc::new(tokio::sync::Mutex::new(None));
+        let upstream: Upstream = Arc::new(tokio::sync::Mutex::new(None));
         // The upstream connection is opened while the client's handshake runs: its first
         // request then finds it ready. Nothing is sent on it before a request is judged.
         {
             let (this, slot, host) = (self.clone(), upstream.clone(), host.clone());
             let mut guard = slot.clone().lock_owned().await;
             tokio::spawn(async move {
-                if let Ok(s) = this.upstream_tls(&host, port).await {
+                if let Ok(s) = this.upstream_tls(&host, port, true).await {
                     *guard = Some(s);
                 }
                 drop(slot);
@@ -502,6 +582,22 @@ impl Proxy {
                 (this.clone(), reg.clone(), host.clone(), upstream.clone());
             async move { Ok::<_, Infallible>(this.inner(reg, &host, port, upstream, req).await) }
         });
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            // HTTP/2 with the client: heads bounded like HTTP/1.1's, at most 100 streams.
+            let mut b =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            b.max_header_list_size(MAX_HEAD as u32)
+                .max_concurrent_streams(100)
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(HEAD_TIMEOUT);
+            let conn = b.serve_connection(TokioIo::new(tls), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!("decrypted h2 connection: {e}") },
+                _ = gone.wait_for(|g| *g) => {}
+            }
+            return;
+        }
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(MAX_HEAD)
             .timer(TokioTimer::new())
@@ -599,8 +695,12 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         parts.headers.remove(hyper::header::PROXY_AUTHORIZATION);
         parts.headers.remove("proxy-connection");
+        // An upgrade needs HTTP/1.1 upstream: it gets a connection of its own.
+        let upgrade = parts.headers.contains_key(hyper::header::UPGRADE);
         let (body, found) = ScanBody::boxed_for(body, &reg.rules);
         let out = Request::from_parts(parts, body);
+        let own: Upstream = Arc::new(tokio::sync::Mutex::new(None));
+        let upstream = if upgrade { own } else { upstream };
         let mut guard = upstream.lock().await;
         // A kept connection that the server closed meanwhile (or that is not ready for the
         // next request) is replaced.
@@ -610,7 +710,7 @@ impl Proxy {
             *guard = None;
         }
         if guard.as_ref().is_none_or(|s| s.is_closed()) {
-            match self.upstream_tls(host, port).await {
+            match self.upstream_tls(host, port, !upgrade).await {
                 Ok(s) => *guard = Some(s),
                 Err(e) => {
                     self.done(&reg, &values, host, &method, &path, 0).await;
@@ -630,8 +730,19 @@ impl Proxy {
                 "agentkeys proxy: no upstream connection",
             );
         };
-        let sent = sender.send_request(out).await;
-        drop(guard);
+        // HTTP/2 multiplexes: a clone of the sender, and the lock goes before the exchange.
+        let sent = match sender {
+            UpSender::H2(h2) => {
+                let mut mine = UpSender::H2(h2.clone());
+                drop(guard);
+                mine.send(out, host, port).await
+            }
+            UpSender::H1(_) => {
+                let r = sender.send(out, host, port).await;
+                drop(guard);
+                r
+            }
+        };
         let hit = found.lock().expect("scan").take();
         if let Some(i) = hit {
             let reason = format!(
@@ -812,22 +923,39 @@ impl Proxy {
         .await;
     }
 
-    async fn upstream_tls(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, String> {
+    /// A verified TLS connection to `host:port`: HTTP/2 when `h2` and the server picks it by
+    /// ALPN, else HTTP/1.1.
+    async fn upstream_tls(&self, host: &str, port: u16, h2: bool) -> Result<UpSender, String> {
         let tcp = connect_tcp(host, port).await?;
         let name = match host.parse::<std::net::IpAddr>() {
             Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
             Err(_) => rustls_pki_types::ServerName::try_from(host.to_string())
                 .map_err(|_| "not a valid server name".to_string())?,
         };
-        let connector = tokio_rustls::TlsConnector::from(self.upstream_tls.clone());
+        let cfg = if h2 {
+            self.upstream_tls.clone()
+        } else {
+            self.upstream_tls_h1.clone()
+        };
+        let connector = tokio_rustls::TlsConnector::from(cfg);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!("upstream h2 connection: {e}");
+                }
+            });
+            return Ok(UpSender::H2(sender));
+        }
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| e.to_string())?;
@@ -836,7 +964,7 @@ impl Proxy {
                 debug!("upstream connection: {e}");
             }
         });
-        Ok(sender)
+        Ok(UpSender::H1(sender))
     }
 
     /// A plain-http request (absolute URI): forwarded unless it carries a placeholder.
