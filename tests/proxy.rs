@@ -305,7 +305,11 @@ fn a_placeholder_sent_anywhere_else_is_refused_with_403_and_audited() {
     for r in e.srv.requests() {
         assert!(!contains(&r.body, b"akph_"), "{r:?}");
     }
-    // Audited deny records name the host; no inject record.
+    // Audited deny records name the host; no inject record. (The proxy reports each refusal
+    // to the daemon, which writes the record just after the client got its 403.)
+    wait_until(Duration::from_secs(5), || {
+        e.audit_events("deny").len() >= cases.len() + 1
+    });
     let denies = e.audit_events("deny");
     assert!(denies.len() >= cases.len(), "{denies:?}");
     assert!(
@@ -1188,11 +1192,12 @@ fn large_bodies_stream_both_ways_and_upgrades_pass() {
     // A placeholder in the CONNECT authority: 403, audited.
     let (code, _) = connect_via(&addr, Some(&cred), &format!("{ph}.example:443"));
     assert_eq!(code, 403);
-    assert!(
+    // (The proxy reports the refusal to the daemon, which writes the record just after.)
+    assert!(wait_until(Duration::from_secs(5), || {
         e.audit_events("deny")
             .iter()
             .any(|d| d["detail"].as_str().unwrap_or("").contains("CONNECT host"))
-    );
+    }));
     std::fs::remove_file(&keep).unwrap();
     let _ = t.join();
 }

@@ -69,6 +69,8 @@ struct Reg {
 /// The link to the proxy process.
 pub struct ProxyLink {
     tx: mpsc::UnboundedSender<(Vec<u8>, Option<OwnedFd>)>,
+    /// The socket, for answers sent straight from the task that decided them.
+    sock: Arc<UnixSeqpacket>,
     /// The proxy's port on 127.0.0.1.
     pub port: u16,
     /// The CA bundle file programs get.
@@ -124,6 +126,7 @@ impl ProxyLink {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u8>, Option<OwnedFd>)>();
         let link = Arc::new(ProxyLink {
             tx,
+            sock: sock.clone(),
             port,
             bundle,
             regs: Mutex::new(HashMap::new()),
@@ -182,8 +185,14 @@ impl ProxyLink {
             };
             match msg {
                 FromProxy::Want { .. } => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.want(msg).await });
+                    // Decided right here when it can be (a local or cached value: nothing to
+                    // wait for), saving two thread hand-offs per injected request; a request
+                    // that must wait (a remote backend) goes on as a task of its own.
+                    let mut fut = Box::pin(self.clone().want(msg));
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    if fut.as_mut().poll(&mut cx).is_pending() {
+                        tokio::spawn(fut);
+                    }
                 }
                 FromProxy::Done {
                     reg,
@@ -293,10 +302,11 @@ impl ProxyLink {
         self.send(&ToProxy::Unregister { reg }, None);
     }
 
-    fn answer(&self, id: u64, result: Result<Option<OwnedFd>, (u16, String)>) {
-        match result {
-            Ok(fd) => self.send(
-                &ToProxy::Answer {
+    /// Sends the answer to a `Want` from the task that decided it.
+    async fn answer(&self, id: u64, result: Result<Option<OwnedFd>, (u16, String)>) {
+        let (msg, fd) = match result {
+            Ok(fd) => (
+                ToProxy::Answer {
                     id,
                     ok: true,
                     status: 0,
@@ -304,8 +314,8 @@ impl ProxyLink {
                 },
                 fd,
             ),
-            Err((status, reason)) => self.send(
-                &ToProxy::Answer {
+            Err((status, reason)) => (
+                ToProxy::Answer {
                     id,
                     ok: false,
                     status,
@@ -313,6 +323,27 @@ impl ProxyLink {
                 },
                 None,
             ),
+        };
+        let Ok(bytes) = serde_json::to_vec(&msg) else {
+            return;
+        };
+        let r = match &fd {
+            None => self.sock.send(&bytes).await.map(|_| ()),
+            Some(fd) => {
+                let mut cmsg = CmsgBuf([0u8; 256]);
+                let mut w = AncillaryMessageWriter::new(&mut cmsg.0);
+                let fds = [fd.as_fd()];
+                if w.add_fds(&fds).is_err() {
+                    return;
+                }
+                self.sock
+                    .send_with_ancillary(&bytes, &mut w)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        if let Err(e) = r {
+            warn!("answering the proxy failed: {e}");
         }
     }
 
@@ -331,7 +362,9 @@ impl ProxyLink {
             return;
         };
         let Some(shared) = self.shared.upgrade() else {
-            return self.answer(id, Err((503, "the daemon is stopping".into())));
+            return self
+                .answer(id, Err((503, "the daemon is stopping".into())))
+                .await;
         };
         let w = Want {
             reg,
@@ -346,7 +379,7 @@ impl ProxyLink {
             // The inject record is written before the value leaves (a write error refuses);
             // the syncer puts it on disk within LAZY_SYNC.
             let result = decide(&shared, &self, w, false).await;
-            return self.answer(id, result);
+            return self.answer(id, result).await;
         }
         let (result, ticket) = crate::auditor::collect_async(decide(&shared, &self, w, true)).await;
         // `sync_audit`: the inject record is on disk before the value leaves.
@@ -355,7 +388,7 @@ impl ProxyLink {
             (Err(e), _) => Err(e),
             (Ok(_), Err(e)) => Err((503, e)),
         };
-        self.answer(id, result);
+        self.answer(id, result).await;
     }
 
     fn reg_info(&self, reg: u64, index: usize) -> Option<(Principal, Peer, PlaceholderSpec)> {

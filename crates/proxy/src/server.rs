@@ -555,18 +555,6 @@ impl Proxy {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let upstream: Upstream = Arc::new(tokio::sync::Mutex::new(None));
-        // The upstream connection is opened while the client's handshake runs: its first
-        // request then finds it ready. Nothing is sent on it before a request is judged.
-        {
-            let (this, slot, host) = (self.clone(), upstream.clone(), host.clone());
-            let mut guard = slot.clone().lock_owned().await;
-            tokio::spawn(async move {
-                if let Ok(s) = this.upstream_tls(&host, port, true).await {
-                    *guard = Some(s);
-                }
-                drop(slot);
-            });
-        }
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
@@ -654,6 +642,20 @@ impl Proxy {
         let verdict = reg
             .rules
             .examine(host, port, true, req.uri(), req.headers());
+        // The first request of a connection opens the upstream connection while the daemon
+        // decides (nothing is sent on it before then); later ones find it open.
+        if !matches!(verdict, Verdict::Refuse { .. })
+            && !req.headers().contains_key(hyper::header::UPGRADE)
+            && let Ok(mut guard) = upstream.clone().try_lock_owned()
+            && guard.is_none()
+        {
+            let (this, host) = (self.clone(), host.to_string());
+            tokio::spawn(async move {
+                if let Ok(s) = this.upstream_tls(&host, port, true).await {
+                    *guard = Some(s);
+                }
+            });
+        }
         let mut values: Vec<(usize, Arc<MappedSecret>)> = Vec::new();
         match verdict {
             Verdict::Refuse { index, reason } => {
