@@ -233,7 +233,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     // now for the same reasons (no secret or state fd exists yet; the daemon's filter has no
     // fork). It waits for its CA, which needs the DEK (below).
     let proxy_helper = if cfg.proxy.enabled {
-        let setup = agentkeys_broker::proxy::setup(&cfg.proxy)?;
+        let setup = agentkeys_broker::proxy::setup(&cfg.proxy, home.root())?;
         let h = agentkeys_hardening::helper::spawn("agentkeys-proxy", move |sock| {
             agentkeys_proxy::child_main(sock, setup)
         })

@@ -728,7 +728,10 @@ pub fn check_mappings(
 ///
 /// # Errors
 /// `proxy.listen` is not an address, or `proxy.upstream_ca_file` cannot be read.
-pub fn setup(cfg: &crate::config::ProxyConfig) -> Result<agentkeys_proxy::Setup, String> {
+pub fn setup(
+    cfg: &crate::config::ProxyConfig,
+    home: &std::path::Path,
+) -> Result<agentkeys_proxy::Setup, String> {
     let listen = cfg
         .listen
         .parse()
@@ -740,6 +743,8 @@ pub fn setup(cfg: &crate::config::ProxyConfig) -> Result<agentkeys_proxy::Setup,
     Ok(agentkeys_proxy::Setup {
         listen,
         upstream_ca_pem,
+        bundle_home: home.to_path_buf(),
+        system_ca_file: cfg.system_ca_file.clone(),
     })
 }
 
@@ -756,14 +761,6 @@ fn read_bounded(p: &std::path::Path) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Where distributions keep the system's root certificates (the first that exists is used).
-const SYSTEM_ROOTS: [&str; 4] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-    "/etc/ssl/ca-bundle.pem",
-];
-
 /// The proxy, set up: the daemon's end of its link, its port, the bundle file.
 pub struct ProxyReady {
     /// The link.
@@ -776,19 +773,8 @@ pub struct ProxyReady {
     pub sync_audit: bool,
 }
 
-fn der_to_pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-/// At start, before the sandbox: loads the proxy's CA (creating it the first time), writes the
-/// bundle file, hands the CA key to the proxy as a secret page and waits for it to be ready.
+/// At start, before the sandbox: loads the proxy's CA (creating it the first time), hands it to
+/// the proxy (the key as a secret page) and waits for it to be ready (it writes the bundle).
 ///
 /// # Errors
 /// A message naming the step.
@@ -821,21 +807,8 @@ pub fn hand_over_ca(
             ca
         }
     };
-    let pem = der_to_pem(&ca.cert_der);
-    let system = match &cfg.system_ca_file {
-        Some(p) => read_bounded(p).map_err(|e| format!("proxy.system_ca_file: {e}"))?,
-        None => SYSTEM_ROOTS
-            .iter()
-            .find_map(|p| read_bounded(std::path::Path::new(p)).ok())
-            .unwrap_or_default(),
-    };
-    if system.is_empty() {
-        warn!(
-            "no system root certificates found: the proxy's CA bundle holds only the agentkeys CA"
-        );
-    }
-    proxy_ca::write_bundle(home, &system, &pem)
-        .map_err(|e| format!("writing the proxy CA bundle: {e}"))?;
+    // The bundle file is written by the proxy itself, before its filter (see
+    // `agentkeys_proxy::Setup::bundle_home`): the daemon never reads the system roots.
     let page = SecretPage::from_bytes(&ca.key, policy)
         .map_err(|e| format!("a secret page for the CA key: {e}"))?;
     drop(ca.key);

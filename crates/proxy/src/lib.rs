@@ -39,6 +39,64 @@ pub struct Setup {
     pub listen: SocketAddr,
     /// PEM of the CA upstream servers are verified against, instead of the system roots.
     pub upstream_ca_pem: Option<Vec<u8>>,
+    /// `$AGENTKEYS_HOME`: the proxy writes the CA bundle there (system roots + the agentkeys CA)
+    /// before its filter closes, so the daemon never reads the system roots.
+    pub bundle_home: std::path::PathBuf,
+    /// The system roots to copy into the bundle (`[proxy] system_ca_file`); none: the first of
+    /// the distributions' usual paths that exists.
+    pub system_ca_file: Option<std::path::PathBuf>,
+}
+
+/// Where distributions keep the system's root certificates (the first that exists is used).
+const SYSTEM_ROOTS: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// A certificate as PEM.
+pub fn der_to_pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Reads at most 4 MiB of a roots file.
+fn read_roots(p: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(p)?
+        .take(agentkeys_state::proxy_ca::MAX_SYSTEM_ROOTS + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > agentkeys_state::proxy_ca::MAX_SYSTEM_ROOTS {
+        return Err(std::io::Error::other("larger than 4 MiB"));
+    }
+    Ok(out)
+}
+
+/// Writes `proxy-ca.pem` and `proxy-ca-bundle.pem` (system roots, then the CA).
+fn write_bundle(setup: &Setup, ca_der: &[u8]) -> Result<(), StartError> {
+    let system = match &setup.system_ca_file {
+        Some(p) => read_roots(p).map_err(step("proxy.system_ca_file"))?,
+        None => SYSTEM_ROOTS
+            .iter()
+            .find_map(|p| read_roots(std::path::Path::new(p)).ok())
+            .unwrap_or_default(),
+    };
+    if system.is_empty() {
+        tracing::warn!(
+            "no system root certificates found: the proxy's CA bundle holds only the agentkeys CA"
+        );
+    }
+    let home = agentkeys_state::home::Home::at(&setup.bundle_home);
+    agentkeys_state::proxy_ca::write_bundle(&home, &system, &der_to_pem(ca_der))
+        .map_err(step("writing the CA bundle"))
 }
 
 /// Why the proxy did not start: the step and a message (no secret).
@@ -166,6 +224,7 @@ fn prepare(
     let der = base64::engine::general_purpose::STANDARD
         .decode(ca_cert_der_b64)
         .map_err(step("receiving the CA"))?;
+    write_bundle(setup, &der)?;
     let fd = fds.pop().ok_or_else(|| StartError {
         step: "receiving the CA",
         message: "no key page".into(),

@@ -5,8 +5,9 @@
 //! (both public, 0600 like every state file: programs run as the same uid).
 //!
 //! The daemon creates the CA at its first start with a proxy (before its sandbox closes; see
-//! the architecture's contract changes): generating it needs the certificate code of
-//! `agentkeys-proxy`, so this module only stores and loads what it is given.
+//! the architecture's contract changes) and the proxy process writes the bundle at each start
+//! (before its filter): generating them needs the certificate code of `agentkeys-proxy`, so this
+//! module only stores and loads what it is given.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
