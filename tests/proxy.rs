@@ -1066,7 +1066,15 @@ fn proxy_pid(h: &TestHome) -> u32 {
 fn the_proxy_process_is_hardened_and_keeps_no_value_after_a_run() {
     let e = setup("px-hard");
     let pid = proxy_pid(&e.h);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // The daemon serves before the proxy has finished its start (it reports `Ready` when its
+    // filter is on): wait for that.
+    let status_now = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || status_now()
+        .lines()
+        .any(
+            |l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')
+        )));
+    let status = status_now();
     let field = |k: &str| {
         status
             .lines()
@@ -1257,4 +1265,43 @@ fn http2_on_both_sides_when_client_and_server_offer_it() {
         Some(format!("Bearer {VALUE}").as_bytes())
     );
     e.server_never_got_value_except(&["/h2"]);
+}
+
+#[test]
+fn a_proxy_that_cannot_start_leaves_the_daemon_serving_and_says_why() {
+    // Its port is taken: the proxy fails at `listen`; the daemon serves everything else, and
+    // `run --proxy` names the reason.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut h = TestHome::initialized("px-fail");
+    h.write_config(&format!("[proxy]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let out = h.run_stdin(&["store", "gh", "--inject-host", "api.github.com"], b"v");
+    assert!(out.status.success());
+    h.start_daemon(&[]);
+    assert!(h.run(&["status"]).status.success());
+    let o = h.run(&["run", "--proxy", "GH=gh", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("proxy is not running"), "{}", text(&o));
+    assert!(
+        h.daemon_log().contains("the proxy failed at listen"),
+        "{}",
+        h.daemon_log()
+    );
+    // Without the proxy (`enabled = false`) the refusal says so too.
+    let mut h2 = TestHome::initialized("px-off");
+    h2.write_config("[proxy]\nenabled = false\n");
+    assert!(
+        h2.run_stdin(&["store", "gh", "--inject-host", "api.github.com"], b"v")
+            .status
+            .success()
+    );
+    h2.start_daemon(&[]);
+    let o = h2.run(&["run", "--proxy", "GH=gh", "--", "true"]);
+    assert!(text(&o).contains("not running"), "{}", text(&o));
+    assert!(
+        h2.run(&["run", "--env", "T=gh", "--", "true"])
+            .status
+            .success()
+    );
+    drop(taken);
 }

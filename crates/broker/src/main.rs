@@ -342,16 +342,11 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         if let Some(r) = proxy_ready {
             match agentkeys_broker::proxy::ProxyLink::start(
                 r.sock,
-                r.port,
                 r.bundle,
                 Arc::downgrade(&shared),
                 r.sync_audit,
             ) {
                 Ok(link) => {
-                    info!(
-                        port = link.port,
-                        "the credential-injecting proxy listens on 127.0.0.1"
-                    );
                     let _ = shared.proxy.set(link);
                 }
                 Err(e) => warn!("the proxy link failed; `run --proxy` is unavailable: {e}"),

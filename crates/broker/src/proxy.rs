@@ -71,8 +71,8 @@ pub struct ProxyLink {
     tx: mpsc::UnboundedSender<(Vec<u8>, Option<OwnedFd>)>,
     /// The socket, for answers sent straight from the task that decided them.
     sock: Arc<UnixSeqpacket>,
-    /// The proxy's port on 127.0.0.1.
-    pub port: u16,
+    /// The proxy's port on 127.0.0.1 once it said `Ready` (`Some(Err)`: it failed at start).
+    ready: tokio::sync::watch::Sender<Option<Result<u16, String>>>,
     /// The CA bundle file programs get.
     pub bundle: PathBuf,
     regs: Mutex<HashMap<u64, Reg>>,
@@ -108,14 +108,14 @@ struct CmsgBuf([u8; 256]);
 pub struct RegisterError(pub String);
 
 impl ProxyLink {
-    /// Takes over the daemon's end of the link (after the proxy said `Ready`) and starts its
+    /// Takes over the daemon's end of the link (the CA was sent; the proxy says `Ready` or
+    /// `Failed` when its start is done, which [`ProxyLink::port`] waits for) and starts its
     /// reader and writer. Must run inside the runtime.
     ///
     /// # Errors
     /// The socket cannot be registered with the runtime.
     pub fn start(
         fd: OwnedFd,
-        port: u16,
         bundle: PathBuf,
         shared: Weak<Shared>,
         sync_audit: bool,
@@ -127,7 +127,7 @@ impl ProxyLink {
         let link = Arc::new(ProxyLink {
             tx,
             sock: sock.clone(),
-            port,
+            ready: tokio::sync::watch::Sender::new(None),
             bundle,
             regs: Mutex::new(HashMap::new()),
             next_reg: AtomicU64::new(1),
@@ -210,10 +210,37 @@ impl ProxyLink {
                     path,
                     reason,
                 } => self.audit_refused(reg, index, &host, &method, &path, &reason),
-                FromProxy::Ready { .. } | FromProxy::Failed { .. } => {}
+                FromProxy::Ready { port } => {
+                    info!(port, "the credential-injecting proxy listens on 127.0.0.1");
+                    self.ready.send_replace(Some(Ok(port)));
+                }
+                FromProxy::Failed { step, message } => {
+                    warn!("the credential-injecting proxy failed at {step}: {message}");
+                    self.ready
+                        .send_replace(Some(Err(format!("it failed at {step}: {message}"))));
+                }
             }
         }
         warn!("the proxy is gone: `run --proxy` is unavailable until agentkeysd restarts");
+        self.ready.send_modify(|r| {
+            if !matches!(r, Some(Err(_))) {
+                *r = Some(Err("it exited; see the daemon log".into()));
+            }
+        });
+    }
+
+    /// The proxy's port, once it is ready (waits up to 30 s for its start to finish).
+    ///
+    /// # Errors
+    /// Why the proxy is not available.
+    pub async fn port(&self) -> Result<u16, String> {
+        let mut rx = self.ready.subscribe();
+        let got = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| r.is_some()))
+            .await
+            .map_err(|_| "it did not finish starting within 30 s".to_string())?
+            .map_err(|_| "it is gone".to_string())?
+            .clone();
+        got.unwrap_or_else(|| Err("not started".into()))
     }
 
     /// Registers a run's `--proxy` mappings (VAR -> service, each already checked against scope
@@ -221,12 +248,17 @@ impl ProxyLink {
     ///
     /// # Errors
     /// Randomness failed, or too many mappings.
-    pub fn register(
+    pub async fn register(
         self: &Arc<Self>,
         p: &Principal,
         peer: Peer,
         mappings: &[Mapping],
     ) -> Result<Registration, RegisterError> {
+        let port = self.port().await.map_err(|e| {
+            RegisterError(format!(
+                "the credential-injecting proxy is not available: {e}"
+            ))
+        })?;
         if mappings.len() > agentkeys_proxy::link::MAX_PLACEHOLDERS {
             return Err(RegisterError("too many --proxy mappings".into()));
         }
@@ -260,7 +292,7 @@ impl ProxyLink {
         let url = Zeroizing::new(format!(
             "http://{user}:{}@127.0.0.1:{}",
             pass.as_str(),
-            self.port
+            port
         ));
         for v in PROXY_VARS {
             env.push(format!("{v}={}", url.as_str()));
@@ -765,16 +797,14 @@ fn read_bounded(p: &std::path::Path) -> Result<Vec<u8>, String> {
 pub struct ProxyReady {
     /// The link.
     pub sock: OwnedFd,
-    /// The port on 127.0.0.1.
-    pub port: u16,
     /// The CA bundle file programs get.
     pub bundle: PathBuf,
     /// `[proxy] sync_audit`.
     pub sync_audit: bool,
 }
 
-/// At start, before the sandbox: loads the proxy's CA (creating it the first time), hands it to
-/// the proxy (the key as a secret page) and waits for it to be ready (it writes the bundle).
+/// At start, before the sandbox: loads the proxy's CA (creating it the first time) and hands it
+/// to the proxy (the key as a secret page); the proxy then finishes its start on its own.
 ///
 /// # Errors
 /// A message naming the step.
@@ -823,34 +853,22 @@ pub fn hand_over_ca(
         },
         &[page.as_fd()],
     )
-    .map_err(|e| format!("sending the CA to the proxy: {e}"))?;
-    drop(page);
-    let mut buf = vec![0u8; MAX_LINK_MESSAGE];
-    let ready = nix::poll::poll(
-        &mut [nix::poll::PollFd::new(
-            helper.sock.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )],
-        nix::poll::PollTimeout::from(30_000u16),
-    )
-    .map_err(|e| format!("waiting for the proxy: {e}"))?;
-    if ready == 0 {
-        return Err("the proxy did not report within 30 s".into());
-    }
-    let (msg, _) =
-        agentkeys_hardening::launcher::recv_msg::<FromProxy>(helper.sock.as_fd(), &mut buf)
-            .map_err(|e| format!("reading the proxy's report: {e}"))?
-            .ok_or("the proxy exited during its start")?;
-    match msg {
-        FromProxy::Ready { port } => Ok(ProxyReady {
-            sock: helper.sock,
-            port,
-            bundle: home.path(proxy_ca::BUNDLE_FILE),
-            sync_audit: cfg.sync_audit,
-        }),
-        FromProxy::Failed { step, message } => {
-            Err(format!("the proxy failed at {step}: {message}"))
+    .map_err(|e| {
+        // A proxy that failed before it took the CA said why, then exited.
+        let mut buf = vec![0u8; MAX_LINK_MESSAGE];
+        match agentkeys_hardening::launcher::recv_msg::<FromProxy>(helper.sock.as_fd(), &mut buf) {
+            Ok(Some((FromProxy::Failed { step, message }, _))) => {
+                format!("the proxy failed at {step}: {message}")
+            }
+            _ => format!("sending the CA to the proxy: {e}"),
         }
-        _ => Err("the proxy sent something unexpected".into()),
-    }
+    })?;
+    drop(page);
+    // Its `Ready` (or `Failed`) is read by the link once the runtime runs: the daemon does not
+    // wait for the proxy's start (loading the trust roots, writing the bundle).
+    Ok(ProxyReady {
+        sock: helper.sock,
+        bundle: home.path(proxy_ca::BUNDLE_FILE),
+        sync_audit: cfg.sync_audit,
+    })
 }

@@ -394,6 +394,16 @@ pub async fn start(
             .map_err(|(code, message)| refuse(code, message))?,
         None => Vec::new(),
     };
+    // Registered now (a failure changes nothing); dropped, so unregistered, on any later
+    // failure, else when the run has ended.
+    let registration = match &proxy_link {
+        Some(link) => Some(
+            link.register(p, peer, &proxy_mappings)
+                .await
+                .map_err(|e| refuse(ErrorCode::Internal, e.0))?,
+        ),
+        None => None,
+    };
 
     // Fetch every secret first: nothing is audited as delivered unless all are available.
     let command = shown_command(&req);
@@ -516,13 +526,6 @@ pub async fn start(
             (w1, w2)
         }
         None => (out, err),
-    };
-    let registration = match &proxy_link {
-        Some(link) => Some(
-            link.register(p, peer, &proxy_mappings)
-                .map_err(|e| refuse(ErrorCode::Internal, e.0))?,
-        ),
-        None => None,
     };
     let proxy_names: &[String] = registration.as_ref().map_or(&[], |r| &r.names);
     let mut env: Vec<String> = req
