@@ -458,5 +458,6 @@ print(f"  requests 8 clients          direct {rd:.0f} req/s, proxy {rp:.0f} req/
 print(f"  requests new connection     direct {hd:.0f} us, proxy {hp:.0f} us, ratio {r(hp, hd)} (handshake and first GET)")
 print(json.dumps({"proxy_get_p50_us": round(p), "direct_get_p50_us": round(d), "proxy_p50_over_direct": r(p, d),
   "proxy_rps_8clients": round(rp), "direct_rps_8clients": round(rd), "proxy_rps_8clients_over_direct": r(rp, rd),
-  "proxy_handshake_p50_us": round(hp), "direct_handshake_p50_us": round(hd), "proxy_handshake_over_direct": r(hp, hd)}))
+  "proxy_handshake_p50_us": round(hp), "direct_handshake_p50_us": round(hd), "proxy_handshake_over_direct": r(hp, hd)},
+  separators=(",", ":")))
 "#;
