@@ -1240,7 +1240,8 @@ fn http2_on_both_sides_when_client_and_server_offer_it() {
         &["GH=gh"],
         &format!(
             "curl -s --http2 -o /dev/null -w '%{{http_version}} %{{http_code}}' -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/h2;\n\
-             echo; curl -s --http2 -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/$GH"
+             echo; curl -s --http2 -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/$GH;\n\
+             echo; curl -s --http2 -o /dev/null -w '%{{http_code}}' -H \"Host: $GH\" -H \"Authorization: Bearer $GH\" https://127.0.0.1:{port}/a"
         ),
         &[],
     );
@@ -1254,6 +1255,8 @@ fn http2_on_both_sides_when_client_and_server_offer_it() {
         Some("403"),
         "the path rule under HTTP/2: {so}"
     );
+    // A placeholder as the `:authority` pseudo-header: another host than the connection's.
+    assert_eq!(lines.next(), Some("421"), "{so}");
     let r = e.srv.requests();
     let h2 = r
         .iter()

@@ -336,6 +336,7 @@ impl Proxy {
             } => {
                 let mut hash = [0u8; 32];
                 let ok = pass_sha256.len() == 64
+                    && pass_sha256.is_ascii()
                     && (0..32).all(|i| {
                         u8::from_str_radix(&pass_sha256[2 * i..2 * i + 2], 16)
                             .map(|b| hash[i] = b)
@@ -866,11 +867,18 @@ impl Proxy {
                 })?;
                 let page = Arc::new(page);
                 let ttl = Duration::from_secs(reg.rules.specs()[i].cache_ttl_secs);
+                // A TTL too large for the clock (`--cache-ttl 1000y`) is a checked add, not a
+                // panic: such a value is kept until the run ends.
                 if !ttl.is_zero() {
+                    let now = Instant::now();
+                    let until = now
+                        .checked_add(ttl)
+                        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+                        .unwrap_or(now);
                     reg.cache
                         .lock()
                         .expect("cache")
-                        .insert(i, (page.clone(), Instant::now() + ttl));
+                        .insert(i, (page.clone(), until));
                 }
                 Ok(page)
             }
