@@ -9,9 +9,10 @@
 # (latency, baselines, 8-client throughput), times `agentkeys run`, stops the daemon; then
 # measures start-up and idle RSS (bench_delivery --startup), the daemon's RSS with 10,000
 # cached secrets (bench_state seed + bench_delivery --fill-cache), a 100,000-entry vault lookup
-# and audit group-commit throughput (bench_state vault / audit), and an uncached read through a
-# remote daemon over loopback TLS against a local one (remote_read_over_local). The last line of
-# stdout is one JSON object of numbers.
+# and audit group-commit throughput (bench_state vault / audit), an uncached read through a
+# remote daemon over loopback TLS against a local one (remote_read_over_local), and the
+# credential-injecting proxy against a local HTTPS server (bench_proxy: keep-alive p50, 8
+# clients, handshakes, direct vs proxied). The last line of stdout is one JSON object of numbers.
 #
 # Environment:
 #   BENCH_ITERS / BENCH_WARMUP   timed / warm-up iterations per measurement (2000 / 200)
@@ -26,6 +27,8 @@
 #   BENCH_CACHED_N               secrets cached for rss_kib_10k_cached (10000)
 #   BENCH_VAULT_N                entries of the lookup vault (100000)
 #   BENCH_REMOTE_ITERS           timed iterations of the remote-vs-local read (500)
+#   BENCH_PROXY_ITERS            keep-alive GETs per proxy latency measurement (2000)
+#   BENCH_PROXY_CACHE_TTL        the proxied service's --cache-ttl (10m; 0s: a page per request)
 # Progress, build output and profiles go to stderr; stdout is the report only.
 set -euo pipefail
 
@@ -37,7 +40,8 @@ cargo build --release --bins --examples >&2
 bin=${CARGO_TARGET_DIR:-$root/target}/release
 bench_exe=$bin/examples/bench_delivery
 state_exe=$bin/examples/bench_state
-for f in "$bin/agentkeys" "$bin/agentkeysd" "$bench_exe" "$state_exe"; do
+proxy_exe=$bin/examples/bench_proxy
+for f in "$bin/agentkeys" "$bin/agentkeysd" "$bench_exe" "$state_exe" "$proxy_exe"; do
     [[ -x $f ]] || { echo "bench: $f was not built" >&2; exit 2; }
 done
 
@@ -284,6 +288,11 @@ echo "bench: vault of ${BENCH_VAULT_N:-100000} entries, audit group commit" >&2
 "$state_exe" vault --dir "$dir" --entries "${BENCH_VAULT_N:-100000}" >"$dir/vault.txt"
 "$state_exe" audit --dir "$dir" >"$dir/audit.txt"
 
+# The credential-injecting proxy: its own home, daemon and local HTTPS server (bench_proxy
+# sets them up), the same client direct and through the proxy with the value injected.
+echo "bench: credential-injecting proxy" >&2
+"$proxy_exe" "$bin" >"$dir/proxy.txt"
+
 # The example's report, with the run figures added to its final JSON line.
 head -n -1 "$dir/report.txt"
 cat <<TXT
@@ -302,6 +311,7 @@ TXT
 head -n -1 "$dir/startup.txt"
 head -n -1 "$dir/vault.txt"
 head -n -1 "$dir/audit.txt"
+head -n -1 "$dir/proxy.txt"
 cat <<TXT
 daemon memory with $cached_n cached secrets (each fetched once, then all again):
   cached (cache_hit on the second pass)      ${hits} of ${cached_n}
@@ -310,4 +320,4 @@ daemon memory with $cached_n cached secrets (each fetched once, then all again):
 TXT
 # One JSON object: the example's line, plus the run figures and the other parts' lines.
 body() { tail -n 1 "$1" | sed 's/^{//; s/}$//'; }
-echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},\"jail_start_ms\":${jail_ms},\"jail_baseline_ms\":${jailbase_ms},\"jail_baseline\":\"${jail_base_name}\",\"jail_start_ratio\":${jail_ratio},$(body "$dir/remote.txt"),$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt")}"
+echo "{$(body "$dir/report.txt"),\"run_p50_us\":${run_us},\"env_true_p50_us\":${env_us},\"run_overhead_ratio\":${ratio},\"jail_start_ms\":${jail_ms},\"jail_baseline_ms\":${jailbase_ms},\"jail_baseline\":\"${jail_base_name}\",\"jail_start_ratio\":${jail_ratio},$(body "$dir/remote.txt"),$(body "$dir/startup.txt"),\"rss_kib_10k_cached\":${rss_10k},\"vmlck_kib_10k_cached\":${lck_10k},\"cached_secrets\":${hits},\"cached_secrets_wanted\":${cached_n},$(body "$dir/fill.txt"),$(body "$dir/vault.txt"),$(body "$dir/audit.txt"),$(body "$dir/proxy.txt")}"

@@ -767,6 +767,7 @@ fn raw_run_refusal(h: &TestHome, token: &str, caller_env: &[&str], cwd: Option<&
             argv: vec!["true".into()],
             env: Default::default(),
             files: Default::default(),
+            proxy: Default::default(),
             caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
             cwd: cwd.map(str::to_string),
             masking: true,

@@ -1,11 +1,13 @@
 //! Helpers shared by the end-to-end tests: where the built binaries are, temporary homes,
 //! figures from `/proc`, memory scans, and the load generator ([`load`]) that `tests/load.rs`
-//! and `tests/faults.rs` drive the daemon with.
+//! and `tests/faults.rs` drive the daemon with, and the HTTPS test server ([`https`]) of the
+//! proxy tests.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 
 pub mod hostile_input;
+pub mod https;
 
 /// The directory holding the binaries built for this test run (`target/<profile>`).
 ///
@@ -132,6 +134,14 @@ impl TestHome {
     pub fn run_agent(&self, token: &str, args: &[&str]) -> Output {
         let mut c = self.cli(args);
         c.env("AGENTKEYS_TOKEN", token).stdin(Stdio::null());
+        c.output().expect("run agentkeys")
+    }
+
+    /// Runs `agentkeys ARGS` as the agent whose token is in `token_file`.
+    pub fn run_agent_file(&self, token_file: &Path, args: &[&str]) -> Output {
+        let mut c = self.cli(args);
+        c.env("AGENTKEYS_TOKEN_FILE", token_file)
+            .stdin(Stdio::null());
         c.output().expect("run agentkeys")
     }
 
@@ -654,6 +664,7 @@ pub mod load {
                     argv: vec!["/bin/sh".into(), "-c".into(), "test -n \"$T\"".into()],
                     env: BTreeMap::from([("T".to_string(), name.clone())]),
                     files: BTreeMap::new(),
+                    proxy: BTreeMap::new(),
                     caller_env: vec!["PATH=/usr/bin:/bin".into()],
                     cwd: Some("/".into()),
                     masking: true,

@@ -113,7 +113,7 @@ fn store(
         names
             .iter()
             .zip(secrets.chunks_exact(SECRET_LEN))
-            .map(|(s, v)| (s.as_str(), v, policy)),
+            .map(|(s, v)| (s.as_str(), v, policy.clone())),
     )?;
     Ok(())
 }

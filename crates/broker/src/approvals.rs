@@ -41,8 +41,14 @@ pub struct Subject {
     pub principal: Principal,
     /// The service (for a `run` with several high-value services: their names joined by `,`).
     pub service: String,
-    /// For `run`: SHA-256 of the whole request (see `run::request_hash`).
+    /// For `run`: SHA-256 of the whole request (see `run::request_hash`); for a proxy
+    /// injection: SHA-256 of host, port, method and path (`proxy::proxy_request_hash`).
     pub argv: Option<String>,
+    /// What a `--for` window grant of this request binds instead of `argv`: for a proxy
+    /// injection the host alone (`proxy::proxy_host_hash`), so a window covers the agent
+    /// session, the service and the host while a once-grant covers the one request. `None`
+    /// for `read` and `run` (a window binds exactly what a once-grant binds).
+    pub wider: Option<String>,
 }
 
 struct Pending {
@@ -274,7 +280,17 @@ impl Approvals {
     pub fn check(&mut self, subject: &Subject, command: Option<String>) -> Check {
         let now = Instant::now();
         self.sweep();
-        if let Some(i) = self.grants.iter().position(|g| &g.subject == subject) {
+        // A window widened at approval (see `Subject::wider`) covers every request whose
+        // `wider` it names.
+        let covers = |g: &Grant| {
+            &g.subject == subject
+                || (subject.wider.is_some()
+                    && g.subject.wider.is_none()
+                    && g.subject.argv == subject.wider
+                    && g.subject.principal == subject.principal
+                    && g.subject.service == subject.service)
+        };
+        if let Some(i) = self.grants.iter().position(covers) {
             let once = self.grants[i].once;
             let grant = grant_name(self.grants[i].id);
             if once {
@@ -364,9 +380,18 @@ impl Approvals {
         let until = now.checked_add(span).unwrap_or(now);
         let id = self.next_grant;
         self.next_grant += 1;
+        // A window for a proxy request binds its host, not its method and path.
+        let subject = match (&window, &p.subject.wider) {
+            (Some(_), Some(w)) => Subject {
+                argv: Some(w.clone()),
+                wider: None,
+                ..p.subject.clone()
+            },
+            _ => p.subject.clone(),
+        };
         self.grants.push(Grant {
             id,
-            subject: p.subject.clone(),
+            subject,
             command: p.command,
             once: window.is_none(),
             granted: now,
@@ -488,6 +513,7 @@ mod tests {
                 principal: self.of(agent),
                 service: service.into(),
                 argv: argv.map(str::to_string),
+                wider: None,
             }
         }
     }
@@ -578,6 +604,58 @@ mod tests {
         assert!(granted(&a.check(&list, None), false));
     }
 
+    /// Issue 16: a once-grant of a proxy request covers that request (host, method, path)
+    /// once; a `--for` window covers the agent session, service and host, any method and path.
+    #[test]
+    fn proxy_windows_bind_the_host_and_once_grants_the_request() {
+        let mut a = Approvals::new(Duration::from_secs(300));
+        let agent = Principal::test_agent("a");
+        let req = |path: &str, host: &str| Subject {
+            principal: agent.clone(),
+            service: "bank".into(),
+            argv: Some(format!("{host} GET {path}")),
+            wider: Some(format!("host {host}")),
+        };
+        let Check::Pending { code, .. } = a.check(&req("/pay", "h1"), None) else {
+            panic!()
+        };
+        a.approve(&code, None).unwrap();
+        assert!(matches!(
+            a.check(&req("/other", "h1"), None),
+            Check::Pending { .. }
+        ));
+        assert!(matches!(
+            a.check(&req("/pay", "h1"), None),
+            Check::Granted { consumed: true, .. }
+        ));
+        assert!(matches!(
+            a.check(&req("/pay", "h1"), None),
+            Check::Pending { .. }
+        ));
+        let Check::Pending { code, .. } = a.check(&req("/x", "h2"), None) else {
+            panic!()
+        };
+        a.approve(&code, Some(Duration::from_secs(60))).unwrap();
+        assert!(matches!(
+            a.check(&req("/y", "h2"), None),
+            Check::Granted {
+                consumed: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            a.check(&req("/z", "h2"), None),
+            Check::Granted {
+                consumed: false,
+                ..
+            }
+        ));
+        assert!(!matches!(
+            a.check(&req("/y", "h3"), None),
+            Check::Granted { .. }
+        ));
+    }
+
     /// Issue 14, item 2: the owner is a kind, not a name. An agent called `owner` (refused by
     /// `agent add` now; a registry from before could hold one) never uses the owner's grants.
     #[test]
@@ -587,6 +665,7 @@ mod tests {
             principal: Principal::test_owner(),
             service: "db".into(),
             argv: None,
+            wider: None,
         };
         let Check::Pending { code, .. } = a.check(&owner, None) else {
             panic!()

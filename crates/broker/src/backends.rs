@@ -103,11 +103,7 @@ impl Backends {
                     path,
                     backend,
                     field: s.field.clone(),
-                    policy: Policy {
-                        high_value: s.high_value,
-                        cache_ttl_secs: s.cache_ttl.as_secs(),
-                        allow_inline: s.allow_inline,
-                    },
+                    policy: s.policy().map_err(|e| format!("services.{name}: {e}"))?,
                 },
             );
         }
@@ -255,7 +251,7 @@ impl Shared {
     pub fn resolve(&self, service: &str) -> Result<Option<Resolved<'_>>, FetchError> {
         if let Some(r) = self.backends.service(service) {
             return Ok(Some(Resolved {
-                policy: r.policy,
+                policy: r.policy.clone(),
                 backend: Some(r.backend.name()),
                 source: Source::Remote(r),
             }));

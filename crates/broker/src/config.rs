@@ -46,6 +46,41 @@ pub struct Config {
     /// `[services.NAME]`: services read from a remote backend instead of the local vault.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
+    /// `[proxy]`: the credential-injecting proxy.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+}
+
+/// `[proxy]`: the credential-injecting proxy (a process of its own, see `agentkeys-proxy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Start the proxy (default true). Off: `run --proxy` is refused.
+    pub enabled: bool,
+    /// Where it listens: a loopback address and port (`127.0.0.1:0`, the default, picks a free
+    /// port at each start).
+    pub listen: String,
+    /// PEM file of the CA that upstream servers' certificates are checked against, instead of
+    /// the system roots (for tests and private APIs).
+    pub upstream_ca_file: Option<PathBuf>,
+    /// The system roots written into the CA bundle programs get (with the agentkeys CA); none:
+    /// the first of the usual distribution paths that exists.
+    pub system_ca_file: Option<PathBuf>,
+    /// Wait for the audit log's sync before each injection (default false: the `inject` record
+    /// is written before the value leaves, and on disk within 5 ms).
+    pub sync_audit: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig {
+            enabled: true,
+            listen: "127.0.0.1:0".into(),
+            upstream_ca_file: None,
+            system_ca_file: None,
+            sync_audit: false,
+        }
+    }
 }
 
 /// The kinds of remote backend.
@@ -130,6 +165,18 @@ pub struct ServiceConfig {
     /// May be delivered as inline bytes.
     #[serde(default)]
     pub allow_inline: bool,
+    /// Hosts the proxy may send the value to (as `agentkeys store --inject-host`).
+    #[serde(default)]
+    pub inject_hosts: Vec<String>,
+    /// Headers besides Authorization the proxy may place the value in.
+    #[serde(default)]
+    pub inject_headers: Vec<String>,
+    /// Query parameters the proxy may place the value in.
+    #[serde(default)]
+    pub inject_query: Vec<String>,
+    /// Delivery kinds allowed (`["proxy"]`: proxy-only); absent: as for the local vault.
+    #[serde(default)]
+    pub deliver: Option<Vec<String>>,
 }
 
 impl ServiceConfig {
@@ -141,6 +188,44 @@ impl ServiceConfig {
         } else {
             &self.path
         }
+    }
+
+    /// The delivery policy this section gives the service.
+    ///
+    /// # Errors
+    /// A bad host, header, query name or delivery kind, in words.
+    pub fn policy(&self) -> Result<agentkeys_state::vault::Policy, String> {
+        use agentkeys_state::inject::{DeliveryKind, normalise};
+        let deliver = match &self.deliver {
+            None => None,
+            Some(words) => Some(
+                words
+                    .iter()
+                    .map(|w| DeliveryKind::parse(w))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        let (inject_hosts, inject_headers, inject_query, deliver) = normalise(
+            &self.inject_hosts,
+            &self.inject_headers,
+            &self.inject_query,
+            deliver.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let allow_inline = self.allow_inline
+            || deliver
+                .as_ref()
+                .is_some_and(|d| d.contains(&DeliveryKind::Inline));
+        Ok(agentkeys_state::vault::Policy {
+            high_value: self.high_value,
+            cache_ttl_secs: self.cache_ttl.as_secs(),
+            allow_inline,
+            inject_hosts,
+            inject_headers,
+            inject_query,
+            deliver,
+        })
     }
 
     /// The path inside the backend's mount (`secret/github` with mount `secret` is `github`).
@@ -365,6 +450,7 @@ impl Config {
         for (name, s) in &cfg.services {
             check_service(name, s, &cfg.backends).map_err(invalid)?;
         }
+        check_proxy(&cfg.proxy).map_err(invalid)?;
         Ok(cfg)
     }
 
@@ -663,6 +749,20 @@ fn check_service(
         return Err(format!(
             "{key}.field: must be 1 to 256 characters without control characters"
         ));
+    }
+    s.policy().map_err(|e| format!("{key}: {e}"))?;
+    Ok(())
+}
+
+/// Checks `[proxy]`: it listens on a loopback address only (it serves local programs; on
+/// another address any host on the network could try its credentials).
+fn check_proxy(p: &ProxyConfig) -> Result<(), String> {
+    let addr: std::net::SocketAddr = p
+        .listen
+        .parse()
+        .map_err(|_| "proxy.listen: must be IP:PORT, e.g. 127.0.0.1:0".to_string())?;
+    if !addr.ip().is_loopback() {
+        return Err("proxy.listen: must be a loopback address (127.0.0.1 or ::1)".into());
     }
     Ok(())
 }

@@ -299,6 +299,7 @@ pub async fn run(
             argv,
             env,
             files,
+            proxy,
             caller_env,
             cwd,
             masking,
@@ -309,6 +310,7 @@ pub async fn run(
                 argv,
                 env,
                 files,
+                proxy,
                 caller_env,
                 cwd,
                 masking,
@@ -817,6 +819,8 @@ fn list_services(shared: &Shared, p: &Principal) -> ResponseBody {
             cache_ttl_secs: m.policy.cache_ttl_secs,
             allow_inline: m.policy.allow_inline,
             backend: None,
+            deliver: m.policy.deliver.is_some().then(|| m.policy.allowed_kinds()),
+            inject_hosts: m.policy.inject_hosts,
         })
         .chain(shared.backends.services().map(|(name, r)| ServiceInfo {
             name: name.clone(),
@@ -824,6 +828,8 @@ fn list_services(shared: &Shared, p: &Principal) -> ResponseBody {
             cache_ttl_secs: r.policy.cache_ttl_secs,
             allow_inline: r.policy.allow_inline,
             backend: Some(r.backend.name().to_string()),
+            deliver: r.policy.deliver.is_some().then(|| r.policy.allowed_kinds()),
+            inject_hosts: r.policy.inject_hosts.clone(),
         }))
         .filter(|s| shared.sessions.in_scope(p, &s.name))
         .collect();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use agentkeys_hardening::page::SecretPage;
 use agentkeys_proto::wire::{ErrorCode, ResponseBody};
 use agentkeys_state::audit::{Event, Peer};
-use agentkeys_state::vault::validate_service_name;
+use agentkeys_state::vault::{DeliveryKind, validate_service_name};
 use base64::Engine;
 use tracing::{debug, warn};
 use zeroize::Zeroizing;
@@ -105,7 +105,30 @@ pub async fn get_credential(
         ));
         return refuse(ErrorCode::NotFound, format!("no service named {service:?}"));
     };
-    let policy = resolved.policy;
+    let policy = resolved.policy.clone();
+    let want = if inline {
+        DeliveryKind::Inline
+    } else {
+        DeliveryKind::Fd
+    };
+    // A policy that names its delivery kinds (a proxy-only service, say) refuses the others;
+    // a policy without the list keeps the old rule below (inline only with allow_inline).
+    if policy.deliver.is_some() && !policy.allows(want) {
+        shared.audit_best_effort(&ev(
+            "deny",
+            "denied",
+            Some(kind),
+            false,
+            Some("delivery kind not allowed"),
+        ));
+        return refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "{service:?} may not be delivered as {kind}; its policy allows: {}",
+                policy.allowed_kinds()
+            ),
+        );
+    }
     // A network principal (another host's daemon) always takes the value inline, inside TLS:
     // no fd crosses a network. allow_inline governs local agents.
     if inline && !policy.allow_inline && !p.is_network() {

@@ -9,6 +9,7 @@
 //! - [`auditor`]: the audit trail with group commit: records written in order, syncs shared.
 //! - [`cache`]: cached credentials, idle and TTL eviction.
 //! - [`run`], [`launch`], [`pump`]: daemon-mediated `run`: the launcher link, the masked output.
+//! - [`proxy`]: the credential-injecting proxy's link, run registrations, injection decisions.
 //! - [`delivery`]: `get_credential`: scope, fetch, audit, fd or inline delivery, drop.
 //! - [`sessions`]: owner and agent sessions, authentication bound to the peer's uid.
 //! - [`shared`]: the state every connection shares ([`shared::Shared`]).
@@ -32,6 +33,7 @@ pub mod launch;
 pub mod listen;
 pub mod mask;
 pub mod openbao;
+pub mod proxy;
 pub mod pump;
 pub mod remote;
 pub mod run;

@@ -231,6 +231,20 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     agentkeys_hardening::launcher::set_confine_hook(agentkeys_jail::confine_launch);
     let launcher = agentkeys_hardening::launcher::spawn().map_err(|e| e.to_string())?;
     info!(pid = launcher.pid, "launcher started");
+    // The credential-injecting proxy, a process of its own with its own seccomp filter; forked
+    // now for the same reasons (no secret or state fd exists yet; the daemon's filter has no
+    // fork). It waits for its CA, which needs the DEK (below).
+    let proxy_helper = if cfg.proxy.enabled {
+        let setup = agentkeys_broker::proxy::setup(&cfg.proxy, home.root())?;
+        let h = agentkeys_hardening::helper::spawn("agentkeys-proxy", move |sock| {
+            agentkeys_proxy::child_main(sock, setup)
+        })
+        .map_err(|e| e.to_string())?;
+        info!(pid = h.pid, "proxy process started");
+        Some(h)
+    } else {
+        None
+    };
 
     // State, while files and the keystore are still reachable.
     let dek = keystore::load_dek(&home, &identity.keystore).map_err(|e| e.to_string())?;
@@ -247,6 +261,26 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
     let keystore_detail = keystore::describe(&home, &identity.keystore);
     key.with_key(|k| VaultIndex::read(&home)?.check_key(k))
         .map_err(|e| e.to_string())?;
+    // The proxy's CA (created at the first start), its bundle file, and the CA key handed to
+    // the proxy as a secret page. A proxy that fails to start is logged; the daemon serves
+    // without it (`run --proxy` then says so).
+    let proxy_ready = match proxy_helper {
+        Some(h) => match agentkeys_broker::proxy::hand_over_ca(
+            &home,
+            &key,
+            &identity.id,
+            &cfg.proxy,
+            policy,
+            h,
+        ) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!("the credential-injecting proxy is not available: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let sessions = Sessions::load(
         home.clone(),
         identity,
@@ -303,6 +337,7 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
         )),
         backends,
         mask_budget,
+        proxy: std::sync::OnceLock::new(),
     });
     let report = daemon_report(&shared);
     for item in &report.items {
@@ -321,6 +356,19 @@ fn run(args: Args, opts: StartupOptions) -> Result<(), String> {
                 let _ = shared.launcher.set(link);
             }
             Err(e) => warn!("the launcher link failed; `run` is unavailable: {e}"),
+        }
+        if let Some(r) = proxy_ready {
+            match agentkeys_broker::proxy::ProxyLink::start(
+                r.sock,
+                r.bundle,
+                Arc::downgrade(&shared),
+                r.sync_audit,
+            ) {
+                Ok(link) => {
+                    let _ = shared.proxy.set(link);
+                }
+                Err(e) => warn!("the proxy link failed; `run --proxy` is unavailable: {e}"),
+            }
         }
         shared.backends.start();
         if let Some((bound, acceptor)) = network_listeners {

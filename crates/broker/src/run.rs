@@ -16,7 +16,7 @@ use agentkeys_hardening::launcher::{FromLauncher, LaunchSpec, RunEnd};
 use agentkeys_hardening::page::{PagePolicy, SecretPage};
 use agentkeys_proto::wire::{ErrorCode, ResponseBody};
 use agentkeys_state::audit::{Event, Peer};
-use agentkeys_state::vault::validate_service_name;
+use agentkeys_state::vault::{DeliveryKind, validate_service_name};
 use sha2::Digest;
 use tokio::sync::oneshot;
 use tracing::info;
@@ -40,6 +40,8 @@ pub struct RunRequest {
     pub env: BTreeMap<String, String>,
     /// VAR -> service, as readable files.
     pub files: BTreeMap<String, String>,
+    /// VAR -> service, as placeholders the credential-injecting proxy replaces.
+    pub proxy: BTreeMap<String, String>,
     /// The caller's environment.
     pub caller_env: Vec<String>,
     /// Working directory (required, absolute).
@@ -67,6 +69,8 @@ pub struct Running {
     pumps: Vec<oneshot::Receiver<()>>,
     started: Instant,
     program: String,
+    /// The run's proxy registration: its placeholders work until the run has ended.
+    proxy: Option<crate::proxy::Registration>,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
@@ -117,6 +121,9 @@ pub fn request_hash(req: &RunRequest) -> String {
     }
     for (k, v) in &req.files {
         field("file", &format!("{k}={v}"));
+    }
+    for (k, v) in &req.proxy {
+        field("proxy", &format!("{k}={v}"));
     }
     field("masking", if req.masking { "1" } else { "0" });
     // The umask decides the modes of every file the program creates.
@@ -170,13 +177,13 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
             format!("at most {MAX_ARGS} arguments"),
         ));
     }
-    if req.env.len() + req.files.len() > MAX_RUN_SECRETS {
+    if req.env.len() + req.files.len() + req.proxy.len() > MAX_RUN_SECRETS {
         return Err(refuse(
             ErrorCode::BadRequest,
             format!("at most {MAX_RUN_SECRETS} secrets per run"),
         ));
     }
-    for (var, service) in req.env.iter().chain(&req.files) {
+    for (var, service) in req.env.iter().chain(&req.files).chain(&req.proxy) {
         if !valid_var(var) {
             return Err(refuse(
                 ErrorCode::BadRequest,
@@ -194,6 +201,16 @@ fn validate(req: &RunRequest) -> Result<(), ResponseBody> {
         return Err(refuse(
             ErrorCode::BadRequest,
             "a variable is given both as --env and --file",
+        ));
+    }
+    if req
+        .proxy
+        .keys()
+        .any(|k| req.env.contains_key(k) || req.files.contains_key(k))
+    {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "a variable is given both as --proxy and --env or --file",
         ));
     }
     // Without one the program would run wherever the daemon happened to start.
@@ -256,6 +273,7 @@ async fn fetch(
     p: &Principal,
     peer: Peer,
     service: &str,
+    kind: DeliveryKind,
 ) -> Result<Zeroizing<Vec<u8>>, ResponseBody> {
     let ev = |event, outcome, detail| Event {
         event,
@@ -289,6 +307,17 @@ async fn fetch(
             format!("no service named {service:?}"),
         ));
     };
+    if !resolved.policy.allows(kind) {
+        shared.audit_best_effort(&ev("deny", "denied", Some("delivery kind not allowed")));
+        return Err(refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "{service:?} may not be delivered as {}; its policy allows: {}",
+                kind.as_str(),
+                resolved.policy.allowed_kinds()
+            ),
+        ));
+    }
     // High-value services were approved for the whole request before any fetch (see `start`).
     let cache_ttl = Duration::from_secs(resolved.policy.cache_ttl_secs);
     if !cache_ttl.is_zero()
@@ -357,6 +386,34 @@ pub async fn start(
     };
     let program = program_name(&req.argv[0]);
     let hash = argv_hash(&req.argv);
+    // Proxy mappings: checked before anything is fetched or approved (nothing is fetched for
+    // them now: the daemon decides at each request the proxy wants to inject into).
+    let proxy_link = if req.proxy.is_empty() {
+        None
+    } else {
+        let Some(link) = shared.proxy.get().cloned() else {
+            return Err(refuse(
+                ErrorCode::Internal,
+                "the credential-injecting proxy is not running ([proxy] enabled = false, or it failed at start; see the daemon log)",
+            ));
+        };
+        Some(link)
+    };
+    let proxy_mappings = match &proxy_link {
+        Some(_) => crate::proxy::check_mappings(shared, p, peer, &req.proxy)
+            .map_err(|(code, message)| refuse(code, message))?,
+        None => Vec::new(),
+    };
+    // Registered now (a failure changes nothing); dropped, so unregistered, on any later
+    // failure, else when the run has ended.
+    let registration = match &proxy_link {
+        Some(link) => Some(
+            link.register(p, peer, &proxy_mappings)
+                .await
+                .map_err(|e| refuse(ErrorCode::Internal, e.0))?,
+        ),
+        None => None,
+    };
 
     // Fetch every secret first: nothing is audited as delivered unless all are available.
     let command = shown_command(&req);
@@ -384,7 +441,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             false,
-            fetch(shared, p, peer, service).await?,
+            fetch(shared, p, peer, service, DeliveryKind::Env).await?,
         ));
     }
     for (var, service) in &req.files {
@@ -392,7 +449,7 @@ pub async fn start(
             var.clone(),
             service.clone(),
             true,
-            fetch(shared, p, peer, service).await?,
+            fetch(shared, p, peer, service, DeliveryKind::File).await?,
         ));
     }
     // The masker first: a run whose masking tables would not fit its cap or the daemon's
@@ -446,10 +503,17 @@ pub async fn start(
         .collect();
     drop(plain);
 
-    let detail = format!(
+    let mut detail = format!(
         "program={program} argv_sha256={hash} masking={}",
         req.masking
     );
+    if !proxy_mappings.is_empty() {
+        let m: Vec<String> = proxy_mappings
+            .iter()
+            .map(|(v, s, _)| format!("{v}:{s}"))
+            .collect();
+        detail.push_str(&format!(" proxy={}", m.join(",")));
+    }
     let start_ev = Event {
         event: "run_start",
         who: Some(p.who()),
@@ -501,14 +565,20 @@ pub async fn start(
     };
     // The pumps hold the masker now; it goes (and its budget comes back) with the last one.
     drop(masker);
-    let env: Vec<String> = req
+    let proxy_names: &[String] = registration.as_ref().map_or(&[], |r| &r.names);
+    let mut env: Vec<String> = req
         .caller_env
         .into_iter()
         .filter(|e| {
             let name = e.split('=').next().unwrap_or("");
-            !name.starts_with("AGENTKEYS_TOKEN") && !secret_names.iter().any(|(v, _, _)| v == name)
+            !name.starts_with("AGENTKEYS_TOKEN")
+                && !secret_names.iter().any(|(v, _, _)| v == name)
+                && !proxy_names.iter().any(|v| v == name)
         })
         .collect();
+    if let Some(r) = &registration {
+        env.extend(r.env.iter().cloned());
+    }
     let (secret_env, files): (Vec<_>, Vec<_>) = secret_names.iter().partition(|(_, _, f)| !*f);
     let jail = shared.sessions.jail_policy(p);
     let spec = LaunchSpec {
@@ -573,6 +643,7 @@ pub async fn start(
                 pumps,
                 started: Instant::now(),
                 program,
+                proxy: registration,
             })
         }
         Err(e) => {
@@ -664,6 +735,8 @@ pub async fn finish(
         }) => (code, signal, end),
         _ => (None, None, RunEnd::default()),
     };
+    // The run is over: its placeholders and proxy credential stop working now.
+    drop(run.proxy);
     for pump in run.pumps {
         let _ = pump.await;
     }
@@ -733,6 +806,7 @@ mod tests {
             argv: vec!["true".into()],
             env: BTreeMap::new(),
             files: BTreeMap::new(),
+            proxy: BTreeMap::new(),
             caller_env: caller_env.iter().map(|s| s.to_string()).collect(),
             cwd: Some("/".into()),
             masking: true,

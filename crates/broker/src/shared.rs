@@ -57,6 +57,8 @@ pub struct Shared {
     pub backends: crate::backends::Backends,
     /// The memory all masked runs' tables may take at once (`[daemon] max_mask_bytes`).
     pub mask_budget: Arc<crate::mask::MaskBudget>,
+    /// The credential-injecting proxy, once the runtime runs (`run --proxy` is refused without).
+    pub proxy: std::sync::OnceLock<Arc<crate::proxy::ProxyLink>>,
 }
 
 /// One open connection, as the server sees it.
@@ -127,6 +129,22 @@ impl Shared {
             error!("AUDIT SYNC FAILED, refusing deliveries: {e}");
             format!("the audit log cannot be written ({e}); delivery refused")
         })
+    }
+
+    /// Writes an audit record that must exist before what it records happens (a write error
+    /// refuses), without waiting for the sync: it is on disk within
+    /// [`crate::auditor::LAZY_SYNC`]. The proxy's `inject` records use it unless
+    /// `[proxy] sync_audit` asks for a sync per injection (see the architecture's decisions).
+    ///
+    /// # Errors
+    /// The record could not be written.
+    pub fn audit_written(&self, ev: &Event<'_>) -> Result<(), String> {
+        self.audit
+            .append(ev, crate::auditor::Need::Lazy)
+            .map_err(|e| {
+                error!("AUDIT WRITE FAILED, refusing deliveries until it works again: {e}");
+                format!("the audit log cannot be written ({e}); delivery refused")
+            })
     }
 
     /// The secret-page policy: memfd_secret, with or without the degraded fallback.
@@ -205,7 +223,23 @@ impl Shared {
             principal: p.clone(),
             service: service.to_string(),
             argv: run.map(|(h, _)| h.to_string()),
+            wider: None,
         };
+        self.high_value_subject(p, peer, service, subject, run.map(|(_, c)| c))
+    }
+
+    /// [`Shared::high_value`] for a prepared subject (the proxy's, whose `wider` lets a window
+    /// bind the host); `shown` is what the owner is shown of the request.
+    pub fn high_value_subject(
+        &self,
+        p: &Principal,
+        peer: Peer,
+        service: &str,
+        subject: Subject,
+        shown: Option<&str>,
+    ) -> Result<(), ResponseBody> {
+        let run = subject.argv.clone().zip(shown);
+        let run = run.as_ref().map(|(h, c)| (h.as_str(), *c));
         let detail = run.map(|(h, _)| format!("request_sha256={h}"));
         let ev = |event, outcome, detail| Event {
             event,

@@ -79,6 +79,22 @@ enum Command {
         /// Keep a trailing newline from stdin (by default one is dropped).
         #[arg(long)]
         raw: bool,
+        /// A host the credential-injecting proxy may send the value to (repeatable): an exact
+        /// name, `*.` plus a name (one label), or an IP; `:PORT` for another port than 443.
+        #[arg(long = "inject-host", value_name = "HOST")]
+        inject_host: Vec<String>,
+        /// A request header (besides Authorization) the proxy may place the value in
+        /// (repeatable), e.g. x-api-key.
+        #[arg(long = "inject-header", value_name = "NAME")]
+        inject_header: Vec<String>,
+        /// A query parameter the proxy may place the value in (repeatable; none by default).
+        #[arg(long = "inject-query", value_name = "NAME")]
+        inject_query: Vec<String>,
+        /// The delivery kinds allowed, comma-separated: fd, inline, env, file, proxy (default:
+        /// fd, env, file; inline with --allow-inline; proxy with an --inject-host). `proxy`
+        /// alone makes the service proxy-only: no agent ever receives its bytes.
+        #[arg(long, value_name = "KINDS", value_delimiter = ',')]
+        deliver: Option<Vec<String>>,
     },
     /// List stored services and their policy (never values).
     List {
@@ -110,6 +126,12 @@ enum Command {
         /// environment (repeatable).
         #[arg(long = "file", value_name = "VAR=SERVICE")]
         file: Vec<String>,
+        /// VAR=SERVICE: VAR holds a placeholder, and the credential-injecting proxy (named in
+        /// HTTPS_PROXY/HTTP_PROXY with this run's own credential, its CA in SSL_CERT_FILE and
+        /// the like) puts the value in place of it only on requests to the service's hosts;
+        /// the program never holds the value (repeatable).
+        #[arg(long = "proxy", value_name = "VAR=SERVICE")]
+        proxy: Vec<String>,
         /// Give the program this terminal directly (no masking of its output).
         #[arg(long)]
         no_masking: bool,
@@ -407,6 +429,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             cache_ttl,
             allow_inline,
             raw,
+            inject_host,
+            inject_header,
+            inject_query,
+            deliver,
         } => vault_cmd::store(
             &caller,
             vault_cmd::StoreOpts {
@@ -415,6 +441,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 cache_ttl,
                 allow_inline,
                 raw,
+                inject_host,
+                inject_header,
+                inject_query,
+                deliver,
             },
         ),
         Command::List { json } => vault_cmd::list(&caller, json),
@@ -426,6 +456,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Run {
             env,
             file,
+            proxy,
             no_masking,
             wait,
             cwd,
@@ -435,6 +466,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             run_cmd::RunOpts {
                 env,
                 file,
+                proxy,
                 no_masking,
                 wait,
                 cwd,

@@ -1,4 +1,5 @@
-//! `agentkeys run [--env VAR=SERVICE]... [--file VAR=SERVICE]... [--no-masking] [--cwd DIR]
+//! `agentkeys run [--env VAR=SERVICE]... [--file VAR=SERVICE]... [--proxy VAR=SERVICE]...
+//! [--no-masking] [--cwd DIR]
 //! -- CMD [ARGS...]`: the daemon's launcher starts CMD with the secrets in its environment (or
 //! in readable files); this process only passes its stdin, stdout and stderr along and never
 //! holds a secret. It sends its environment, working directory and umask along. SIGINT,
@@ -20,6 +21,7 @@ use crate::ctx::{self, Caller};
 pub(crate) struct RunOpts {
     pub env: Vec<String>,
     pub file: Vec<String>,
+    pub proxy: Vec<String>,
     pub no_masking: bool,
     pub wait: bool,
     pub cwd: Option<PathBuf>,
@@ -47,6 +49,7 @@ fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, String>, CliErr
 pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
     let env = pairs(&o.env, "--env")?;
     let files = pairs(&o.file, "--file")?;
+    let proxy = pairs(&o.proxy, "--proxy")?;
     let cwd = match o.cwd {
         Some(d) => std::path::absolute(d).map_err(CliError::Output)?,
         None => std::env::current_dir().map_err(CliError::Output)?,
@@ -88,6 +91,7 @@ pub(crate) fn run(caller: &Caller, o: RunOpts) -> Result<(), CliError> {
                         argv: o.command.clone(),
                         env: env.clone(),
                         files: files.clone(),
+                        proxy: proxy.clone(),
                         caller_env: caller_env.clone(),
                         cwd: Some(cwd.clone()),
                         masking: !o.no_masking,

@@ -9,7 +9,7 @@ use agentkeys_proto::client::ClientError;
 use agentkeys_proto::wire::{RequestBody, ResponseBody, ServiceInfo};
 use agentkeys_state::init::open_owner;
 use agentkeys_state::vault::{
-    Policy, PutOutcome, VaultIndex, delete_secret, put_secret, validate_service_name,
+    DeliveryKind, Policy, PutOutcome, VaultIndex, delete_secret, put_secret, validate_service_name,
 };
 use zeroize::Zeroizing;
 
@@ -23,6 +23,43 @@ pub(crate) struct StoreOpts {
     pub cache_ttl: Option<Duration>,
     pub allow_inline: bool,
     pub raw: bool,
+    pub inject_host: Vec<String>,
+    pub inject_header: Vec<String>,
+    pub inject_query: Vec<String>,
+    pub deliver: Option<Vec<String>>,
+}
+
+/// The policy `store` writes, every proxy part checked (before the secret is read).
+fn store_policy(o: &StoreOpts) -> Result<Policy, CliError> {
+    let deliver = match &o.deliver {
+        None => None,
+        Some(words) => Some(
+            words
+                .iter()
+                .map(|w| DeliveryKind::parse(w.trim()))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let (inject_hosts, inject_headers, inject_query, deliver) = agentkeys_state::inject::normalise(
+        &o.inject_host,
+        &o.inject_header,
+        &o.inject_query,
+        deliver.as_deref(),
+    )?;
+    // `--deliver inline` is the same permission as --allow-inline.
+    let allow_inline = o.allow_inline
+        || deliver
+            .as_ref()
+            .is_some_and(|d| d.contains(&DeliveryKind::Inline));
+    Ok(Policy {
+        high_value: o.high_value,
+        cache_ttl_secs: o.cache_ttl.map_or(0, |d| d.as_secs()),
+        allow_inline,
+        inject_hosts,
+        inject_headers,
+        inject_query,
+        deliver,
+    })
 }
 
 pub(crate) fn store(caller: &Caller, o: StoreOpts) -> Result<(), CliError> {
@@ -30,13 +67,9 @@ pub(crate) fn store(caller: &Caller, o: StoreOpts) -> Result<(), CliError> {
     validate_service_name(&o.service)?;
     let home = ctx::home()?;
     let (_, dek) = open_owner(&home)?;
+    let policy = store_policy(&o)?;
     let secret = read_secret(&o.service, o.raw)?;
-    let policy = Policy {
-        high_value: o.high_value,
-        cache_ttl_secs: o.cache_ttl.map_or(0, |d| d.as_secs()),
-        allow_inline: o.allow_inline,
-    };
-    let outcome = put_secret(&home, &dek, &o.service, &secret, policy)?;
+    let outcome = put_secret(&home, &dek, &o.service, &secret, policy.clone())?;
     drop(secret);
     let verb = match outcome {
         PutOutcome::Created => "Stored",
@@ -57,6 +90,12 @@ fn policy_words(p: &Policy) -> String {
     }
     if p.allow_inline {
         w.push("inline delivery allowed".into());
+    }
+    if !p.inject_hosts.is_empty() {
+        w.push(format!("proxy injects into {}", p.inject_hosts.join(" ")));
+    }
+    if p.deliver.is_some() {
+        w.push(format!("delivered only as {}", p.allowed_kinds()));
     }
     if w.is_empty() {
         String::new()
@@ -165,6 +204,8 @@ pub(crate) fn list(caller: &Caller, json: bool) -> Result<(), CliError> {
                         cache_ttl_secs: m.policy.cache_ttl_secs,
                         allow_inline: m.policy.allow_inline,
                         backend: None,
+                        deliver: m.policy.deliver.is_some().then(|| m.policy.allowed_kinds()),
+                        inject_hosts: m.policy.inject_hosts,
                     })
                     .collect();
                 if !json {

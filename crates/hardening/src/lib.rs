@@ -13,6 +13,7 @@
 //!   (each under a supervisor of its own) and stops them.
 //! - [`ns`]: the raw steps of `agentkeys jail` (checked fork, `_exit`, recursive mount
 //!   attributes, signal dispositions, closing fds before exec).
+//! - [`helper`]: helper processes the daemon forks before its sandbox (the proxy).
 //! - [`proctree`]: the processes below this one, found through `/proc` and held by pidfds.
 //! - [`peer`]: credentials of the process at the other end of a unix socket.
 //! - [`alloc`]: the global allocator for both binaries: mimalloc (secure) that wipes on free.
@@ -23,6 +24,7 @@
 
 pub mod alloc;
 pub mod errno;
+pub mod helper;
 pub mod launcher;
 pub mod ns;
 pub mod page;

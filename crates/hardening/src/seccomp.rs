@@ -344,6 +344,134 @@ pub const DAEMON_LISTEN_ALLOWLIST: &[Allowed] = &[
         "TCP_NODELAY on connections accepted from a network listener"),
 ];
 
+/// The syscalls of the credential-injecting proxy (`agentkeys-proxy`, a process of its own forked
+/// by the daemon before its sandbox), once its filter is installed; everything else kills it.
+///
+/// It is a network server and client, so it has internet sockets and `connect` (which seccomp
+/// cannot limit to an address); what it does not have is what a compromised proxy would want
+/// next: no `execve`, no `fork`, no file writes (`openat` only without any write or create
+/// flag), no renames, unlinks, `chmod`, `mkdir`, no new secret memory of its own (it maps the
+/// pages the daemon sends), no `ptrace`, no `bind`/`listen` (its listener is bound before the
+/// filter).
+#[rustfmt::skip]
+pub const PROXY_ALLOWLIST: &[Allowed] = &[
+    // --- Threads and synchronisation (tokio's workers and blocking pool) ---
+    allow!(SYS_clone3,
+        "allowed here only so that DAEMON_ENOSYS's answer stands (glibc falls back to clone)"),
+    allow!(SYS_clone if [ArgIs::AllSet(0, libc::CLONE_THREAD as u64)],
+        "threads only (CLONE_THREAD), no fork"),
+    allow!(SYS_futex, "locks, condition variables, tokio's parking"),
+    allow!(SYS_set_robust_list, "glibc registers each new thread's robust mutex list"),
+    allow!(SYS_rseq, "glibc registers restartable sequences for each new thread"),
+    allow!(SYS_sched_yield, "spin loops and tokio's back-off"),
+    allow!(SYS_sched_getaffinity, "tokio sizes its pools from available_parallelism"),
+    allow!(SYS_getcpu, "mimalloc picks a new thread's NUMA node"),
+    #[cfg(target_arch = "x86_64")]
+    allow!(SYS_access, "mimalloc's NUMA probe on the first new thread"),
+    allow!(SYS_faccessat, "mimalloc's NUMA probe (aarch64)"),
+    allow!(SYS_faccessat2, "glibc's faccessat() with flags"),
+    allow!(SYS_exit, "a thread ending (tokio's blocking pool)"),
+    allow!(SYS_exit_group, "process exit"),
+    allow!(SYS_restart_syscall, "a sleep or futex wait resumed after a signal"),
+    // --- Memory ---
+    allow!(SYS_brk, "glibc's own malloc beneath the Rust allocator (the resolver)"),
+    allow!(SYS_mmap, "mimalloc, thread stacks, mapping the secret pages the daemon sends"),
+    allow!(SYS_munmap, "mimalloc, thread stacks, unmapping secret pages"),
+    allow!(SYS_mremap, "glibc malloc's realloc of large chunks"),
+    allow!(SYS_mprotect, "mimalloc guard pages, thread-stack guards"),
+    allow!(SYS_madvise, "mimalloc returns memory; MADV_DONTDUMP on mapped fallback pages"),
+    allow!(SYS_mlock, "a mapped fallback secret page stays out of swap"),
+    allow!(SYS_munlock, "releasing it"),
+    // --- Signals ---
+    allow!(SYS_rt_sigaction, "std and glibc install their handlers"),
+    allow!(SYS_rt_sigprocmask, "glibc masks signals around thread creation and in abort()"),
+    allow!(SYS_rt_sigreturn, "returning from a signal handler"),
+    allow!(SYS_sigaltstack, "std's stack-overflow reporting on every thread"),
+    allow!(SYS_tgkill if [ArgIs::OwnTgid(0)],
+        "abort() and panic=abort: only to the proxy's own threads"),
+    allow!(SYS_getpid, "abort()/raise, logging"),
+    allow!(SYS_gettid, "abort()/raise, glibc's thread bookkeeping"),
+    allow!(SYS_getuid, "glibc's resolver and NSS"),
+    allow!(SYS_geteuid, "glibc's resolver and NSS"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, libc::PR_SET_NAME as u32)], "std names threads"),
+    allow!(SYS_prctl if [ArgIs::Eq(0, PR_SET_VMA)], "mimalloc names its arenas"),
+    allow!(SYS_prlimit64 if [ArgIs::Eq(0, 0), ArgIs::Zero(2)], "reading limits, never setting"),
+    allow!(SYS_getcwd, "std's panic hook"),
+    // --- Event loop ---
+    allow!(SYS_epoll_create1, "tokio: epoll reactor"),
+    allow!(SYS_epoll_ctl, "tokio: registering sockets"),
+    #[cfg(target_arch = "x86_64")]
+    allow!(SYS_epoll_wait, "tokio: the reactor wait (x86_64)"),
+    allow!(SYS_epoll_pwait, "tokio: the reactor wait"),
+    allow!(SYS_eventfd2, "tokio: the reactor's waker"),
+    #[cfg(target_arch = "x86_64")]
+    allow!(SYS_poll, "glibc's resolver waits for DNS answers"),
+    allow!(SYS_ppoll, "glibc's resolver (aarch64)"),
+    // --- Sockets: clients, upstream servers, DNS, the daemon link ---
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_INET as u32)],
+        "TCP to upstream servers; UDP for DNS"),
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_INET6 as u32)],
+        "TCP to upstream servers; UDP for DNS (IPv6)"),
+    allow!(SYS_socket if [ArgIs::Eq(0, libc::AF_UNIX as u32),
+                          ArgIs::MaskedEq(1, SOCK_TYPE_MASK, libc::SOCK_STREAM as u64)],
+        "glibc's NSS may ask nscd over a unix stream socket; never a datagram socket"),
+    allow!(SYS_socketpair if [ArgIs::Eq(0, libc::AF_UNIX as u32),
+                              ArgIs::MaskedEq(1, SOCK_TYPE_MASK, libc::SOCK_STREAM as u64)],
+        "tokio's signal driver makes a stream socketpair when the runtime starts"),
+    allow!(SYS_connect, "upstream servers, DNS servers (cannot be limited to an address)"),
+    allow!(SYS_accept4, "accepting clients on the listener bound before the filter"),
+    allow!(SYS_setsockopt, "TCP_NODELAY on client and upstream connections"),
+    allow!(SYS_getsockopt, "SO_ERROR after a non-blocking connect"),
+    allow!(SYS_getpeername, "the connected peer's address"),
+    allow!(SYS_getsockname, "the local address"),
+    allow!(SYS_shutdown, "half-closing a tunnel"),
+    allow!(SYS_recvmsg, "the daemon link (secret-page fds with SCM_RIGHTS), DNS"),
+    allow!(SYS_sendmsg, "the daemon link, DNS"),
+    allow!(SYS_recvfrom, "recv() on sockets, DNS answers"),
+    allow!(SYS_sendto, "send() on sockets"),
+    allow!(SYS_sendmmsg, "glibc's resolver sends the A and AAAA queries together"),
+    allow!(SYS_uname, "glibc's resolver reads the host name"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIONREAD as u32)], "glibc's resolver: answer size"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIONBIO as u32)], "set_nonblocking"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::FIOCLEX as u32)], "CLOEXEC on some fds"),
+    allow!(SYS_ioctl if [ArgIs::Eq(1, libc::TCGETS as u32)], "isatty() before log output"),
+    // --- File descriptors, and reading (never writing) a few files ---
+    allow!(SYS_read, "sockets; /etc/hosts and /etc/resolv.conf for the resolver"),
+    allow!(SYS_write, "sockets; logs to stderr"),
+    allow!(SYS_readv, "vectored reads"),
+    allow!(SYS_writev, "vectored writes (rustls, logging)"),
+    allow!(SYS_lseek, "stdio reading the resolver's files"),
+    allow!(SYS_close, "every fd"),
+    allow!(SYS_fcntl, "CLOEXEC/NONBLOCK flags; F_GET_SEALS on a received fallback page"),
+    allow!(SYS_openat if [ArgIs::NoneSet(2, (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT
+                                            | libc::O_TRUNC | libc::O_APPEND) as u64)],
+        "read-only opens: the resolver's /etc files, mimalloc's /sys probe; no write, create, \
+         truncate or append flag, so the proxy can change no file"),
+    allow!(SYS_fstat, "metadata of an open file; checking a received secret page"),
+    allow!(SYS_fstatfs, "checking a received secret page is memfd_secret or a memfd"),
+    allow!(SYS_newfstatat, "glibc's stat/fstat"),
+    allow!(SYS_statx, "std::fs metadata"),
+    // --- Time and randomness ---
+    allow!(SYS_clock_gettime, "clocks when the vDSO is unavailable"),
+    allow!(SYS_clock_getres, "clock resolution"),
+    allow!(SYS_gettimeofday, "SystemTime fallback"),
+    allow!(SYS_nanosleep, "sleeps"),
+    allow!(SYS_clock_nanosleep, "sleeps (glibc 2.31+)"),
+    allow!(SYS_getrandom, "TLS keys and nonces, placeholders in tests, hash seeds"),
+];
+
+/// Compiles and installs the proxy's filters ([`DAEMON_ENOSYS`] for `clone3`, then
+/// [`PROXY_ALLOWLIST`]) on every thread of the calling process.
+///
+/// # Errors
+/// [`SeccompError::Compile`] or [`SeccompError::Install`].
+pub fn install_proxy_filter() -> Result<(), SeccompError> {
+    let enosys = compile_enosys(DAEMON_ENOSYS)?;
+    let allow = compile(PROXY_ALLOWLIST)?;
+    apply_all_threads(&enosys)?;
+    apply_all_threads(&allow)
+}
+
 /// Which outward connections the daemon's filter allows: decided by the configured backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Network {
@@ -505,7 +633,7 @@ pub fn policy_markdown() -> String {
          syscall are alternatives; a row's conditions must all hold. Arguments count from 0.\n",
         std::env::consts::ARCH
     );
-    let lists: [(&str, &str, &[Allowed]); 5] = [
+    let lists: [(&str, &str, &[Allowed]); 6] = [
         (
             "Answered with ENOSYS (a first filter)",
             "These calls fail with `ENOSYS` whatever the allowlist says.",
@@ -534,6 +662,13 @@ pub fn policy_markdown() -> String {
              base list. A `kind = \"agentkeys\"` backend (the client side) uses \
              `DAEMON_NETWORK_ALLOWLIST` instead.",
             DAEMON_LISTEN_ALLOWLIST,
+        ),
+        (
+            "The credential-injecting proxy's own process (`PROXY_ALLOWLIST`)",
+            "Not the daemon's filter: the proxy (forked before the daemon's sandbox) installs this \
+             one on itself, beside the same ENOSYS program. It has internet sockets and \
+             `connect`, but no `execve`, no `fork`, no file it can write.",
+            PROXY_ALLOWLIST,
         ),
     ];
     for (title, note, list) in lists {
@@ -676,6 +811,96 @@ mod tests {
             matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)),
             "expected death by SIGSYS, got {status:?}"
         );
+    }
+
+    /// The proxy's two programs, as `install_proxy_filter` installs them.
+    fn proxy_filter() -> DaemonFilter {
+        DaemonFilter {
+            enosys: compile_enosys(DAEMON_ENOSYS).expect("enosys"),
+            allow: compile(PROXY_ALLOWLIST).expect("the proxy filter compiles"),
+        }
+    }
+
+    #[test]
+    fn the_proxy_filter_kills_execve_fork_ptrace_and_writes() {
+        assert_sigsys(run_filtered(&proxy_filter(), || {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path and argv/envp arrays that outlive the call.
+            unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
+            0
+        }));
+        assert_sigsys(run_filtered(&proxy_filter(), || {
+            // SAFETY: a fork spelled as clone(SIGCHLD); the grandchild, if any, exits at once.
+            let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            if pid == 0 {
+                // SAFETY: ends the unexpected grandchild without running any Rust code.
+                unsafe { libc::_exit(0) };
+            }
+            0
+        }));
+        assert_sigsys(run_filtered(&proxy_filter(), || {
+            // SAFETY: PTRACE_TRACEME takes no pointers.
+            unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            0
+        }));
+        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_CREAT] {
+            let status = run_filtered_with(&proxy_filter(), flags, |flags| {
+                // SAFETY: a NUL-terminated path literal and integer flags.
+                unsafe {
+                    libc::openat(
+                        libc::AT_FDCWD,
+                        c"/tmp/ak-proxy-filter".as_ptr(),
+                        flags,
+                        0o600,
+                    )
+                };
+                0
+            });
+            assert_sigsys(status);
+        }
+    }
+
+    #[test]
+    fn the_proxy_filter_allows_sockets_and_reading() {
+        let status = run_filtered(&proxy_filter(), || {
+            // SAFETY: socket takes no pointers; openat gets a NUL-terminated literal.
+            unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if s < 0 {
+                    return 1;
+                }
+                libc::close(s);
+                let f = libc::openat(
+                    libc::AT_FDCWD,
+                    c"/etc/hosts".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                );
+                if f < 0 {
+                    return 2;
+                }
+                libc::close(f);
+            }
+            0
+        });
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    }
+
+    /// [`run_filtered`] with an argument for the body.
+    fn run_filtered_with(filter: &DaemonFilter, arg: i32, body: fn(i32) -> i32) -> WaitStatus {
+        // SAFETY: as in `run_filtered`.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                let _ = nix::sys::prctl::set_dumpable(false);
+                let code = match filter.install() {
+                    Ok(()) => body(arg),
+                    Err(_) => INSTALL_FAILED,
+                };
+                // SAFETY: `_exit` ends the child without running the parent's atexit handlers.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => waitpid(child, None).expect("waitpid"),
+        }
     }
 
     #[test]

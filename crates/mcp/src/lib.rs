@@ -137,6 +137,12 @@ pub struct RunArgs {
     /// Like env, but VAR names a readable file holding the secret: {"VAR": "service"}.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// Through the credential-injecting proxy: {"VAR": "service"}. VAR holds a placeholder and
+    /// the program's HTTPS requests go through agentkeys' proxy, which puts the real value in
+    /// place of the placeholder only on requests to the service's own hosts; the program never
+    /// holds the value. E.g. {"GH_TOKEN": "github"} for `gh` or `git` over HTTPS.
+    #[serde(default)]
+    pub proxy: BTreeMap<String, String>,
     /// Working directory (default: the MCP server's).
     #[serde(default)]
     pub cwd: Option<String>,
@@ -577,6 +583,7 @@ impl AgentkeysMcp {
                     argv,
                     env: a.env,
                     files: a.files,
+                    proxy: a.proxy,
                     caller_env: minimal_env(),
                     cwd: Some(cwd),
                     masking: true,

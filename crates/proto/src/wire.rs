@@ -100,6 +100,11 @@ pub enum RequestBody {
         /// `VAR -> service`: VAR names a readable file (`/dev/fd/N`) holding the secret.
         #[serde(default)]
         files: std::collections::BTreeMap<String, String>,
+        /// `VAR -> service`: VAR holds a placeholder that the credential-injecting proxy replaces
+        /// with the value on requests to the service's hosts; the program gets the proxy and CA
+        /// bundle variables too.
+        #[serde(default)]
+        proxy: std::collections::BTreeMap<String, String>,
         /// The caller's environment, `NAME=value` (without agentkeys tokens).
         #[serde(default)]
         caller_env: Vec<String>,
@@ -310,6 +315,12 @@ pub struct ServiceInfo {
     /// The remote backend it is read from; absent for the local vault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// Hosts the credential-injecting proxy may send it to (none: not for the proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_hosts: Vec<String>,
+    /// The delivery kinds allowed, when the policy restricts them (`"proxy"`: proxy-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver: Option<String>,
 }
 
 /// One open approval request.

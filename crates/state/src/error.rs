@@ -147,6 +147,14 @@ pub enum StateError {
         detail: String,
     },
 
+    /// A service's delivery or injection policy is not usable (a bad host pattern, header
+    /// name, delivery kind).
+    #[error("invalid policy: {detail}")]
+    InvalidPolicy {
+        /// What is wrong with it.
+        detail: String,
+    },
+
     /// A session lifetime is zero or too long.
     #[error("invalid lifetime: {detail}")]
     InvalidTtl {

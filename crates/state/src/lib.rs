@@ -15,6 +15,8 @@
 //! - [`agents`]: the agent registry (token hashes, scopes, expiry, revocation), sealed in
 //!   `agents.enc`.
 //! - [`tls`]: the daemon's TLS key and self-signed certificate (`tls.enc`), and fingerprints.
+//! - [`inject`]: delivery kinds and the proxy's host, header and query rules of a policy.
+//! - [`proxy_ca`]: the credential-injecting proxy's CA (`proxy-ca.enc`, sealed) and bundle.
 //! - [`vault`]: the local vault `vault.enc`, each entry sealed on its own.
 //! - [`audit`]: the audit trail `audit.jsonl` (hash-chained JSON lines): [`audit::AuditLog`]
 //!   for the daemon, [`audit::verify`] and [`audit::AuditReader`] for the CLI.
@@ -47,8 +49,10 @@ pub mod error;
 pub mod home;
 pub mod identity;
 pub mod init;
+pub mod inject;
 pub mod keystore;
 mod names;
+pub mod proxy_ca;
 pub mod session;
 pub mod tls;
 pub mod token;

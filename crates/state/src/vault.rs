@@ -35,6 +35,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{Dek, KEY_LEN, open, seal};
 use crate::error::StateError;
 use crate::home::{FileStamp, Home, StateLock, VAULT_FILE, read_state_file, write_atomic};
+pub use crate::inject::DeliveryKind;
 use crate::names::check_name;
 
 /// File format version.
@@ -50,7 +51,11 @@ const ENTRY_AAD_PREFIX: &[u8] = b"agentkeys vault v1\0";
 const MAX_VAULT_LEN: u64 = 128 * 1024 * 1024;
 
 /// How a service's secret may be delivered (DESIGN.md, Delivery).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+///
+/// The proxy fields (issue 16) are left out of the JSON when empty, so an entry stored before
+/// they existed serialises to exactly the bytes it was sealed with (its AAD) and still opens
+/// (`old_entries_open_after_the_policy_grew`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Policy {
     /// Never released without a human grant.
     pub high_value: bool,
@@ -58,6 +63,52 @@ pub struct Policy {
     pub cache_ttl_secs: u64,
     /// Whether the bytes may be returned inline in a message.
     pub allow_inline: bool,
+    /// Hosts the credential-injecting proxy may send the value to
+    /// ([`crate::inject::HostPattern`] text, normalised).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_hosts: Vec<String>,
+    /// Request headers (lowercase) the proxy may place the value in, besides `authorization`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_headers: Vec<String>,
+    /// Query parameters the proxy may place the value in (none unless named).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_query: Vec<String>,
+    /// The delivery kinds allowed; `None`: fd, env and file, inline with `allow_inline`, proxy
+    /// when `inject_hosts` names a host (what every entry allowed before the field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver: Option<Vec<DeliveryKind>>,
+}
+
+impl Policy {
+    /// Whether the value may leave the daemon this way.
+    pub fn allows(&self, kind: DeliveryKind) -> bool {
+        match &self.deliver {
+            None => match kind {
+                DeliveryKind::Fd | DeliveryKind::Env | DeliveryKind::File => true,
+                DeliveryKind::Inline => self.allow_inline,
+                DeliveryKind::Proxy => !self.inject_hosts.is_empty(),
+            },
+            Some(kinds) => {
+                kinds.contains(&kind)
+                    && (kind != DeliveryKind::Proxy || !self.inject_hosts.is_empty())
+                    && (kind != DeliveryKind::Inline || self.allow_inline)
+            }
+        }
+    }
+
+    /// The kinds allowed, in words, for a refusal: `"fd, env, file"`.
+    pub fn allowed_kinds(&self) -> String {
+        let v: Vec<&str> = DeliveryKind::ALL
+            .into_iter()
+            .filter(|k| self.allows(*k))
+            .map(DeliveryKind::as_str)
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    }
 }
 
 /// What `list` shows about an entry: never its value.
@@ -132,8 +183,9 @@ pub fn validate_service_name(s: &str) -> Result<(), StateError> {
 
 /// The AAD that binds an entry to its service and policy.
 fn entry_aad(service: &str, policy: &Policy) -> Vec<u8> {
-    // Serialising a struct of bools and integers cannot fail; the field order is fixed by the
-    // declaration, which is what makes this canonical.
+    // Serialising a struct of bools, integers and string lists cannot fail; the field order is
+    // fixed by the declaration and empty proxy fields are left out, which is what makes this
+    // canonical (and keeps entries sealed before those fields existed readable).
     let policy_json = serde_json::to_vec(policy).unwrap_or_default();
     let mut aad =
         Vec::with_capacity(ENTRY_AAD_PREFIX.len() + service.len() + 1 + policy_json.len());
@@ -322,7 +374,7 @@ impl VaultIndex {
                     (
                         k.clone(),
                         EntryFile {
-                            policy: e.policy,
+                            policy: e.policy.clone(),
                             created: e.created,
                             updated: e.updated,
                             sealed: STANDARD.encode(&e.sealed),
@@ -341,7 +393,7 @@ impl VaultIndex {
 fn meta_of(service: &str, e: &Entry) -> EntryMeta {
     EntryMeta {
         service: service.to_owned(),
-        policy: e.policy,
+        policy: e.policy.clone(),
         created: e.created,
         updated: e.updated,
     }
@@ -558,9 +610,10 @@ mod tests {
             high_value: true,
             cache_ttl_secs: 60,
             allow_inline: false,
+            ..Policy::default()
         };
         assert_eq!(
-            put_secret(&home, &dek, "github", b"ghp_one", p).unwrap(),
+            put_secret(&home, &dek, "github", b"ghp_one", p.clone()).unwrap(),
             PutOutcome::Created
         );
         put_secret(&home, &dek, "aws.prod", b"AKIA", Policy::default()).unwrap();
@@ -571,7 +624,7 @@ mod tests {
             .unwrap()
             .created;
         assert_eq!(
-            put_secret(&home, &dek, "github", b"ghp_two", p).unwrap(),
+            put_secret(&home, &dek, "github", b"ghp_two", p.clone()).unwrap(),
             PutOutcome::Replaced
         );
         assert_eq!(get(&home, &dek, "github").unwrap(), b"ghp_two");
@@ -625,12 +678,82 @@ mod tests {
                 high_value: true,
                 cache_ttl_secs: 5,
                 allow_inline: false,
+                ..Policy::default()
             },
         );
         assert_eq!(
             aad,
             b"agentkeys vault v1\0svc\0{\"high_value\":true,\"cache_ttl_secs\":5,\"allow_inline\":false}"
         );
+    }
+
+    #[test]
+    fn old_entries_open_after_the_policy_grew() {
+        // An entry sealed before the proxy fields existed: its AAD is the three-field JSON.
+        // Default (empty) proxy fields serialise to exactly that, so it still opens.
+        let p = Policy {
+            high_value: true,
+            cache_ttl_secs: 5,
+            allow_inline: false,
+            ..Policy::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"high_value":true,"cache_ttl_secs":5,"allow_inline":false}"#
+        );
+        let (_t, home, dek) = initialized("grew");
+        // The exact bytes the old code sealed with (field order of the old struct).
+        let old_json = r#"{"high_value":false,"cache_ttl_secs":0,"allow_inline":true}"#;
+        let old_policy: serde_json::Value = serde_json::from_str(old_json).unwrap();
+        let aad = [ENTRY_AAD_PREFIX, b"old", b"\0", old_json.as_bytes()].concat();
+        let sealed = seal(dek.expose(), &aad, b"old-value").unwrap();
+        put_secret(&home, &dek, "keep", b"v", Policy::default()).unwrap();
+        edit_vault(&home, |v| {
+            v["entries"]["old"] = serde_json::json!({
+                "policy": old_policy,
+                "created": 1, "updated": 1,
+                "sealed": STANDARD.encode(&sealed),
+            })
+        });
+        let index = VaultIndex::read(&home).unwrap();
+        assert_eq!(
+            &index.open_entry(dek.expose(), "old").unwrap().unwrap()[..],
+            b"old-value"
+        );
+        // A proxy policy is part of the AAD: editing its hosts by hand breaks the entry.
+        let proxy = Policy {
+            inject_hosts: vec!["api.github.com".into()],
+            deliver: Some(vec![DeliveryKind::Proxy]),
+            ..Policy::default()
+        };
+        put_secret(&home, &dek, "gh", b"ghp", proxy.clone()).unwrap();
+        let index = VaultIndex::read(&home).unwrap();
+        assert_eq!(index.meta("gh").unwrap().policy, proxy);
+        assert!(index.open_entry(dek.expose(), "gh").unwrap().is_some());
+        edit_vault(&home, |v| {
+            v["entries"]["gh"]["policy"]["inject_hosts"] = serde_json::json!(["evil.example"])
+        });
+        assert!(
+            VaultIndex::read(&home)
+                .unwrap()
+                .open_entry(dek.expose(), "gh")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn policy_allows_kinds() {
+        let legacy = Policy::default();
+        assert!(legacy.allows(DeliveryKind::Fd) && legacy.allows(DeliveryKind::Env));
+        assert!(!legacy.allows(DeliveryKind::Inline) && !legacy.allows(DeliveryKind::Proxy));
+        let proxy_only = Policy {
+            inject_hosts: vec!["a.com".into()],
+            deliver: Some(vec![DeliveryKind::Proxy]),
+            ..Policy::default()
+        };
+        assert!(proxy_only.allows(DeliveryKind::Proxy));
+        assert!(!proxy_only.allows(DeliveryKind::Fd) && !proxy_only.allows(DeliveryKind::Env));
+        assert_eq!(proxy_only.allowed_kinds(), "proxy");
     }
 
     #[test]
@@ -671,13 +794,13 @@ mod tests {
             high_value: true,
             ..Policy::default()
         };
-        put_secret(&home, &dek, "bank", b"pin", p).unwrap();
+        put_secret(&home, &dek, "bank", b"pin", p.clone()).unwrap();
         for (field, value) in [
             ("high_value", serde_json::json!(false)),
             ("cache_ttl_secs", serde_json::json!(3600)),
             ("allow_inline", serde_json::json!(true)),
         ] {
-            put_secret(&home, &dek, "bank", b"pin", p).unwrap();
+            put_secret(&home, &dek, "bank", b"pin", p.clone()).unwrap();
             edit_vault(&home, |v| v["entries"]["bank"]["policy"][field] = value);
             let index = VaultIndex::read(&home).unwrap();
             assert!(

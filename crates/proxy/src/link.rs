@@ -1,0 +1,150 @@
+//! Messages between the daemon and the proxy process: JSON, one per `SOCK_SEQPACKET` packet of
+//! at most [`MAX_LINK_MESSAGE`] bytes, secret pages attached as fds (`SCM_RIGHTS`).
+//!
+//! The daemon decides; the proxy asks. The proxy knows which placeholders a run may use and
+//! where (so it can refuse early and decide which connections to decrypt), but it never holds a
+//! value it has not asked for, and it asks for each injected request: the daemon checks the
+//! session, scope, policy and approval, writes the audit record, and only then answers (with a
+//! page, or "use the copy you hold" while the service's `cache_ttl` runs).
+
+use serde::{Deserialize, Serialize};
+
+/// Largest message either side sends or accepts.
+pub const MAX_LINK_MESSAGE: usize = 64 * 1024;
+
+/// Most placeholders one registration holds.
+pub const MAX_PLACEHOLDERS: usize = 16;
+
+/// One placeholder of a run: what the agent's program sees instead of the value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceholderSpec {
+    /// The placeholder text (random, never derived from the value).
+    pub placeholder: String,
+    /// The environment variable that holds it (for audit records and messages).
+    pub var: String,
+    /// The service whose value replaces it.
+    pub service: String,
+    /// Hosts the value may go to (`HostPattern` text).
+    pub hosts: Vec<String>,
+    /// Headers (lowercase) besides `authorization` it may be placed in.
+    pub headers: Vec<String>,
+    /// Query parameters it may be placed in.
+    pub query: Vec<String>,
+    /// How long the proxy may keep the value after the daemon handed it over (0: not at all).
+    pub cache_ttl_secs: u64,
+}
+
+/// From the daemon to the proxy.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToProxy {
+    /// Once, at start: the CA certificate (DER, base64) and its name; the CA's private key
+    /// (PKCS#8 DER) comes as an attached secret page.
+    Init {
+        /// The CA certificate, DER, base64.
+        ca_cert_der_b64: String,
+        /// The CA's subject common name (the leaf certificates' issuer).
+        ca_name: String,
+    },
+    /// A run's placeholders and the proxy credential its program uses.
+    Register {
+        /// Registration id.
+        reg: u64,
+        /// The proxy user name (`Proxy-Authorization: Basic`), not secret.
+        user: String,
+        /// SHA-256 (hex) of the proxy password; the proxy never holds the password itself.
+        pass_sha256: String,
+        /// The placeholders.
+        placeholders: Vec<PlaceholderSpec>,
+    },
+    /// The run ended (or its session did): its credential and placeholders stop working and the
+    /// proxy drops what it cached for it.
+    Unregister {
+        /// Registration id.
+        reg: u64,
+    },
+    /// The answer to [`FromProxy::Want`]: allowed (the value attached as a page, or none when the
+    /// proxy may use the copy it holds), or refused with the HTTP status and a reason.
+    Answer {
+        /// The `Want`'s id.
+        id: u64,
+        /// Allowed.
+        ok: bool,
+        /// Refused: the status for the client (403, 407, 502, ...).
+        #[serde(default)]
+        status: u16,
+        /// Refused: why, for the client (never a value).
+        #[serde(default)]
+        reason: String,
+    },
+}
+
+/// From the proxy to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromProxy {
+    /// Set up: listening on this port.
+    Ready {
+        /// The TCP port on the loopback address.
+        port: u16,
+    },
+    /// Set up failed: which step, and the error (no secret in it).
+    Failed {
+        /// The step.
+        step: String,
+        /// The error.
+        message: String,
+    },
+    /// A request with a placeholder in an allowed place, about to go to an allowed host: may
+    /// the value be injected? `cached`: the proxy holds a live copy (no page needed).
+    Want {
+        /// Request id (for the answer).
+        id: u64,
+        /// Registration.
+        reg: u64,
+        /// Index of the placeholder in the registration.
+        index: usize,
+        /// Host (from the tunnel, checked against SNI and Host).
+        host: String,
+        /// Port.
+        port: u16,
+        /// HTTP method.
+        method: String,
+        /// Path without the query.
+        path: String,
+        /// The proxy holds a copy of the value.
+        cached: bool,
+    },
+    /// The upstream's answer to an injected request (audited with its status).
+    Done {
+        /// Registration.
+        reg: u64,
+        /// Index of the placeholder.
+        index: usize,
+        /// Host.
+        host: String,
+        /// Method.
+        method: String,
+        /// Path without the query.
+        path: String,
+        /// HTTP status, or 0 when no answer came.
+        status: u16,
+    },
+    /// A request refused by the proxy's own rules (a placeholder where it may not go); audited
+    /// `deny` with the host, the exfiltration signal an owner wants.
+    Refused {
+        /// Registration.
+        reg: u64,
+        /// Index of the placeholder seen (if one was).
+        index: Option<usize>,
+        /// Host.
+        host: String,
+        /// Method.
+        method: String,
+        /// Path without the query.
+        path: String,
+        /// Why (fixed phrases, no request data beyond the above).
+        reason: String,
+    },
+}
