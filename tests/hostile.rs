@@ -313,10 +313,14 @@ fn hostile_clients_leave_the_daemon_up_with_bounded_memory_and_fds() {
              counting the daemon's fds needs root"
         );
     }
-    // Bounded: a second identical round does not grow the daemon (a leak per connection or per
-    // message would add megabytes: 1,000 connections hold 64 KiB buffers each).
+    // Bounded: a second identical round does not grow the daemon. The leak this catches is one
+    // per connection: 1,000 connections hold 64 KiB buffers each, so leaking them adds at least
+    // 64 MB a round. What glibc's per-thread arenas keep cached after a round is not a leak and
+    // varies from run to run (VmRSS after a round measured 30 to 60 MB from a 22 MB start on
+    // a 2-core machine under load, in either order of the two rounds), hence a 48 MB bound,
+    // below the smallest leak it must catch and above that noise.
     assert!(
-        rss_after[1] <= rss_after[0] + 16 * 1024,
+        rss_after[1] <= rss_after[0] + 48 * 1024,
         "daemon memory grew from {} kB to {} kB between two identical rounds",
         rss_after[0],
         rss_after[1]
