@@ -1224,256 +1224,19 @@ fn next_change(bits: &[u64], from: usize, to: usize, v: bool) -> usize {
     to
 }
 
+/// The plain batch reference of the rules above that the tests check against (shared with the
+/// `mask_stream` fuzz target).
+#[cfg(test)]
+#[path = "mask_reference.rs"]
+mod reference;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use base64::Engine as _;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     use proptest::prelude::*;
-    use std::collections::HashSet;
     use std::sync::Arc;
-
-    // ---- An independent batch reference of the rules in the module docs. ----------------
-
-    /// A symbol of a view: its value and the first and last output byte it stands for.
-    type Sym = (u8, usize, usize);
-
-    /// A view's symbols, whether it is still open at the end of the output, whether it is a
-    /// base64 decoding (for the `=` rule).
-    struct RefView {
-        syms: Vec<Sym>,
-        open: bool,
-        base64: bool,
-        /// A hex or base64 phase's byte in progress at the end (its bits and their count) and
-        /// the run's last character.
-        partial: Option<(u8, usize)>,
-        last: usize,
-    }
-
-    fn hex_value(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-
-    fn base64_value(b: u8) -> Option<u8> {
-        match b {
-            b'A'..=b'Z' => Some(b - b'A'),
-            b'a'..=b'z' => Some(b - b'a' + 26),
-            b'0'..=b'9' => Some(b - b'0' + 52),
-            b'+' | b'-' => Some(62),
-            b'/' | b'_' => Some(63),
-            _ => None,
-        }
-    }
-
-    /// The runs of characters (value, offset) of a hex or base64 view, and whether each is
-    /// open at the end.
-    fn runs(data: &[u8], base64: bool) -> Vec<(Vec<(u8, usize)>, bool)> {
-        let value = |b| {
-            if base64 {
-                base64_value(b)
-            } else {
-                hex_value(b)
-            }
-        };
-        let sep = |b: u8| b" \t\r\n".contains(&b) || (!base64 && b == b':');
-        let mut out = Vec::new();
-        let mut cur: Vec<(u8, usize)> = Vec::new();
-        let (mut gap, mut lf) = (0, 0);
-        for (i, &b) in data.iter().enumerate() {
-            if let Some(v) = value(b) {
-                if !cur.is_empty() && gap > 0 && base64 && lf != 1 {
-                    out.push((std::mem::take(&mut cur), false));
-                }
-                cur.push((v, i));
-                (gap, lf) = (0, 0);
-            } else if sep(b) {
-                if !cur.is_empty() {
-                    gap += 1;
-                    lf += usize::from(b == b'\n');
-                    if gap > MAX_GAP {
-                        out.push((std::mem::take(&mut cur), false));
-                    }
-                }
-            } else if !cur.is_empty() {
-                out.push((std::mem::take(&mut cur), false));
-            }
-        }
-        if !cur.is_empty() {
-            out.push((cur, true));
-        }
-        out
-    }
-
-    /// Every view of `data`, as the module docs define them.
-    fn ref_views(data: &[u8]) -> Vec<RefView> {
-        let last = data.len().saturating_sub(1);
-        let mut views = vec![RefView {
-            syms: data.iter().enumerate().map(|(i, &b)| (b, i, i)).collect(),
-            open: true,
-            base64: false,
-            partial: None,
-            last,
-        }];
-        let mut url = Vec::new();
-        let mut i = 0;
-        while i < data.len() {
-            let escape = data[i] == b'%'
-                && i + 2 < data.len()
-                && hex_value(data[i + 1]).is_some()
-                && hex_value(data[i + 2]).is_some();
-            if escape {
-                let v = hex_value(data[i + 1]).unwrap() << 4 | hex_value(data[i + 2]).unwrap();
-                url.push((v, i, i + 2));
-                i += 3;
-            } else {
-                url.push((data[i], i, i));
-                i += 1;
-            }
-        }
-        views.push(RefView {
-            syms: url,
-            open: true,
-            base64: false,
-            partial: None,
-            last,
-        });
-        for (base64, bits, aligns) in [(false, 4usize, &[0usize, 4][..]), (true, 6, &[0, 2, 4, 6])]
-        {
-            for (run, open) in runs(data, base64) {
-                let bitstring: Vec<u8> = run
-                    .iter()
-                    .flat_map(|&(v, _)| (0..bits).rev().map(move |k| (v >> k) & 1))
-                    .collect();
-                for &a in aligns {
-                    let mut syms = Vec::new();
-                    let mut start = a;
-                    while start + 8 <= bitstring.len() {
-                        let v = bitstring[start..start + 8]
-                            .iter()
-                            .fold(0u8, |acc, &bit| acc << 1 | bit);
-                        syms.push((v, run[start / bits].1, run[(start + 7) / bits].1));
-                        start += 8;
-                    }
-                    let partial = (start < bitstring.len()).then(|| {
-                        let rest = &bitstring[start..];
-                        (
-                            rest.iter().fold(0u8, |acc, &bit| acc << 1 | bit),
-                            rest.len(),
-                        )
-                    });
-                    let last = run.last().map_or(0, |c| c.1);
-                    views.push(RefView {
-                        syms,
-                        open,
-                        base64,
-                        partial,
-                        last,
-                    });
-                }
-            }
-        }
-        views
-    }
-
-    fn is_substring(secrets: &[&[u8]], piece: &[u8]) -> bool {
-        secrets
-            .iter()
-            .any(|s| s.windows(piece.len()).any(|w| w == piece))
-    }
-
-    /// Which output bytes the rules cover (`tails`: apply the end-of-output tail rule).
-    fn ref_covered(secrets: &[&[u8]], data: &[u8], tails: bool) -> Vec<bool> {
-        let grams: HashSet<&[u8]> = secrets
-            .iter()
-            .filter(|s| s.len() >= MIN_PIECE)
-            .flat_map(|s| s.windows(MIN_PIECE))
-            .collect();
-        let shorts: HashSet<&[u8]> = secrets
-            .iter()
-            .copied()
-            .filter(|s| !s.is_empty() && s.len() < MIN_PIECE)
-            .collect();
-        let mut covered = vec![false; data.len()];
-        let mut cover = |s: usize, e: usize| covered[s..=e].fill(true);
-        let mut pads = Vec::new();
-        for view in ref_views(data) {
-            let values: Vec<u8> = view.syms.iter().map(|s| s.0).collect();
-            for i in 0..values.len() {
-                let mut lens: Vec<usize> = shorts.iter().map(|s| s.len()).collect();
-                lens.push(MIN_PIECE);
-                for k in lens {
-                    let Some(window) = values.get(i..i + k) else {
-                        continue;
-                    };
-                    let hit = if k == MIN_PIECE {
-                        grams.contains(window)
-                    } else {
-                        shorts.contains(window)
-                    };
-                    if hit {
-                        let end = view.syms[i + k - 1].2;
-                        cover(view.syms[i].1, end);
-                        if view.base64 {
-                            pads.push(end);
-                        }
-                    }
-                }
-            }
-            if tails && view.open {
-                let n = values.len();
-                let t = (1..=n.min(MIN_PIECE - 1))
-                    .take_while(|&t| is_substring(secrets, &values[n - t..]))
-                    .last()
-                    .unwrap_or(0);
-                if t >= MIN_MASKED_TAIL {
-                    cover(view.syms[n - t].1, view.syms[n - 1].2);
-                }
-                // A hex or base64 byte in progress that continues the tail: to the last char.
-                if let Some((v, r)) = view.partial {
-                    let continues = |t: usize| {
-                        secrets.iter().any(|s| {
-                            (0..s.len()).any(|i| {
-                                i + t < s.len()
-                                    && s[i..i + t] == values[n - t..]
-                                    && s[i + t] >> (8 - r) == v
-                            })
-                        })
-                    };
-                    let t = (0..=n.min(MIN_PIECE - 1))
-                        .take_while(|&t| continues(t))
-                        .last();
-                    if let Some(t) = t
-                        && t >= MIN_MASKED_TAIL
-                    {
-                        cover(view.syms[n - t].1, view.last);
-                    }
-                }
-            }
-        }
-        for e in pads {
-            if data.get(e + 1) == Some(&b'=') {
-                cover(e + 1, e + 1);
-                if data.get(e + 2) == Some(&b'=') {
-                    cover(e + 2, e + 2);
-                }
-            }
-        }
-        covered
-    }
-
-    /// Batch masking of a whole output by the reference rules.
-    fn reference(secrets: &[&[u8]], data: &[u8]) -> Vec<u8> {
-        let covered = ref_covered(secrets, data, true);
-        let mut out = Vec::new();
-        for i in 0..data.len() {
-            if !covered[i] {
-                out.push(data[i]);
-            } else if i == 0 || !covered[i - 1] {
-                out.extend_from_slice(MASK);
-            }
-        }
-        out
-    }
 
     // ---- Helpers. ---------------------------------------------------------------------------
 
@@ -2195,7 +1958,7 @@ mod tests {
             let data = build_output(&secrets, &filler, &parts);
             let masker = Masker::new(&refs);
             let out = stream_chunks(&masker, &data, &sizes);
-            prop_assert_eq!(&out, &reference(&refs, &data));
+            prop_assert_eq!(&out, &reference::mask(&refs, &data));
             prop_assert_eq!(out, mask_all(&masker, &data));
         }
 
@@ -2232,7 +1995,7 @@ mod tests {
             }
             stream.flush(&mut out);
             // No window of any view of the output matches any more.
-            prop_assert!(!ref_covered(&refs, &out, false).contains(&true), "a piece left in the output");
+            prop_assert!(!reference::covered(&refs, &out, false).contains(&true), "a piece left in the output");
             // The bytes that were not masked come out once each, in order.
             let mut input = data.iter();
             prop_assert!(
@@ -2249,7 +2012,7 @@ mod tests {
         ) {
             let refs: Vec<&[u8]> = secrets.iter().map(Vec::as_slice).collect();
             // "No secret": nothing the rules cover, tails included.
-            prop_assume!(reference(&refs, &data) == data);
+            prop_assume!(reference::mask(&refs, &data) == data);
             let masker = Masker::new(&refs);
             prop_assert_eq!(stream_chunks(&masker, &data, &sizes), data);
         }
