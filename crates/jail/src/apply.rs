@@ -627,6 +627,29 @@ fn build_view(
                 .map_err(io("create a protected directory"))?;
         }
     }
+    for f in &policy.create_files {
+        let dst = inside(new, f);
+        no_symlink(&dst, "create a protected file")?;
+        if std::fs::symlink_metadata(&dst).is_err() {
+            if let Some(parent) = dst.parent() {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .recursive(true)
+                    .create(parent)
+                    .map_err(io("create a protected file"))?;
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&dst)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(("create a protected file", errno_of(&e))),
+            }
+        }
+    }
     for p in &policy.protected {
         let dst = inside(new, p);
         if std::fs::symlink_metadata(&dst).is_err() {
@@ -847,4 +870,55 @@ pub fn cstrings(items: &[String]) -> Option<Vec<CString>> {
         .iter()
         .map(|s| CString::new(s.as_bytes()).ok())
         .collect()
+}
+
+/// A shared `flock` every `agentkeys jail` of one owner holds for its life (on
+/// `jail.lock` in `$AGENTKEYS_HOME`), so that the jail that made placeholders
+/// ([`JailPolicy::create_dirs`], [`JailPolicy::create_files`]) removes them only when no
+/// other jail runs: another jail may have a read-only mount on one, and removing it from
+/// outside would detach that mount. `None` inside: no lock could be taken (placeholders are
+/// then left).
+pub struct PlaceholderLock(Option<nix::fcntl::Flock<std::fs::File>>);
+
+/// Takes the shared lock (waits while a jail is removing its placeholders).
+pub fn placeholder_lock(agentkeys_home: &Path) -> PlaceholderLock {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(agentkeys_home.join("jail.lock"));
+    PlaceholderLock(
+        file.ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared).ok()),
+    )
+}
+
+/// Removes the placeholders this jail made, if they are still what it made (an empty
+/// regular file, an empty directory) and no other jail runs; called once the jail's
+/// processes are gone. Best effort: a placeholder left behind is empty and read-only.
+pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
+    if policy.create_files.is_empty() && policy.create_dirs.is_empty() {
+        return;
+    }
+    let Some(lock) = lock.0 else { return };
+    if lock
+        .relock(nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .is_err()
+    {
+        return; // another jail runs
+    }
+    for f in &policy.create_files {
+        if std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_file() && m.len() == 0) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    // Deepest first; remove_dir fails on a directory that is not empty.
+    for d in policy.create_dirs.iter().rev() {
+        if std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir()) {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    drop(lock);
 }

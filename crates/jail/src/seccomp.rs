@@ -224,6 +224,26 @@ pub const JAIL_DENYLIST: &[Denied] = &[
         why: "a classic exploitation aid (stalls kernel copies)",
     },
     Denied {
+        name: "io_uring_setup",
+        nr: libc::SYS_io_uring_setup,
+        when: None,
+        why: "io_uring's operations run past this filter (a seccomp filter sees only the \
+              submitting call), and it is a large kernel attack surface; programs fall back \
+              to ordinary calls",
+    },
+    Denied {
+        name: "io_uring_enter",
+        nr: libc::SYS_io_uring_enter,
+        when: None,
+        why: "io_uring (see io_uring_setup)",
+    },
+    Denied {
+        name: "io_uring_register",
+        nr: libc::SYS_io_uring_register,
+        when: None,
+        why: "io_uring (see io_uring_setup)",
+    },
+    Denied {
         name: "kexec_load",
         nr: libc::SYS_kexec_load,
         when: None,
