@@ -534,7 +534,7 @@ impl PolicyBuilder {
         let mut protected: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_files: BTreeSet<PathBuf> = BTreeSet::new();
-        for root in &writable {
+        for (i, root) in writable.iter().enumerate() {
             if !root.is_dir() {
                 continue;
             }
@@ -543,6 +543,8 @@ impl PolicyBuilder {
                 check_not_symlink(&p)?;
                 if std::fs::symlink_metadata(&p).is_ok() {
                     protected.insert(p);
+                } else if i > 0 {
+                    // Placeholders in the working directory (the project) only.
                 } else if PLACEHOLDER_DIRS_IN_WRITABLE.contains(rel) {
                     create_dirs.insert(p.clone());
                     protected.insert(p);
