@@ -306,9 +306,6 @@ fn init_process(
             die(fail, step, errno);
         }
         drop(session);
-        // Defence in depth: no user namespace can be created below this one (the seccomp
-        // filter refuses CLONE_NEWUSER too). Best effort: the filter is what is relied on.
-        let _ = std::fs::write("/proc/sys/user/max_user_namespaces", "0");
     } else if session.is_some() {
         // Without namespaces there is no private place for the token: refuse.
         die(
@@ -535,6 +532,32 @@ fn build_view(
         None,
     )?;
 
+    // 5b. The kernel's global knobs in the fresh /proc read-only. A root owner's agent is
+    // uid 0 (mapped to itself), and /proc/sys and these files check only the owner's write
+    // bit, not a capability: it could otherwise set `kernel.core_pattern` (a program the
+    // kernel runs as root, outside any jail, at the next crash) or `kernel.modprobe`. First
+    // the defence in depth that needs a writable /proc/sys: no user namespace can be created
+    // below this one (the seccomp filter refuses CLONE_NEWUSER too; best effort).
+    let _ = std::fs::write(
+        inside(new, Path::new("/proc/sys/user/max_user_namespaces")),
+        "0",
+    );
+    for p in PROC_READ_ONLY {
+        let dst = inside(new, Path::new(p));
+        if std::fs::symlink_metadata(&dst).is_err() {
+            continue;
+        }
+        m(
+            "make /proc's kernel settings read-only",
+            Some(&dst),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        remount_ro(&dst, "make /proc's kernel settings read-only")?;
+    }
+
     // 6. Hidden paths: an empty tmpfs over directories, an empty file over anything else.
     // Sorted, so a parent is covered before its children (which then no longer exist).
     let mut hidden_dirs: Vec<PathBuf> = Vec::new();
@@ -675,6 +698,20 @@ fn build_view(
     std::env::set_current_dir("/").map_err(io("pivot_root"))?;
     Ok(())
 }
+
+/// Parts of /proc made read-only in the jail (what container runtimes make read-only or
+/// mask): global sysctls, the magic SysRq trigger, IRQ affinities, bus and filesystem
+/// settings.
+pub const PROC_READ_ONLY: &[&str] = &[
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/acpi",
+    "/proc/scsi",
+    "/proc/driver",
+];
 
 fn no_symlink(p: &Path, step: &'static str) -> StepResult {
     match std::fs::symlink_metadata(p) {

@@ -480,6 +480,17 @@ impl PolicyBuilder {
                 reveal.insert(p);
             }
         }
+        // All of /run: the owner's other local services listen there (PostgreSQL's socket
+        // with peer authentication takes the agent for the owner; a root owner's agent is uid
+        // 0 without capabilities, and every root-only socket there, libvirt's, containerd's,
+        // systemd's, would take it for root). The resolver's file is bound back when
+        // /etc/resolv.conf points there.
+        hidden.insert(PathBuf::from("/run"));
+        if let Ok(r) = std::fs::canonicalize("/etc/resolv.conf")
+            && r.starts_with("/run")
+        {
+            reveal.insert(r);
+        }
         // Sockets kept reachable: agentkeys' own, and --allow-socket.
         let socket = resolve(&cwd, &ctx.socket);
         reveal.insert(socket.clone());
