@@ -11,6 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use agentkeys_e2e::is_root;
+
 
 #[macro_use]
 #[path = "support/jail_owner.rs"]
@@ -678,5 +680,90 @@ fn nothing_is_left_behind() {
                 .is_empty()),
             "the jail's processes survived its init"
         );
+    }
+}
+
+/// The kernel's global settings and the system's service sockets. A root owner's agent is uid
+/// 0 without capabilities, and `/proc/sys` checks only the owner's write bit: before this pass
+/// it could write `kernel.core_pattern` (a program the kernel runs as root, outside any jail,
+/// at the next crash) and `vm.drop_caches`; now `/proc/sys` is read-only for every owner. All
+/// of `/run` is hidden: a socket a service of the owner serves there (PostgreSQL's, with peer
+/// authentication; for root, every root-only one) answered before; `/etc/resolv.conf` still
+/// reads.
+#[test]
+fn kernel_settings_and_run_are_out_of_reach() {
+    skip_unless_jail!("kernel_settings_and_run_are_out_of_reach");
+    if !is_root() {
+        println!("SKIP kernel_settings_and_run_are_out_of_reach: needs root to serve in /run");
+        return;
+    }
+    for o in owners("rtproc") {
+        let dir = std::path::PathBuf::from(format!(
+            "/run/ak-rt-{}-{}",
+            std::process::id(),
+            o.uid.unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        chown(&o, &dir);
+        let sock = dir.join("service.sock");
+        let server = format!(
+            "import socket,time\n\
+             s=socket.socket(socket.AF_UNIX); s.bind('{}'); s.listen()\n\
+             time.sleep(60)\n",
+            sock.display()
+        );
+        let mut srv = o
+            .command("/usr/bin/python3", &["-c", &server])
+            .spawn()
+            .unwrap();
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || sock
+            .exists()));
+        let resolv = std::fs::read("/etc/resolv.conf").is_ok();
+        let script = format!(
+            r#"v=$(cat /proc/sys/kernel/core_pattern); printf '%s\n' "$v" > /proc/sys/kernel/core_pattern; echo "core_pattern=$?"
+               echo 1 > /proc/sys/vm/drop_caches; echo "drop_caches=$?"
+               echo "userns=$(cat /proc/sys/user/max_user_namespaces)"
+               cat /etc/resolv.conf >/dev/null; echo "resolv=$?"
+               /usr/bin/python3 -c "import socket
+s=socket.socket(socket.AF_UNIX)
+try:
+    s.connect('{}'); print('CONNECTED')
+except OSError as e: print('refused', e.errno)""#,
+            sock.display()
+        );
+        let out = o.jail(&[], &script);
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = all(&out);
+        for k in ["core_pattern=2", "drop_caches=2", "userns=0", "refused 2"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert!(!s.contains("CONNECTED"), "{}", show(&o, &out));
+        if resolv {
+            assert!(s.contains("resolv=0"), "{}", show(&o, &out));
+        }
+    }
+}
+
+/// `agentkeys jail` inside a jail (a jail the agent would own, with a policy of its choosing)
+/// is refused, and so is asking the daemon for one with the jail's session.
+#[test]
+fn a_jail_cannot_start_a_jail() {
+    skip_unless_jail!("a_jail_cannot_start_a_jail");
+    for o in owners("rtnest") {
+        let out = o.jail(
+            &[],
+            "agentkeys jail --agent a -- true; echo \"nested=$?\"; \
+             AGENTKEYS_TOKEN_FILE=/dev/agentkeys/session agentkeys jail --agent a -- true; echo \"with_token=$?\"",
+        );
+        let s = all(&out);
+        assert!(
+            s.contains("nested=5") && s.contains("with_token=5"),
+            "{}",
+            show(&o, &out)
+        );
+        assert!(s.contains("refused inside a jail"), "{}", show(&o, &out));
     }
 }
