@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use agentkeys_e2e::is_root;
 
-
 #[macro_use]
 #[path = "support/jail_owner.rs"]
 mod jail_owner;
@@ -64,7 +63,15 @@ except OSError as e: print("mem", e.errno)'
             .unwrap();
         let s = all(&out);
         assert!(s.contains("comm=agentkeys-jail"), "{}", show(&o, &out));
-        for k in ["environ=1", "maps=1", "mem 13", "fd=1", "root=1", "kill=1", "stop=1"] {
+        for k in [
+            "environ=1",
+            "maps=1",
+            "mem 13",
+            "fd=1",
+            "root=1",
+            "kill=1",
+            "stop=1",
+        ] {
             assert!(s.contains(k), "{k}: {}", show(&o, &out));
         }
         assert!(
@@ -326,8 +333,7 @@ fn container_sockets_under_the_home_are_hidden() {
             .command("/usr/bin/python3", &["-c", &server])
             .spawn()
             .unwrap();
-        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || c
-            .exists()));
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || c.exists()));
         let client = |p: &std::path::Path| {
             format!(
                 "/usr/bin/python3 -c \"import socket\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect('{}'); print('CONNECTED')\nexcept OSError as e: print('refused', e.errno)\"",
@@ -430,8 +436,7 @@ fn the_jails_session_taken_outside_stays_the_jails() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || tok
-            .exists()));
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || tok.exists()));
         let key = std::fs::read(o.akhome().join("dek.key")).unwrap();
         let with_token = |args: &[&str]| {
             o.cli(args)
@@ -716,8 +721,7 @@ fn kernel_settings_and_run_are_out_of_reach() {
             .command("/usr/bin/python3", &["-c", &server])
             .spawn()
             .unwrap();
-        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || sock
-            .exists()));
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(10), || sock.exists()));
         let resolv = std::fs::read("/etc/resolv.conf").is_ok();
         let script = format!(
             r#"v=$(cat /proc/sys/kernel/core_pattern); printf '%s\n' "$v" > /proc/sys/kernel/core_pattern; echo "core_pattern=$?"

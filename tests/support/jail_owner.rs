@@ -248,7 +248,6 @@ pub fn all(out: &Output) -> String {
     )
 }
 
-
 /// Pids of processes whose command line is exactly `argv`.
 pub fn pids_running(argv: &[&str]) -> Vec<u32> {
     let want: Vec<u8> = argv

@@ -573,7 +573,7 @@ impl PolicyBuilder {
                 if p.exists() {
                     protected.insert(p);
                 } else if PROTECTED_DIRS_IN_HOME.contains(rel) {
-                    create_dirs.insert(p.clone());
+                    placeholder_dir(&p, root, &mut create_dirs);
                     protected.insert(p);
                 }
             }
@@ -596,7 +596,7 @@ impl PolicyBuilder {
                 }
                 check_not_symlink(&d)?;
                 if !d.exists() {
-                    create_dirs.insert(d.clone());
+                    placeholder_dir(&d, root, &mut create_dirs);
                 }
                 protected.insert(d);
             }
@@ -662,6 +662,19 @@ impl PolicyBuilder {
         };
         policy.validate()?;
         Ok(policy)
+    }
+}
+
+/// Records the placeholder directory `d` and its missing ancestors below `root`, so that
+/// `agentkeys jail` removes them all (if empty) when the jail ends.
+fn placeholder_dir(d: &Path, root: &Path, create_dirs: &mut BTreeSet<PathBuf>) {
+    let mut p = Some(d);
+    while let Some(q) = p {
+        if q == root || !under(q, root) || q.exists() {
+            break;
+        }
+        create_dirs.insert(q.to_path_buf());
+        p = q.parent();
     }
 }
 
@@ -942,9 +955,65 @@ mod tests {
             // them and broke TLS inside the jail).
             ("SSL_CERT_FILE", None),
             ("NODE_EXTRA_CA_CERTS", None),
+            // Words, not fragments: *_PATH names are not personal access tokens.
+            ("GITLAB_PAT", Some("credential")),
+            ("MYSQL_PWD", Some("credential")),
+            ("SENTRY_DSN", Some("credential")),
+            ("LD_LIBRARY_PATH", None),
+            ("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", None),
+            ("PWD", None),
+            ("OLDPWD", None),
         ] {
             assert_eq!(env_removal_reason(name), want, "{name}");
         }
+        for (value, cred) in [
+            ("postgres://app:pw@db.internal/x", true),
+            ("https://__token__:pypi-abc@pypi.example/simple", true),
+            ("https://ghp_0123456789abcdef0123@github.com/o/r", true),
+            ("redis://:secret@cache:6379", true),
+            ("ssh://git@github.com/o/r", false),
+            ("https://example.com/a@b", false),
+            ("/usr/bin:/bin", false),
+            ("mailto:someone@example.com", false),
+        ] {
+            assert_eq!(env_value_is_credential(value), cred, "{value}");
+        }
+    }
+
+    #[test]
+    fn path_dirs_and_home_tool_dirs_in_writable_roots_are_protected() {
+        let d = tmp("pathdirs");
+        let c = ctx(&d);
+        std::fs::create_dir_all(c.home.join(".cargo/bin")).unwrap();
+        std::fs::create_dir_all(c.home.join(".config")).unwrap();
+        let p = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                write: vec![c.home.join(".cargo"), c.home.join(".config")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        // ~/.cargo/bin is protected whether or not it is on PATH; ~/.config/git is a
+        // placeholder; only the working directory gets .envrc/.vscode placeholders.
+        assert!(p.protected.contains(&c.home.join(".cargo/bin")));
+        assert!(p.create_dirs.contains(&c.home.join(".config/git")));
+        assert!(p.protected.contains(&c.home.join(".config/git")));
+        assert!(!p.create_files.contains(&c.home.join(".config/.envrc")));
+        // --write inside .git is refused.
+        let e = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                write: vec![c.cwd.join(".git")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stays read-only"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
