@@ -946,14 +946,22 @@ pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
     {
         return; // another jail runs
     }
+    // The agent may have replaced a directory above a placeholder by a symbolic link (only
+    // the placeholder itself was a mount point): nothing is removed through one.
+    let direct = |p: &Path| {
+        p.parent()
+            .is_some_and(|d| std::fs::canonicalize(d).is_ok_and(|c| c == d))
+    };
     for f in &policy.create_files {
-        if std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_file() && m.len() == 0) {
+        if direct(f)
+            && std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
+        {
             let _ = std::fs::remove_file(f);
         }
     }
     // Deepest first; remove_dir fails on a directory that is not empty.
     for d in policy.create_dirs.iter().rev() {
-        if std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir()) {
+        if direct(d) && std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir()) {
             let _ = std::fs::remove_dir(d);
         }
     }

@@ -97,6 +97,11 @@ pub const DEFAULT_HIDDEN_SOCKETS: &[&str] = &[
     "/run/tmux",
     "/run/systemd/private",
     "/run/user",
+    // Container managers whose socket is outside /run (root-only: a root owner's agent is
+    // uid 0, and these sockets are the host).
+    "/var/lib/lxd",
+    "/var/snap/lxd/common/lxd",
+    "/var/lib/incus",
 ];
 
 /// Files the owner's tools run by themselves, relative to each writable root: kept read-only
