@@ -771,3 +771,56 @@ fn a_jail_cannot_start_a_jail() {
         assert!(s.contains("refused inside a jail"), "{}", show(&o, &out));
     }
 }
+
+/// A set-user-ID program planted in a writable root. Inside, nosuid makes it harmless; but
+/// outside the jail the project is an ordinary mount: before this pass a root owner's agent
+/// (uid 0) made a set-user-ID-root copy of `id` with `chmod 4755` (or `open(O_CREAT, 06755)`)
+/// that any other local user ran as root. Now `chmod`/`fchmod(at)`/`mknod(at)`/`creat`/`open(at)`
+/// with S_ISUID or S_ISGID answer EPERM (openat2, whose mode a filter cannot see, ENOSYS); an
+/// ordinary `chmod 700` and `open(O_CREAT, 0644)` work.
+#[test]
+fn no_set_id_program_can_be_planted() {
+    skip_unless_jail!("no_set_id_program_can_be_planted");
+    let probe = r#"
+import os
+for name, fl in (("creat", os.O_CREAT | os.O_WRONLY), ("tmpfile", os.O_TMPFILE | os.O_WRONLY)):
+    try:
+        fd = os.open("suid2" if name == "creat" else ".", fl, 0o6755)
+        print(name, "CREATED", oct(os.fstat(fd).st_mode))
+    except OSError as e:
+        print(name, "errno", e.errno)
+os.close(os.open("plain", os.O_CREAT | os.O_WRONLY, 0o644)); print("plain ok")
+"#;
+    for o in owners("rtsuid") {
+        let script = format!(
+            r#"cp /usr/bin/id ./suid-id
+               chmod 4755 ./suid-id; echo "chmod_u=$?"
+               chmod g+s ./suid-id; echo "chmod_g=$?"
+               chmod 700 ./suid-id; echo "chmod_plain=$?"
+               /usr/bin/python3 -c '{probe}'"#
+        );
+        let out = o.jail(&[], &script);
+        let s = all(&out);
+        for k in [
+            "chmod_u=1",
+            "chmod_g=1",
+            "chmod_plain=0",
+            "creat errno 1",
+            "tmpfile errno 1",
+            "plain ok",
+        ] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(!s.contains("CREATED"), "{}", show(&o, &out));
+        for f in ["suid-id", "suid2"] {
+            if let Ok(m) = std::fs::metadata(o.proj().join(f)) {
+                assert_eq!(
+                    m.permissions().mode() & 0o6000,
+                    0,
+                    "{f} is set-ID: {}",
+                    show(&o, &out)
+                );
+            }
+        }
+    }
+}
