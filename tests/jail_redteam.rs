@@ -824,3 +824,61 @@ os.close(os.open("plain", os.O_CREAT | os.O_WRONLY, 0o644)); print("plain ok")
         }
     }
 }
+
+/// A directory on the owner's PATH that does not exist yet inside the project
+/// (`proj/node_modules/.bin`, as direnv's `PATH_add` leaves it): made as a read-only
+/// placeholder, so the agent cannot put a `git` there for the owner's shell. Renaming the
+/// placeholder's parent away (then `mkdir -p node_modules/.bin`, or a symlink to a directory
+/// of the owner's) worked in this pass's first fix; now every directory between a writable
+/// root and a protected path is a mount point of its own (`Device or resource busy`), and so
+/// is `.cargo` above an existing `.cargo/config.toml`. And should a placeholder's parent be a
+/// symlink when the jail ends, `agentkeys jail` removes nothing through it.
+#[test]
+fn placeholders_on_path_and_cleanup_through_a_symlink() {
+    skip_unless_jail!("placeholders_on_path_and_cleanup_through_a_symlink");
+    for o in owners("rtpathph") {
+        let victim = o.base.join("victim");
+        std::fs::create_dir_all(victim.join(".bin")).unwrap();
+        chown(&o, &victim);
+        let bin = o.proj().join("node_modules/.bin");
+        std::fs::create_dir_all(o.proj().join(".cargo")).unwrap();
+        std::fs::write(o.proj().join(".cargo/config.toml"), "").unwrap();
+        chown(&o, &o.proj());
+        let script = format!(
+            r#"echo evil > node_modules/.bin/git; echo "plant=$?"
+               mv node_modules nm2; echo "mv=$?"
+               rm -rf node_modules 2>/dev/null; ln -sT {v} node_modules; echo "link=$?"
+               mv .cargo .cargo2; echo "mv_cargo=$?"
+               echo x > .cargo/other.toml; echo "cargo_other=$?""#,
+            v = victim.display()
+        );
+        let path = format!(
+            "{}:{}:/usr/bin:/bin",
+            bin.display(),
+            agentkeys_e2e::bin_dir().display()
+        );
+        let out = o
+            .jail_cmd(&[], &script)
+            .env("PATH", &path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let s = all(&out);
+        for k in ["plant=2", "mv=1", "link=1", "mv_cargo=1", "cargo_other=0"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(s.contains("Device or resource busy"), "{}", show(&o, &out));
+        assert!(
+            victim.join(".bin").is_dir(),
+            "the owner's directory was removed through the symlink: {}",
+            show(&o, &out)
+        );
+        assert!(!o.proj().join("nm2").exists() && !o.proj().join(".cargo2").exists());
+        // The placeholders (node_modules and its .bin) are gone again.
+        assert!(
+            std::fs::symlink_metadata(o.proj().join("node_modules")).is_err(),
+            "{}",
+            show(&o, &out)
+        );
+    }
+}

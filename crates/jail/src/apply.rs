@@ -673,6 +673,43 @@ fn build_view(
             }
         }
     }
+    // Directories between a writable root and a protected path become mount points of their
+    // own (still writable): a mount point cannot be renamed away, so the protected path cannot
+    // be left behind under another name and recreated without protection (`mv .cargo .cargo2
+    // && mkdir .cargo`, `mv node_modules nm && mkdir -p node_modules/.bin`).
+    let mut pins: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    for p in &policy.protected {
+        let Some(root) = policy
+            .writable
+            .iter()
+            .filter(|w| p.starts_with(w))
+            .max_by_key(|w| w.as_os_str().len())
+        else {
+            continue;
+        };
+        let mut a = p.parent();
+        while let Some(d) = a {
+            if d == root.as_path() || !d.starts_with(root) {
+                break;
+            }
+            pins.insert(d.to_path_buf());
+            a = d.parent();
+        }
+    }
+    for d in &pins {
+        let dst = inside(new, d);
+        if !std::fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        m(
+            "pin a directory above a protected path",
+            Some(&dst),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
     for p in &policy.protected {
         let dst = inside(new, p);
         if std::fs::symlink_metadata(&dst).is_err() {
