@@ -118,6 +118,8 @@ fn check_kernel(policy: &mut JailPolicy) -> Result<(), CliError> {
 
 pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     ctx::require_owner(caller, "jail")?;
+    // Held before the policy is built (it decides which placeholders this jail makes).
+    let lock = apply::placeholder_lock(ctx::home()?.root());
     let mut policy = policy_for(&o)?;
     check_kernel(&mut policy)?;
     if o.print_policy {
@@ -181,7 +183,9 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         err_r,
         run_userns,
     };
-    rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff))
+    let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
+    apply::remove_placeholders(&policy, lock);
+    r
 }
 
 /// The jail's outer process: waits for the session, confines, and (in CMD's process) execs.

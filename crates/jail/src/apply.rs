@@ -306,9 +306,6 @@ fn init_process(
             die(fail, step, errno);
         }
         drop(session);
-        // Defence in depth: no user namespace can be created below this one (the seccomp
-        // filter refuses CLONE_NEWUSER too). Best effort: the filter is what is relied on.
-        let _ = std::fs::write("/proc/sys/user/max_user_namespaces", "0");
     } else if session.is_some() {
         // Without namespaces there is no private place for the token: refuse.
         die(
@@ -535,6 +532,32 @@ fn build_view(
         None,
     )?;
 
+    // 5b. The kernel's global knobs in the fresh /proc read-only. A root owner's agent is
+    // uid 0 (mapped to itself), and /proc/sys and these files check only the owner's write
+    // bit, not a capability: it could otherwise set `kernel.core_pattern` (a program the
+    // kernel runs as root, outside any jail, at the next crash) or `kernel.modprobe`. First
+    // the defence in depth that needs a writable /proc/sys: no user namespace can be created
+    // below this one (the seccomp filter refuses CLONE_NEWUSER too; best effort).
+    let _ = std::fs::write(
+        inside(new, Path::new("/proc/sys/user/max_user_namespaces")),
+        "0",
+    );
+    for p in PROC_READ_ONLY {
+        let dst = inside(new, Path::new(p));
+        if std::fs::symlink_metadata(&dst).is_err() {
+            continue;
+        }
+        m(
+            "make /proc's kernel settings read-only",
+            Some(&dst),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        remount_ro(&dst, "make /proc's kernel settings read-only")?;
+    }
+
     // 6. Hidden paths: an empty tmpfs over directories, an empty file over anything else.
     // Sorted, so a parent is covered before its children (which then no longer exist).
     let mut hidden_dirs: Vec<PathBuf> = Vec::new();
@@ -627,6 +650,66 @@ fn build_view(
                 .map_err(io("create a protected directory"))?;
         }
     }
+    for f in &policy.create_files {
+        let dst = inside(new, f);
+        no_symlink(&dst, "create a protected file")?;
+        if std::fs::symlink_metadata(&dst).is_err() {
+            if let Some(parent) = dst.parent() {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .recursive(true)
+                    .create(parent)
+                    .map_err(io("create a protected file"))?;
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&dst)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(("create a protected file", errno_of(&e))),
+            }
+        }
+    }
+    // Directories between a writable root and a protected path become mount points of their
+    // own (still writable): a mount point cannot be renamed away, so the protected path cannot
+    // be left behind under another name and recreated without protection (`mv .cargo .cargo2
+    // && mkdir .cargo`, `mv node_modules nm && mkdir -p node_modules/.bin`).
+    let mut pins: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    for p in &policy.protected {
+        let Some(root) = policy
+            .writable
+            .iter()
+            .filter(|w| p.starts_with(w))
+            .max_by_key(|w| w.as_os_str().len())
+        else {
+            continue;
+        };
+        let mut a = p.parent();
+        while let Some(d) = a {
+            if d == root.as_path() || !d.starts_with(root) {
+                break;
+            }
+            pins.insert(d.to_path_buf());
+            a = d.parent();
+        }
+    }
+    for d in &pins {
+        let dst = inside(new, d);
+        if !std::fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        m(
+            "pin a directory above a protected path",
+            Some(&dst),
+            &dst,
+            nofs,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
     for p in &policy.protected {
         let dst = inside(new, p);
         if std::fs::symlink_metadata(&dst).is_err() {
@@ -652,6 +735,20 @@ fn build_view(
     std::env::set_current_dir("/").map_err(io("pivot_root"))?;
     Ok(())
 }
+
+/// Parts of /proc made read-only in the jail (what container runtimes make read-only or
+/// mask): global sysctls, the magic SysRq trigger, IRQ affinities, bus and filesystem
+/// settings.
+pub const PROC_READ_ONLY: &[&str] = &[
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/acpi",
+    "/proc/scsi",
+    "/proc/driver",
+];
 
 fn no_symlink(p: &Path, step: &'static str) -> StepResult {
     match std::fs::symlink_metadata(p) {
@@ -847,4 +944,63 @@ pub fn cstrings(items: &[String]) -> Option<Vec<CString>> {
         .iter()
         .map(|s| CString::new(s.as_bytes()).ok())
         .collect()
+}
+
+/// A shared `flock` every `agentkeys jail` of one owner holds for its life (on
+/// `jail.lock` in `$AGENTKEYS_HOME`), so that the jail that made placeholders
+/// ([`JailPolicy::create_dirs`], [`JailPolicy::create_files`]) removes them only when no
+/// other jail runs: another jail may have a read-only mount on one, and removing it from
+/// outside would detach that mount. `None` inside: no lock could be taken (placeholders are
+/// then left).
+pub struct PlaceholderLock(Option<nix::fcntl::Flock<std::fs::File>>);
+
+/// Takes the shared lock (waits while a jail is removing its placeholders).
+pub fn placeholder_lock(agentkeys_home: &Path) -> PlaceholderLock {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(agentkeys_home.join("jail.lock"));
+    PlaceholderLock(
+        file.ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared).ok()),
+    )
+}
+
+/// Removes the placeholders this jail made, if they are still what it made (an empty
+/// regular file, an empty directory) and no other jail runs; called once the jail's
+/// processes are gone. Best effort: a placeholder left behind is empty and read-only.
+pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
+    if policy.create_files.is_empty() && policy.create_dirs.is_empty() {
+        return;
+    }
+    let Some(lock) = lock.0 else { return };
+    if lock
+        .relock(nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .is_err()
+    {
+        return; // another jail runs
+    }
+    // The agent may have replaced a directory above a placeholder by a symbolic link (only
+    // the placeholder itself was a mount point): nothing is removed through one.
+    let direct = |p: &Path| {
+        p.parent()
+            .is_some_and(|d| std::fs::canonicalize(d).is_ok_and(|c| c == d))
+    };
+    for f in &policy.create_files {
+        if direct(f)
+            && std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
+        {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    // Deepest first; remove_dir fails on a directory that is not empty.
+    for d in policy.create_dirs.iter().rev() {
+        if direct(d) && std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir()) {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    drop(lock);
 }

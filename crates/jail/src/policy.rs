@@ -41,7 +41,14 @@ pub const DEFAULT_HIDDEN_IN_HOME: &[&str] = &[
     ".azure",
     ".config/gcloud",
     ".kube/config",
-    ".docker/config.json",
+    // All of ~/.docker, not only config.json: Docker Desktop's and rootless setups' sockets
+    // live there (a docker socket is the host), and contexts keep TLS keys.
+    ".docker",
+    // Other container VMs' sockets (colima, lima, Rancher Desktop) and screen's.
+    ".colima",
+    ".lima",
+    ".rd",
+    ".screen",
     ".vault-token",
     ".terraform.d/credentials.tfrc.json",
     // Forges and package registries.
@@ -90,23 +97,41 @@ pub const DEFAULT_HIDDEN_SOCKETS: &[&str] = &[
     "/run/tmux",
     "/run/systemd/private",
     "/run/user",
+    // Container managers whose socket is outside /run (root-only: a root owner's agent is
+    // uid 0, and these sockets are the host).
+    "/var/lib/lxd",
+    "/var/snap/lxd/common/lxd",
+    "/var/lib/incus",
 ];
 
 /// Files the owner's tools run by themselves, relative to each writable root: kept read-only
-/// there (a read-only bind mount over each that exists; `.git/hooks` is created empty when a
-/// `.git` directory exists without it).
+/// there (a read-only bind mount over each that exists). `.git` as a whole: its `config`
+/// (`core.fsmonitor`, `core.hooksPath`, aliases, filters, `credential.helper`), `hooks`,
+/// `commondir` (which points git at another config and hooks), `info` and a worktree's `.git`
+/// file all run programs when the owner runs git, and a `.git` that is a mount point cannot be
+/// renamed away and replaced (`mv .git .git2 && mkdir .git`). `.direnv` holds what direnv puts
+/// on the owner's PATH.
 pub const PROTECTED_IN_WRITABLE: &[&str] = &[
-    ".git/hooks",
-    ".git/config",
+    ".git",
     ".envrc",
     ".vscode",
+    ".direnv",
     ".cargo/config",
     ".cargo/config.toml",
 ];
 
+/// Among [`PROTECTED_IN_WRITABLE`], what is made (empty) when missing so the agent cannot
+/// create it: directories. An empty `.git` directory is not a repository (git looks further
+/// up, as without it), `.vscode` is where tasks that run on opening the folder live.
+pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".git", ".vscode"];
+
+/// The same for files: an empty `.envrc` (direnv runs a new one only once the owner allows
+/// it, but one it knows by path and hash is replaced by the agent's otherwise).
+pub const PLACEHOLDER_FILES_IN_WRITABLE: &[&str] = &[".envrc"];
+
 /// The same for a writable root inside the home directory (`--write ~/.config`): paths
 /// relative to the home directory that stay read-only if they fall inside it. Directories
-/// among them are created empty when missing.
+/// among them ([`PROTECTED_DIRS_IN_HOME`]) are created empty when missing.
 pub const PROTECTED_IN_HOME: &[&str] = &[
     ".config/systemd",
     ".config/autostart",
@@ -114,18 +139,31 @@ pub const PROTECTED_IN_HOME: &[&str] = &[
     ".config/fish",
     ".config/git",
     ".config/nvim",
+    ".config/direnv",
     ".local/bin",
     ".local/share/applications",
     ".local/share/systemd",
+    ".cargo/bin",
+    ".cargo/env",
+    ".cargo/config",
+    ".cargo/config.toml",
 ];
 
 /// Directories among [`PROTECTED_IN_HOME`] (created when missing so the agent cannot create
-/// them).
+/// them: `~/.config/git/config` is read by every git the owner runs, `~/.local/bin` and
+/// `~/.cargo/bin` are on the owner's PATH).
 pub const PROTECTED_DIRS_IN_HOME: &[&str] = &[
     ".config/systemd",
     ".config/autostart",
     ".config/environment.d",
+    ".config/fish",
+    ".config/git",
+    ".config/nvim",
+    ".config/direnv",
     ".local/bin",
+    ".local/share/applications",
+    ".local/share/systemd",
+    ".cargo/bin",
 ];
 
 /// Environment variables that point at sockets or displays of other services: removed.
@@ -164,12 +202,42 @@ pub const CREDENTIAL_FRAGMENTS: &[&str] = &[
     "SESSION",
     "PRIVATE",
     "SIGNATURE",
-    "_PAT",
     "APIKEY",
 ];
 
+/// Words (between `_` or the name's ends) that mark a variable as a credential: `GITLAB_PAT`,
+/// `MYSQL_PWD`, `SENTRY_DSN`; as words, so `LD_LIBRARY_PATH` and `PWD` are not caught.
+pub const CREDENTIAL_WORDS: &[&str] = &["PAT", "PWD", "DSN"];
+
 /// Names that contain a fragment but are not credentials: passed.
-pub const NOT_CREDENTIALS: &[&str] = &["KEYTIMEOUT", "XDG_SESSION_TYPE", "XDG_SESSION_CLASS"];
+pub const NOT_CREDENTIALS: &[&str] = &[
+    "KEYTIMEOUT",
+    "XDG_SESSION_TYPE",
+    "XDG_SESSION_CLASS",
+    "PWD",
+    "OLDPWD",
+];
+
+/// Whether an environment value carries a credential whatever its name: a URL with a
+/// password or a token in its user part (`postgres://app:pw@db/x`, `https://ghp_...@github.com`,
+/// `PIP_INDEX_URL=https://__token__:pypi-...@...`). A plain user name (`ssh://git@host`) is
+/// not one.
+pub fn env_value_is_credential(value: &str) -> bool {
+    value.match_indices("://").any(|(i, _)| {
+        let rest = &value[i + 3..];
+        let end = rest
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let authority = &rest[..end];
+        match authority.rfind('@') {
+            Some(at) if at > 0 => {
+                let user = &authority[..at];
+                user.contains(':') || user.len() >= 16
+            }
+            _ => false,
+        }
+    })
+}
 
 /// Whether the environment variable `name` is removed, and why (`credential`, `socket`,
 /// `agentkeys`); `None`: it passes.
@@ -184,7 +252,9 @@ pub fn env_removal_reason(name: &str) -> Option<&'static str> {
     if NOT_CREDENTIALS.contains(&up.as_str()) {
         return None;
     }
-    if CREDENTIAL_FRAGMENTS.iter().any(|f| up.contains(f)) {
+    if CREDENTIAL_FRAGMENTS.iter().any(|f| up.contains(f))
+        || up.split('_').any(|w| CREDENTIAL_WORDS.contains(&w))
+    {
         return Some("credential");
     }
     None
@@ -261,6 +331,10 @@ pub struct JailPolicy {
     /// Directories created (empty) before being made read-only, so the agent cannot create
     /// them.
     pub create_dirs: Vec<PathBuf>,
+    /// Files created (empty) before being made read-only, for the same reason (`.envrc`).
+    /// `agentkeys jail` removes what it created, if still empty, when the jail ends.
+    #[serde(default)]
+    pub create_files: Vec<PathBuf>,
     /// agentkeys' socket, also bound at [`SESSION_SOCKET`] in a jail with a session.
     #[serde(default)]
     pub socket: Option<PathBuf>,
@@ -411,6 +485,17 @@ impl PolicyBuilder {
                 reveal.insert(p);
             }
         }
+        // All of /run: the owner's other local services listen there (PostgreSQL's socket
+        // with peer authentication takes the agent for the owner; a root owner's agent is uid
+        // 0 without capabilities, and every root-only socket there, libvirt's, containerd's,
+        // systemd's, would take it for root). The resolver's file is bound back when
+        // /etc/resolv.conf points there.
+        hidden.insert(PathBuf::from("/run"));
+        if let Ok(r) = std::fs::canonicalize("/etc/resolv.conf")
+            && r.starts_with("/run")
+        {
+            reveal.insert(r);
+        }
         // Sockets kept reachable: agentkeys' own, and --allow-socket.
         let socket = resolve(&cwd, &ctx.socket);
         reveal.insert(socket.clone());
@@ -464,17 +549,23 @@ impl PolicyBuilder {
         // Protected files inside writable roots.
         let mut protected: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        for root in &writable {
+        let mut create_files: BTreeSet<PathBuf> = BTreeSet::new();
+        for (i, root) in writable.iter().enumerate() {
             if !root.is_dir() {
                 continue;
             }
             for rel in PROTECTED_IN_WRITABLE {
                 let p = root.join(rel);
                 check_not_symlink(&p)?;
-                if p.exists() {
+                if std::fs::symlink_metadata(&p).is_ok() {
                     protected.insert(p);
-                } else if *rel == ".git/hooks" && root.join(".git").is_dir() {
+                } else if i > 0 {
+                    // Placeholders in the working directory (the project) only.
+                } else if PLACEHOLDER_DIRS_IN_WRITABLE.contains(rel) {
                     create_dirs.insert(p.clone());
+                    protected.insert(p);
+                } else if PLACEHOLDER_FILES_IN_WRITABLE.contains(rel) {
+                    create_files.insert(p.clone());
                     protected.insert(p);
                 }
             }
@@ -487,18 +578,55 @@ impl PolicyBuilder {
                 if p.exists() {
                     protected.insert(p);
                 } else if PROTECTED_DIRS_IN_HOME.contains(rel) {
-                    create_dirs.insert(p.clone());
+                    placeholder_dir(&p, root, &mut create_dirs);
                     protected.insert(p);
                 }
+            }
+        }
+        // Directories on the owner's PATH inside a writable root: the owner's shell runs
+        // programs from them by name (`~/.cargo/bin/cargo`, a direnv layout's bin).
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path).filter(|d| d.is_absolute()) {
+                let d = resolve(&cwd, &dir);
+                let Some(root) = writable.iter().find(|w| under(&d, w)) else {
+                    continue;
+                };
+                if d == *root {
+                    return Err(bad(
+                        &d,
+                        "is on your PATH: a writable PATH directory lets the agent replace the \
+                         programs your shell runs by name; give --write for what it must write \
+                         instead",
+                    ));
+                }
+                check_not_symlink(&d)?;
+                if !d.exists() {
+                    placeholder_dir(&d, root, &mut create_dirs);
+                }
+                protected.insert(d);
+            }
+        }
+        // A --write inside a protected path would be read-only anyway: say so.
+        for w in writable.iter().skip(1) {
+            if let Some(p) = protected.iter().find(|p| under(w, p)) {
+                return Err(bad(
+                    w,
+                    &format!(
+                        "--write lies inside {}, which stays read-only in a jail (the owner's \
+                         tools run what is there by themselves)",
+                        p.display()
+                    ),
+                ));
             }
         }
 
         // Environment: names only.
         let mut removed = Vec::new();
         let mut passed = Vec::new();
-        for (k, _) in std::env::vars_os() {
+        for (k, v) in std::env::vars_os() {
             let Some(k) = k.to_str() else { continue };
-            if env_removal_reason(k).is_some() {
+            let in_value = v.to_str().is_some_and(env_value_is_credential);
+            if env_removal_reason(k).is_some() || in_value {
                 if self.opts.env.iter().any(|e| e == k) && !k.starts_with("AGENTKEYS_") {
                     passed.push(k.to_string());
                 } else {
@@ -525,6 +653,7 @@ impl PolicyBuilder {
             reveal: reveal.into_iter().collect(),
             protected: protected.into_iter().collect(),
             create_dirs: create_dirs.into_iter().collect(),
+            create_files: create_files.into_iter().collect(),
             socket: Some(socket),
             network: Network::Host,
             env: EnvPolicy { removed, passed },
@@ -538,6 +667,19 @@ impl PolicyBuilder {
         };
         policy.validate()?;
         Ok(policy)
+    }
+}
+
+/// Records the placeholder directory `d` and its missing ancestors below `root`, so that
+/// `agentkeys jail` removes them all (if empty) when the jail ends.
+fn placeholder_dir(d: &Path, root: &Path, create_dirs: &mut BTreeSet<PathBuf>) {
+    let mut p = Some(d);
+    while let Some(q) = p {
+        if q == root || !under(q, root) || q.exists() {
+            break;
+        }
+        create_dirs.insert(q.to_path_buf());
+        p = q.parent();
     }
 }
 
@@ -565,13 +707,14 @@ impl JailPolicy {
                 self.version
             )));
         }
-        let lists: [(&str, &Vec<PathBuf>); 6] = [
+        let lists: [(&str, &Vec<PathBuf>); 7] = [
             ("writable", &self.writable),
             ("private_tmp", &self.private_tmp),
             ("hidden", &self.hidden),
             ("reveal", &self.reveal),
             ("protected", &self.protected),
             ("create_dirs", &self.create_dirs),
+            ("create_files", &self.create_files),
         ];
         for (name, list) in lists {
             if list.len() > MAX_PATHS {
@@ -629,6 +772,7 @@ impl JailPolicy {
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !self.env.removed.contains(k))
             .filter(|(k, _)| env_removal_reason(k).is_none() || self.env.passed.contains(k))
+            .filter(|(k, v)| !env_value_is_credential(v) || self.env.passed.contains(k))
             .collect();
         env.push(("AGENTKEYS_TOKEN_FILE".into(), SESSION_FILE.into()));
         env.push(("AGENTKEYS_JAIL".into(), jail_id.into()));
@@ -682,9 +826,12 @@ mod tests {
         assert!(p.hidden.contains(&PathBuf::from("/run/docker.sock")));
         // agentkeys' socket is bound back.
         assert!(p.reveal.contains(&c.socket));
-        // .git exists without hooks: hooks are created and protected.
-        assert!(p.create_dirs.contains(&c.cwd.join(".git/hooks")));
-        assert!(p.protected.contains(&c.cwd.join(".git/hooks")));
+        // .git is read-only as a whole; a missing .envrc and .vscode are made empty and
+        // read-only.
+        assert!(p.protected.contains(&c.cwd.join(".git")));
+        assert!(p.create_dirs.contains(&c.cwd.join(".vscode")));
+        assert!(p.create_files.contains(&c.cwd.join(".envrc")));
+        assert!(p.protected.contains(&c.cwd.join(".envrc")));
         assert_eq!(p.writable, vec![c.cwd.clone()]);
         std::fs::remove_dir_all(d).unwrap();
     }
@@ -751,7 +898,7 @@ mod tests {
     fn symlinked_protected_path_is_refused() {
         let d = tmp("symlink");
         let c = ctx(&d);
-        std::os::unix::fs::symlink("/tmp", c.cwd.join(".git/hooks")).unwrap();
+        std::os::unix::fs::symlink("/tmp/x", c.cwd.join(".envrc")).unwrap();
         let e = PolicyBuilder::new(c, JailOptions::default())
             .build()
             .unwrap_err()
@@ -813,9 +960,65 @@ mod tests {
             // them and broke TLS inside the jail).
             ("SSL_CERT_FILE", None),
             ("NODE_EXTRA_CA_CERTS", None),
+            // Words, not fragments: *_PATH names are not personal access tokens.
+            ("GITLAB_PAT", Some("credential")),
+            ("MYSQL_PWD", Some("credential")),
+            ("SENTRY_DSN", Some("credential")),
+            ("LD_LIBRARY_PATH", None),
+            ("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", None),
+            ("PWD", None),
+            ("OLDPWD", None),
         ] {
             assert_eq!(env_removal_reason(name), want, "{name}");
         }
+        for (value, cred) in [
+            ("postgres://app:pw@db.internal/x", true),
+            ("https://__token__:pypi-abc@pypi.example/simple", true),
+            ("https://ghp_0123456789abcdef0123@github.com/o/r", true),
+            ("redis://:secret@cache:6379", true),
+            ("ssh://git@github.com/o/r", false),
+            ("https://example.com/a@b", false),
+            ("/usr/bin:/bin", false),
+            ("mailto:someone@example.com", false),
+        ] {
+            assert_eq!(env_value_is_credential(value), cred, "{value}");
+        }
+    }
+
+    #[test]
+    fn path_dirs_and_home_tool_dirs_in_writable_roots_are_protected() {
+        let d = tmp("pathdirs");
+        let c = ctx(&d);
+        std::fs::create_dir_all(c.home.join(".cargo/bin")).unwrap();
+        std::fs::create_dir_all(c.home.join(".config")).unwrap();
+        let p = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                write: vec![c.home.join(".cargo"), c.home.join(".config")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        // ~/.cargo/bin is protected whether or not it is on PATH; ~/.config/git is a
+        // placeholder; only the working directory gets .envrc/.vscode placeholders.
+        assert!(p.protected.contains(&c.home.join(".cargo/bin")));
+        assert!(p.create_dirs.contains(&c.home.join(".config/git")));
+        assert!(p.protected.contains(&c.home.join(".config/git")));
+        assert!(!p.create_files.contains(&c.home.join(".config/.envrc")));
+        // --write inside .git is refused.
+        let e = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                write: vec![c.cwd.join(".git")],
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stays read-only"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

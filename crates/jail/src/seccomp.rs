@@ -224,6 +224,26 @@ pub const JAIL_DENYLIST: &[Denied] = &[
         why: "a classic exploitation aid (stalls kernel copies)",
     },
     Denied {
+        name: "io_uring_setup",
+        nr: libc::SYS_io_uring_setup,
+        when: None,
+        why: "io_uring's operations run past this filter (a seccomp filter sees only the \
+              submitting call), and it is a large kernel attack surface; programs fall back \
+              to ordinary calls",
+    },
+    Denied {
+        name: "io_uring_enter",
+        nr: libc::SYS_io_uring_enter,
+        when: None,
+        why: "io_uring (see io_uring_setup)",
+    },
+    Denied {
+        name: "io_uring_register",
+        nr: libc::SYS_io_uring_register,
+        when: None,
+        why: "io_uring (see io_uring_setup)",
+    },
+    Denied {
         name: "kexec_load",
         nr: libc::SYS_kexec_load,
         when: None,
@@ -286,12 +306,136 @@ pub const JAIL_DENYLIST: &[Denied] = &[
 ];
 
 /// Calls answered `ENOSYS` instead, so libraries fall back to a form the filter can inspect.
-pub const JAIL_ENOSYS: &[Denied] = &[Denied {
-    name: "clone3",
-    nr: libc::SYS_clone3,
-    when: None,
-    why: "its flags are in memory a filter cannot read; glibc falls back to clone on ENOSYS",
-}];
+pub const JAIL_ENOSYS: &[Denied] = &[
+    Denied {
+        name: "clone3",
+        nr: libc::SYS_clone3,
+        when: None,
+        why: "its flags are in memory a filter cannot read; glibc falls back to clone on ENOSYS",
+    },
+    Denied {
+        name: "openat2",
+        nr: libc::SYS_openat2,
+        when: None,
+        why: "its mode is in memory a filter cannot read (see the set-ID rules); callers fall \
+              back to openat",
+    },
+];
+
+/// A call that can give a file the set-user-ID or set-group-ID bit: refused (EPERM) when its
+/// mode argument has either bit (and, for `open`/`openat`, when it creates a file). A root
+/// owner's agent is uid 0: without this, `chmod 4755` on a copy of a shell in the project made
+/// a set-user-ID-root program that any other local user could run to become root outside the
+/// jail (nosuid holds only inside it); a non-root owner's would lend the owner's uid. As
+/// systemd's `RestrictSUIDSGID=`.
+#[derive(Debug, Clone, Copy)]
+pub struct SetIdRule {
+    /// Syscall name.
+    pub name: &'static str,
+    /// Syscall number (x86_64).
+    pub nr: i64,
+    /// The argument holding the mode.
+    pub mode_arg: u8,
+    /// The argument holding `open` flags, for calls that set a mode only when creating.
+    pub flags_arg: Option<u8>,
+}
+
+/// `S_ISUID`, `S_ISGID`.
+const SET_ID_BITS: [u64; 2] = [0o4000, 0o2000];
+/// `O_CREAT`, `__O_TMPFILE`: the open flags that create a file with the given mode.
+const CREATE_FLAGS: [u64; 2] = [libc::O_CREAT as u64, 0o20_000_000];
+
+/// The calls that set a mode.
+pub const JAIL_SET_ID: &[SetIdRule] = &[
+    SetIdRule {
+        name: "chmod",
+        nr: libc::SYS_chmod,
+        mode_arg: 1,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "fchmod",
+        nr: libc::SYS_fchmod,
+        mode_arg: 1,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "fchmodat",
+        nr: libc::SYS_fchmodat,
+        mode_arg: 2,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "fchmodat2",
+        nr: 452,
+        mode_arg: 2,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "mknod",
+        nr: libc::SYS_mknod,
+        mode_arg: 1,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "mknodat",
+        nr: libc::SYS_mknodat,
+        mode_arg: 2,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "creat",
+        nr: libc::SYS_creat,
+        mode_arg: 1,
+        flags_arg: None,
+    },
+    SetIdRule {
+        name: "open",
+        nr: libc::SYS_open,
+        mode_arg: 2,
+        flags_arg: Some(1),
+    },
+    SetIdRule {
+        name: "openat",
+        nr: libc::SYS_openat,
+        mode_arg: 3,
+        flags_arg: Some(2),
+    },
+];
+
+fn compile_set_id() -> Result<BpfProgram, JailError> {
+    let err = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
+    let bit = |arg: u8, b: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(b), b)
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for r in JAIL_SET_ID {
+        for id in SET_ID_BITS {
+            let mode = bit(r.mode_arg, id).map_err(err)?;
+            match r.flags_arg {
+                None => rules
+                    .entry(r.nr)
+                    .or_default()
+                    .push(SeccompRule::new(vec![mode]).map_err(err)?),
+                Some(f) => {
+                    for c in CREATE_FLAGS {
+                        let rule = SeccompRule::new(vec![mode.clone(), bit(f, c).map_err(err)?])
+                            .map_err(err)?;
+                        rules.entry(r.nr).or_default().push(rule);
+                    }
+                }
+            }
+        }
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(err)?;
+    filter.try_into().map_err(err)
+}
 
 fn compile(list: &[Denied], errno: u32) -> Result<BpfProgram, JailError> {
     let err = |e: seccompiler::BackendError| JailError::Seccomp(e.to_string());
@@ -378,6 +522,7 @@ pub fn filters() -> Result<Vec<BpfProgram>, JailError> {
     Ok(vec![
         compile(JAIL_DENYLIST, libc::EPERM as u32)?,
         compile(JAIL_ENOSYS, libc::ENOSYS as u32)?,
+        compile_set_id()?,
         x32_filter(),
     ])
 }
@@ -404,6 +549,19 @@ pub fn denylist_markdown() -> String {
             s.push_str(&format!("| `{}` | {answer} | {} |\n", d.name, d.why));
         }
     }
+    for r in JAIL_SET_ID {
+        let when = match r.flags_arg {
+            None => format!("mode (arg {}) has S_ISUID or S_ISGID", r.mode_arg),
+            Some(f) => format!(
+                "creating (O_CREAT or O_TMPFILE in arg {f}) with S_ISUID or S_ISGID in the mode (arg {})",
+                r.mode_arg
+            ),
+        };
+        s.push_str(&format!(
+            "| `{}`, {when} | EPERM | a set-ID program (the owner's uid, root for a root owner) another user could run outside the jail |\n",
+            r.name
+        ));
+    }
     s.push_str(
         "| every x32-ABI call (nr >= 0x40000000) | EPERM | the same calls under other numbers |\n",
     );
@@ -417,7 +575,7 @@ mod tests {
     #[test]
     fn the_denylist_compiles() {
         let f = filters().unwrap();
-        assert_eq!(f.len(), 3);
+        assert_eq!(f.len(), 4);
         assert!(denylist_markdown().contains("TIOCSTI"));
     }
 }

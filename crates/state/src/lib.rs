@@ -35,6 +35,7 @@
 //! | `tls.enc`       | the daemon's TLS key and certificate (listeners) | whole file (`agentkeys tls.enc v1`) |
 //! | `audit.jsonl`   | audit records (names, never secrets)      | no: hash-chained, daemon appends  |
 //! | `state.lock`    | empty; `flock`ed by writers               | n/a                               |
+//! | `jail.lock`     | empty; `flock`ed by `agentkeys jail` (shared while a jail runs, exclusive to remove its placeholders) | n/a |
 //!
 //! Secrets (DEK, tokens, plaintext) live only in types that wipe themselves on drop and have no
 //! `Debug` or `Display`; no error message carries one.
