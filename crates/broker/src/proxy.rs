@@ -254,6 +254,27 @@ impl ProxyLink {
         peer: Peer,
         mappings: &[Mapping],
     ) -> Result<Registration, RegisterError> {
+        self.register_confined(p, peer, mappings, None).await
+    }
+
+    /// [`ProxyLink::register`] for a jail: `allow_hosts` `Some` for `--net proxy` (the hosts
+    /// reachable without injection; every other host is refused and audited `deny`).
+    ///
+    /// # Errors
+    /// As [`ProxyLink::register`]; too many allowed hosts.
+    pub async fn register_confined(
+        self: &Arc<Self>,
+        p: &Principal,
+        peer: Peer,
+        mappings: &[Mapping],
+        allow_hosts: Option<Vec<String>>,
+    ) -> Result<Registration, RegisterError> {
+        if allow_hosts
+            .as_ref()
+            .is_some_and(|a| a.len() > agentkeys_proxy::link::MAX_ALLOW_HOSTS)
+        {
+            return Err(RegisterError("too many --allow-host hosts".into()));
+        }
         let port = self.port().await.map_err(|e| {
             RegisterError(format!(
                 "the credential-injecting proxy is not available: {e}"
@@ -318,6 +339,7 @@ impl ProxyLink {
                 user,
                 pass_sha256,
                 placeholders: specs,
+                allow_hosts,
             },
             None,
         );

@@ -22,12 +22,35 @@ pub const SESSION_FILE: &str = "/dev/agentkeys/session";
 /// `AGENTKEYS_SOCKET` (an MCP host passes its servers a minimal environment) still reaches it.
 pub const SESSION_SOCKET: &str = "/dev/agentkeys/agentkeysd.sock";
 
+/// Most `--allow-host` patterns a policy may name.
+pub const MAX_ALLOW_HOSTS: usize = 64;
+
+/// The proxy's CA bundle in `$AGENTKEYS_HOME` (bound back into the jail, read-only).
+pub const PROXY_CA_BUNDLE: &str = "proxy-ca-bundle.pem";
+
 /// How the jail reaches the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     /// The host's network, unchanged (agents need their APIs).
     Host,
+    /// `--net proxy`: a network namespace of the jail's own with only `lo`, where
+    /// `127.0.0.1:PORT` (the proxy's port) is relayed by `agentkeys jail` to agentkeys'
+    /// credential-injecting proxy, and to nothing else. The proxy refuses (403, audited
+    /// `deny`) every host but the services' inject hosts and `allow_hosts`. A `run` of the
+    /// jail's session gets a network namespace of its own with no interface up: no network.
+    Proxy {
+        /// `--allow-host HOST[:PORT]`: reachable through the proxy without injection
+        /// (`HostPattern` text, checked by the CLI and again by the proxy).
+        allow_hosts: Vec<String>,
+    },
+}
+
+impl Network {
+    /// `true` for [`Network::Proxy`].
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, Network::Proxy { .. })
+    }
 }
 
 /// Credentials files and directories hidden by default, relative to the home directory.
@@ -292,6 +315,8 @@ pub struct JailOptions {
     pub env: Vec<String>,
     /// `--best-effort`.
     pub best_effort: bool,
+    /// `--net` (default [`Network::Host`]).
+    pub network: Option<Network>,
 }
 
 /// What the owner's side knows when building a policy (passed in, so tests can build one for
@@ -414,6 +439,10 @@ impl PolicyBuilder {
         // Sockets kept reachable: agentkeys' own, and --allow-socket.
         let socket = resolve(&cwd, &ctx.socket);
         reveal.insert(socket.clone());
+        // The proxy's CA bundle (system roots and the agentkeys CA's certificate: public), so
+        // programs of the jail and its runs given `--proxy` trust the proxy. Bound read-only,
+        // by itself; the CA's key (sealed, in another file) stays hidden with the rest.
+        reveal.insert(resolve(&cwd, &ctx.agentkeys_home).join(PROXY_CA_BUNDLE));
         for s in &self.opts.allow_socket {
             let p = resolve(&cwd, s);
             use std::os::unix::fs::FileTypeExt;
@@ -526,7 +555,7 @@ impl PolicyBuilder {
             protected: protected.into_iter().collect(),
             create_dirs: create_dirs.into_iter().collect(),
             socket: Some(socket),
-            network: Network::Host,
+            network: self.opts.network.clone().unwrap_or(Network::Host),
             env: EnvPolicy { removed, passed },
             protections: vec![
                 Protection::Namespaces,
@@ -594,6 +623,25 @@ impl JailPolicy {
             return Err(JailError::Policy(
                 "the working directory must be the first writable root".into(),
             ));
+        }
+        if let Network::Proxy { allow_hosts } = &self.network {
+            if allow_hosts.len() > MAX_ALLOW_HOSTS {
+                return Err(JailError::Policy(format!(
+                    "more than {MAX_ALLOW_HOSTS} --allow-host hosts"
+                )));
+            }
+            let ok = |h: &String| {
+                !h.is_empty()
+                    && h.len() <= 270
+                    && h
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:*[]".contains(&b))
+            };
+            if !allow_hosts.iter().all(ok) {
+                return Err(JailError::Policy(
+                    "--allow-host: a host name, *.name, or IP, with an optional :port".into(),
+                ));
+            }
         }
         if self.env.removed.len() + self.env.passed.len() > 4 * MAX_PATHS {
             return Err(JailError::Policy("too many environment names".into()));
