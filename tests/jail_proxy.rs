@@ -136,11 +136,7 @@ impl Owner {
             .unwrap();
         assert!(out.status.success(), "config: {}", text(&out));
         let host = format!("127.0.0.1:{}", srv.port());
-        let out = o.store(
-            "gh",
-            VALUE,
-            &["--inject-host", &host, "--deliver", "proxy"],
-        );
+        let out = o.store("gh", VALUE, &["--inject-host", &host, "--deliver", "proxy"]);
         assert!(out.status.success(), "store: {}", text(&out));
         let out = o.run(&["agent", "add", "a", "--scope", "gh"]);
         assert!(out.status.success(), "agent add: {}", text(&out));
@@ -582,10 +578,22 @@ fn net_proxy_policy_and_options() {
     assert!(s.contains("\"proxy\"") && s.contains(&allow), "{s}");
     let out = o.jail(&["--allow-host", "example.com"], "true", port);
     assert!(!out.status.success());
-    assert!(all(&out).contains("--allow-host needs --net proxy"), "{}", all(&out));
-    let out = o.jail(&["--net", "proxy", "--allow-host", "bad host!"], "true", port);
+    assert!(
+        all(&out).contains("--allow-host needs --net proxy"),
+        "{}",
+        all(&out)
+    );
+    let out = o.jail(
+        &["--net", "proxy", "--allow-host", "bad host!"],
+        "true",
+        port,
+    );
     assert!(!out.status.success());
-    assert!(all(&out).contains("--allow-host bad host!"), "{}", all(&out));
+    assert!(
+        all(&out).contains("--allow-host bad host!"),
+        "{}",
+        all(&out)
+    );
     let out = o.jail(&["--net", "wide"], "true", port);
     assert!(!out.status.success());
     assert!(all(&out).contains("--net wide"), "{}", all(&out));

@@ -105,11 +105,10 @@ pub async fn start(
                 None => None,
                 Some(link) => {
                     let reg = match crate::proxy::check_mappings(shared, &jailed, peer, proxy) {
-                        Ok(mappings) => {
-                            link.register_confined(&jailed, peer, &mappings, allow_hosts)
-                                .await
-                                .map_err(|e| (ErrorCode::Internal, e.0))
-                        }
+                        Ok(mappings) => link
+                            .register_confined(&jailed, peer, &mappings, allow_hosts)
+                            .await
+                            .map_err(|e| (ErrorCode::Internal, e.0)),
                         Err(e) => Err(e),
                     };
                     let reg = match reg {

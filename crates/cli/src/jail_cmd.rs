@@ -259,10 +259,7 @@ fn jail_child(
     // CLI asked the daemon for it) and wrote it to the jail's file.
     let entered = apply::confine(
         policy,
-        Some(Session {
-            pipe: tok_r,
-            relay,
-        }),
+        Some(Session { pipe: tok_r, relay }),
         None,
         Some(parent),
         Signals::Forward,
@@ -396,7 +393,9 @@ async fn supervise(
             }
             if msg.len() > apply::MAX_SESSION_MESSAGE {
                 abandon(tok_w);
-                return Err(CliError::Jail("the jail's session message is too long".into()));
+                return Err(CliError::Jail(
+                    "the jail's session message is too long".into(),
+                ));
             }
             if nix::unistd::write(&tok_w, &msg).is_err() {
                 // The set-up failed before it needed the session: say at which step.
@@ -553,9 +552,9 @@ fn start_relay(relay: &OwnedFd, port: u16) -> Result<RelayTask, CliError> {
             "--net proxy: the jail sent no listener".into(),
         ));
     };
-    let fd = fds.pop().ok_or_else(|| {
-        CliError::Jail("--net proxy: the jail sent no listener".into())
-    })?;
+    let fd = fds
+        .pop()
+        .ok_or_else(|| CliError::Jail("--net proxy: the jail sent no listener".into()))?;
     let std_l = std::net::TcpListener::from(fd);
     std_l.set_nonblocking(true).map_err(CliError::Output)?;
     let listener = tokio::net::TcpListener::from_std(std_l).map_err(CliError::Output)?;

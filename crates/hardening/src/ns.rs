@@ -214,13 +214,8 @@ mod tests {
 pub fn loopback_up() -> io::Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: socket() takes integers and returns a new descriptor or -1.
-    let fd = cerr(unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
+    let fd =
+        cerr(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` was just returned by socket() and is owned by nothing else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `ifreq` is plain old data; all zeroes is a valid value.

@@ -633,8 +633,7 @@ impl JailPolicy {
             let ok = |h: &String| {
                 !h.is_empty()
                     && h.len() <= 270
-                    && h
-                        .bytes()
+                    && h.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"-.:*[]".contains(&b))
             };
             if !allow_hosts.iter().all(ok) {

@@ -221,7 +221,12 @@ pub struct JailProxy {
 
 impl std::fmt::Debug for JailProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "JailProxy {{ port: {}, env: ({} entries) }}", self.port, self.env.len())
+        write!(
+            f,
+            "JailProxy {{ port: {}, env: ({} entries) }}",
+            self.port,
+            self.env.len()
+        )
     }
 }
 

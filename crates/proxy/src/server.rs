@@ -348,7 +348,9 @@ impl Proxy {
                 if !ok
                     || placeholders.len() > MAX_PLACEHOLDERS
                     || user.len() > 64
-                    || allow_hosts.as_ref().is_some_and(|a| a.len() > MAX_ALLOW_HOSTS)
+                    || allow_hosts
+                        .as_ref()
+                        .is_some_and(|a| a.len() > MAX_ALLOW_HOSTS)
                 {
                     warn!(reg, "refusing a malformed registration");
                     return;
