@@ -188,23 +188,6 @@ pub fn landlock_abi() -> io::Result<i32> {
     i32::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fork_refuses_with_threads() {
-        // The test harness runs tests on threads of its own: more than one thread here.
-        let n = crate::process::thread_count().unwrap();
-        if n == 1 {
-            println!("SKIP fork_refuses_with_threads: the harness runs single-threaded");
-            return;
-        }
-        let e = fork_single_threaded().unwrap_err();
-        assert!(e.to_string().contains("threads"), "{e}");
-    }
-}
-
 /// Brings the loopback interface of this process's network namespace up
 /// (`SIOCGIFFLAGS`/`SIOCSIFFLAGS` on `lo` with `IFF_UP`): a fresh network namespace has `lo`
 /// down. Needs `CAP_NET_ADMIN` over the namespace (its user namespace's owner has it).
@@ -232,4 +215,21 @@ pub fn loopback_up() -> io::Result<()> {
     // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own and initialised above.
     cerr(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fork_refuses_with_threads() {
+        // The test harness runs tests on threads of its own: more than one thread here.
+        let n = crate::process::thread_count().unwrap();
+        if n == 1 {
+            println!("SKIP fork_refuses_with_threads: the harness runs single-threaded");
+            return;
+        }
+        let e = fork_single_threaded().unwrap_err();
+        assert!(e.to_string().contains("threads"), "{e}");
+    }
 }
