@@ -229,11 +229,18 @@ impl Owner {
 
     /// `agentkeys jail --agent a [extra] -- sh -c SCRIPT`, with `PORT` the server's port.
     fn jail_cmd(&self, extra: &[&str], script: &str, port: u16) -> Command {
+        self.jail_cmd_env(extra, script, &[("PORT", port)])
+    }
+
+    /// The same with several port variables (`PORT`, `PORT2`).
+    fn jail_cmd_env(&self, extra: &[&str], script: &str, ports: &[(&str, u16)]) -> Command {
         let mut args = vec!["jail", "--agent", "a"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--", "sh", "-c", script]);
         let mut c = self.cli(&args);
-        c.env("PORT", port.to_string());
+        for (k, v) in ports {
+            c.env(k, v.to_string());
+        }
         c
     }
 
@@ -438,8 +445,12 @@ fn net_proxy_leaves_only_the_proxy() {
     skip_unless_supported!("net_proxy_leaves_only_the_proxy");
     let srv = HttpsServer::start();
     let port = srv.port();
+    // Another server on the same address: `localhost:PORT2` is not an allowed host.
+    let srv2 = HttpsServer::start();
+    let port2 = srv2.port();
     for o in owners("netproxy", &srv) {
         srv.clear();
+        srv2.clear();
         let allow = format!("localhost:{port}");
         let script = format!(
             r#"
@@ -449,6 +460,7 @@ fn net_proxy_leaves_only_the_proxy() {
             curl -sS -o /dev/null -w 'misdirected=%{{http_code}}\n' -H "Host: 127.0.0.2:$PORT" "https://localhost:$PORT/misdirected"
             curl -sSk -o /dev/null -w 'other_ip=%{{http_code}}\n' "https://127.0.0.2:$PORT/other-ip" 2>/dev/null; echo "other_ip_exit=$?"
             curl -sS -o /dev/null -w 'other_name=%{{http_code}}\n' "https://example.invalid/" 2>/dev/null; echo "other_name_exit=$?"
+            curl -sSk -o /dev/null "https://localhost:$PORT2/other-port" 2>/dev/null; echo "other_port_exit=$?"
             curl -sS -o /dev/null -w 'plain=%{{http_code}}\n' "http://127.0.0.2:$PORT/plain"
             curl -sS -o /dev/null --noproxy '*' --max-time 10 "https://127.0.0.1:$PORT/direct" 2>/dev/null; echo "direct_exit=$?"
             {PYTHON} - <<'EOF'
@@ -474,16 +486,20 @@ EOF
             # A run's own proxy credential, handed to the jail, is confined like the jail's.
             agentkeys run --proxy X=gh -- sh -c 'printf %s "$HTTPS_PROXY" > run-proxy-url.tmp; mv run-proxy-url.tmp run-proxy-url; sleep 4' &
             i=0; while [ ! -s run-proxy-url ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
-            curl -sSk -o /dev/null --proxy "$(cat run-proxy-url)" "https://127.0.0.2:$PORT/run-cred" 2>/dev/null; echo "run_cred_exit=$?"
+            curl -sSk -o /dev/null --proxy "$(cat run-proxy-url)" "https://localhost:$PORT2/run-cred" 2>/dev/null; echo "run_cred_exit=$?"
             curl -sS -o /dev/null -w 'run_cred_allowed=%{{http_code}}\n' --proxy "$(cat run-proxy-url)" "https://localhost:$PORT/run-cred-allowed"
             kill %1 2>/dev/null; wait
             "#
         );
-        let out = o.jail(
-            &["--net", "proxy", "--allow-host", &allow, "--proxy", "GH=gh"],
-            &script,
-            port,
-        );
+        let out = o
+            .jail_cmd_env(
+                &["--net", "proxy", "--allow-host", &allow, "--proxy", "GH=gh"],
+                &script,
+                &[("PORT", port), ("PORT2", port2)],
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let s = all(&out);
         println!("{}", show(&o, &out));
         for good in [
@@ -500,6 +516,7 @@ EOF
         for bad in [
             "other_ip_exit=0",
             "other_name_exit=0",
+            "other_port_exit=0",
             "direct_exit=0",
             "run_exit=0",
             "run_cred_exit=0",
@@ -529,6 +546,12 @@ EOF
         ] {
             assert!(!targets.contains(&t), "{t} reached the server: {targets:?}");
         }
+        assert!(
+            srv2.requests().is_empty(),
+            "[{}] the other server was reached: {:?}",
+            o.who(),
+            srv2.requests()
+        );
         let inj = reqs.iter().find(|r| r.target == "/inject").unwrap();
         assert_eq!(
             inj.header("authorization").unwrap_or_default(),
@@ -540,7 +563,11 @@ EOF
                 assert!(!contains(&r.all_bytes(), VALUE.as_bytes()), "{r:?}");
             }
         }
-        for host in ["127.0.0.2", "example.invalid"] {
+        for host in [
+            "127.0.0.2",
+            "example.invalid",
+            &format!("localhost:{port2}"),
+        ] {
             assert!(
                 o.audited("deny", host),
                 "[{}] no deny record for {host}: {}",
