@@ -346,7 +346,8 @@ fn jail_proxy_injects_and_the_jail_never_holds_the_value() {
               eval "f=\$$v"; test -r "$f" || echo "UNREADABLE $v=$f"
             done
             grep -q 'BEGIN CERTIFICATE' "$SSL_CERT_FILE" && echo bundle_ok
-            ls "$(dirname "$SSL_CERT_FILE")"/dek.key "$(dirname "$SSL_CERT_FILE")"/proxy-ca.key 2>/dev/null && echo STATE_VISIBLE
+            for f in dek.key proxy-ca.enc vault.enc; do test -e "$(dirname "$SSL_CERT_FILE")/$f" && echo "STATE_VISIBLE $f"; done
+            (echo x >> "$SSL_CERT_FILE") 2>/dev/null && echo BUNDLE_WRITABLE
             cat "$(dirname "$SSL_CERT_FILE")"/dek.key 2>/dev/null && echo DEK_READABLE
             curl -sS -o /dev/null -w 'curl=%{{http_code}}\n' -H "Authorization: Bearer $GH" "https://127.0.0.1:$PORT/curl"
             agentkeys run --proxy GH2=gh -- sh -c 'curl -sS -o /dev/null -w "run=%{{http_code}}\n" -H "Authorization: Bearer $GH2" "https://127.0.0.1:$PORT/run"'
@@ -401,6 +402,7 @@ import time; time.sleep(60)
             "NO_GH",
             "UNREADABLE",
             "STATE_VISIBLE",
+            "BUNDLE_WRITABLE",
             "DEK_READABLE",
         ] {
             assert!(!s.contains(bad), "{bad}: {}", show(&o, &out));
@@ -416,7 +418,9 @@ import time; time.sleep(60)
             assert!(s.contains(good), "{good}: {}", show(&o, &out));
         }
         assert!(!s.contains(VALUE), "{}", show(&o, &out));
-        // The server got the value from both clients.
+        // The CA's sealed key is there outside (so its absence inside means something).
+        assert!(o.akhome().join("proxy-ca.enc").exists());
+        // The server got the value from every client.
         let reqs = srv.requests();
         for path in ["/curl", "/run", "/python"] {
             let r = reqs.iter().find(|r| r.target == path);

@@ -866,6 +866,45 @@ mod tests {
     }
 
     #[test]
+    fn net_proxy_round_trips_and_bad_hosts_are_refused() {
+        let d = tmp("netproxy");
+        let c = ctx(&d);
+        let p = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                network: Some(Network::Proxy {
+                    allow_hosts: vec!["api.openai.com".into(), "*.pypi.org:8443".into()],
+                }),
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        assert!(p.network.is_proxy());
+        // The proxy's CA bundle (public) is bound back; nothing else of agentkeys' home.
+        assert!(p.reveal.contains(&c.agentkeys_home.join(PROXY_CA_BUNDLE)));
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(JailPolicy::from_json(&v).unwrap(), p);
+        assert!(p.print().contains("api.openai.com"));
+        let mut bad = p.clone();
+        bad.network = Network::Proxy {
+            allow_hosts: vec!["evil.com/x".into()],
+        };
+        assert!(bad.validate().is_err());
+        let mut bad = p;
+        bad.network = Network::Proxy {
+            allow_hosts: vec!["a.com".into(); MAX_ALLOW_HOSTS + 1],
+        };
+        assert!(bad.validate().is_err());
+        // Without --net the host's network.
+        let p = PolicyBuilder::new(c, JailOptions::default())
+            .build()
+            .unwrap();
+        assert_eq!(p.network, Network::Host);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
     fn policy_round_trips_and_validation_refuses_relative_paths() {
         let d = tmp("json");
         let p = PolicyBuilder::new(ctx(&d), JailOptions::default())
