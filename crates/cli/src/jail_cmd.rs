@@ -176,11 +176,6 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         );
     }
     let proxy = crate::run_cmd::pairs(&o.proxy, "--proxy")?;
-    if policy.network.is_proxy() && policy.skipped.contains(&Protection::Seccomp) {
-        // Without the filter the agent could make a user namespace of its own and, in it,
-        // a network namespace: still without a route out, but keep the rule simple.
-        eprintln!("agentkeys jail: --best-effort: --net proxy without the seccomp filter");
-    }
     let home = ctx::home()?;
     let socket = ctx::socket(&home);
     let argv = apply::cstrings(&o.command)
