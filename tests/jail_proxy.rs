@@ -485,6 +485,27 @@ attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPP
 def tcp6():
     s = socket.socket(socket.AF_INET6); s.settimeout(5); s.connect(("2606:4700:4700::1111", 443))
 attempt("tcp6_out", tcp6)
+# An SNI naming another host over a CONNECT to the allowed host: no certificate, no request.
+import ssl, base64, urllib.parse
+u = urllib.parse.urlparse(os.environ["HTTPS_PROXY"])
+s = socket.create_connection((u.hostname, u.port), timeout=10)
+cred = base64.b64encode(("%s:%s" % (urllib.parse.unquote(u.username), urllib.parse.unquote(u.password))).encode()).decode()
+s.sendall(("CONNECT localhost:%d HTTP/1.1\r\nHost: localhost:%d\r\nProxy-Authorization: Basic %s\r\n\r\n" % (port, port, cred)).encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    b = s.recv(1)
+    if not b: break
+    head += b
+print("sni_connect=" + head.split(b"\r\n")[0].decode())
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+try:
+    t = ctx.wrap_socket(s, server_hostname="evil.example")
+    t.sendall(b"GET /sni HTTP/1.1\r\nHost: evil.example\r\n\r\n"); t.recv(100)
+    print("sni_other=OPEN")
+except (ssl.SSLError, OSError) as e:
+    print("sni_other=blocked")
 EOF
             agentkeys run -- sh -c 'curl -sS -o /dev/null --max-time 10 "https://127.0.0.1:$PORT/from-run" 2>/dev/null; echo "run_exit=$?"'
             # A run's own proxy credential, handed to the jail, is confined like the jail's.
@@ -527,7 +548,16 @@ EOF
         ] {
             assert!(!s.contains(bad), "{bad}: {}", show(&o, &out));
         }
-        for name in ["tcp_local", "tcp_out", "udp_out", "dns", "raw", "tcp6_out"] {
+        assert!(s.contains("sni_connect=HTTP/1.1 200"), "{}", show(&o, &out));
+        for name in [
+            "tcp_local",
+            "tcp_out",
+            "udp_out",
+            "dns",
+            "raw",
+            "tcp6_out",
+            "sni_other",
+        ] {
             assert!(
                 s.contains(&format!("{name}=blocked")),
                 "{name}: {}",
@@ -547,6 +577,7 @@ EOF
             "/direct",
             "/from-run",
             "/run-cred",
+            "/sni",
         ] {
             assert!(!targets.contains(&t), "{t} reached the server: {targets:?}");
         }
