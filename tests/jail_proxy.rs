@@ -325,8 +325,11 @@ fn descendants(root: u32) -> Vec<u32> {
     out
 }
 
-/// `jail --proxy GH=gh`: VAR holds a placeholder; curl and Python (urllib, reading
-/// HTTPS_PROXY and SSL_CERT_FILE) inside get the server the real value; the jail's
+/// `jail --proxy GH_TOKEN=gh` started with the owner's own `GH_TOKEN` exported: inside,
+/// `GH_TOKEN` holds a placeholder (the owner's value is gone, the jail's entry survives the
+/// scrubbing of credential-like names); curl, Python (urllib, reading HTTPS_PROXY and
+/// SSL_CERT_FILE), `agentkeys run --proxy` and a plain `agentkeys run` (inheriting the jail's
+/// proxy variables, under the jail's registration) get the server the real value; the jail's
 /// environment, `/proc/self/environ` and the memory of every process of the jail never hold
 /// it; the CA bundle is readable inside, agentkeys' state and the CA's key are not; the
 /// proxy variables the jail sets survive its environment scrubbing.
@@ -340,7 +343,7 @@ fn jail_proxy_injects_and_the_jail_never_holds_the_value() {
         let ready = o.proj().join("ready");
         let script = format!(
             r#"
-            case "$GH" in ghp_JailProxy*) echo HOLDS_VALUE;; "") echo NO_GH;; *) echo placeholder_ok;; esac
+            case "$GH_TOKEN" in ghp_*) echo "HOLDS_VALUE_OR_OWNERS";; "") echo NO_GH;; *) echo placeholder_ok;; esac
             test -n "$HTTPS_PROXY" && test -n "$https_proxy" && test -n "$HTTP_PROXY" && echo proxy_vars_ok
             for v in SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE NODE_EXTRA_CA_CERTS GIT_SSL_CAINFO; do
               eval "f=\$$v"; test -r "$f" || echo "UNREADABLE $v=$f"
@@ -349,12 +352,13 @@ fn jail_proxy_injects_and_the_jail_never_holds_the_value() {
             for f in dek.key proxy-ca.enc vault.enc; do test -e "$(dirname "$SSL_CERT_FILE")/$f" && echo "STATE_VISIBLE $f"; done
             (echo x >> "$SSL_CERT_FILE") 2>/dev/null && echo BUNDLE_WRITABLE
             cat "$(dirname "$SSL_CERT_FILE")"/dek.key 2>/dev/null && echo DEK_READABLE
-            curl -sS -o /dev/null -w 'curl=%{{http_code}}\n' -H "Authorization: Bearer $GH" "https://127.0.0.1:$PORT/curl"
+            curl -sS -o /dev/null -w 'curl=%{{http_code}}\n' -H "Authorization: Bearer $GH_TOKEN" "https://127.0.0.1:$PORT/curl"
             agentkeys run --proxy GH2=gh -- sh -c 'curl -sS -o /dev/null -w "run=%{{http_code}}\n" -H "Authorization: Bearer $GH2" "https://127.0.0.1:$PORT/run"'
+            agentkeys run -- sh -c 'curl -sS -o /dev/null -w "run_inherited=%{{http_code}}\n" -H "Authorization: Bearer $GH_TOKEN" "https://127.0.0.1:$PORT/run-inherited"'
             {PYTHON} -c '
 import os, urllib.request
 r = urllib.request.Request("https://127.0.0.1:" + os.environ["PORT"] + "/python",
-    headers={{"Authorization": "Bearer " + os.environ["GH"]}})
+    headers={{"Authorization": "Bearer " + os.environ["GH_TOKEN"]}})
 print("python=%d" % urllib.request.urlopen(r).status, flush=True)
 open("{ready}", "w").write("x")
 import time; time.sleep(60)
@@ -364,7 +368,8 @@ import time; time.sleep(60)
             ready = ready.display()
         );
         let child = o
-            .jail_cmd(&["--proxy", "GH=gh"], &script, port)
+            .jail_cmd(&["--proxy", "GH_TOKEN=gh"], &script, port)
+            .env("GH_TOKEN", "ghp_OwnersOwnExportedToken")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -398,7 +403,7 @@ import time; time.sleep(60)
         assert!(got_ready, "python never got its answer: {}", show(&o, &out));
         assert!(scanned >= 2, "[{}] scanned {scanned} processes", o.who());
         for bad in [
-            "HOLDS_VALUE",
+            "HOLDS_VALUE_OR_OWNERS",
             "NO_GH",
             "UNREADABLE",
             "STATE_VISIBLE",
@@ -413,6 +418,7 @@ import time; time.sleep(60)
             "bundle_ok",
             "curl=200",
             "run=200",
+            "run_inherited=200",
             "python=200",
         ] {
             assert!(s.contains(good), "{good}: {}", show(&o, &out));
@@ -422,7 +428,8 @@ import time; time.sleep(60)
         assert!(o.akhome().join("proxy-ca.enc").exists());
         // The server got the value from every client.
         let reqs = srv.requests();
-        for path in ["/curl", "/run", "/python"] {
+        assert!(!s.contains("ghp_OwnersOwn"), "{}", show(&o, &out));
+        for path in ["/curl", "/run", "/run-inherited", "/python"] {
             let r = reqs.iter().find(|r| r.target == path);
             let r = r.unwrap_or_else(|| panic!("[{}] no request {path}: {reqs:?}", o.who()));
             let auth = r.header("authorization").unwrap_or_default();
