@@ -267,16 +267,23 @@ pub async fn run(
                             agent,
                             ttl_secs,
                             policy,
-                        } => crate::jail::start(
-                            shared,
-                            &principal,
-                            peer,
-                            id,
-                            &agent,
-                            ttl_secs,
-                            policy,
-                            fds.into_iter().next(),
-                        ),
+                            proxy,
+                        } => {
+                            crate::jail::start(
+                                shared,
+                                &principal,
+                                peer,
+                                id,
+                                crate::jail::StartRequest {
+                                    agent: &agent,
+                                    ttl_secs,
+                                    policy,
+                                    proxy: &proxy,
+                                },
+                                fds.into_iter().next(),
+                            )
+                            .await
+                        }
                         RequestBody::JailExit { jail, code, signal } => {
                             crate::jail::exit(shared, &principal, peer, id, &jail, code, signal)
                         }

@@ -5,7 +5,10 @@
 //! replaced); its connections are then closed and its approval requests and grants dropped,
 //! like any session's. Its `run`s are confined by the jail's policy (see `run.rs`).
 
-use agentkeys_proto::wire::{ErrorCode, JailToken, ResponseBody, WireToken};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use agentkeys_proto::wire::{ErrorCode, JailProxy, JailToken, ResponseBody, WireToken};
 use agentkeys_state::audit::{Event, Peer};
 use secrecy::SecretString;
 use tracing::info;
@@ -20,18 +23,39 @@ fn error(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
     }
 }
 
+/// The proxy registrations of running jails (`--proxy`, `--net proxy`), by jail id: each lives
+/// as long as its jail (dropped, so unregistered, in [`end`]). The daemon runs one `Shared` per
+/// process.
+static JAIL_PROXY: Mutex<BTreeMap<String, crate::proxy::Registration>> =
+    Mutex::new(BTreeMap::new());
+
+/// What `jail_start` asks for.
+pub struct StartRequest<'a> {
+    /// The registered agent.
+    pub agent: &'a str,
+    /// Lifetime.
+    pub ttl_secs: Option<u64>,
+    /// The jail's policy (JSON).
+    pub policy: serde_json::Value,
+    /// `--proxy VAR -> service`.
+    pub proxy: &'a BTreeMap<String, String>,
+}
+
 /// `jail_start` from the owner's connection `conn`.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
+pub async fn start(
     shared: &Shared,
     p: &Principal,
     peer: Peer,
     conn: u64,
-    agent: &str,
-    ttl_secs: Option<u64>,
-    policy: serde_json::Value,
+    req: StartRequest<'_>,
     userns: Option<std::os::fd::OwnedFd>,
 ) -> ResponseBody {
+    let StartRequest {
+        agent,
+        ttl_secs,
+        policy,
+        proxy,
+    } = req;
     if !p.is_owner() {
         return error(
             ErrorCode::Forbidden,
@@ -39,9 +63,33 @@ pub fn start(
         );
     }
     // The daemon confines this session's runs by the policy: it must be one.
-    if let Err(e) = agentkeys_jail::JailPolicy::from_json(&policy) {
-        return error(ErrorCode::BadRequest, e.to_string());
-    }
+    let parsed = match agentkeys_jail::JailPolicy::from_json(&policy) {
+        Ok(p) => p,
+        Err(e) => return error(ErrorCode::BadRequest, e.to_string()),
+    };
+    let allow_hosts = match &parsed.network {
+        agentkeys_jail::policy::Network::Proxy { allow_hosts } => {
+            for h in allow_hosts {
+                if let Err(e) = agentkeys_state::inject::HostPattern::parse(h) {
+                    return error(ErrorCode::BadRequest, format!("--allow-host: {e}"));
+                }
+            }
+            Some(allow_hosts.clone())
+        }
+        agentkeys_jail::policy::Network::Host => None,
+    };
+    let wants_proxy = !proxy.is_empty() || allow_hosts.is_some();
+    let link = match (wants_proxy, shared.proxy.get()) {
+        (false, _) => None,
+        (true, Some(l)) => Some(l.clone()),
+        (true, None) => {
+            return error(
+                ErrorCode::Internal,
+                "the credential-injecting proxy is not running ([proxy] enabled = false, or it \
+                 failed at start; see the daemon log): `jail --proxy` and `--net proxy` need it",
+            );
+        }
+    };
     // The attached fd should be a user namespace: the launcher's `setns(CLONE_NEWUSER)`
     // checks that (EINVAL otherwise, and the run fails closed). The daemon does not look at
     // it: its seccomp allowlist has no call that would (readlink, ioctl(NS_GET_NSTYPE)).
@@ -51,6 +99,43 @@ pub fn start(
     {
         Ok((jailed, token, expires)) => {
             let jail = jailed.jail_id().unwrap_or_default().to_string();
+            // The jail's proxy registration, under the jail's own session (its placeholders
+            // work for nobody else; the daemon checks that session at each injection).
+            let proxy = match &link {
+                None => None,
+                Some(link) => {
+                    let reg = match crate::proxy::check_mappings(shared, &jailed, peer, proxy) {
+                        Ok(mappings) => link
+                            .register_confined(&jailed, peer, &mappings, allow_hosts)
+                            .await
+                            .map_err(|e| (ErrorCode::Internal, e.0)),
+                        Err(e) => Err(e),
+                    };
+                    let reg = match reg {
+                        Ok(r) => r,
+                        Err((code, message)) => {
+                            shared.sessions.end_jail(&jail);
+                            return error(code, message);
+                        }
+                    };
+                    let port = match link.port().await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            shared.sessions.end_jail(&jail);
+                            return error(
+                                ErrorCode::Internal,
+                                format!("the credential-injecting proxy is not available: {e}"),
+                            );
+                        }
+                    };
+                    let env = reg.env.clone();
+                    JAIL_PROXY
+                        .lock()
+                        .expect("jail proxy registrations")
+                        .insert(jail.clone(), reg);
+                    Some(JailProxy { port, env })
+                }
+            };
             let detail = format!(
                 "jail {jail} for {} until {}",
                 jailed.label(),
@@ -69,6 +154,10 @@ pub fn start(
                 detail: Some(&detail),
             }) {
                 shared.sessions.end_jail(&jail);
+                JAIL_PROXY
+                    .lock()
+                    .expect("jail proxy registrations")
+                    .remove(&jail);
                 return error(ErrorCode::Internal, message);
             }
             info!(jail = %jail, "jail started");
@@ -77,6 +166,7 @@ pub fn start(
                 session: jailed.session_id().to_string(),
                 expires,
                 token: JailToken(WireToken(SecretString::from(token.expose().to_string()))),
+                proxy,
             }
         }
         Err(crate::sessions::JailStartError::Agent(m)) => error(ErrorCode::NotFound, m),
@@ -87,6 +177,11 @@ pub fn start(
 /// Ends a jail: its session is refused from now on, its connections close, its approval
 /// requests and grants go; audited `jail_exit` with `how`.
 pub fn end(shared: &Shared, owner: Option<&Principal>, peer: Option<Peer>, jail: &str, how: &str) {
+    // Its proxy credential and placeholders stop working, its proxy connections close.
+    JAIL_PROXY
+        .lock()
+        .expect("jail proxy registrations")
+        .remove(jail);
     if let Some((agent, session)) = shared.sessions.end_jail(jail) {
         let detail = format!("jail {jail} of agent {agent:?} ({session}): {how}");
         shared.audit_best_effort(&Event {

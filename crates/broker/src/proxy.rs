@@ -254,6 +254,34 @@ impl ProxyLink {
         peer: Peer,
         mappings: &[Mapping],
     ) -> Result<Registration, RegisterError> {
+        self.register_confined(p, peer, mappings, None).await
+    }
+
+    /// [`ProxyLink::register`] for a jail: `allow_hosts` `Some` for `--net proxy` (the hosts
+    /// reachable without injection; every other host is refused and audited `deny`).
+    ///
+    /// # Errors
+    /// As [`ProxyLink::register`]; too many allowed hosts.
+    pub async fn register_confined(
+        self: &Arc<Self>,
+        p: &Principal,
+        peer: Peer,
+        mappings: &[Mapping],
+        allow_hosts: Option<Vec<String>>,
+    ) -> Result<Registration, RegisterError> {
+        // A session of a `--net proxy` jail is confined wherever it registers (its `run`s,
+        // the MCP `run` tool): otherwise a run could hand the jail an unconfined proxy
+        // credential, and the jail's relay would carry it anywhere.
+        let allow_hosts = match allow_hosts {
+            Some(a) => Some(a),
+            None => self.shared.upgrade().and_then(|s| jail_allow_hosts(&s, p)),
+        };
+        if allow_hosts
+            .as_ref()
+            .is_some_and(|a| a.len() > agentkeys_proxy::link::MAX_ALLOW_HOSTS)
+        {
+            return Err(RegisterError("too many --allow-host hosts".into()));
+        }
         let port = self.port().await.map_err(|e| {
             RegisterError(format!(
                 "the credential-injecting proxy is not available: {e}"
@@ -318,6 +346,7 @@ impl ProxyLink {
                 user,
                 pass_sha256,
                 placeholders: specs,
+                allow_hosts,
             },
             None,
         );
@@ -500,6 +529,19 @@ impl ProxyLink {
             outcome: "denied",
             detail: Some(&detail),
         });
+    }
+}
+
+/// The `--allow-host` list of `p`'s jail when it is a `--net proxy` jail (an unreadable policy
+/// confines to nothing allowed); `None` outside a jail or with the host's network.
+fn jail_allow_hosts(shared: &Shared, p: &Principal) -> Option<Vec<String>> {
+    let (policy, _) = shared.sessions.jail_policy(p)?;
+    match agentkeys_jail::JailPolicy::from_json(&policy) {
+        Ok(jp) => match jp.network {
+            agentkeys_jail::policy::Network::Proxy { allow_hosts } => Some(allow_hosts),
+            agentkeys_jail::policy::Network::Host => None,
+        },
+        Err(_) => Some(Vec::new()),
     }
 }
 

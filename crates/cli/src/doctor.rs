@@ -64,8 +64,13 @@ pub(crate) fn run(caller: &Caller, json: bool) -> Result<(), CliError> {
             (false, Some(fix)) => (
                 Status::Degraded,
                 format!(
-                    "{}; `agentkeys jail` refuses without it (fix: {fix})",
-                    item.detail
+                    "{}; `agentkeys jail{}` refuses without it (fix: {fix})",
+                    item.detail,
+                    if item.name == "net_proxy" {
+                        " --net proxy"
+                    } else {
+                        ""
+                    }
                 ),
             ),
             (false, None) => (Status::Degraded, item.detail.clone()),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use agentkeys_hardening::ns::{self, Forked};
 use agentkeys_jail::apply::{self, Session, Signals};
-use agentkeys_jail::policy::{Context, JailOptions, PolicyBuilder};
+use agentkeys_jail::policy::{Context, JailOptions, Network, PolicyBuilder};
 use agentkeys_jail::{JailPolicy, Protection};
 use agentkeys_proto::wire::{RequestBody, ResponseBody};
 use nix::sys::signal::{Signal, kill};
@@ -41,7 +41,40 @@ pub(crate) struct JailOpts {
     pub env: Vec<String>,
     pub best_effort: bool,
     pub print_policy: bool,
+    pub proxy: Vec<String>,
+    pub net: String,
+    pub allow_host: Vec<String>,
     pub command: Vec<String>,
+}
+
+/// `--net` and `--allow-host`, checked.
+fn network_for(o: &JailOpts) -> Result<Network, CliError> {
+    match o.net.as_str() {
+        "host" => {
+            if !o.allow_host.is_empty() {
+                return Err(CliError::Input(
+                    "--allow-host needs --net proxy (with --net host every host is reachable)"
+                        .into(),
+                ));
+            }
+            Ok(Network::Host)
+        }
+        "proxy" => {
+            let mut allow_hosts = Vec::new();
+            for h in &o.allow_host {
+                let p = agentkeys_state::inject::HostPattern::parse(h)
+                    .map_err(|e| CliError::Input(format!("--allow-host {h}: {e}")))?;
+                let t = p.to_text();
+                if !allow_hosts.contains(&t) {
+                    allow_hosts.push(t);
+                }
+            }
+            Ok(Network::Proxy { allow_hosts })
+        }
+        other => Err(CliError::Input(format!(
+            "--net {other}: `host` (the host's network) or `proxy` (only agentkeys' proxy)"
+        ))),
+    }
 }
 
 fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
@@ -73,6 +106,7 @@ fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
         allow_socket: o.allow_socket.clone(),
         env: o.env.clone(),
         best_effort: o.best_effort,
+        network: Some(network_for(o)?),
     };
     PolicyBuilder::new(c, opts)
         .build()
@@ -143,6 +177,7 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
             policy.env.removed.join(" ")
         );
     }
+    let proxy = crate::run_cmd::pairs(&o.proxy, "--proxy")?;
     let home = ctx::home()?;
     let socket = ctx::socket(&home);
     let argv = apply::cstrings(&o.command)
@@ -155,6 +190,19 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     let pipe = || nix::unistd::pipe2(cloexec).map_err(|e| CliError::Output(e.into()));
     let (tok_r, tok_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    // `--net proxy`: the jail's init hands its loopback listener over on this pair.
+    let (relay_mine, relay_theirs) = if policy.network.is_proxy() {
+        let (a, b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| CliError::Output(e.into()))?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
     // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
     // allowed even for root; the daemon's launcher may not map uid 0 itself).
     let run_userns = apply::user_namespace_for_runs(&policy).map_err(|(step, errno)| {
@@ -171,17 +219,21 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
             drop(tok_w);
             drop(err_r);
             drop(run_userns);
-            jail_child(&policy, &socket, tok_r, err_w, me, argv)
+            drop(relay_mine);
+            jail_child(&policy, &socket, tok_r, relay_theirs, err_w, me, argv)
         }
         Forked::Parent(pid) => pid,
     };
     drop(tok_r);
     drop(err_w);
+    drop(relay_theirs);
     let rt = ctx::runtime()?;
     let handoff = Handoff {
         tok_w,
         err_r,
         run_userns,
+        relay: relay_mine,
+        proxy,
     };
     let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
     apply::remove_placeholders(&policy, lock);
@@ -193,6 +245,7 @@ fn jail_child(
     policy: &JailPolicy,
     socket: &std::path::Path,
     tok_r: OwnedFd,
+    relay: Option<OwnedFd>,
     err_w: OwnedFd,
     parent: Pid,
     argv: Vec<std::ffi::CString>,
@@ -203,20 +256,32 @@ fn jail_child(
     };
     // Returns in CMD's process, confined; init read the session from the pipe (while this
     // CLI asked the daemon for it) and wrote it to the jail's file.
-    let jail_id = apply::confine(
+    let entered = apply::confine(
         policy,
-        Some(Session { pipe: tok_r }),
+        Some(Session { pipe: tok_r, relay }),
         None,
         Some(parent),
         Signals::Forward,
         &fail,
     )
     .unwrap_or_default();
-    let env: Vec<String> = policy
-        .environment(&jail_id, socket)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
+    // The jail's own entries (placeholders, the proxy with the jail's credential, the CA
+    // bundle) replace the owner's of the same names; `NO_PROXY` would route around the proxy.
+    let names: Vec<&str> = entered
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, _)| k))
         .collect();
+    let proxied = !entered.env.is_empty();
+    let mut env: Vec<Zeroizing<String>> = policy
+        .environment(&entered.jail_id, socket)
+        .into_iter()
+        .filter(|(k, _)| !names.contains(&k.as_str()))
+        .filter(|(k, _)| !(proxied && (k == "NO_PROXY" || k == "no_proxy")))
+        .map(|(k, v)| Zeroizing::new(format!("{k}={v}")))
+        .collect();
+    env.extend(entered.env.iter().cloned());
+    let env: Vec<String> = env.iter().map(|e| e.to_string()).collect();
     let Some(envp) = apply::cstrings(&env) else {
         apply::report(&err_w, "environment", libc::EINVAL);
         ns::exit_now(125)
@@ -246,6 +311,10 @@ struct Handoff {
     tok_w: OwnedFd,
     err_r: OwnedFd,
     run_userns: OwnedFd,
+    /// `--net proxy`: where the jail's init sends its loopback listener.
+    relay: Option<OwnedFd>,
+    /// `--proxy VAR -> service`.
+    proxy: std::collections::BTreeMap<String, String>,
 }
 
 /// The CLI's side while the jail runs.
@@ -261,6 +330,8 @@ async fn supervise(
         tok_w,
         err_r,
         run_userns,
+        relay,
+        proxy,
     } = handoff;
     use tokio::signal::unix::{SignalKind, signal};
     let abandon = |tok_w: OwnedFd| {
@@ -280,6 +351,7 @@ async fn supervise(
                 agent: o.agent.clone(),
                 ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
                 policy: serde_json::to_value(policy).map_err(std::io::Error::from)?,
+                proxy,
             },
             &[std::os::fd::AsFd::as_fd(&run_userns)],
         )
@@ -289,17 +361,41 @@ async fn supervise(
         Ok(_) => client.recv().await,
         Err(e) => Err(e),
     };
+    let mut proxy_port = None;
     let (jail, session) = match started.map(|a| a.body) {
         Ok(ResponseBody::JailStarted {
             jail,
             session,
             token,
+            proxy,
             ..
         }) => {
             let mut msg = Zeroizing::new(Vec::with_capacity(jail.len() + 1 + 256));
             msg.extend_from_slice(jail.as_bytes());
             msg.push(b'\n');
             msg.extend_from_slice(token.0.0.expose_secret().as_bytes());
+            if let Some(p) = &proxy {
+                // `\nport` then `\nNAME=value` per entry (none holds a newline: the daemon
+                // makes them; one that did is refused here rather than split).
+                msg.extend_from_slice(format!("\n{}", p.port).as_bytes());
+                for e in &p.env {
+                    if e.contains('\n') {
+                        abandon(tok_w);
+                        return Err(CliError::Jail(
+                            "the daemon's proxy environment holds a newline".into(),
+                        ));
+                    }
+                    msg.push(b'\n');
+                    msg.extend_from_slice(e.as_bytes());
+                }
+                proxy_port = Some(p.port);
+            }
+            if msg.len() > apply::MAX_SESSION_MESSAGE {
+                abandon(tok_w);
+                return Err(CliError::Jail(
+                    "the jail's session message is too long".into(),
+                ));
+            }
             if nix::unistd::write(&tok_w, &msg).is_err() {
                 // The set-up failed before it needed the session: say at which step.
                 abandon(tok_w);
@@ -364,6 +460,16 @@ async fn supervise(
             "setting up the jail failed at step `{step}`: {err}{hint}"
         )));
     }
+    // `--net proxy`: init sent its listener before CMD started; relay it to the proxy.
+    let _relay_task = match (relay, proxy_port) {
+        (Some(relay), Some(port)) => Some(start_relay(&relay, port)?),
+        (Some(_), None) => {
+            return Err(CliError::Jail(
+                "--net proxy: the daemon gave no proxy port".into(),
+            ));
+        }
+        _ => None,
+    };
     eprintln!(
         "agentkeys jail: {jail} started for agent {:?} (session {session})",
         o.agent
@@ -424,6 +530,68 @@ async fn supervise(
         return Err(CliError::Exit(4));
     }
     Err(CliError::Exit(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Most relayed connections open at once (the proxy has its own bound too).
+const MAX_RELAYED: usize = 256;
+
+/// Takes the jail's loopback listener from init and relays every connection made to it to the
+/// proxy on the host's `127.0.0.1:port`, and to nothing else: the jail names no destination,
+/// so the relay cannot be used to reach another address or port. Dropping the handle (the
+/// jail ended) stops it.
+fn start_relay(relay: &OwnedFd, port: u16) -> Result<RelayTask, CliError> {
+    let mut buf = [0u8; 64];
+    let got = agentkeys_hardening::launcher::recv_msg::<String>(
+        std::os::fd::AsFd::as_fd(relay),
+        &mut buf,
+    )
+    .map_err(|e| CliError::Jail(format!("--net proxy: receiving the jail's listener: {e}")))?;
+    let Some((_, mut fds)) = got else {
+        return Err(CliError::Jail(
+            "--net proxy: the jail sent no listener".into(),
+        ));
+    };
+    let fd = fds
+        .pop()
+        .ok_or_else(|| CliError::Jail("--net proxy: the jail sent no listener".into()))?;
+    let std_l = std::net::TcpListener::from(fd);
+    std_l.set_nonblocking(true).map_err(CliError::Output)?;
+    let listener = tokio::net::TcpListener::from_std(std_l).map_err(CliError::Output)?;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_RELAYED));
+    let task = tokio::spawn(async move {
+        let target = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        loop {
+            let Ok((mut inside, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                continue; // dropped: too many at once
+            };
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _ = inside.set_nodelay(true);
+                let connect = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(target),
+                );
+                if let Ok(Ok(mut out)) = connect.await {
+                    let _ = out.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inside, &mut out).await;
+                }
+            });
+        }
+    });
+    Ok(RelayTask(task))
+}
+
+/// The relay's task, aborted when dropped.
+struct RelayTask(tokio::task::JoinHandle<()>);
+
+impl Drop for RelayTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn decode(ws: WaitStatus) -> Option<(Option<i32>, Option<i32>)> {

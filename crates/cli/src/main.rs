@@ -240,9 +240,25 @@ enum Command {
         #[arg(long)]
         best_effort: bool,
         /// Print the jail's policy (what is hidden, writable, protected, which sockets and
-        /// environment names) and exit.
+        /// environment names, the network rule) and exit.
         #[arg(long)]
         print_policy: bool,
+        /// VAR=SERVICE: VAR holds a placeholder in the jail's environment, and the
+        /// credential-injecting proxy (named in HTTPS_PROXY/HTTP_PROXY with this jail's own
+        /// credential, its CA in SSL_CERT_FILE and the like) puts the value in place of it
+        /// only on requests to the service's hosts (repeatable).
+        #[arg(long = "proxy", value_name = "VAR=SERVICE")]
+        proxy: Vec<String>,
+        /// The jail's network: `host` (default: the host's network) or `proxy` (a network
+        /// namespace whose only way out is agentkeys' proxy: the services' inject hosts and
+        /// --allow-host hosts; everything else refused and audited).
+        #[arg(long, value_name = "host|proxy", default_value = "host")]
+        net: String,
+        /// With --net proxy: a host the jail may reach through the proxy without injection
+        /// (repeatable): `api.openai.com`, `*.pythonhosted.org`, `registry.npmjs.org:443`;
+        /// without a port, 443 only.
+        #[arg(long, value_name = "HOST[:PORT]")]
+        allow_host: Vec<String>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -525,6 +541,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             env,
             best_effort,
             print_policy,
+            proxy,
+            net,
+            allow_host,
             command,
         } => jail_cmd::run(
             &caller,
@@ -538,6 +557,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 env,
                 best_effort,
                 print_policy,
+                proxy,
+                net,
+                allow_host,
                 command,
             },
         ),

@@ -28,7 +28,7 @@ pub(crate) struct RunOpts {
     pub command: Vec<String>,
 }
 
-fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, String>, CliError> {
+pub(crate) fn pairs(list: &[String], flag: &str) -> Result<BTreeMap<String, String>, CliError> {
     let mut map = BTreeMap::new();
     for item in list {
         let (var, service) = item

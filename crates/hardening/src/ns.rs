@@ -188,6 +188,35 @@ pub fn landlock_abi() -> io::Result<i32> {
     i32::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
 }
 
+/// Brings the loopback interface of this process's network namespace up
+/// (`SIOCGIFFLAGS`/`SIOCSIFFLAGS` on `lo` with `IFF_UP`): a fresh network namespace has `lo`
+/// down. Needs `CAP_NET_ADMIN` over the namespace (its user namespace's owner has it).
+///
+/// # Errors
+/// The OS error.
+pub fn loopback_up() -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket() takes integers and returns a new descriptor or -1.
+    let fd =
+        cerr(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just returned by socket() and is owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `ifreq` is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS writes the flags into the `ifreq` we own, named `lo`.
+    cerr(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) })?;
+    // SAFETY: the union's `ifru_flags` member is the one SIOCGIFFLAGS filled in.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the `ifreq` we own and initialised above.
+    cerr(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

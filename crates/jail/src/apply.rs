@@ -44,7 +44,25 @@ pub fn die(fail: Fail<'_>, step: &'static str, errno: i32) -> ! {
 pub struct Session {
     /// The pipe's read end.
     pub pipe: OwnedFd,
+    /// `--net proxy`: a `SOCK_SEQPACKET` socket on which init sends the caller the listening
+    /// socket it bound on `127.0.0.1:PORT` in the jail's network namespace (the port comes
+    /// with the session); the caller relays each connection to the proxy.
+    pub relay: Option<OwnedFd>,
 }
+
+/// What the jail's command gets from its set-up: the jail's id and the environment entries the
+/// caller sent with the session (`NAME=value`: the `--proxy` placeholders, the proxy's
+/// address with this jail's credential, the CA bundle variables).
+#[derive(Default)]
+pub struct Entered {
+    /// The jail's id.
+    pub jail_id: String,
+    /// `NAME=value` entries to add to the command's environment.
+    pub env: Vec<zeroize::Zeroizing<String>>,
+}
+
+/// Largest session message (`jail_id`, token, proxy port, environment entries).
+pub const MAX_SESSION_MESSAGE: usize = 32 * 1024;
 
 /// How the outer process treats SIGTERM and SIGHUP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +93,7 @@ pub fn confine(
     parent: Option<Pid>,
     signals: Signals,
     fail: Fail<'_>,
-) -> Option<String> {
+) -> Option<Entered> {
     // --- outer ------------------------------------------------------------------------------
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         die(fail, "set parent-death signal", libc::EINVAL);
@@ -96,7 +114,13 @@ pub fn confine(
     }
     let namespaces = policy.applies(Protection::Namespaces);
     if namespaces {
-        let rest = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC;
+        let mut rest =
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC;
+        // `--net proxy`: a network namespace of its own (a run of such a jail's session gets
+        // one too, with no interface up: no network at all).
+        if policy.network.is_proxy() {
+            rest |= CloneFlags::CLONE_NEWNET;
+        }
         match userns {
             // A run of a jailed session: the user namespace `agentkeys jail` made for its
             // runs (already mapped), then mount, PID and IPC namespaces of this run's own.
@@ -295,7 +319,7 @@ fn init_process(
     session: Option<Session>,
     status_w: OwnedFd,
     fail: Fail<'_>,
-) -> Option<String> {
+) -> Option<Entered> {
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         die(fail, "set parent-death signal", libc::EINVAL);
     }
@@ -422,7 +446,7 @@ fn inside(root: &Path, p: &Path) -> PathBuf {
 fn build_view(
     policy: &JailPolicy,
     session: Option<&Session>,
-    jail_id: &mut Option<String>,
+    jail_id: &mut Option<Entered>,
 ) -> StepResult {
     let none: Option<&Path> = None;
     let nofs: Option<&str> = None;
@@ -633,6 +657,10 @@ fn build_view(
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
+        // A regular file bound back (the proxy's CA bundle, a --show file) stays read-only.
+        if meta.is_file() {
+            remount_ro(&dst, "bind a path back (read-only)")?;
+        }
     }
     for h in &hidden_dirs {
         remount_ro(&inside(new, h), "hide a directory (read-only)")?;
@@ -749,6 +777,19 @@ pub const PROC_READ_ONLY: &[&str] = &[
     "/proc/scsi",
     "/proc/driver",
 ];
+/// `--net proxy`, in the jail's network namespace: `lo` up, a listener on `127.0.0.1:port`
+/// (the proxy's own port, so the addresses the daemon hands out work inside too), sent to
+/// the caller, which relays each connection to the proxy and to nothing else. Nothing in the
+/// jail keeps the listener: it accepts nothing itself.
+fn proxy_listener(relay: &OwnedFd, port: u16) -> StepResult {
+    ns::loopback_up().map_err(io("--net proxy: bring lo up"))?;
+    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
+        .map_err(io("--net proxy: listen on the jail's loopback"))?;
+    let fd = OwnedFd::from(l);
+    agentkeys_hardening::launcher::send_msg(relay.as_fd(), &"listener", &[fd.as_fd()])
+        .map_err(io("--net proxy: hand the listener over"))?;
+    Ok(())
+}
 
 fn no_symlink(p: &Path, step: &'static str) -> StepResult {
     match std::fs::symlink_metadata(p) {
@@ -781,7 +822,7 @@ fn build_dev(
     new: &Path,
     session: Option<&Session>,
     socket: Option<&Path>,
-    jail_id: &mut Option<String>,
+    jail_id: &mut Option<Entered>,
 ) -> StepResult {
     let dev = inside(new, Path::new("/dev"));
     m(
@@ -842,8 +883,9 @@ fn build_dev(
         std::os::unix::fs::symlink(to, dev.join(link)).map_err(io("populate /dev"))?;
     }
     if let Some(s) = session {
-        // Now the session is needed: `jail_id\ntoken`, or EOF alone (refused: end quietly).
-        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1024]);
+        // Now the session is needed: `jail_id\ntoken[\nport[\nNAME=value]...]`, or EOF
+        // alone (refused: end quietly).
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_SESSION_MESSAGE]);
         let mut got = 0;
         while got < buf.len() {
             match nix::unistd::read(&s.pipe, &mut buf[got..]) {
@@ -856,8 +898,36 @@ fn build_dev(
         let Some(nl) = buf[..got].iter().position(|&b| b == b'\n') else {
             ns::exit_now(0)
         };
-        *jail_id = Some(String::from_utf8_lossy(&buf[..nl]).into_owned());
-        let token = &buf[nl + 1..got];
+        let id = String::from_utf8_lossy(&buf[..nl]).into_owned();
+        let rest = &buf[nl + 1..got];
+        let (token, extra) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        let mut lines = extra.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        let port: u16 = match lines.next() {
+            None => 0,
+            Some(p) => std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or(("receive the session (proxy port)", libc::EINVAL))?,
+        };
+        let mut env = Vec::new();
+        for l in lines {
+            let e = std::str::from_utf8(l)
+                .map_err(|_| ("receive the session (environment)", libc::EINVAL))?;
+            if !e.contains('=') || e.contains('\0') {
+                return Err(("receive the session (environment)", libc::EINVAL));
+            }
+            env.push(zeroize::Zeroizing::new(e.to_string()));
+        }
+        *jail_id = Some(Entered { jail_id: id, env });
+        if let Some(relay) = &s.relay {
+            if port == 0 {
+                return Err(("--net proxy: no proxy port", libc::EINVAL));
+            }
+            proxy_listener(relay, port)?;
+        }
         let dir = inside(new, Path::new(SESSION_DIR));
         mkdir(dir, 0o700)?;
         let file = inside(new, Path::new(SESSION_FILE));

@@ -22,12 +22,35 @@ pub const SESSION_FILE: &str = "/dev/agentkeys/session";
 /// `AGENTKEYS_SOCKET` (an MCP host passes its servers a minimal environment) still reaches it.
 pub const SESSION_SOCKET: &str = "/dev/agentkeys/agentkeysd.sock";
 
+/// Most `--allow-host` patterns a policy may name.
+pub const MAX_ALLOW_HOSTS: usize = 64;
+
+/// The proxy's CA bundle in `$AGENTKEYS_HOME` (bound back into the jail, read-only).
+pub const PROXY_CA_BUNDLE: &str = "proxy-ca-bundle.pem";
+
 /// How the jail reaches the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     /// The host's network, unchanged (agents need their APIs).
     Host,
+    /// `--net proxy`: a network namespace of the jail's own with only `lo`, where
+    /// `127.0.0.1:PORT` (the proxy's port) is relayed by `agentkeys jail` to agentkeys'
+    /// credential-injecting proxy, and to nothing else. The proxy refuses (403, audited
+    /// `deny`) every host but the services' inject hosts and `allow_hosts`. A `run` of the
+    /// jail's session gets a network namespace of its own with no interface up: no network.
+    Proxy {
+        /// `--allow-host HOST[:PORT]`: reachable through the proxy without injection
+        /// (`HostPattern` text, checked by the CLI and again by the proxy).
+        allow_hosts: Vec<String>,
+    },
+}
+
+impl Network {
+    /// `true` for [`Network::Proxy`].
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, Network::Proxy { .. })
+    }
 }
 
 /// Credentials files and directories hidden by default, relative to the home directory.
@@ -366,6 +389,8 @@ pub struct JailOptions {
     pub env: Vec<String>,
     /// `--best-effort`.
     pub best_effort: bool,
+    /// `--net` (default [`Network::Host`]).
+    pub network: Option<Network>,
 }
 
 /// What the owner's side knows when building a policy (passed in, so tests can build one for
@@ -499,6 +524,10 @@ impl PolicyBuilder {
         // Sockets kept reachable: agentkeys' own, and --allow-socket.
         let socket = resolve(&cwd, &ctx.socket);
         reveal.insert(socket.clone());
+        // The proxy's CA bundle (system roots and the agentkeys CA's certificate: public), so
+        // programs of the jail and its runs given `--proxy` trust the proxy. Bound read-only,
+        // by itself; the CA's key (sealed, in another file) stays hidden with the rest.
+        reveal.insert(resolve(&cwd, &ctx.agentkeys_home).join(PROXY_CA_BUNDLE));
         for s in &self.opts.allow_socket {
             let p = resolve(&cwd, s);
             use std::os::unix::fs::FileTypeExt;
@@ -655,7 +684,7 @@ impl PolicyBuilder {
             create_dirs: create_dirs.into_iter().collect(),
             create_files: create_files.into_iter().collect(),
             socket: Some(socket),
-            network: Network::Host,
+            network: self.opts.network.clone().unwrap_or(Network::Host),
             env: EnvPolicy { removed, passed },
             protections: vec![
                 Protection::Namespaces,
@@ -737,6 +766,24 @@ impl JailPolicy {
             return Err(JailError::Policy(
                 "the working directory must be the first writable root".into(),
             ));
+        }
+        if let Network::Proxy { allow_hosts } = &self.network {
+            if allow_hosts.len() > MAX_ALLOW_HOSTS {
+                return Err(JailError::Policy(format!(
+                    "more than {MAX_ALLOW_HOSTS} --allow-host hosts"
+                )));
+            }
+            let ok = |h: &String| {
+                !h.is_empty()
+                    && h.len() <= 270
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:*[]".contains(&b))
+            };
+            if !allow_hosts.iter().all(ok) {
+                return Err(JailError::Policy(
+                    "--allow-host: a host name, *.name, or IP, with an optional :port".into(),
+                ));
+            }
         }
         if self.env.removed.len() + self.env.passed.len() > 4 * MAX_PATHS {
             return Err(JailError::Policy("too many environment names".into()));
@@ -1018,6 +1065,45 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("stays read-only"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn net_proxy_round_trips_and_bad_hosts_are_refused() {
+        let d = tmp("netproxy");
+        let c = ctx(&d);
+        let p = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                network: Some(Network::Proxy {
+                    allow_hosts: vec!["api.openai.com".into(), "*.pypi.org:8443".into()],
+                }),
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        assert!(p.network.is_proxy());
+        // The proxy's CA bundle (public) is bound back; nothing else of agentkeys' home.
+        assert!(p.reveal.contains(&c.agentkeys_home.join(PROXY_CA_BUNDLE)));
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(JailPolicy::from_json(&v).unwrap(), p);
+        assert!(p.print().contains("api.openai.com"));
+        let mut bad = p.clone();
+        bad.network = Network::Proxy {
+            allow_hosts: vec!["evil.com/x".into()],
+        };
+        assert!(bad.validate().is_err());
+        let mut bad = p;
+        bad.network = Network::Proxy {
+            allow_hosts: vec!["a.com".into(); MAX_ALLOW_HOSTS + 1],
+        };
+        assert!(bad.validate().is_err());
+        // Without --net the host's network.
+        let p = PolicyBuilder::new(c, JailOptions::default())
+            .build()
+            .unwrap();
+        assert_eq!(p.network, Network::Host);
         std::fs::remove_dir_all(d).unwrap();
     }
 

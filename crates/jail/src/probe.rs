@@ -30,7 +30,67 @@ fn sysctl(path: &str) -> Option<i64> {
 /// Probes the kernel thoroughly (`agentkeys doctor`): forks a short-lived child to try a user
 /// namespace when this process is single-threaded; otherwise reads the sysctls alone.
 pub fn probe() -> Vec<Item> {
-    vec![user_namespaces(true), landlock(), seccomp()]
+    vec![
+        user_namespaces(true),
+        landlock(),
+        seccomp(),
+        net_namespace(),
+    ]
+}
+
+/// `agentkeys jail --net proxy` only: a network namespace inside the jail's user namespace
+/// (then `lo` brought up in it). Not needed by a jail with the host's network.
+fn net_namespace() -> Item {
+    use nix::sched::{CloneFlags, unshare};
+    let mut item = Item {
+        name: "net_proxy",
+        protection: Protection::Namespaces,
+        ok: false,
+        detail: String::new(),
+        fix: None,
+    };
+    let tried = match ns::fork_single_threaded() {
+        Ok(Forked::Child) => {
+            let code = match unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET) {
+                Ok(()) => match ns::loopback_up() {
+                    Ok(()) => 0,
+                    Err(e) => e.raw_os_error().unwrap_or(libc::EIO).clamp(1, 255),
+                },
+                Err(e) => (e as i32).clamp(1, 255),
+            };
+            ns::exit_now(code)
+        }
+        Ok(Forked::Parent(pid)) => match nix::sys::wait::waitpid(pid, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
+            _ => Some(libc::EIO),
+        },
+        Err(_) => None,
+    };
+    match tried {
+        Some(0) => {
+            item.ok = true;
+            item.detail = "`agentkeys jail --net proxy` can make its network namespace (and \
+                           needs the daemon's proxy: [proxy] enabled, the default)"
+                .into();
+        }
+        Some(errno) => {
+            item.detail = format!(
+                "`agentkeys jail --net proxy` cannot make a network namespace in a user \
+                 namespace: {} (jails with the host's network are unaffected)",
+                std::io::Error::from_raw_os_error(errno)
+            );
+            item.fix = Some(
+                "allow unprivileged user namespaces (see jail_user_namespaces); a container \
+                 may also need CLONE_NEWNET allowed by its seccomp profile"
+                    .into(),
+            );
+        }
+        None => {
+            item.ok = true;
+            item.detail = "not tried (this process is multi-threaded)".into();
+        }
+    }
+    item
 }
 
 /// The quick probe `agentkeys jail` runs before every start: the sysctls and the Landlock ABI,

@@ -165,6 +165,11 @@ pub enum RequestBody {
         /// The jail's policy (`agentkeys_jail::JailPolicy` as JSON): `run`s of the session are
         /// confined by it.
         policy: serde_json::Value,
+        /// `--proxy VAR -> service`: placeholders for the jail's environment (see `Run`'s
+        /// `proxy`). With this or a policy of network `proxy`, the jail gets a proxy
+        /// registration of its own for its whole life.
+        #[serde(default)]
+        proxy: std::collections::BTreeMap<String, String>,
     },
     /// The jail's command ended (owner only): recorded in `jail_exit`, and the jail's session
     /// ends now.
@@ -199,6 +204,38 @@ impl Serialize for JailToken {
 impl<'de> Deserialize<'de> for JailToken {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         WireToken::deserialize(d).map(JailToken)
+    }
+}
+
+/// A jail's proxy registration in the `jail_started` answer: the proxy's port on 127.0.0.1
+/// and `NAME=value` entries for the jail's environment (placeholders, the proxy's address with
+/// the jail's own proxy credential, the CA bundle). Its `Debug` shows no value.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailProxy {
+    /// The proxy's port on 127.0.0.1.
+    pub port: u16,
+    /// `NAME=value` entries.
+    pub env: Vec<String>,
+}
+
+impl std::fmt::Debug for JailProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "JailProxy {{ port: {}, env: ({} entries) }}",
+            self.port,
+            self.env.len()
+        )
+    }
+}
+
+impl Drop for JailProxy {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        for e in &mut self.env {
+            e.zeroize();
+        }
     }
 }
 
@@ -466,6 +503,10 @@ pub enum ResponseBody {
         expires: u64,
         /// The session's token, for the jail's private token file only.
         token: JailToken,
+        /// The jail's use of the credential-injecting proxy (with `proxy` mappings or a
+        /// `--net proxy` policy): the proxy's port and the environment entries.
+        #[serde(default)]
+        proxy: Option<JailProxy>,
     },
     /// The request was carried out.
     Done,

@@ -15,6 +15,9 @@ pub const MAX_LINK_MESSAGE: usize = 64 * 1024;
 /// Most placeholders one registration holds.
 pub const MAX_PLACEHOLDERS: usize = 16;
 
+/// Most `--allow-host` patterns one registration holds.
+pub const MAX_ALLOW_HOSTS: usize = 64;
+
 /// One placeholder of a run: what the agent's program sees instead of the value.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +60,13 @@ pub enum ToProxy {
         pass_sha256: String,
         /// The placeholders.
         placeholders: Vec<PlaceholderSpec>,
+        /// A jail with `--net proxy` (whose only way out is this proxy): the hosts
+        /// (`HostPattern` text) it may reach without injection. `Some`: every request to a host
+        /// neither here nor among the placeholders' hosts is refused (403) and reported
+        /// [`FromProxy::Refused`]; the allowed hosts are decrypted like injected ones, so that
+        /// SNI, `Host` and placeholders are checked on them too. `None`: any host is tunnelled.
+        #[serde(default)]
+        allow_hosts: Option<Vec<String>>,
     },
     /// The run ended (or its session did): its credential and placeholders stop working and the
     /// proxy drops what it cached for it.

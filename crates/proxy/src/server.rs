@@ -45,7 +45,7 @@ use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use crate::ca::Minter;
-use crate::link::{FromProxy, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy};
+use crate::link::{FromProxy, MAX_ALLOW_HOSTS, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy};
 use crate::rules::{Rules, Verdict, shown_host};
 
 /// Most client connections at once.
@@ -150,6 +150,8 @@ struct Registration {
     reg: u64,
     pass_sha256: [u8; 32],
     rules: Rules,
+    /// A `--net proxy` jail's hosts reachable without injection; `Some`: nothing else is.
+    allow: Option<Vec<agentkeys_state::inject::HostPattern>>,
     /// Values handed over, kept for the service's `cache_ttl`.
     cache: Mutex<HashMap<usize, (Arc<MappedSecret>, Instant)>>,
     /// Becomes true when the registration goes: its connections close.
@@ -333,6 +335,7 @@ impl Proxy {
                 user,
                 pass_sha256,
                 placeholders,
+                allow_hosts,
             } => {
                 let mut hash = [0u8; 32];
                 let ok = pass_sha256.len() == 64
@@ -342,14 +345,37 @@ impl Proxy {
                             .map(|b| hash[i] = b)
                             .is_ok()
                     });
-                if !ok || placeholders.len() > MAX_PLACEHOLDERS || user.len() > 64 {
+                if !ok
+                    || placeholders.len() > MAX_PLACEHOLDERS
+                    || user.len() > 64
+                    || allow_hosts
+                        .as_ref()
+                        .is_some_and(|a| a.len() > MAX_ALLOW_HOSTS)
+                {
                     warn!(reg, "refusing a malformed registration");
                     return;
                 }
+                // A pattern that does not parse fails closed: the registration is refused
+                // (its program's requests get 407), never widened.
+                let allow = match allow_hosts
+                    .map(|a| {
+                        a.iter()
+                            .map(|h| agentkeys_state::inject::HostPattern::parse(h))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()
+                {
+                    Ok(a) => a,
+                    Err(_) => {
+                        warn!(reg, "refusing a registration with a malformed allowed host");
+                        return;
+                    }
+                };
                 let r = Arc::new(Registration {
                     reg,
                     pass_sha256: hash,
                     rules: Rules::new(placeholders),
+                    allow,
                     cache: Mutex::new(HashMap::new()),
                     gone: watch::Sender::new(false),
                 });
@@ -475,7 +501,13 @@ impl Proxy {
             return full(StatusCode::FORBIDDEN, format!("agentkeys proxy: {reason}"));
         }
         let mut gone = reg.gone.subscribe();
-        if reg.rules.injects_into(&host, port) {
+        let injects = reg.rules.injects_into(&host, port);
+        if !injects && let Some(resp) = self.confined(&reg, &host, port, "CONNECT", "").await {
+            return resp;
+        }
+        // A `--net proxy` jail's allowed host is decrypted too (SNI, Host and placeholders
+        // checked on every request; nothing is injected there).
+        if injects || reg.allow.is_some() {
             let this = self.clone();
             tokio::spawn(async move {
                 let up = tokio::select! {
@@ -977,6 +1009,33 @@ impl Proxy {
         Ok(UpSender::H1(sender))
     }
 
+    /// For a `--net proxy` jail's registration: `None` when `host:port` is one of its allowed
+    /// hosts (or the registration is not confined), else the 403 to answer, after reporting
+    /// the attempt (audited `deny` with the host).
+    async fn confined(
+        &self,
+        reg: &Registration,
+        host: &str,
+        port: u16,
+        method: &str,
+        path: &str,
+    ) -> Option<Response<RespBody>> {
+        let allow = reg.allow.as_ref()?;
+        if allow.iter().any(|h| h.matches(host, port)) {
+            return None;
+        }
+        let shown = shown_host(host, port);
+        let reason = format!(
+            "{shown} is not an allowed host of this jail (agentkeys jail --net proxy: only the \
+             services' inject hosts and --allow-host hosts are reachable)"
+        );
+        self.refused(reg, None, host, method, path, &reason).await;
+        Some(full(
+            StatusCode::FORBIDDEN,
+            format!("agentkeys proxy: refused: {reason}"),
+        ))
+    }
+
     /// A plain-http request (absolute URI): forwarded unless it carries a placeholder.
     async fn plain_http(
         &self,
@@ -1000,6 +1059,9 @@ impl Proxy {
                 StatusCode::BAD_REQUEST,
                 "agentkeys proxy: only http:// URLs without CONNECT",
             );
+        }
+        if let Some(resp) = self.confined(&reg, &host, port, &method, &path).await {
+            return resp;
         }
         match reg
             .rules
