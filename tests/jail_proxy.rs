@@ -677,3 +677,36 @@ fn net_proxy_policy_and_options() {
     assert!(s.contains("allowed=200"), "{s}");
     assert!(!s.contains("service_exit=0"), "{s}");
 }
+
+/// Without network namespaces (`user.max_net_namespaces=0` in a user namespace of the test's
+/// own) `--net proxy` refuses, naming the step, exit 70; it never runs with the host's network.
+#[test]
+fn net_proxy_refuses_without_network_namespaces() {
+    skip_unless_supported!("net_proxy_refuses_without_network_namespaces");
+    let srv = HttpsServer::start();
+    for o in owners("nonet", &srv) {
+        let jail = bin("agentkeys");
+        let script = format!(
+            "echo 0 > /proc/sys/user/max_net_namespaces || exit 99; \
+             {} jail --agent a --net proxy -- sh -c 'echo RAN'; echo \"exit=$?\"",
+            jail.display()
+        );
+        let out = o
+            .command("unshare", &["-U", "-r", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let s = all(&out);
+        if out.status.code() == Some(99) {
+            println!("SKIP net_proxy_refuses_without_network_namespaces: cannot set the sysctl");
+            continue;
+        }
+        println!("{}", show(&o, &out));
+        assert!(!s.contains("RAN"), "{}", show(&o, &out));
+        assert!(s.contains("exit=70"), "{}", show(&o, &out));
+        assert!(
+            s.contains("network namespaces (--net proxy)"),
+            "{}",
+            show(&o, &out)
+        );
+    }
+}

@@ -133,16 +133,22 @@ pub fn confine(
                     );
                 }
                 if let Err(e) = unshare(rest) {
-                    die(fail, "unshare mount, PID and IPC namespaces", nix_errno(e));
+                    let step = if policy.network.is_proxy() {
+                        "unshare mount, PID, IPC and network namespaces"
+                    } else {
+                        "unshare mount, PID and IPC namespaces"
+                    };
+                    die(fail, step, nix_errno(e));
                 }
             }
             None => {
                 if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER | rest) {
-                    die(
-                        fail,
-                        "unshare user, mount, PID and IPC namespaces",
-                        nix_errno(e),
-                    );
+                    let step = if policy.network.is_proxy() {
+                        "unshare user, mount, PID, IPC and network namespaces (--net proxy)"
+                    } else {
+                        "unshare user, mount, PID and IPC namespaces"
+                    };
+                    die(fail, step, nix_errno(e));
                 }
                 map_ids(policy, fail, false);
             }
