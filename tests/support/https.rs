@@ -2,8 +2,8 @@
 //! CA of its own (rcgen), a certificate for `127.0.0.1`, `::1` and `localhost`, HTTP/1.1 over
 //! rustls, and a record of every request it receives (method, path and query, headers, body).
 //!
-//! Routes: `/echo` answers with the request's headers as JSON (a host that reflects
-//! credentials); `/redirect?to=URL` answers 302 to URL; `/git/...` is `git http-backend` as a
+//! Routes: `/echo` answers with the request's headers and target as JSON (a host that
+//! reflects credentials); `/redirect?to=URL` answers 302 to URL; `/git/...` is `git http-backend` as a
 //! CGI (Basic auth required: the password must be [`HttpsServer::git_password`]); anything else
 //! answers `ok`.
 
@@ -270,10 +270,12 @@ async fn handle(
         .map(|(_, q)| q.to_string())
         .unwrap_or_default();
     if path == "/echo" {
-        let map: HashMap<String, String> = headers
+        let mut map: HashMap<String, String> = headers
             .iter()
             .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
             .collect();
+        // The request target too (a host that reflects the query it got).
+        map.insert(":target".into(), target.clone());
         let text = serde_json::to_string(&map).unwrap_or_default();
         return respond(StatusCode::OK, text);
     }

@@ -9,12 +9,14 @@
 //!   server: pinning and client certificates work);
 //! - a plain-http request (absolute URI): forwarded, but refused if it carries a placeholder.
 //!
-//! Bounds: [`MAX_CONNECTIONS`] at once, request heads of at most [`MAX_HEAD`] bytes read within
+//! Bounds: [`MAX_UNAUTHENTICATED`] connections without a run's credential (the oldest closed
+//! for a new one; each must authenticate within [`AUTH_TIMEOUT`]), [`MAX_CONNECTIONS`]
+//! authenticated ones at once, request heads of at most [`MAX_HEAD`] bytes read within
 //! [`HEAD_TIMEOUT`], TLS handshakes within [`HANDSHAKE_TIMEOUT`], upstream connects within
 //! [`CONNECT_TIMEOUT`], the daemon's answer within [`ANSWER_TIMEOUT`]. A run's connections
 //! close when its registration goes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -38,7 +40,7 @@ use rustls::sign::CertifiedKey;
 use sha2::Digest;
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 use tracing::{debug, info, warn};
@@ -48,8 +50,15 @@ use crate::ca::Minter;
 use crate::link::{FromProxy, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy};
 use crate::rules::{Rules, Verdict, shown_host};
 
-/// Most client connections at once.
+/// Most authenticated client connections at once (before a `CONNECT` is answered; tunnels and
+/// decrypted connections are a run's own).
 pub const MAX_CONNECTIONS: usize = 512;
+/// Most connections that have not yet shown a run's credential. Any local user can connect to
+/// the loopback port: past this, the oldest such connection is closed for the new one, so idle
+/// or trickling connections cannot lock the runs out.
+pub const MAX_UNAUTHENTICATED: usize = 64;
+/// A connection must show a run's credential within this.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// A request head must arrive within this.
@@ -108,9 +117,8 @@ impl UpSender {
                 if let Ok(u) = pq.parse() {
                     *req.uri_mut() = u;
                 }
-                if !req.headers().contains_key(hyper::header::HOST)
-                    && let Ok(v) = HeaderValue::from_str(&authority)
-                {
+                // Exactly one Host, the connection's (checked to be what the client named).
+                if let Ok(v) = HeaderValue::from_str(&authority) {
                     req.headers_mut().insert(hyper::header::HOST, v);
                 }
                 *req.version_mut() = hyper::Version::HTTP_11;
@@ -169,6 +177,17 @@ pub struct Proxy {
     next_id: AtomicU64,
     waiters: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     conns: Arc<Semaphore>,
+    /// Connections not authenticated yet, oldest first (at most [`MAX_UNAUTHENTICATED`]).
+    unauthenticated: Mutex<VecDeque<Arc<Gate>>>,
+}
+
+/// One client connection's admission: unauthenticated until its first request with a run's
+/// credential, then holding one of [`MAX_CONNECTIONS`] permits.
+struct Gate {
+    /// Closes the connection (it was the oldest unauthenticated one when the list was full).
+    evict: Notify,
+    authenticated: AtomicBool,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 fn full(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
@@ -218,6 +237,31 @@ fn split_authority(a: &str, default_port: u16) -> Option<(String, u16)> {
     Some((h.trim_end_matches('.').to_ascii_lowercase(), p))
 }
 
+/// Whether every authority `req` names is `host:port`, and it names one: at most one `Host`
+/// header, and the URI's authority (absolute form, HTTP/2 `:authority`) the same host when both
+/// are there.
+fn names_only(req: &Request<Incoming>, host: &str, port: u16) -> bool {
+    let is_it = |a: &str| split_authority(a, 443).is_some_and(|(h, p)| h == host && p == port);
+    let mut hosts = req.headers().get_all(hyper::header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return false;
+    }
+    let by_header = match first {
+        Some(v) => match v.to_str() {
+            Ok(t) if is_it(t) => true,
+            _ => return false,
+        },
+        None => false,
+    };
+    let by_uri = match req.uri().authority() {
+        Some(a) if is_it(a.as_str()) => true,
+        Some(_) => return false,
+        None => false,
+    };
+    by_header || by_uri
+}
+
 /// The certificate resolver of one decrypted connection: the leaf of the CONNECT host, and no
 /// certificate at all (a failed handshake) for an SNI naming another host.
 #[derive(Debug)]
@@ -256,6 +300,7 @@ impl Proxy {
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
             conns: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            unauthenticated: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -271,16 +316,11 @@ impl Proxy {
                 }
                 a = listener.accept() => match a {
                     Ok((tcp, _)) => {
-                        let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                            debug!("connection refused: too many open");
-                            drop(tcp);
-                            continue;
-                        };
+                        let gate = self.admit();
                         let this = self.clone();
                         tokio::spawn(async move {
                             let _ = tcp.set_nodelay(true);
-                            this.serve_client(tcp).await;
-                            drop(permit);
+                            this.serve_client(tcp, gate).await;
                         });
                     }
                     Err(e) => {
@@ -409,26 +449,83 @@ impl Proxy {
         bool::from(h.ct_eq(&r.pass_sha256)).then_some(r)
     }
 
-    async fn serve_client(self: Arc<Self>, tcp: TcpStream) {
+    /// A new connection, unauthenticated: the oldest unauthenticated one is closed when there
+    /// are [`MAX_UNAUTHENTICATED`] already.
+    fn admit(&self) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            evict: Notify::new(),
+            authenticated: AtomicBool::new(false),
+            permit: Mutex::new(None),
+        });
+        let mut list = self.unauthenticated.lock().expect("unauthenticated");
+        if list.len() >= MAX_UNAUTHENTICATED
+            && let Some(old) = list.pop_front()
+        {
+            debug!("closing the oldest unauthenticated connection for a new one");
+            old.evict.notify_one();
+        }
+        list.push_back(gate.clone());
+        gate
+    }
+
+    fn forget(&self, gate: &Arc<Gate>) {
+        self.unauthenticated
+            .lock()
+            .expect("unauthenticated")
+            .retain(|g| !Arc::ptr_eq(g, gate));
+    }
+
+    /// The connection showed a run's credential: it leaves the unauthenticated list and takes
+    /// one of [`MAX_CONNECTIONS`] permits (none left: 503).
+    fn promote(&self, gate: &Arc<Gate>) -> Result<(), Response<RespBody>> {
+        if gate.authenticated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+            return Err(full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agentkeys proxy: too many connections",
+            ));
+        };
+        *gate.permit.lock().expect("permit") = Some(permit);
+        gate.authenticated.store(true, Ordering::Release);
+        self.forget(gate);
+        Ok(())
+    }
+
+    async fn serve_client(self: Arc<Self>, tcp: TcpStream, gate: Arc<Gate>) {
         let this = self.clone();
+        let g = gate.clone();
         let svc = service_fn(move |req| {
-            let this = this.clone();
-            async move { Ok::<_, Infallible>(this.handle(req).await) }
+            let (this, g) = (this.clone(), g.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, &g).await) }
         });
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(MAX_HEAD)
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT);
-        if let Err(e) = b
-            .serve_connection(TokioIo::new(tcp), svc)
-            .with_upgrades()
-            .await
-        {
-            debug!("client connection: {e}");
+        let conn = b.serve_connection(TokioIo::new(tcp), svc).with_upgrades();
+        // Unauthenticated connections: closed after AUTH_TIMEOUT, or when evicted.
+        let deadline = async {
+            tokio::time::sleep(AUTH_TIMEOUT).await;
+            if gate.authenticated.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r { debug!("client connection: {e}") },
+            _ = gate.evict.notified() => debug!("evicted an unauthenticated connection"),
+            _ = deadline => debug!("closed a connection that did not authenticate in time"),
         }
+        self.forget(&gate);
+        gate.permit.lock().expect("permit").take();
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        gate: &Arc<Gate>,
+    ) -> Response<RespBody> {
         let Some(reg) = self.authenticate(&req) else {
             debug!("407: no or a wrong proxy credential");
             let mut r = full(
@@ -441,6 +538,9 @@ impl Proxy {
             );
             return r;
         };
+        if let Err(r) = self.promote(gate) {
+            return r;
+        }
         if req.method() == Method::CONNECT {
             return self.connect(reg, req).await;
         }
@@ -609,19 +709,12 @@ impl Proxy {
     ) -> Response<RespBody> {
         let method = req.method().to_string();
         let path = path_only(req.uri());
-        // The Host header must name the tunnel's host: a request for another host over this
-        // connection would otherwise get this host's values (SNI and Host must agree).
-        let named = req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let same = named
-            .as_deref()
-            .and_then(|n| split_authority(n, 443))
-            .is_some_and(|(h, p)| h == host && p == port);
-        if !same {
+        // Every authority the request names (its `Host` header, the authority of an
+        // absolute-form URI or HTTP/2's `:authority`) must be the tunnel's host: a request for
+        // another host over this connection would otherwise get this host's values (SNI and
+        // Host must agree). One `Host` header at most: with two, a server behind a shared
+        // front end could pick the second (another virtual host on the same address).
+        if !names_only(&req, host, port) {
             // A placeholder sent this way is an attempt worth recording.
             let seen = match reg
                 .rules
@@ -678,6 +771,7 @@ impl Proxy {
             }
         }
         let injected = !values.is_empty();
+        let mut sent_headers: Vec<Zeroizing<Vec<u8>>> = Vec::new();
         if injected {
             let pairs: Vec<(usize, &[u8])> = values.iter().map(|(i, v)| (*i, &v[..])).collect();
             let (mut parts, body) = req.into_parts();
@@ -686,6 +780,13 @@ impl Proxy {
                 .substitute(&pairs, &mut parts.uri, &mut parts.headers)
             {
                 return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: {e}"));
+            }
+            // The Basic credentials as sent (base64 of `user:value`), to mask in the answer.
+            for v in parts.headers.get_all(hyper::header::AUTHORIZATION) {
+                let raw = v.as_bytes();
+                if raw.len() > 6 && raw[..6].eq_ignore_ascii_case(b"basic ") {
+                    sent_headers.push(Zeroizing::new(raw[6..].trim_ascii().to_vec()));
+                }
             }
             // Masking needs the answer uncompressed.
             parts.headers.insert(
@@ -774,6 +875,15 @@ impl Proxy {
         };
         self.done(&reg, &values, host, &method, &path, resp.status().as_u16())
             .await;
+        // The answer is masked for the values in every form this request sent them in (raw,
+        // base64 in a Basic header, percent-encoded in the query): headers here (a 101's too),
+        // the body and its trailers below.
+        let masks = if injected {
+            sent_forms(&values, &sent_headers)
+        } else {
+            Vec::new()
+        };
+        mask_headers(resp.headers_mut(), &masks);
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A websocket (or other upgrade): the upstream connection becomes the tunnel.
             *upstream.lock().await = None;
@@ -791,22 +901,9 @@ impl Proxy {
             let (parts, body) = resp.into_parts();
             return Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
         }
-        let (mut parts, body) = resp.into_parts();
+        let (parts, body) = resp.into_parts();
         if injected {
-            let secrets: Vec<Arc<MappedSecret>> = values.iter().map(|(_, v)| v.clone()).collect();
-            for v in parts.headers.values_mut() {
-                let b = v.as_bytes();
-                if secrets.iter().any(|s| contains(b, s)) {
-                    let mut m = b.to_vec();
-                    for s in &secrets {
-                        mask_in_place(&mut m, s);
-                    }
-                    if let Ok(nv) = HeaderValue::from_bytes(&m) {
-                        *v = nv;
-                    }
-                }
-            }
-            return Response::from_parts(parts, MaskBody::new(body, secrets).boxed());
+            return Response::from_parts(parts, MaskBody::new(body, masks).boxed());
         }
         Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
     }
@@ -1117,6 +1214,68 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A byte string an answer is masked for: a value's page, or a form of it the proxy sent
+/// (base64 in a Basic header, percent-encoded in a query), in a zeroizing buffer.
+enum Masked {
+    Page(Arc<MappedSecret>),
+    Form(Zeroizing<Vec<u8>>),
+}
+
+impl std::ops::Deref for Masked {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Masked::Page(p) => p,
+            Masked::Form(f) => f,
+        }
+    }
+}
+
+/// The values and every form of them a request carried: the raw bytes, each Basic credential
+/// (`basic`: the base64 text sent) that decodes to one holding a value, and each value
+/// percent-encoded as a query parameter carries it.
+fn sent_forms(values: &[(usize, Arc<MappedSecret>)], basic: &[Zeroizing<Vec<u8>>]) -> Vec<Masked> {
+    let mut out: Vec<Masked> = values
+        .iter()
+        .map(|(_, v)| Masked::Page(v.clone()))
+        .collect();
+    for b in basic {
+        let holds = base64::engine::general_purpose::STANDARD
+            .decode(&b[..])
+            .ok()
+            .map(Zeroizing::new)
+            .is_some_and(|d| values.iter().any(|(_, v)| contains(&d, v)));
+        if holds {
+            out.push(Masked::Form(b.clone()));
+        }
+    }
+    for (_, v) in values {
+        let mut enc = Zeroizing::new(String::with_capacity(v.len() * 3));
+        crate::rules::percent_encode_into(v, &mut enc);
+        if enc.as_bytes() != &v[..] {
+            out.push(Masked::Form(Zeroizing::new(enc.as_bytes().to_vec())));
+        }
+    }
+    out
+}
+
+/// Masks every occurrence of `masks` in header values.
+fn mask_headers(headers: &mut hyper::http::HeaderMap, masks: &[Masked]) {
+    if masks.is_empty() {
+        return;
+    }
+    for v in headers.values_mut() {
+        let b = v.as_bytes();
+        if masks.iter().any(|s| contains(b, s)) {
+            let mut m = b.to_vec();
+            for s in masks {
+                mask_in_place(&mut m, s);
+            }
+            *v = HeaderValue::from_bytes(&m).unwrap_or_else(|_| HeaderValue::from_static("*"));
+        }
+    }
+}
+
 /// Replaces every occurrence of `secret` with as many `*` (same length: a Content-Length stays
 /// right).
 fn mask_in_place(buf: &mut [u8], secret: &[u8]) {
@@ -1146,6 +1305,8 @@ struct ScanBody {
     found: Arc<Mutex<Option<usize>>>,
     ended: bool,
     failed: Arc<AtomicBool>,
+    /// Trailers (checked), sent after the held bytes.
+    trailers: Option<hyper::http::HeaderMap>,
 }
 
 impl ScanBody {
@@ -1183,6 +1344,7 @@ impl ScanBody {
             found: Arc::new(Mutex::new(None)),
             ended: false,
             failed: Arc::new(AtomicBool::new(false)),
+            trailers: None,
         }
     }
 
@@ -1205,7 +1367,7 @@ impl Body for ScanBody {
         loop {
             if self.ended {
                 if self.hold.is_empty() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 let rest = std::mem::take(&mut self.hold);
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
@@ -1219,7 +1381,26 @@ impl Body for ScanBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = match frame.into_data() {
                         Ok(data) => data,
-                        Err(other) => return Poll::Ready(Some(Ok(other))),
+                        // Trailers: no place for a placeholder either (raw or percent-encoded).
+                        Err(other) => {
+                            if let Ok(t) = other.into_trailers() {
+                                let hit = t.values().find_map(|v| {
+                                    let raw = v.as_bytes();
+                                    self.check(raw)
+                                        .or_else(|| self.check(&crate::rules::percent_decode(raw)))
+                                });
+                                if let Some(i) = hit {
+                                    *self.found.lock().expect("scan") = Some(i);
+                                    self.failed.store(true, Ordering::Relaxed);
+                                    return Poll::Ready(Some(Err(
+                                        "placeholder in the trailers".into()
+                                    )));
+                                }
+                                self.trailers = Some(t);
+                            }
+                            self.ended = true;
+                            continue;
+                        }
                     };
                     let mut buf = std::mem::take(&mut self.hold);
                     buf.extend_from_slice(&frame);
@@ -1239,7 +1420,7 @@ impl Body for ScanBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.hold.is_empty()
+        self.ended && self.hold.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -1251,14 +1432,16 @@ impl Body for ScanBody {
 /// across chunk boundaries (the last `longest value - 1` bytes are held until more come).
 struct MaskBody {
     inner: Incoming,
-    secrets: Vec<Arc<MappedSecret>>,
+    secrets: Vec<Masked>,
     hold: Vec<u8>,
     keep: usize,
     ended: bool,
+    /// Trailers (masked), sent after the held bytes.
+    trailers: Option<hyper::http::HeaderMap>,
 }
 
 impl MaskBody {
-    fn new(inner: Incoming, secrets: Vec<Arc<MappedSecret>>) -> MaskBody {
+    fn new(inner: Incoming, secrets: Vec<Masked>) -> MaskBody {
         let keep = secrets
             .iter()
             .map(|s| s.len())
@@ -1271,6 +1454,7 @@ impl MaskBody {
             hold: Vec::new(),
             keep,
             ended: false,
+            trailers: None,
         }
     }
 }
@@ -1286,7 +1470,7 @@ impl Body for MaskBody {
         loop {
             if self.ended {
                 if self.hold.is_empty() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 let rest = std::mem::take(&mut self.hold);
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
@@ -1298,7 +1482,15 @@ impl Body for MaskBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     let data = match frame.into_data() {
                         Ok(d) => d,
-                        Err(other) => return Poll::Ready(Some(Ok(other))),
+                        // Trailers end the body: masked, and sent after what is held.
+                        Err(other) => {
+                            if let Ok(mut t) = other.into_trailers() {
+                                mask_headers(&mut t, &self.secrets);
+                                self.trailers = Some(t);
+                            }
+                            self.ended = true;
+                            continue;
+                        }
                     };
                     let mut buf = std::mem::take(&mut self.hold);
                     buf.extend_from_slice(&data);
@@ -1316,7 +1508,7 @@ impl Body for MaskBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.hold.is_empty()
+        self.ended && self.hold.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
