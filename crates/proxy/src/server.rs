@@ -179,7 +179,15 @@ pub struct Proxy {
     conns: Arc<Semaphore>,
     /// Connections not authenticated yet, oldest first (at most [`MAX_UNAUTHENTICATED`]).
     unauthenticated: Mutex<VecDeque<Arc<Gate>>>,
+    /// TLS server configurations of decrypted hosts, with the leaf each was built for.
+    server_cfgs: Mutex<ServerConfigs>,
 }
+
+/// Host -> (leaf, TLS server configuration serving it).
+type ServerConfigs = HashMap<String, (Arc<CertifiedKey>, Arc<rustls::ServerConfig>)>;
+
+/// Most TLS server configurations kept (one per decrypted host; past it they are built anew).
+const MAX_SERVER_CONFIGS: usize = 1024;
 
 /// One client connection's admission: unauthenticated until its first request with a run's
 /// credential, then holding one of [`MAX_CONNECTIONS`] permits.
@@ -301,6 +309,7 @@ impl Proxy {
             waiters: Mutex::new(HashMap::new()),
             conns: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             unauthenticated: Mutex::new(VecDeque::new()),
+            server_cfgs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -476,21 +485,18 @@ impl Proxy {
     }
 
     /// The connection showed a run's credential: it leaves the unauthenticated list and takes
-    /// one of [`MAX_CONNECTIONS`] permits (none left: 503).
-    fn promote(&self, gate: &Arc<Gate>) -> Result<(), Response<RespBody>> {
+    /// one of [`MAX_CONNECTIONS`] permits (false: none left).
+    fn promote(&self, gate: &Arc<Gate>) -> bool {
         if gate.authenticated.load(Ordering::Acquire) {
-            return Ok(());
+            return true;
         }
         let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-            return Err(full(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "agentkeys proxy: too many connections",
-            ));
+            return false;
         };
         *gate.permit.lock().expect("permit") = Some(permit);
         gate.authenticated.store(true, Ordering::Release);
         self.forget(gate);
-        Ok(())
+        true
     }
 
     async fn serve_client(self: Arc<Self>, tcp: TcpStream, gate: Arc<Gate>) {
@@ -538,8 +544,11 @@ impl Proxy {
             );
             return r;
         };
-        if let Err(r) = self.promote(gate) {
-            return r;
+        if !self.promote(gate) {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agentkeys proxy: too many connections",
+            );
         }
         if req.method() == Method::CONNECT {
             return self.connect(reg, req).await;
@@ -627,6 +636,38 @@ impl Proxy {
         )
     }
 
+    /// The TLS server configuration of decrypted connections to `host`: one per host and leaf,
+    /// kept (at most [`MAX_SERVER_CONFIGS`]) so that a client's next connection resumes its TLS
+    /// session instead of a full handshake; built again when the minter renews the leaf.
+    fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+        let leaf = self
+            .minter
+            .leaf(host)
+            .map_err(|e| format!("minting a certificate failed: {e}"))?;
+        if let Some((l, cfg)) = self.server_cfgs.lock().expect("server configs").get(host)
+            && Arc::ptr_eq(l, &leaf)
+        {
+            return Ok(cfg.clone());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneHost {
+                host: host.to_string(),
+                leaf: leaf.clone(),
+            }));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let cfg = Arc::new(cfg);
+        let mut all = self.server_cfgs.lock().expect("server configs");
+        if all.len() >= MAX_SERVER_CONFIGS {
+            all.clear();
+        }
+        all.insert(host.to_string(), (leaf, cfg.clone()));
+        Ok(cfg)
+    }
+
     async fn decrypt(
         self: Arc<Self>,
         reg: Arc<Registration>,
@@ -634,27 +675,14 @@ impl Proxy {
         port: u16,
         io: TokioIo<hyper::upgrade::Upgraded>,
     ) {
-        let leaf = match self.minter.leaf(&host) {
-            Ok(l) => l,
+        let cfg = match self.server_config(&host) {
+            Ok(c) => c,
             Err(e) => {
-                warn!("minting a certificate failed: {e}");
+                warn!("TLS for a decrypted connection: {e}");
                 return;
             }
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let Ok(cfg) = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-        else {
-            return;
-        };
-        let mut cfg = cfg
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(OneHost {
-                host: host.clone(),
-                leaf,
-            }));
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let upstream: Upstream = Arc::new(tokio::sync::Mutex::new(None));
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(Ok(t)) => t,
