@@ -375,6 +375,20 @@ fn a_request_naming_two_hosts_never_carries_the_value() {
     assert_eq!(code("/noport"), 421);
     assert_eq!(code("/dot"), 200);
     e.value_only_on(&["/dot"]);
+    // Each refusal that carried the placeholder is audited `deny` with the connection's host.
+    assert!(
+        wait_until(Duration::from_secs(5), || e
+            .audit_events("deny")
+            .iter()
+            .filter(|d| d["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("another host than the connection"))
+            .count()
+            >= 4),
+        "{:?}",
+        e.audit_events("deny")
+    );
     let out = run.end();
     assert!(out.status.success(), "{}", text(&out));
 }
