@@ -98,6 +98,10 @@ impl Run {
 
 impl Env {
     fn long_run(&self, tag: &str) -> Run {
+        self.long_run_with(tag, &["GH=gh", "OTHER=other"], &self.token_file)
+    }
+
+    fn long_run_with(&self, tag: &str, mappings: &[&str], token_file: &std::path::Path) -> Run {
         let envfile = self.h.dir.join(format!("{tag}-env.txt"));
         let keep = self.h.dir.join(format!("{tag}-keep"));
         std::fs::write(&keep, b"").unwrap();
@@ -107,19 +111,13 @@ impl Env {
             keep = keep.display()
         );
         let mut c = Command::new(bin("agentkeys"));
-        c.args([
-            "run",
-            "--proxy",
-            "GH=gh",
-            "--proxy",
-            "OTHER=other",
-            "--",
-            "sh",
-            "-c",
-        ])
-        .arg(script);
+        c.arg("run");
+        for m in mappings {
+            c.args(["--proxy", m]);
+        }
+        c.args(["--", "sh", "-c"]).arg(script);
         self.h.env(&mut c);
-        c.env("AGENTKEYS_TOKEN_FILE", &self.token_file)
+        c.env("AGENTKEYS_TOKEN_FILE", token_file)
             .stdin(Stdio::null());
         let thread = std::thread::spawn(move || c.output().unwrap());
         assert!(
@@ -260,6 +258,11 @@ type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 /// TLS over a decrypted tunnel to 127.0.0.1, trusting the agentkeys CA bundle.
 fn tls_in(tcp: TcpStream, bundle: &str) -> Tls {
+    tls_named(tcp, bundle, "127.0.0.1")
+}
+
+/// TLS over a tunnel with `name` as the server name, trusting the agentkeys CA bundle.
+fn tls_named(tcp: TcpStream, bundle: &str, name: &str) -> Tls {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(bundle.as_bytes()).flatten() {
@@ -272,7 +275,7 @@ fn tls_in(tcp: TcpStream, bundle: &str) -> Tls {
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1".to_string()).unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
@@ -712,5 +715,70 @@ fn idle_unauthenticated_connections_do_not_lock_a_run_out() {
     );
     e.value_only_on(&["/after-flood"]);
     drop(idle);
+    let _ = run.end();
+}
+
+/// A wildcard policy lets the agent make the proxy mint a certificate for any name under it:
+/// many names, long names. The leaf and TLS-configuration caches are bounded, so the proxy's
+/// memory stays bounded and it keeps serving.
+#[test]
+fn minting_leaves_for_many_long_names_stays_bounded() {
+    let e = setup("rt-mint");
+    let out = e.h.run_stdin(
+        &["store", "wild", "--inject-host", "*.example.test"],
+        b"ak-wild-value-0042",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let token = e.h.agent_token_file("wildbot", "wild");
+    let run = e.long_run_with("w", &["W=wild"], &token);
+    let (addr, cred) = run.proxy();
+    let bundle = std::fs::read_to_string(e.h.home().join("proxy-ca-bundle.pem")).unwrap();
+    let daemon = e.h.daemon_pid();
+    let proxy: u32 = std::fs::read_to_string(format!("/proc/{daemon}/task/{daemon}/children"))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "agentkeys-proxy")
+        })
+        .expect("the proxy process");
+    let long = "a".repeat(55);
+    let handshake = |i: usize| -> bool {
+        let name = format!("{i}-{long}.example.test");
+        let (code, tcp) = connect_via(&addr, Some(&cred), &format!("{name}:443"));
+        if code != 200 {
+            eprintln!("rt-mint: CONNECT {i}: {code}");
+            return false;
+        }
+        let mut tls = tls_named(tcp, &bundle, &name);
+        while tls.conn.is_handshaking() {
+            if let Err(err) = tls.conn.complete_io(&mut tls.sock) {
+                eprintln!("rt-mint: handshake {i}: {err}");
+                return false;
+            }
+        }
+        true
+    };
+    // Warm up, then the resident size; then more names than the caches keep.
+    for i in 0..50 {
+        assert!(handshake(i), "no leaf minted for name {i}");
+    }
+    let before = agentkeys_e2e::status_kb(proxy, "VmRSS");
+    let n = 1300;
+    let ok = (50..n).filter(|&i| handshake(i)).count();
+    let after = agentkeys_e2e::status_kb(proxy, "VmRSS");
+    println!(
+        "rt-mint: {ok} of {} handshakes, proxy RSS {before} -> {after} KiB",
+        n - 50
+    );
+    assert_eq!(ok, n - 50, "the proxy stopped minting");
+    assert!(
+        after < before + 48 * 1024,
+        "the proxy grew from {before} to {after} KiB for {n} names"
+    );
+    // Still serving a name it has seen and a new one.
+    assert!(handshake(1));
+    assert!(handshake(n + 1));
     let _ = run.end();
 }
