@@ -782,3 +782,85 @@ fn minting_leaves_for_many_long_names_stays_bounded() {
     assert!(handshake(n + 1));
     let _ = run.end();
 }
+
+/// Sends one request on an open decrypted connection and reads its answer (a
+/// `Content-Length` body); (status, body), or (0, empty) when the connection is gone.
+fn exchange_on(tls: &mut Tls, raw: &[u8]) -> (u16, Vec<u8>) {
+    if tls.write_all(raw).and_then(|_| tls.flush()).is_err() {
+        return (0, Vec::new());
+    }
+    let mut r = BufReader::new(tls);
+    let (code, head) = read_head(&mut r);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if r.read_exact(&mut body).is_err() {
+        return (0, Vec::new());
+    }
+    (code, body)
+}
+
+/// The agent revoked while its run holds a decrypted keep-alive connection, with a value the
+/// proxy may cache (`--cache-ttl 10m`) and one it may not: the next request on that same
+/// connection gets no value, nor does a new connection.
+#[test]
+fn revoking_the_agent_stops_injection_on_open_connections() {
+    let e = setup("rt-revoke");
+    let host = format!("127.0.0.1:{}", e.srv.port());
+    let out = e.h.run_stdin(
+        &[
+            "store",
+            "cached",
+            "--inject-host",
+            &host,
+            "--inject-header",
+            "x-cached",
+            "--cache-ttl",
+            "10m",
+        ],
+        b"ak-cached-value-31337",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let token = e.h.agent_token_file("revokee", "gh,cached");
+    let run = e.long_run_with("r", &["GH=gh", "C=cached"], &token);
+    let (gh, c) = (run.var("GH").to_string(), run.var("C").to_string());
+    let (addr, cred) = run.proxy();
+    let bundle = std::fs::read_to_string(e.h.home().join("proxy-ca-bundle.pem")).unwrap();
+    let (code, tcp) = connect_via(&addr, Some(&cred), &host);
+    assert_eq!(code, 200);
+    let mut tls = tls_in(tcp, &bundle);
+    let req = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gh}\r\nX-Cached: {c}\r\n\r\n"
+        )
+    };
+    let (code, _) = exchange_on(&mut tls, req("/before").as_bytes());
+    assert_eq!(code, 200, "the first request");
+    let out = e.h.run(&["agent", "revoke", "revokee"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, body) = exchange_on(&mut tls, req("/after-same-conn").as_bytes());
+    println!(
+        "rt-revoke: same connection after revocation: {code} {}",
+        String::from_utf8_lossy(&body).trim()
+    );
+    assert_ne!(code, 200, "injected after revocation");
+    let (code, tcp) = connect_via(&addr, Some(&cred), &host);
+    if code == 200 {
+        let mut tls = tls_in(tcp, &bundle);
+        let (code, _) = exchange_on(&mut tls, req("/after-new-conn").as_bytes());
+        assert_ne!(code, 200, "injected after revocation on a new connection");
+    }
+    for r in e.srv.requests() {
+        if r.target.starts_with("/after") {
+            assert!(!contains(&r.all_bytes(), VALUE.as_bytes()), "{r:?}");
+            assert!(!contains(&r.all_bytes(), b"ak-cached-value-31337"), "{r:?}");
+        }
+    }
+    let _ = run.end();
+}
