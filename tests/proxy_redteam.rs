@@ -594,6 +594,8 @@ fn reflected_values_are_masked_in_every_form_the_proxy_sent() {
          curl -s -u \"x-access-token:$GH\" $u/echo; echo\n\
          curl -s -H \"Authorization: Bearer $GH\" $u/echo; echo\n\
          curl -s \"$u/echo?access_token=$GH\"; echo\n\
+         echo \"compressed $(curl -s -o compressed.out -w '%{http_code}' -H \"X-Api-Key: $GH\" $u/compressed-echo)\"\n\
+         cat compressed.out; echo\n\
          echo end\n";
     let out = e.run(script);
     let so = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -604,19 +606,26 @@ fn reflected_values_are_masked_in_every_form_the_proxy_sent() {
         !so.contains(&basic),
         "the Basic credential reflected unmasked: {so}"
     );
+    // A server that compresses although identity was asked: the answer is withheld (it
+    // cannot be masked), saying why.
+    assert!(so.contains("compressed 502"), "{so}");
+    assert!(so.contains("answered compressed (gzip)"), "{so}");
     // The server did get it each time.
     let got = e
         .srv
         .requests()
         .iter()
-        .filter(|r| r.target.starts_with("/echo") && contains(&r.all_bytes(), VALUE.as_bytes()))
+        .filter(|r| {
+            (r.target.starts_with("/echo") || r.target == "/compressed-echo")
+                && contains(&r.all_bytes(), VALUE.as_bytes())
+        })
         .count()
         + e.srv
             .requests()
             .iter()
             .filter(|r| contains(&r.all_bytes(), basic.as_bytes()))
             .count();
-    assert_eq!(got, 3, "{:?}", e.srv.requests());
+    assert_eq!(got, 4, "{:?}", e.srv.requests());
 }
 
 /// The proxy process killed (by the agent, which shares the owner's uid): requests fail, no

@@ -3,7 +3,8 @@
 //! rustls, and a record of every request it receives (method, path and query, headers, body).
 //!
 //! Routes: `/echo` answers with the request's headers and target as JSON (a host that
-//! reflects credentials); `/redirect?to=URL` answers 302 to URL; `/git/...` is `git http-backend` as a
+//! reflects credentials); `/compressed-echo` answers them marked `Content-Encoding: gzip` whatever was asked;
+//! `/redirect?to=URL` answers 302 to URL; `/git/...` is `git http-backend` as a
 //! CGI (Basic auth required: the password must be [`HttpsServer::git_password`]); anything else
 //! answers `ok`.
 
@@ -269,6 +270,20 @@ async fn handle(
         .split_once('?')
         .map(|(_, q)| q.to_string())
         .unwrap_or_default();
+    if path == "/compressed-echo" {
+        // A server that compresses whatever the client asked for (the body is marked gzip; the
+        // proxy cannot look inside, so it must not pass it on).
+        let text: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}\n", String::from_utf8_lossy(v)))
+            .collect();
+        let mut r = respond(StatusCode::OK, text);
+        r.headers_mut().insert(
+            hyper::header::CONTENT_ENCODING,
+            hyper::http::HeaderValue::from_static("gzip"),
+        );
+        return r;
+    }
     if path == "/echo" {
         let mut map: HashMap<String, String> = headers
             .iter()

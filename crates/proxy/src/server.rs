@@ -912,6 +912,35 @@ impl Proxy {
             Vec::new()
         };
         mask_headers(resp.headers_mut(), &masks);
+        // A compressed answer cannot be masked: injected requests ask for `identity`, and a
+        // server that compresses anyway gets its answer withheld (fail closed), since one that
+        // reflects the value would hand it to the program inside the compressed bytes.
+        if injected
+            && !resp.body().is_end_stream()
+            && let Some(enc) = resp.headers().get(hyper::header::CONTENT_ENCODING)
+            && !enc
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"identity")
+        {
+            let shown: String = String::from_utf8_lossy(enc.as_bytes())
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(40)
+                .collect();
+            warn!(
+                reg = reg.reg,
+                host, "withheld a compressed answer ({shown})"
+            );
+            *upstream.lock().await = None;
+            return full(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "agentkeys proxy: {} answered compressed ({shown}) although the proxy asked for identity; an answer to a request carrying a credential is passed on only where it can be masked",
+                    shown_host(host, port)
+                ),
+            );
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A websocket (or other upgrade): the upstream connection becomes the tunnel.
             *upstream.lock().await = None;
