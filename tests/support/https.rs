@@ -2,8 +2,9 @@
 //! CA of its own (rcgen), a certificate for `127.0.0.1`, `::1` and `localhost`, HTTP/1.1 over
 //! rustls, and a record of every request it receives (method, path and query, headers, body).
 //!
-//! Routes: `/echo` answers with the request's headers as JSON (a host that reflects
-//! credentials); `/redirect?to=URL` answers 302 to URL; `/git/...` is `git http-backend` as a
+//! Routes: `/echo` answers with the request's headers and target as JSON (a host that
+//! reflects credentials); `/compressed-echo` answers them marked `Content-Encoding: gzip` whatever was asked;
+//! `/redirect?to=URL` answers 302 to URL; `/git/...` is `git http-backend` as a
 //! CGI (Basic auth required: the password must be [`HttpsServer::git_password`]); anything else
 //! answers `ok`.
 
@@ -269,11 +270,27 @@ async fn handle(
         .split_once('?')
         .map(|(_, q)| q.to_string())
         .unwrap_or_default();
+    if path == "/compressed-echo" {
+        // A server that compresses whatever the client asked for (the body is marked gzip; the
+        // proxy cannot look inside, so it must not pass it on).
+        let text: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}\n", String::from_utf8_lossy(v)))
+            .collect();
+        let mut r = respond(StatusCode::OK, text);
+        r.headers_mut().insert(
+            hyper::header::CONTENT_ENCODING,
+            hyper::http::HeaderValue::from_static("gzip"),
+        );
+        return r;
+    }
     if path == "/echo" {
-        let map: HashMap<String, String> = headers
+        let mut map: HashMap<String, String> = headers
             .iter()
             .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
             .collect();
+        // The request target too (a host that reflects the query it got).
+        map.insert(":target".into(), target.clone());
         let text = serde_json::to_string(&map).unwrap_or_default();
         return respond(StatusCode::OK, text);
     }

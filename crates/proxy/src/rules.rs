@@ -410,7 +410,7 @@ fn form_decode(s: &[u8]) -> Vec<u8> {
     percent_decode(&plus)
 }
 
-fn percent_encode_into(b: &[u8], out: &mut String) {
+pub(crate) fn percent_encode_into(b: &[u8], out: &mut String) {
     for &c in b {
         if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
             out.push(c as char);

@@ -9,12 +9,14 @@
 //!   server: pinning and client certificates work);
 //! - a plain-http request (absolute URI): forwarded, but refused if it carries a placeholder.
 //!
-//! Bounds: [`MAX_CONNECTIONS`] at once, request heads of at most [`MAX_HEAD`] bytes read within
+//! Bounds: [`MAX_UNAUTHENTICATED`] connections without a run's credential (the oldest closed
+//! for a new one; each must authenticate within [`AUTH_TIMEOUT`]), [`MAX_CONNECTIONS`]
+//! authenticated ones at once, request heads of at most [`MAX_HEAD`] bytes read within
 //! [`HEAD_TIMEOUT`], TLS handshakes within [`HANDSHAKE_TIMEOUT`], upstream connects within
 //! [`CONNECT_TIMEOUT`], the daemon's answer within [`ANSWER_TIMEOUT`]. A run's connections
 //! close when its registration goes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -38,7 +40,7 @@ use rustls::sign::CertifiedKey;
 use sha2::Digest;
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 use tracing::{debug, info, warn};
@@ -48,8 +50,15 @@ use crate::ca::Minter;
 use crate::link::{FromProxy, MAX_ALLOW_HOSTS, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy};
 use crate::rules::{Rules, Verdict, shown_host};
 
-/// Most client connections at once.
+/// Most authenticated client connections at once (before a `CONNECT` is answered; tunnels and
+/// decrypted connections are a run's own).
 pub const MAX_CONNECTIONS: usize = 512;
+/// Most connections that have not yet shown a run's credential. Any local user can connect to
+/// the loopback port: past this, the oldest such connection is closed for the new one, so idle
+/// or trickling connections cannot lock the runs out.
+pub const MAX_UNAUTHENTICATED: usize = 64;
+/// A connection must show a run's credential within this.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// A request head must arrive within this.
@@ -108,9 +117,8 @@ impl UpSender {
                 if let Ok(u) = pq.parse() {
                     *req.uri_mut() = u;
                 }
-                if !req.headers().contains_key(hyper::header::HOST)
-                    && let Ok(v) = HeaderValue::from_str(&authority)
-                {
+                // Exactly one Host, the connection's (checked to be what the client named).
+                if let Ok(v) = HeaderValue::from_str(&authority) {
                     req.headers_mut().insert(hyper::header::HOST, v);
                 }
                 *req.version_mut() = hyper::Version::HTTP_11;
@@ -171,6 +179,25 @@ pub struct Proxy {
     next_id: AtomicU64,
     waiters: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     conns: Arc<Semaphore>,
+    /// Connections not authenticated yet, oldest first (at most [`MAX_UNAUTHENTICATED`]).
+    unauthenticated: Mutex<VecDeque<Arc<Gate>>>,
+    /// TLS server configurations of decrypted hosts, with the leaf each was built for.
+    server_cfgs: Mutex<ServerConfigs>,
+}
+
+/// Host -> (leaf, TLS server configuration serving it).
+type ServerConfigs = HashMap<String, (Arc<CertifiedKey>, Arc<rustls::ServerConfig>)>;
+
+/// Most TLS server configurations kept (one per decrypted host; past it they are built anew).
+const MAX_SERVER_CONFIGS: usize = 1024;
+
+/// One client connection's admission: unauthenticated until its first request with a run's
+/// credential, then holding one of [`MAX_CONNECTIONS`] permits.
+struct Gate {
+    /// Closes the connection (it was the oldest unauthenticated one when the list was full).
+    evict: Notify,
+    authenticated: AtomicBool,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 fn full(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
@@ -220,6 +247,31 @@ fn split_authority(a: &str, default_port: u16) -> Option<(String, u16)> {
     Some((h.trim_end_matches('.').to_ascii_lowercase(), p))
 }
 
+/// Whether every authority `req` names is `host:port`, and it names one: at most one `Host`
+/// header, and the URI's authority (absolute form, HTTP/2 `:authority`) the same host when both
+/// are there.
+fn names_only(req: &Request<Incoming>, host: &str, port: u16) -> bool {
+    let is_it = |a: &str| split_authority(a, 443).is_some_and(|(h, p)| h == host && p == port);
+    let mut hosts = req.headers().get_all(hyper::header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return false;
+    }
+    let by_header = match first {
+        Some(v) => match v.to_str() {
+            Ok(t) if is_it(t) => true,
+            _ => return false,
+        },
+        None => false,
+    };
+    let by_uri = match req.uri().authority() {
+        Some(a) if is_it(a.as_str()) => true,
+        Some(_) => return false,
+        None => false,
+    };
+    by_header || by_uri
+}
+
 /// The certificate resolver of one decrypted connection: the leaf of the CONNECT host, and no
 /// certificate at all (a failed handshake) for an SNI naming another host.
 #[derive(Debug)]
@@ -258,6 +310,8 @@ impl Proxy {
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
             conns: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            unauthenticated: Mutex::new(VecDeque::new()),
+            server_cfgs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -273,16 +327,11 @@ impl Proxy {
                 }
                 a = listener.accept() => match a {
                     Ok((tcp, _)) => {
-                        let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                            debug!("connection refused: too many open");
-                            drop(tcp);
-                            continue;
-                        };
+                        let gate = self.admit();
                         let this = self.clone();
                         tokio::spawn(async move {
                             let _ = tcp.set_nodelay(true);
-                            this.serve_client(tcp).await;
-                            drop(permit);
+                            this.serve_client(tcp, gate).await;
                         });
                     }
                     Err(e) => {
@@ -435,26 +484,80 @@ impl Proxy {
         bool::from(h.ct_eq(&r.pass_sha256)).then_some(r)
     }
 
-    async fn serve_client(self: Arc<Self>, tcp: TcpStream) {
+    /// A new connection, unauthenticated: the oldest unauthenticated one is closed when there
+    /// are [`MAX_UNAUTHENTICATED`] already.
+    fn admit(&self) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            evict: Notify::new(),
+            authenticated: AtomicBool::new(false),
+            permit: Mutex::new(None),
+        });
+        let mut list = self.unauthenticated.lock().expect("unauthenticated");
+        if list.len() >= MAX_UNAUTHENTICATED
+            && let Some(old) = list.pop_front()
+        {
+            debug!("closing the oldest unauthenticated connection for a new one");
+            old.evict.notify_one();
+        }
+        list.push_back(gate.clone());
+        gate
+    }
+
+    fn forget(&self, gate: &Arc<Gate>) {
+        self.unauthenticated
+            .lock()
+            .expect("unauthenticated")
+            .retain(|g| !Arc::ptr_eq(g, gate));
+    }
+
+    /// The connection showed a run's credential: it leaves the unauthenticated list and takes
+    /// one of [`MAX_CONNECTIONS`] permits (false: none left).
+    fn promote(&self, gate: &Arc<Gate>) -> bool {
+        if gate.authenticated.load(Ordering::Acquire) {
+            return true;
+        }
+        let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+            return false;
+        };
+        *gate.permit.lock().expect("permit") = Some(permit);
+        gate.authenticated.store(true, Ordering::Release);
+        self.forget(gate);
+        true
+    }
+
+    async fn serve_client(self: Arc<Self>, tcp: TcpStream, gate: Arc<Gate>) {
         let this = self.clone();
+        let g = gate.clone();
         let svc = service_fn(move |req| {
-            let this = this.clone();
-            async move { Ok::<_, Infallible>(this.handle(req).await) }
+            let (this, g) = (this.clone(), g.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, &g).await) }
         });
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(MAX_HEAD)
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_TIMEOUT);
-        if let Err(e) = b
-            .serve_connection(TokioIo::new(tcp), svc)
-            .with_upgrades()
-            .await
-        {
-            debug!("client connection: {e}");
+        let conn = b.serve_connection(TokioIo::new(tcp), svc).with_upgrades();
+        // Unauthenticated connections: closed after AUTH_TIMEOUT, or when evicted.
+        let deadline = async {
+            tokio::time::sleep(AUTH_TIMEOUT).await;
+            if gate.authenticated.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r { debug!("client connection: {e}") },
+            _ = gate.evict.notified() => debug!("evicted an unauthenticated connection"),
+            _ = deadline => debug!("closed a connection that did not authenticate in time"),
         }
+        self.forget(&gate);
+        gate.permit.lock().expect("permit").take();
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        gate: &Arc<Gate>,
+    ) -> Response<RespBody> {
         let Some(reg) = self.authenticate(&req) else {
             debug!("407: no or a wrong proxy credential");
             let mut r = full(
@@ -467,6 +570,12 @@ impl Proxy {
             );
             return r;
         };
+        if !self.promote(gate) {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agentkeys proxy: too many connections",
+            );
+        }
         if req.method() == Method::CONNECT {
             return self.connect(reg, req).await;
         }
@@ -559,6 +668,38 @@ impl Proxy {
         )
     }
 
+    /// The TLS server configuration of decrypted connections to `host`: one per host and leaf,
+    /// kept (at most [`MAX_SERVER_CONFIGS`]) so that a client's next connection resumes its TLS
+    /// session instead of a full handshake; built again when the minter renews the leaf.
+    fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+        let leaf = self
+            .minter
+            .leaf(host)
+            .map_err(|e| format!("minting a certificate failed: {e}"))?;
+        if let Some((l, cfg)) = self.server_cfgs.lock().expect("server configs").get(host)
+            && Arc::ptr_eq(l, &leaf)
+        {
+            return Ok(cfg.clone());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneHost {
+                host: host.to_string(),
+                leaf: leaf.clone(),
+            }));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let cfg = Arc::new(cfg);
+        let mut all = self.server_cfgs.lock().expect("server configs");
+        if all.len() >= MAX_SERVER_CONFIGS {
+            all.clear();
+        }
+        all.insert(host.to_string(), (leaf, cfg.clone()));
+        Ok(cfg)
+    }
+
     async fn decrypt(
         self: Arc<Self>,
         reg: Arc<Registration>,
@@ -566,27 +707,14 @@ impl Proxy {
         port: u16,
         io: TokioIo<hyper::upgrade::Upgraded>,
     ) {
-        let leaf = match self.minter.leaf(&host) {
-            Ok(l) => l,
+        let cfg = match self.server_config(&host) {
+            Ok(c) => c,
             Err(e) => {
-                warn!("minting a certificate failed: {e}");
+                warn!("TLS for a decrypted connection: {e}");
                 return;
             }
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let Ok(cfg) = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-        else {
-            return;
-        };
-        let mut cfg = cfg
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(OneHost {
-                host: host.clone(),
-                leaf,
-            }));
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let upstream: Upstream = Arc::new(tokio::sync::Mutex::new(None));
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(Ok(t)) => t,
@@ -641,19 +769,12 @@ impl Proxy {
     ) -> Response<RespBody> {
         let method = req.method().to_string();
         let path = path_only(req.uri());
-        // The Host header must name the tunnel's host: a request for another host over this
-        // connection would otherwise get this host's values (SNI and Host must agree).
-        let named = req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let same = named
-            .as_deref()
-            .and_then(|n| split_authority(n, 443))
-            .is_some_and(|(h, p)| h == host && p == port);
-        if !same {
+        // Every authority the request names (its `Host` header, the authority of an
+        // absolute-form URI or HTTP/2's `:authority`) must be the tunnel's host: a request for
+        // another host over this connection would otherwise get this host's values (SNI and
+        // Host must agree). One `Host` header at most: with two, a server behind a shared
+        // front end could pick the second (another virtual host on the same address).
+        if !names_only(&req, host, port) {
             // A placeholder sent this way is an attempt worth recording.
             let seen = match reg
                 .rules
@@ -710,6 +831,7 @@ impl Proxy {
             }
         }
         let injected = !values.is_empty();
+        let mut sent_headers: Vec<Zeroizing<Vec<u8>>> = Vec::new();
         if injected {
             let pairs: Vec<(usize, &[u8])> = values.iter().map(|(i, v)| (*i, &v[..])).collect();
             let (mut parts, body) = req.into_parts();
@@ -718,6 +840,13 @@ impl Proxy {
                 .substitute(&pairs, &mut parts.uri, &mut parts.headers)
             {
                 return full(StatusCode::BAD_GATEWAY, format!("agentkeys proxy: {e}"));
+            }
+            // The Basic credentials as sent (base64 of `user:value`), to mask in the answer.
+            for v in parts.headers.get_all(hyper::header::AUTHORIZATION) {
+                let raw = v.as_bytes();
+                if raw.len() > 6 && raw[..6].eq_ignore_ascii_case(b"basic ") {
+                    sent_headers.push(Zeroizing::new(raw[6..].trim_ascii().to_vec()));
+                }
             }
             // Masking needs the answer uncompressed.
             parts.headers.insert(
@@ -806,6 +935,44 @@ impl Proxy {
         };
         self.done(&reg, &values, host, &method, &path, resp.status().as_u16())
             .await;
+        // The answer is masked for the values in every form this request sent them in (raw,
+        // base64 in a Basic header, percent-encoded in the query): headers here (a 101's too),
+        // the body and its trailers below.
+        let masks = if injected {
+            sent_forms(&values, &sent_headers)
+        } else {
+            Vec::new()
+        };
+        mask_headers(resp.headers_mut(), &masks);
+        // A compressed answer cannot be masked: injected requests ask for `identity`, and a
+        // server that compresses anyway gets its answer withheld (fail closed), since one that
+        // reflects the value would hand it to the program inside the compressed bytes.
+        if injected
+            && !resp.body().is_end_stream()
+            && let Some(enc) = resp.headers().get(hyper::header::CONTENT_ENCODING)
+            && !enc
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"identity")
+        {
+            let shown: String = String::from_utf8_lossy(enc.as_bytes())
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(40)
+                .collect();
+            warn!(
+                reg = reg.reg,
+                host, "withheld a compressed answer ({shown})"
+            );
+            *upstream.lock().await = None;
+            return full(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "agentkeys proxy: {} answered compressed ({shown}) although the proxy asked for identity; an answer to a request carrying a credential is passed on only where it can be masked",
+                    shown_host(host, port)
+                ),
+            );
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A websocket (or other upgrade): the upstream connection becomes the tunnel.
             *upstream.lock().await = None;
@@ -823,22 +990,9 @@ impl Proxy {
             let (parts, body) = resp.into_parts();
             return Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
         }
-        let (mut parts, body) = resp.into_parts();
+        let (parts, body) = resp.into_parts();
         if injected {
-            let secrets: Vec<Arc<MappedSecret>> = values.iter().map(|(_, v)| v.clone()).collect();
-            for v in parts.headers.values_mut() {
-                let b = v.as_bytes();
-                if secrets.iter().any(|s| contains(b, s)) {
-                    let mut m = b.to_vec();
-                    for s in &secrets {
-                        mask_in_place(&mut m, s);
-                    }
-                    if let Ok(nv) = HeaderValue::from_bytes(&m) {
-                        *v = nv;
-                    }
-                }
-            }
-            return Response::from_parts(parts, MaskBody::new(body, secrets).boxed());
+            return Response::from_parts(parts, MaskBody::new(body, masks).boxed());
         }
         Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
     }
@@ -1179,6 +1333,68 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A byte string an answer is masked for: a value's page, or a form of it the proxy sent
+/// (base64 in a Basic header, percent-encoded in a query), in a zeroizing buffer.
+enum Masked {
+    Page(Arc<MappedSecret>),
+    Form(Zeroizing<Vec<u8>>),
+}
+
+impl std::ops::Deref for Masked {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Masked::Page(p) => p,
+            Masked::Form(f) => f,
+        }
+    }
+}
+
+/// The values and every form of them a request carried: the raw bytes, each Basic credential
+/// (`basic`: the base64 text sent) that decodes to one holding a value, and each value
+/// percent-encoded as a query parameter carries it.
+fn sent_forms(values: &[(usize, Arc<MappedSecret>)], basic: &[Zeroizing<Vec<u8>>]) -> Vec<Masked> {
+    let mut out: Vec<Masked> = values
+        .iter()
+        .map(|(_, v)| Masked::Page(v.clone()))
+        .collect();
+    for b in basic {
+        let holds = base64::engine::general_purpose::STANDARD
+            .decode(&b[..])
+            .ok()
+            .map(Zeroizing::new)
+            .is_some_and(|d| values.iter().any(|(_, v)| contains(&d, v)));
+        if holds {
+            out.push(Masked::Form(b.clone()));
+        }
+    }
+    for (_, v) in values {
+        let mut enc = Zeroizing::new(String::with_capacity(v.len() * 3));
+        crate::rules::percent_encode_into(v, &mut enc);
+        if enc.as_bytes() != &v[..] {
+            out.push(Masked::Form(Zeroizing::new(enc.as_bytes().to_vec())));
+        }
+    }
+    out
+}
+
+/// Masks every occurrence of `masks` in header values.
+fn mask_headers(headers: &mut hyper::http::HeaderMap, masks: &[Masked]) {
+    if masks.is_empty() {
+        return;
+    }
+    for v in headers.values_mut() {
+        let b = v.as_bytes();
+        if masks.iter().any(|s| contains(b, s)) {
+            let mut m = b.to_vec();
+            for s in masks {
+                mask_in_place(&mut m, s);
+            }
+            *v = HeaderValue::from_bytes(&m).unwrap_or_else(|_| HeaderValue::from_static("*"));
+        }
+    }
+}
+
 /// Replaces every occurrence of `secret` with as many `*` (same length: a Content-Length stays
 /// right).
 fn mask_in_place(buf: &mut [u8], secret: &[u8]) {
@@ -1208,6 +1424,8 @@ struct ScanBody {
     found: Arc<Mutex<Option<usize>>>,
     ended: bool,
     failed: Arc<AtomicBool>,
+    /// Trailers (checked), sent after the held bytes.
+    trailers: Option<hyper::http::HeaderMap>,
 }
 
 impl ScanBody {
@@ -1245,6 +1463,7 @@ impl ScanBody {
             found: Arc::new(Mutex::new(None)),
             ended: false,
             failed: Arc::new(AtomicBool::new(false)),
+            trailers: None,
         }
     }
 
@@ -1267,7 +1486,7 @@ impl Body for ScanBody {
         loop {
             if self.ended {
                 if self.hold.is_empty() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 let rest = std::mem::take(&mut self.hold);
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
@@ -1281,7 +1500,26 @@ impl Body for ScanBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = match frame.into_data() {
                         Ok(data) => data,
-                        Err(other) => return Poll::Ready(Some(Ok(other))),
+                        // Trailers: no place for a placeholder either (raw or percent-encoded).
+                        Err(other) => {
+                            if let Ok(t) = other.into_trailers() {
+                                let hit = t.values().find_map(|v| {
+                                    let raw = v.as_bytes();
+                                    self.check(raw)
+                                        .or_else(|| self.check(&crate::rules::percent_decode(raw)))
+                                });
+                                if let Some(i) = hit {
+                                    *self.found.lock().expect("scan") = Some(i);
+                                    self.failed.store(true, Ordering::Relaxed);
+                                    return Poll::Ready(Some(Err(
+                                        "placeholder in the trailers".into()
+                                    )));
+                                }
+                                self.trailers = Some(t);
+                            }
+                            self.ended = true;
+                            continue;
+                        }
                     };
                     let mut buf = std::mem::take(&mut self.hold);
                     buf.extend_from_slice(&frame);
@@ -1301,7 +1539,7 @@ impl Body for ScanBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.hold.is_empty()
+        self.ended && self.hold.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -1311,16 +1549,18 @@ impl Body for ScanBody {
 
 /// A response body with every occurrence of the injected values replaced by `*` (same length),
 /// across chunk boundaries (the last `longest value - 1` bytes are held until more come).
-struct MaskBody {
-    inner: Incoming,
-    secrets: Vec<Arc<MappedSecret>>,
+struct MaskBody<B = Incoming> {
+    inner: B,
+    secrets: Vec<Masked>,
     hold: Vec<u8>,
     keep: usize,
     ended: bool,
+    /// Trailers (masked), sent after the held bytes.
+    trailers: Option<hyper::http::HeaderMap>,
 }
 
-impl MaskBody {
-    fn new(inner: Incoming, secrets: Vec<Arc<MappedSecret>>) -> MaskBody {
+impl<B> MaskBody<B> {
+    fn new(inner: B, secrets: Vec<Masked>) -> MaskBody<B> {
         let keep = secrets
             .iter()
             .map(|s| s.len())
@@ -1333,11 +1573,16 @@ impl MaskBody {
             hold: Vec::new(),
             keep,
             ended: false,
+            trailers: None,
         }
     }
 }
 
-impl Body for MaskBody {
+impl<B> Body for MaskBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1348,7 +1593,7 @@ impl Body for MaskBody {
         loop {
             if self.ended {
                 if self.hold.is_empty() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 let rest = std::mem::take(&mut self.hold);
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
@@ -1356,11 +1601,19 @@ impl Body for MaskBody {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => self.ended = true,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(Some(Ok(frame))) => {
                     let data = match frame.into_data() {
                         Ok(d) => d,
-                        Err(other) => return Poll::Ready(Some(Ok(other))),
+                        // Trailers end the body: masked, and sent after what is held.
+                        Err(other) => {
+                            if let Ok(mut t) = other.into_trailers() {
+                                mask_headers(&mut t, &self.secrets);
+                                self.trailers = Some(t);
+                            }
+                            self.ended = true;
+                            continue;
+                        }
                     };
                     let mut buf = std::mem::take(&mut self.hold);
                     buf.extend_from_slice(&data);
@@ -1378,7 +1631,7 @@ impl Body for MaskBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.hold.is_empty()
+        self.ended && self.hold.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -1416,6 +1669,46 @@ mod tests {
         assert_eq!(split_authority("a.com:x", 443), None);
         assert_eq!(split_authority("a.com:0", 443), None);
         assert_eq!(split_authority("", 443), None);
+    }
+
+    /// A body of the given frames (data and trailers).
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    /// Red team: a value reflected split across frames, and in trailers (HTTP/2, or chunked
+    /// HTTP/1.1), is masked; the held bytes come before the trailers.
+    #[test]
+    fn answers_are_masked_across_frames_and_in_trailers() {
+        let secret = b"s3cr3t-VALUE-xyz";
+        let mut trailers = hyper::http::HeaderMap::new();
+        trailers.insert("x-echo", HeaderValue::from_static("got s3cr3t-VALUE-xyz."));
+        let frames = Frames(VecDeque::from([
+            Frame::data(Bytes::from_static(b"aa s3cr3t-VA")),
+            Frame::data(Bytes::from_static(b"LUE-xyz bb s3")),
+            Frame::data(Bytes::from_static(b"cr3t-VALUE-xyz")),
+            Frame::trailers(trailers),
+        ]));
+        let body = MaskBody::new(frames, vec![Masked::Form(Zeroizing::new(secret.to_vec()))]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let got = rt.block_on(body.collect()).ok().unwrap();
+        let t = got.trailers().cloned().expect("trailers kept");
+        assert_eq!(t["x-echo"], "got ****************.");
+        assert_eq!(
+            &got.to_bytes()[..],
+            b"aa **************** bb ****************"
+        );
     }
 
     #[test]

@@ -382,6 +382,51 @@ mod tests {
         }
     }
 
+    /// Red team (tests/proxy_redteam.rs has the end-to-end part): names built to look like an
+    /// allowed host to a careless matcher.
+    #[test]
+    fn host_patterns_resist_lookalikes() {
+        let w = HostPattern::parse("*.github.com").unwrap();
+        let exact = HostPattern::parse("github.com").unwrap();
+        for evil in [
+            "evil.github.com.attacker.net",
+            "github.com.attacker.net",
+            "attacker-github.com",
+            "attackergithub.com",
+            "a.b.github.com",
+            "a..github.com",
+            ".github.com",
+            "evil.github.com\0.attacker.net",
+            "evil.github.com:443",
+            "evil.github.com/x",
+            "evil.github.com@attacker.net",
+            "xn--github-8ya.com",
+        ] {
+            assert!(!w.matches(evil, 443), "{evil}");
+            assert!(!exact.matches(evil, 443), "{evil}");
+        }
+        // Case and one trailing dot are the same name; another port is not.
+        assert!(w.matches("EVIL.GitHub.COM", 443));
+        assert!(w.matches("evil.github.com.", 443));
+        assert!(!w.matches("evil.github.com", 8443));
+        assert!(exact.matches("GITHUB.COM.", 443));
+        assert!(!exact.matches("github.com", 80));
+        // IP literals: only the exact address, no other spelling of it.
+        let ip = HostPattern::parse("127.0.0.1:8443").unwrap();
+        for other in [
+            "127.1",
+            "2130706433",
+            "0x7f.0.0.1",
+            "::ffff:127.0.0.1",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!ip.matches(other, 8443), "{other}");
+        }
+        let v6 = HostPattern::parse("[::1]:9").unwrap();
+        assert!(v6.matches("::1", 9));
+        assert!(!v6.matches("0:0:0:0:0:0:0:1x", 9));
+    }
+
     #[test]
     fn header_and_query_names_are_checked() {
         assert_eq!(parse_header_name("X-Api-Key").unwrap(), "x-api-key");
