@@ -84,54 +84,191 @@ except OSError as e: print("mem", e.errno)'
     }
 }
 
-/// `.git` in a writable root is read-only as a whole: it cannot be renamed away and replaced
-/// (`mv .git .git2 && mkdir .git`), and neither `config`, `hooks`, `commondir` (which points
-/// git at another config and hooks) nor `info/attributes` can be written; a worktree's `.git`
-/// file cannot be pointed elsewhere. Before this pass `mv .git .git2` and a new
-/// `.git/commondir` worked. A nested repository in a subdirectory remains possible (printed,
-/// documented as a residual).
+/// A real repository in the project, made by the owner's git outside.
+fn git_repo(o: &Owner) {
+    std::fs::remove_dir_all(o.proj().join(".git")).unwrap();
+    let git = |args: &[&str]| {
+        let out = o
+            .command("git", args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", show(o, &out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["init", "-q", "."]);
+    // A submodule's git directory (its own config and hooks), and no `info` or `branches`
+    // (Debian's template makes one): placeholders.
+    std::fs::create_dir_all(o.proj().join(".git/modules/sub")).unwrap();
+    std::fs::write(o.proj().join(".git/modules/sub/config"), "[core]\n").unwrap();
+    for d in ["info", "branches"] {
+        let _ = std::fs::remove_dir_all(o.proj().join(".git").join(d));
+    }
+    chown(o, &o.base);
+}
+
+fn git_out(o: &Owner, args: &[&str]) -> std::process::Output {
+    let mut full = vec![
+        "-c",
+        "user.name=owner",
+        "-c",
+        "user.email=owner@example.com",
+    ];
+    full.extend_from_slice(args);
+    o.command("git", &full)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The attacks on `.git` (each prints `name=$?`): renaming or replacing `.git`, a new
+/// `commondir` (points git at another config and hooks), `config` (by hand and by `git
+/// config`), `config.worktree`, a hook, `info/attributes`, a submodule's config, a new linked
+/// worktree's directory, a worktree's `.git` file.
+const GIT_ATTACKS: &str = r#"
+    mv .git .git2; echo "mv=$?"
+    mkdir -p fake && mv -T fake .git; echo "replace=$?"
+    mv .git/hooks .git/hooks2; echo "mvhooks=$?"
+    rm -rf .git/hooks 2>/dev/null; echo "rmhooks=$?"
+    echo /tmp/evil > .git/commondir; echo "commondir=$?"
+    printf '[core]\n\tfsmonitor = /tmp/evil\n' >> .git/config; echo "config=$?"
+    git config core.hooksPath /tmp/evil; echo "gitconfig=$?"
+    printf '[core]\n\thooksPath = /tmp/evil\n' > .git/config.worktree; echo "configworktree=$?"
+    echo x > .git/hooks/post-commit; echo "hook=$?"
+    echo '* filter=evil' > .git/info/attributes; echo "attributes=$?"
+    echo '[core] fsmonitor = /tmp/evil' >> .git/modules/sub/config; echo "modconfig=$?"
+    mkdir -p .git/modules/other; echo "modnew=$?"
+    mkdir -p .git/worktrees/evil; echo "worktrees=$?"
+    echo 'gitdir: /tmp/evil' > WT/.git; echo "gitfile=$?"
+"#;
+
+/// The placeholders a commit-capable jail makes in a repository without them.
+const GIT_PLACEHOLDERS: &[&str] = &[
+    "commondir",
+    "config.worktree",
+    "info",
+    "worktrees",
+    "remotes",
+    "branches",
+];
+
+/// By default the agent can `git add` and `git commit` inside the jail (git's own work in
+/// `.git` is writable) and the commit is there outside afterwards; what makes git run a
+/// program or read configuration stays read-only: `.git` cannot be renamed away or replaced
+/// (a mount point), `config`, `config.worktree`, `hooks`, `info`, `modules`, `worktrees` and
+/// `commondir` cannot be written, missing ones are read-only placeholders (`commondir` holds
+/// `.`, the git directory itself: git inside and the owner's git outside work with it), and no
+/// placeholder is left after the jail. A worktree's `.git` file cannot be pointed elsewhere.
+/// Before the red-team pass `mv .git .git2` and a new `.git/commondir` worked; before this one
+/// no commit could be made inside. A nested repository in a subdirectory remains possible
+/// (printed, documented as a residual).
 #[test]
-fn git_metadata_cannot_be_replaced_or_redirected() {
-    skip_unless_jail!("git_metadata_cannot_be_replaced_or_redirected");
+fn git_commits_work_but_what_git_runs_stays_read_only() {
+    skip_unless_jail!("git_commits_work_but_what_git_runs_stays_read_only");
     for o in owners("rtgit") {
-        std::fs::write(o.proj().join(".git/config"), "[core]\n\tbare = false\n").unwrap();
-        std::fs::create_dir_all(o.proj().join(".git/hooks")).unwrap();
+        git_repo(&o);
+        let config = std::fs::read_to_string(o.proj().join(".git/config")).unwrap();
         // A linked worktree: its `.git` is a file naming the git directory.
         let wt = o.base.join("wt");
         std::fs::create_dir_all(&wt).unwrap();
         std::fs::write(wt.join(".git"), "gitdir: /nonexistent/.git/worktrees/wt\n").unwrap();
         chown(&o, &o.base);
         let script = format!(
-            r#"mv .git .git2; echo "mv=$?"
-               rm -rf .git 2>/dev/null; echo "rm=$?"
-               echo /tmp/evil > .git/commondir; echo "commondir=$?"
-               printf '[core]\n\tfsmonitor = /tmp/evil\n' >> .git/config; echo "config=$?"
-               echo x > .git/hooks/post-commit; echo "hook=$?"
-               mkdir -p .git/info; echo '* filter=evil' > .git/info/attributes; echo "attributes=$?"
-               echo 'gitdir: /tmp/evil' > {wt}/.git; echo "gitfile=$?"
-               mkdir -p sub && git -C sub init -q 2>/dev/null; echo "nested=$?""#,
-            wt = wt.display()
+            r#"echo hello > a.txt
+               git add a.txt; echo "add=$?"
+               git -c user.name=agent -c user.email=agent@example.com commit -q -m 'from the jail'; echo "commit=$?"
+               echo "commondir-holds=$(cat .git/commondir)"
+               git rev-parse --git-common-dir; echo "revparse=$?"
+               echo ready > ready
+               while [ ! -e go ]; do sleep 0.1; done
+               {attacks}
+               mkdir -p sub && git -C sub init -q 2>/dev/null; echo "nested=$?"
+               git -c user.name=agent -c user.email=agent@example.com commit -q --allow-empty -m 'after the attacks'; echo "commit2=$?""#,
+            attacks = GIT_ATTACKS.replace("WT", &wt.display().to_string())
         );
-        let out = o.jail(&["--write", wt.to_str().unwrap()], &script);
+        let child = o
+            .jail_cmd(&["--write", wt.to_str().unwrap()], &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // While the jail runs: the owner's git outside works with the placeholders.
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(30), || o
+            .proj()
+            .join("ready")
+            .exists()));
+        assert_eq!(
+            std::fs::read_to_string(o.proj().join(".git/commondir")).unwrap(),
+            ".\n"
+        );
+        let during = git_out(&o, &["log", "--format=%s"]);
+        assert!(
+            String::from_utf8_lossy(&during.stdout).contains("from the jail"),
+            "{}",
+            show(&o, &during)
+        );
+        let during = git_out(&o, &["status", "--short"]);
+        assert!(during.status.success(), "{}", show(&o, &during));
+        std::fs::write(o.proj().join("go"), "").unwrap();
+        let out = child.wait_with_output().unwrap();
         let s = all(&out);
         for k in [
+            "add=0",
+            "commit=0",
+            "commondir-holds=.",
+            "revparse=0",
             "mv=1",
+            "replace=1",
+            "mvhooks=1",
             "commondir=2",
             "config=2",
+            "configworktree=2",
             "hook=2",
             "attributes=2",
+            "modconfig=2",
+            "modnew=1",
+            "worktrees=1",
             "gitfile=2",
+            "commit2=0",
         ] {
             assert!(s.contains(k), "{k}: {}", show(&o, &out));
         }
+        assert!(!s.contains("gitconfig=0"), "{}", show(&o, &out));
+        assert!(!s.contains("rmhooks=0"), "{}", show(&o, &out));
         assert!(s.contains("Device or resource busy"), "{}", show(&o, &out));
         assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert_eq!(out.status.code(), Some(0), "{}", show(&o, &out));
+        // After it: the commits are there, the repository is sound, nothing planted, no
+        // placeholder left.
+        let log = git_out(&o, &["log", "--format=%s"]);
+        let log_s = String::from_utf8_lossy(&log.stdout);
+        assert!(
+            log_s.contains("from the jail") && log_s.contains("after the attacks"),
+            "{}",
+            show(&o, &log)
+        );
+        let fsck = git_out(&o, &["fsck", "--no-progress"]);
+        assert!(fsck.status.success(), "{}", show(&o, &fsck));
+        let commit = git_out(&o, &["commit", "-q", "--allow-empty", "-m", "owner after"]);
+        assert!(commit.status.success(), "{}", show(&o, &commit));
         assert!(!o.proj().join(".git2").exists());
-        assert!(!o.proj().join(".git/commondir").exists());
         assert!(!o.proj().join(".git/hooks/post-commit").exists());
+        assert!(!o.proj().join(".git/modules/other").exists());
+        for p in GIT_PLACEHOLDERS {
+            assert!(
+                std::fs::symlink_metadata(o.proj().join(".git").join(p)).is_err(),
+                "{p} left behind: {}",
+                show(&o, &out)
+            );
+        }
         assert_eq!(
             std::fs::read_to_string(o.proj().join(".git/config")).unwrap(),
-            "[core]\n\tbare = false\n"
+            config
+        );
+        assert_eq!(
+            std::fs::read_to_string(o.proj().join(".git/modules/sub/config")).unwrap(),
+            "[core]\n"
         );
         assert_eq!(
             std::fs::read_to_string(wt.join(".git")).unwrap(),
@@ -142,6 +279,63 @@ fn git_metadata_cannot_be_replaced_or_redirected() {
             o.who(),
             s.lines().find(|l| l.starts_with("nested=")).unwrap_or("?")
         );
+        println!("[{}] what the agent sees:\n{s}", o.who());
+    }
+}
+
+/// `--git-read-only` keeps `.git` read-only as a whole: no commit inside (git says it cannot
+/// create `index.lock`), and the same attacks fail; `--print-policy` says which mode applies.
+#[test]
+fn git_read_only_keeps_all_of_git_read_only() {
+    skip_unless_jail!("git_read_only_keeps_all_of_git_read_only");
+    for o in owners("rtgitro") {
+        git_repo(&o);
+        let wt = o.base.join("wt");
+        std::fs::create_dir_all(&wt).unwrap();
+        std::fs::write(wt.join(".git"), "gitdir: /nonexistent/.git/worktrees/wt\n").unwrap();
+        chown(&o, &o.base);
+        for (flag, want) in [
+            (None, "\"git\": \"commit\""),
+            (Some("--git-read-only"), "\"git\": \"read_only\""),
+        ] {
+            let mut args = vec!["jail", "--agent", "a", "--print-policy"];
+            args.extend(flag);
+            let out = o.run(&args);
+            assert!(all(&out).contains(want), "{}", show(&o, &out));
+        }
+        let script = format!(
+            r#"echo hello > a.txt
+               git add a.txt; echo "add=$?"
+               {attacks}"#,
+            attacks = GIT_ATTACKS.replace("WT", &wt.display().to_string())
+        );
+        let out = o.jail(
+            &["--git-read-only", "--write", wt.to_str().unwrap()],
+            &script,
+        );
+        let s = all(&out);
+        for k in [
+            "mv=1",
+            "replace=1",
+            "commondir=2",
+            "config=2",
+            "hook=2",
+            "attributes=2",
+            "modconfig=2",
+            "modnew=1",
+            "worktrees=1",
+            "gitfile=2",
+        ] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(!s.contains("add=0"), "{}", show(&o, &out));
+        assert!(s.contains("index.lock"), "{}", show(&o, &out));
+        assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert!(!o.proj().join(".git/commondir").exists());
+        assert!(!o.proj().join(".git/index").exists());
+        assert!(!o.proj().join(".git/info").exists());
+        let st = git_out(&o, &["status", "--short"]);
+        assert!(st.status.success(), "{}", show(&o, &st));
     }
 }
 

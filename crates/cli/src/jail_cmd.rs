@@ -40,6 +40,7 @@ pub(crate) struct JailOpts {
     pub allow_socket: Vec<PathBuf>,
     pub env: Vec<String>,
     pub best_effort: bool,
+    pub git_read_only: bool,
     pub print_policy: bool,
     pub command: Vec<String>,
 }
@@ -73,6 +74,7 @@ fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
         allow_socket: o.allow_socket.clone(),
         env: o.env.clone(),
         best_effort: o.best_effort,
+        git_read_only: o.git_read_only,
     };
     PolicyBuilder::new(c, opts)
         .build()

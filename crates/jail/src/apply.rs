@@ -633,6 +633,16 @@ fn build_view(
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
+        // Read-only unless a socket (connecting needs no writable mount): a path shown again
+        // is for reading (`--show`, NixOS's /run/current-system).
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            ns::mount_setattr_recursive(
+                &dst,
+                ns::MOUNT_ATTR_RDONLY | ns::MOUNT_ATTR_NOSUID | ns::MOUNT_ATTR_NODEV,
+            )
+            .map_err(io("bind a path back (read-only)"))?;
+        }
     }
     for h in &hidden_dirs {
         remount_ro(&inside(new, h), "hide a directory (read-only)")?;
@@ -668,6 +678,30 @@ fn build_view(
                 .open(&dst)
             {
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(("create a protected file", errno_of(&e))),
+            }
+        }
+    }
+    // `.git/commondir` placeholders hold `.` (the git directory itself): git dies on an
+    // empty one.
+    for f in &policy.create_commondir {
+        let dst = inside(new, f);
+        no_symlink(&dst, "create a protected file")?;
+        if std::fs::symlink_metadata(&dst).is_err() {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&dst)
+            {
+                Ok(mut file) => {
+                    std::io::Write::write_all(
+                        &mut file,
+                        crate::policy::COMMONDIR_PLACEHOLDER.as_bytes(),
+                    )
+                    .map_err(io("create a protected file"))?;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(("create a protected file", errno_of(&e))),
             }
@@ -948,7 +982,8 @@ pub fn cstrings(items: &[String]) -> Option<Vec<CString>> {
 
 /// A shared `flock` every `agentkeys jail` of one owner holds for its life (on
 /// `jail.lock` in `$AGENTKEYS_HOME`), so that the jail that made placeholders
-/// ([`JailPolicy::create_dirs`], [`JailPolicy::create_files`]) removes them only when no
+/// ([`JailPolicy::create_dirs`], [`JailPolicy::create_files`],
+/// [`JailPolicy::create_commondir`]) removes them only when no
 /// other jail runs: another jail may have a read-only mount on one, and removing it from
 /// outside would detach that mount. `None` inside: no lock could be taken (placeholders are
 /// then left).
@@ -973,7 +1008,10 @@ pub fn placeholder_lock(agentkeys_home: &Path) -> PlaceholderLock {
 /// regular file, an empty directory) and no other jail runs; called once the jail's
 /// processes are gone. Best effort: a placeholder left behind is empty and read-only.
 pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
-    if policy.create_files.is_empty() && policy.create_dirs.is_empty() {
+    if policy.create_files.is_empty()
+        && policy.create_dirs.is_empty()
+        && policy.create_commondir.is_empty()
+    {
         return;
     }
     let Some(lock) = lock.0 else { return };
@@ -992,6 +1030,17 @@ pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
     for f in &policy.create_files {
         if direct(f)
             && std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
+        {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    for f in &policy.create_commondir {
+        if direct(f)
+            && std::fs::symlink_metadata(f).is_ok_and(|m| {
+                m.file_type().is_file()
+                    && m.len() == crate::policy::COMMONDIR_PLACEHOLDER.len() as u64
+            })
+            && std::fs::read(f).is_ok_and(|b| b == crate::policy::COMMONDIR_PLACEHOLDER.as_bytes())
         {
             let _ = std::fs::remove_file(f);
         }

@@ -105,14 +105,10 @@ pub const DEFAULT_HIDDEN_SOCKETS: &[&str] = &[
 ];
 
 /// Files the owner's tools run by themselves, relative to each writable root: kept read-only
-/// there (a read-only bind mount over each that exists). `.git` as a whole: its `config`
-/// (`core.fsmonitor`, `core.hooksPath`, aliases, filters, `credential.helper`), `hooks`,
-/// `commondir` (which points git at another config and hooks), `info` and a worktree's `.git`
-/// file all run programs when the owner runs git, and a `.git` that is a mount point cannot be
-/// renamed away and replaced (`mv .git .git2 && mkdir .git`). `.direnv` holds what direnv puts
-/// on the owner's PATH.
+/// there (a read-only bind mount over each that exists). `.git` is handled apart (see
+/// [`GitAccess`], [`GIT_PROTECTED_DIRS`]); `.direnv` holds what direnv puts on the owner's
+/// PATH.
 pub const PROTECTED_IN_WRITABLE: &[&str] = &[
-    ".git",
     ".envrc",
     ".vscode",
     ".direnv",
@@ -120,13 +116,61 @@ pub const PROTECTED_IN_WRITABLE: &[&str] = &[
     ".cargo/config.toml",
 ];
 
-/// Among [`PROTECTED_IN_WRITABLE`], what is made (empty) when missing so the agent cannot
-/// create it: directories. An empty `.git` directory is not a repository (git looks further
-/// up, as without it), `.vscode` is where tasks that run on opening the folder live.
+/// How much of a repository's `.git` directory the agent may write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GitAccess {
+    /// The default: git's own work (index, objects, refs, logs, `HEAD`, lock files,
+    /// `COMMIT_EDITMSG`, `packed-refs`, rebase and merge state) is writable, so `git add` and
+    /// `git commit` work; everything in it that makes git run a program or read
+    /// configuration ([`GIT_PROTECTED_DIRS`], [`GIT_PROTECTED_FILES`], `commondir`) is
+    /// read-only, made as a read-only placeholder when missing, and `.git` itself is a mount
+    /// point, so it cannot be renamed away and replaced.
+    #[default]
+    Commit,
+    /// `--git-read-only`: `.git` read-only as a whole (no commits inside the jail).
+    ReadOnly,
+}
+
+/// Directories inside an existing `.git` directory that stay read-only as a whole with
+/// [`GitAccess::Commit`] (made empty when missing): `hooks`; `info` (`attributes` picks
+/// filter and diff drivers, `exclude`, `sparse-checkout`, `grafts`); `modules` (each
+/// submodule's own config and hooks); `worktrees` (each linked worktree's `commondir`,
+/// `gitdir`, `config.worktree`, `HEAD` and index); `remotes` and `branches` (the old ways to
+/// name a remote's URL, read when the config names none).
+pub const GIT_PROTECTED_DIRS: &[&str] = &[
+    "hooks",
+    "info",
+    "modules",
+    "worktrees",
+    "remotes",
+    "branches",
+];
+
+/// Files inside an existing `.git` directory that stay read-only with [`GitAccess::Commit`]
+/// (made empty when missing): `config` (`core.fsmonitor`, `core.hooksPath`, `core.pager`,
+/// `core.sshCommand`, aliases, filters, `credential.helper`, `include.path`) and
+/// `config.worktree` (read when `extensions.worktreeConfig` is set).
+pub const GIT_PROTECTED_FILES: &[&str] = &["config", "config.worktree"];
+
+/// `.git/commondir` names the directory git takes `config`, `hooks`, `objects` and `refs`
+/// from. An empty one makes git die ("failed to read"), so a missing one becomes a read-only
+/// placeholder holding [`COMMONDIR_PLACEHOLDER`]: `.`, the git directory itself, which is
+/// what git uses when there is none.
+pub const GIT_COMMONDIR: &str = "commondir";
+
+/// What a `commondir` placeholder holds.
+pub const COMMONDIR_PLACEHOLDER: &str = ".\n";
+
+/// NixOS's system profile, under the hidden `/run`: bound back read-only when it exists.
+pub const NIXOS_CURRENT_SYSTEM: &str = "/run/current-system";
+
+/// Among [`PROTECTED_IN_WRITABLE`] (and `.git`), what is made (empty) when missing so the
+/// agent cannot create it: directories. An empty `.git` directory is not a repository (git
+/// looks further up, as without it), `.vscode` is where tasks that run on opening the folder
+/// live.
 pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".git", ".vscode"];
 
-/// The same for files: an empty `.envrc` (direnv runs a new one only once the owner allows
-/// it, but one it knows by path and hash is replaced by the agent's otherwise).
 pub const PLACEHOLDER_FILES_IN_WRITABLE: &[&str] = &[".envrc"];
 
 /// The same for a writable root inside the home directory (`--write ~/.config`): paths
@@ -335,6 +379,13 @@ pub struct JailPolicy {
     /// `agentkeys jail` removes what it created, if still empty, when the jail ends.
     #[serde(default)]
     pub create_files: Vec<PathBuf>,
+    /// `.git/commondir` files created holding [`COMMONDIR_PLACEHOLDER`] before being made
+    /// read-only (an empty one would break git); removed the same way, if they still hold it.
+    #[serde(default)]
+    pub create_commondir: Vec<PathBuf>,
+    /// How much of `.git` the agent may write ([`GitAccess`]).
+    #[serde(default)]
+    pub git: GitAccess,
     /// agentkeys' socket, also bound at [`SESSION_SOCKET`] in a jail with a session.
     #[serde(default)]
     pub socket: Option<PathBuf>,
@@ -366,6 +417,8 @@ pub struct JailOptions {
     pub env: Vec<String>,
     /// `--best-effort`.
     pub best_effort: bool,
+    /// `--git-read-only`: `.git` read-only as a whole.
+    pub git_read_only: bool,
 }
 
 /// What the owner's side knows when building a policy (passed in, so tests can build one for
@@ -496,6 +549,12 @@ impl PolicyBuilder {
         {
             reveal.insert(r);
         }
+        // NixOS: every program is reached through /run/current-system (its sw/bin is on PATH):
+        // bound back, read-only (a path bound back that is not a socket is read-only). Not
+        // /run/wrappers: its programs are set-ID.
+        if std::fs::metadata(NIXOS_CURRENT_SYSTEM).is_ok() {
+            reveal.insert(PathBuf::from(NIXOS_CURRENT_SYSTEM));
+        }
         // Sockets kept reachable: agentkeys' own, and --allow-socket.
         let socket = resolve(&cwd, &ctx.socket);
         reveal.insert(socket.clone());
@@ -550,9 +609,55 @@ impl PolicyBuilder {
         let mut protected: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_files: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut create_commondir: BTreeSet<PathBuf> = BTreeSet::new();
+        let git = if self.opts.git_read_only {
+            GitAccess::ReadOnly
+        } else {
+            GitAccess::Commit
+        };
         for (i, root) in writable.iter().enumerate() {
             if !root.is_dir() {
                 continue;
+            }
+            let dot_git = root.join(".git");
+            check_not_symlink(&dot_git)?;
+            match std::fs::symlink_metadata(&dot_git) {
+                // A repository: its git directory with what runs programs read-only (the
+                // directory itself is pinned as their parent), or all of it.
+                Ok(m) if m.is_dir() && git == GitAccess::Commit => {
+                    for rel in GIT_PROTECTED_DIRS {
+                        let p = dot_git.join(rel);
+                        check_not_symlink(&p)?;
+                        if std::fs::symlink_metadata(&p).is_err() {
+                            create_dirs.insert(p.clone());
+                        }
+                        protected.insert(p);
+                    }
+                    for rel in GIT_PROTECTED_FILES {
+                        let p = dot_git.join(rel);
+                        check_not_symlink(&p)?;
+                        if std::fs::symlink_metadata(&p).is_err() {
+                            create_files.insert(p.clone());
+                        }
+                        protected.insert(p);
+                    }
+                    let p = dot_git.join(GIT_COMMONDIR);
+                    check_not_symlink(&p)?;
+                    if std::fs::symlink_metadata(&p).is_err() {
+                        create_commondir.insert(p.clone());
+                    }
+                    protected.insert(p);
+                }
+                // A worktree's or submodule's `.git` file (`gitdir: ...`), or `.git` whole.
+                Ok(_) => {
+                    protected.insert(dot_git);
+                }
+                // None in the project: an empty, read-only placeholder (no `git init`).
+                Err(_) if i == 0 => {
+                    create_dirs.insert(dot_git.clone());
+                    protected.insert(dot_git);
+                }
+                Err(_) => {}
             }
             for rel in PROTECTED_IN_WRITABLE {
                 let p = root.join(rel);
@@ -608,6 +713,20 @@ impl PolicyBuilder {
         }
         // A --write inside a protected path would be read-only anyway: say so.
         for w in writable.iter().skip(1) {
+            if let Some(r) = writable
+                .iter()
+                .find(|r| *r != w && under(w, &r.join(".git")))
+            {
+                return Err(bad(
+                    w,
+                    &format!(
+                        "--write lies inside {}, git's directory: what git runs there stays \
+                         read-only in a jail, and git's own work there is writable already \
+                         (unless --git-read-only)",
+                        r.join(".git").display()
+                    ),
+                ));
+            }
             if let Some(p) = protected.iter().find(|p| under(w, p)) {
                 return Err(bad(
                     w,
@@ -654,6 +773,8 @@ impl PolicyBuilder {
             protected: protected.into_iter().collect(),
             create_dirs: create_dirs.into_iter().collect(),
             create_files: create_files.into_iter().collect(),
+            create_commondir: create_commondir.into_iter().collect(),
+            git,
             socket: Some(socket),
             network: Network::Host,
             env: EnvPolicy { removed, passed },
@@ -707,7 +828,7 @@ impl JailPolicy {
                 self.version
             )));
         }
-        let lists: [(&str, &Vec<PathBuf>); 7] = [
+        let lists: [(&str, &Vec<PathBuf>); 8] = [
             ("writable", &self.writable),
             ("private_tmp", &self.private_tmp),
             ("hidden", &self.hidden),
@@ -715,6 +836,7 @@ impl JailPolicy {
             ("protected", &self.protected),
             ("create_dirs", &self.create_dirs),
             ("create_files", &self.create_files),
+            ("create_commondir", &self.create_commondir),
         ];
         for (name, list) in lists {
             if list.len() > MAX_PATHS {
