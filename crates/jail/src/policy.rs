@@ -948,9 +948,53 @@ mod tests {
         assert!(p.hidden.contains(&PathBuf::from("/run/docker.sock")));
         // agentkeys' socket is bound back.
         assert!(p.reveal.contains(&c.socket));
-        // .git is read-only as a whole; a missing .envrc and .vscode are made empty and
-        // read-only.
-        assert!(p.protected.contains(&c.cwd.join(".git")));
+        // In .git, what makes git run a program or read configuration is read-only, missing
+        // parts are placeholders (commondir holding `.`), .git itself is not (commits work);
+        // a missing .envrc and .vscode are made empty and read-only.
+        assert_eq!(p.git, GitAccess::Commit);
+        assert!(!p.protected.contains(&c.cwd.join(".git")));
+        for rel in [
+            "config",
+            "config.worktree",
+            "hooks",
+            "info",
+            "modules",
+            "worktrees",
+        ] {
+            assert!(p.protected.contains(&c.cwd.join(".git").join(rel)), "{rel}");
+        }
+        assert!(p.create_dirs.contains(&c.cwd.join(".git/hooks")));
+        assert!(p.create_files.contains(&c.cwd.join(".git/config")));
+        assert_eq!(p.create_commondir, vec![c.cwd.join(".git/commondir")]);
+        assert!(p.protected.contains(&c.cwd.join(".git/commondir")));
+        // --git-read-only: .git whole, no placeholder inside.
+        let ro = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                git_read_only: true,
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        assert_eq!(ro.git, GitAccess::ReadOnly);
+        assert!(ro.protected.contains(&c.cwd.join(".git")));
+        assert!(ro.create_commondir.is_empty());
+        assert!(
+            !ro.create_dirs
+                .iter()
+                .any(|d| d.starts_with(c.cwd.join(".git")))
+        );
+        // A worktree's `.git` file: read-only whole.
+        std::fs::remove_dir_all(c.cwd.join(".git")).unwrap();
+        std::fs::write(c.cwd.join(".git"), "gitdir: /elsewhere/.git/worktrees/p\n").unwrap();
+        let wt = PolicyBuilder::new(c.clone(), JailOptions::default())
+            .build()
+            .unwrap();
+        assert!(wt.protected.contains(&c.cwd.join(".git")));
+        assert!(wt.create_commondir.is_empty());
+        std::fs::remove_file(c.cwd.join(".git")).unwrap();
+        std::fs::create_dir_all(c.cwd.join(".git")).unwrap();
         assert!(p.create_dirs.contains(&c.cwd.join(".vscode")));
         assert!(p.create_files.contains(&c.cwd.join(".envrc")));
         assert!(p.protected.contains(&c.cwd.join(".envrc")));
