@@ -339,6 +339,41 @@ fn git_read_only_keeps_all_of_git_read_only() {
     }
 }
 
+/// A path bound back into a hidden directory that is not a socket is read-only: `--show
+/// ~/.aws/config` reads but cannot be rewritten (`credential_process` runs a program when the
+/// owner's AWS tools read it). The same binding brings NixOS's `/run/current-system` back.
+/// Before this change the bound path came from the owner's writable tree (Landlock refused the
+/// write; without it, `--best-effort`, nothing did).
+#[test]
+fn paths_shown_again_are_read_only() {
+    skip_unless_jail!("paths_shown_again_are_read_only");
+    for o in owners("rtshow") {
+        let aws = o.home().join(".aws");
+        std::fs::create_dir_all(&aws).unwrap();
+        std::fs::write(aws.join("config"), "[default]\nregion = eu-west-1\n").unwrap();
+        std::fs::write(aws.join("credentials"), "[default]\nkey = x\n").unwrap();
+        chown(&o, &o.home());
+        let cfg = aws.join("config");
+        let script = format!(
+            r#"cat {c}; echo "read=$?"
+               printf '[default]\ncredential_process = /tmp/evil\n' >> {c}; echo "write=$?"
+               cat {a}/credentials 2>/dev/null; echo "credentials=$?""#,
+            c = cfg.display(),
+            a = aws.display()
+        );
+        let out = o.jail(&["--show", cfg.to_str().unwrap()], &script);
+        let s = all(&out);
+        for k in ["region = eu-west-1", "read=0", "write=2", "credentials=1"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert_eq!(
+            std::fs::read_to_string(&cfg).unwrap(),
+            "[default]\nregion = eu-west-1\n"
+        );
+    }
+}
+
 /// Files that do not exist when the jail starts cannot be created either: `.envrc`, a
 /// `.vscode` (tasks that run on opening the folder) and `.git` (a `git init` whose config runs
 /// a program at the owner's next `git status`) are empty and read-only placeholders while the
