@@ -86,7 +86,7 @@ except OSError as e: print("mem", e.errno)'
 
 /// A real repository in the project, made by the owner's git outside.
 fn git_repo(o: &Owner) {
-    std::fs::remove_dir_all(o.proj().join(".git")).unwrap();
+    let _ = std::fs::remove_dir_all(o.proj().join(".git"));
     let git = |args: &[&str]| {
         let out = o
             .command("git", args)
@@ -280,6 +280,85 @@ fn git_commits_work_but_what_git_runs_stays_read_only() {
             s.lines().find(|l| l.starts_with("nested=")).unwrap_or("?")
         );
         println!("[{}] what the agent sees:\n{s}", o.who());
+    }
+}
+
+/// The project itself made a bare repository: when `.git` is not a valid git directory (none:
+/// the placeholder is empty; or one the agent broke, `echo x > .git/HEAD`, now that `.git` is
+/// writable), git takes the directory itself for a bare repository if it holds `HEAD`,
+/// `objects/` and `refs/`, and reads its `config`: `core.pager` runs a program at the owner's
+/// next `git log` or `git branch` on a terminal in the project. A `HEAD` placeholder (an empty
+/// read-only directory, which git never takes for a `HEAD` file and `git add` never adds)
+/// keeps the agent from making one while the jail runs; it is gone after. Before the fix the
+/// owner's `git log` (on a pty, through `script`) ran the agent's pager, with and without a
+/// `.git`.
+#[test]
+fn the_project_cannot_become_a_bare_repository() {
+    skip_unless_jail!("the_project_cannot_become_a_bare_repository");
+    let has_script = Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        println!("SKIP the_project_cannot_become_a_bare_repository: no `script` for a pty");
+        return;
+    }
+    for o in owners("rtbare") {
+        for with_git in [false, true] {
+            if with_git {
+                git_repo(&o);
+            } else {
+                std::fs::remove_dir_all(o.proj().join(".git")).unwrap();
+            }
+            let pwned = o.base.join("PWNED");
+            let script = format!(
+                r#"[ -d .git/objects ] && echo garbage > .git/HEAD; echo "breakhead=$?"
+                   printf 'ref: refs/heads/main\n' > HEAD; echo "head=$?"
+                   mkdir -p objects refs/heads; echo "dirs=$?"
+                   t=$(git --git-dir=. mktree </dev/null) &&
+                     c=$(git --git-dir=. -c user.name=a -c user.email=a@b commit-tree "$t" -m x) &&
+                     echo "$c" > refs/heads/main; echo "commit=$?"
+                   printf '[core]\n\tpager = touch {p}; cat\n' > config; echo "config=$?""#,
+                p = pwned.display()
+            );
+            let out = o.jail(&[], &script);
+            let s = all(&out);
+            for k in ["head=2", "dirs=0", "config=0"] {
+                assert!(s.contains(k), "{k} ({with_git}): {}", show(&o, &out));
+            }
+            assert!(s.contains("Is a directory"), "{}", show(&o, &out));
+            assert!(
+                std::fs::symlink_metadata(o.proj().join("HEAD")).is_err(),
+                "HEAD left behind: {}",
+                show(&o, &out)
+            );
+            // The owner's `git log` on a terminal in the project afterwards runs nothing of
+            // the agent's.
+            let log = o
+                .command(
+                    "script",
+                    &["-qec", "git log --oneline; git branch", "/dev/null"],
+                )
+                .env("TERM", "xterm")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                !pwned.exists(),
+                "the owner's git ran the agent's pager (.git: {with_git}): {}\n{}",
+                show(&o, &out),
+                show(&o, &log)
+            );
+            println!(
+                "[{}] .git: {with_git}: {s}\nthe owner's git log: {}",
+                o.who(),
+                all(&log)
+            );
+            for p in ["objects", "refs", "config", "HEAD"] {
+                let _ = std::fs::remove_dir_all(o.proj().join(p));
+                let _ = std::fs::remove_file(o.proj().join(p));
+            }
+        }
     }
 }
 

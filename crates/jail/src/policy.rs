@@ -162,6 +162,14 @@ pub const GIT_COMMONDIR: &str = "commondir";
 /// What a `commondir` placeholder holds.
 pub const COMMONDIR_PLACEHOLDER: &str = ".\n";
 
+/// Made as an empty read-only directory, or kept read-only, at a writable root where git
+/// might find no valid `.git` (none in the working directory; one the agent can write, with
+/// [`GitAccess::Commit`]): git then takes the directory itself for a bare repository when it
+/// holds a `HEAD` file, `objects/` and `refs/`, and reads its `config` (`core.pager` runs at the
+/// owner's next `git log`). A directory is never a valid `HEAD`, and `git add` never adds an
+/// empty one.
+pub const BARE_REPOSITORY_GUARD: &str = "HEAD";
+
 /// NixOS's system profile, under the hidden `/run`: bound back read-only when it exists.
 pub const NIXOS_CURRENT_SYSTEM: &str = "/run/current-system";
 
@@ -621,7 +629,22 @@ impl PolicyBuilder {
             }
             let dot_git = root.join(".git");
             check_not_symlink(&dot_git)?;
-            match std::fs::symlink_metadata(&dot_git) {
+            let git_meta = std::fs::symlink_metadata(&dot_git);
+            // Where git could find no valid `.git` (none in the project, or one the agent can
+            // break), it would take the root itself for a bare repository: no `HEAD` there.
+            let guard = match &git_meta {
+                Ok(m) => m.is_dir() && git == GitAccess::Commit,
+                Err(_) => i == 0,
+            };
+            if guard {
+                let p = root.join(BARE_REPOSITORY_GUARD);
+                check_not_symlink(&p)?;
+                if std::fs::symlink_metadata(&p).is_err() {
+                    create_dirs.insert(p.clone());
+                }
+                protected.insert(p);
+            }
+            match git_meta {
                 // A repository: its git directory with what runs programs read-only (the
                 // directory itself is pinned as their parent), or all of it.
                 Ok(m) if m.is_dir() && git == GitAccess::Commit => {
@@ -967,6 +990,9 @@ mod tests {
         assert!(p.create_files.contains(&c.cwd.join(".git/config")));
         assert_eq!(p.create_commondir, vec![c.cwd.join(".git/commondir")]);
         assert!(p.protected.contains(&c.cwd.join(".git/commondir")));
+        // No bare repository in the project itself while `.git` is writable.
+        assert!(p.create_dirs.contains(&c.cwd.join("HEAD")));
+        assert!(p.protected.contains(&c.cwd.join("HEAD")));
         // --git-read-only: .git whole, no placeholder inside.
         let ro = PolicyBuilder::new(
             c.clone(),
@@ -980,6 +1006,7 @@ mod tests {
         assert_eq!(ro.git, GitAccess::ReadOnly);
         assert!(ro.protected.contains(&c.cwd.join(".git")));
         assert!(ro.create_commondir.is_empty());
+        assert!(!ro.protected.contains(&c.cwd.join("HEAD")));
         assert!(
             !ro.create_dirs
                 .iter()
