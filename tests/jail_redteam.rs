@@ -453,6 +453,64 @@ fn paths_shown_again_are_read_only() {
     }
 }
 
+/// NixOS reaches every program through `/run/current-system` (its `sw/bin` on PATH): with all
+/// of `/run` hidden nothing ran there. The link is made again in the hidden `/run` (its target
+/// is in the read-only view); `/run/wrappers` (set-ID programs) is not. Made here (as root) as a symlink to a stand-in system when the host has
+/// none; on a host that has one (NixOS) that one is used and left alone.
+#[test]
+fn nixos_current_system_is_bound_back_read_only() {
+    skip_unless_jail!("nixos_current_system_is_bound_back_read_only");
+    let cs = std::path::Path::new("/run/current-system");
+    let made = if std::fs::symlink_metadata(cs).is_ok() {
+        None
+    } else if is_root() {
+        let sys = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("nixos-system-{}", std::process::id()));
+        std::fs::create_dir_all(sys.join("sw/bin")).unwrap();
+        let hello = sys.join("sw/bin/ak-nixos-hello");
+        std::fs::write(&hello, "#!/bin/sh\necho hello-from-the-system\n").unwrap();
+        std::fs::set_permissions(&hello, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&sys, cs).unwrap();
+        Some(sys)
+    } else {
+        println!("SKIP nixos_current_system_is_bound_back_read_only: needs root (or NixOS)");
+        return;
+    };
+    // Removed even if an assertion fails.
+    struct Made(Option<std::path::PathBuf>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            if let Some(sys) = &self.0 {
+                let _ = std::fs::remove_file("/run/current-system");
+                let _ = std::fs::remove_dir_all(sys);
+            }
+        }
+    }
+    let made = Made(made);
+    for o in owners("rtnixos") {
+        let script = r#"ls /run/current-system/sw/bin >/dev/null; echo "list=$?"
+            [ -x /run/current-system/sw/bin/ak-nixos-hello ] && /run/current-system/sw/bin/ak-nixos-hello
+            touch /run/current-system/sw/bin/planted; echo "plant=$?"
+            ls /run/wrappers >/dev/null 2>&1; echo "wrappers=$?""#;
+        let policy = o.run(&["jail", "--agent", "a", "--print-policy"]);
+        let out = o.jail(&[], script);
+        let s = all(&out);
+        assert!(
+            all(&policy).contains("\"/run/current-system\""),
+            "{}",
+            show(&o, &policy)
+        );
+        for k in ["list=0", "plant=1", "wrappers=2"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        if made.0.is_some() {
+            assert!(s.contains("hello-from-the-system"), "{}", show(&o, &out));
+            assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        }
+    }
+    drop(made);
+}
+
 /// Files that do not exist when the jail starts cannot be created either: `.envrc`, a
 /// `.vscode` (tasks that run on opening the folder) and `.git` (a `git init` whose config runs
 /// a program at the owner's next `git status`) are empty and read-only placeholders while the

@@ -601,6 +601,19 @@ fn build_view(
         if !under_hidden && std::fs::symlink_metadata(&dst).is_ok() {
             continue; // not hidden: already reachable
         }
+        // A symbolic link (NixOS's /run/current-system, into /nix/store): the same link,
+        // which resolves in the jail's own (read-only) view.
+        if let Ok(target) = std::fs::read_link(&src) {
+            if let Some(parent) = dst.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)
+                    .map_err(io("bind a path back (directories)"))?;
+            }
+            std::os::unix::fs::symlink(&target, &dst).map_err(io("bind a path back (link)"))?;
+            continue;
+        }
         // Hidden, or not visible at all (under the private /tmp): bound back.
         let Ok(meta) = std::fs::metadata(&src) else {
             continue; // not there (the daemon's socket before it starts): nothing to bind

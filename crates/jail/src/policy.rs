@@ -170,7 +170,9 @@ pub const COMMONDIR_PLACEHOLDER: &str = ".\n";
 /// empty one.
 pub const BARE_REPOSITORY_GUARD: &str = "HEAD";
 
-/// NixOS's system profile, under the hidden `/run`: bound back read-only when it exists.
+/// NixOS's system profile, under the hidden `/run`: the same symbolic link (into the
+/// read-only `/nix/store`) made again there when it exists; bound back read-only if it is not
+/// a link.
 pub const NIXOS_CURRENT_SYSTEM: &str = "/run/current-system";
 
 /// Among [`PROTECTED_IN_WRITABLE`] (and `.git`), what is made (empty) when missing so the
@@ -557,9 +559,10 @@ impl PolicyBuilder {
         {
             reveal.insert(r);
         }
-        // NixOS: every program is reached through /run/current-system (its sw/bin is on PATH):
-        // bound back, read-only (a path bound back that is not a socket is read-only). Not
-        // /run/wrappers: its programs are set-ID.
+        // NixOS: every program is reached through /run/current-system (its sw/bin is on PATH),
+        // a symbolic link into the read-only /nix/store: made again in the hidden /run (a
+        // path bound back that is not a link or a socket is read-only). Not /run/wrappers:
+        // its programs are set-ID.
         if std::fs::metadata(NIXOS_CURRENT_SYSTEM).is_ok() {
             reveal.insert(PathBuf::from(NIXOS_CURRENT_SYSTEM));
         }
