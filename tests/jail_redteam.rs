@@ -362,6 +362,66 @@ fn the_project_cannot_become_a_bare_repository() {
     }
 }
 
+/// A submodule is a way around the read-only `.git/config`: the owner's `git status` in the
+/// project runs a `git status` in each populated submodule (a gitlink in the index), which
+/// reads that submodule's own config (`core.fsmonitor` runs a program). With the index
+/// writable the agent adds one (`git init sub`, its config, `git add sub`); in every mode it
+/// can rewrite an existing submodule's git directory in the working tree. The kernel cannot
+/// stop that short of a read-only index: `agentkeys jail` names each such submodule after the
+/// jail (a WARNING on stderr), before the owner runs git there; shown here for both.
+#[test]
+fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
+    skip_unless_jail!("submodules_the_agent_adds_or_changes_are_named_after_the_jail");
+    for o in owners("rtsubmod") {
+        git_repo(&o);
+        // An existing submodule of the owner's (an embedded git directory), in the index.
+        let lib = o.proj().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        chown(&o, &lib);
+        for args in [
+            &["-C", "lib", "init", "-q", "."][..],
+            &["-C", "lib", "commit", "-q", "--allow-empty", "-m", "lib"],
+            &["add", "lib"],
+        ] {
+            let out = git_out(&o, args);
+            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
+        }
+        chown(&o, &o.base);
+        let pwned = o.base.join("PWNED");
+        let script = format!(
+            r#"mkdir sub && git -C sub init -q . && git -C sub config core.fsmonitor "touch {p}; false" &&
+                 git -C sub -c user.name=a -c user.email=b commit -q --allow-empty -m s; echo "nested=$?"
+               git add sub 2>/dev/null; echo "gitlink=$?"
+               git -C lib config core.fsmonitor "touch {p}; false"; echo "libconfig=$?""#,
+            p = pwned.display()
+        );
+        let out = o.jail(&[], &script);
+        let s = all(&out);
+        for k in ["nested=0", "gitlink=0", "libconfig=0"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        let warnings: Vec<&str> = s.lines().filter(|l| l.contains("WARNING")).collect();
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l.contains("/sub: a submodule the agent added")),
+            "{}",
+            show(&o, &out)
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l.contains("/lib: a submodule whose .git the agent changed")),
+            "{}",
+            show(&o, &out)
+        );
+        // A jail that touches neither says nothing.
+        let quiet = o.jail(&[], "git -C lib status --short >/dev/null; true");
+        assert!(!all(&quiet).contains("WARNING"), "{}", show(&o, &quiet));
+        println!("[{}] what the owner sees: {}", o.who(), warnings.join("\n"));
+    }
+}
+
 /// `--git-read-only` keeps `.git` read-only as a whole: no commit inside (git says it cannot
 /// create `index.lock`), and the same attacks fail; `--print-policy` says which mode applies.
 #[test]

@@ -145,6 +145,8 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
             policy.env.removed.join(" ")
         );
     }
+    // Submodules before the jail, to name those the agent adds or redirects (see gitlinks).
+    let gitlinks_before = agentkeys_jail::gitlinks::snapshot(&policy);
     let home = ctx::home()?;
     let socket = ctx::socket(&home);
     let argv = apply::cstrings(&o.command)
@@ -187,6 +189,9 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     };
     let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
     apply::remove_placeholders(&policy, lock);
+    for w in agentkeys_jail::gitlinks::changes(&gitlinks_before, &policy) {
+        eprintln!("agentkeys jail: WARNING: {w}");
+    }
     r
 }
 
