@@ -27,10 +27,12 @@ const LISTING_TIME: Duration = Duration::from_secs(20);
 /// Most bytes read of each file that tells where a submodule's configuration is.
 const MAX_FILE: u64 = 64 << 10;
 
-/// Per repository (a writable root with a `.git`): each gitlink's path and what its `.git`
-/// holds (`None`: not populated).
+/// One repository's gitlinks: each path and what its `.git` holds (`None`: not populated).
+type Links = BTreeMap<String, Option<Vec<u8>>>;
+
+/// Per repository (a writable root with a `.git`): its gitlinks.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Snapshot(Vec<(PathBuf, BTreeMap<String, Option<Vec<u8>>>)>);
+pub struct Snapshot(Vec<(PathBuf, Links)>);
 
 /// The gitlinks of every repository at a writable root of `policy`. A repository git cannot
 /// list (no `git`, a broken index) is left out.
@@ -81,7 +83,7 @@ pub fn changes(before: &Snapshot, policy: &JailPolicy) -> Vec<String> {
     out
 }
 
-fn gitlinks(root: &Path) -> Option<BTreeMap<String, Option<Vec<u8>>>> {
+fn gitlinks(root: &Path) -> Option<Links> {
     // The owner's git on the owner's repository; ls-files never enters a submodule.
     let mut child = Command::new("git")
         .arg("-C")
