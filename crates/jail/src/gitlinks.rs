@@ -22,12 +22,15 @@ use crate::policy::JailPolicy;
 
 /// Most bytes of `git ls-files` output read (a repository's index listing).
 const MAX_LISTING: u64 = 64 << 20;
+/// Most hooks read in one submodule's git directory.
+const MAX_HOOKS: usize = 256;
 /// Longest `git ls-files` may take.
 const LISTING_TIME: Duration = Duration::from_secs(20);
 /// Most bytes read of each file that tells where a submodule's configuration is.
 const MAX_FILE: u64 = 64 << 10;
 
-/// One repository's gitlinks: each path and what its `.git` holds (`None`: not populated).
+/// One repository's gitlinks: each path and a digest of what its `.git` holds (`None`: not
+/// populated).
 type Links = BTreeMap<String, Option<Vec<u8>>>;
 
 /// Per repository (a writable root with a `.git`): its gitlinks.
@@ -89,6 +92,10 @@ fn gitlinks(root: &Path) -> Option<Links> {
         .arg("-C")
         .arg(root)
         .args(["-c", "core.fsmonitor=false", "ls-files", "--stage", "-z"])
+        // This repository and no other: without them git would look further up (or take
+        // the root for a bare repository) when `.git` is not valid.
+        .env("GIT_DIR", root.join(".git"))
+        .env("GIT_WORK_TREE", root)
         .env("GIT_OPTIONAL_LOCKS", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -163,42 +170,41 @@ fn read_small(p: &Path) -> Vec<u8> {
 }
 
 fn git_state(dot_git: &Path) -> Option<Vec<u8>> {
+    use sha2::Digest;
     let meta = std::fs::symlink_metadata(dot_git).ok()?;
-    let mut state = Vec::new();
+    let mut h = sha2::Sha256::new();
+    let mut part = |tag: &[u8], data: &[u8]| {
+        h.update((tag.len() as u64).to_le_bytes());
+        h.update(tag);
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    };
     if meta.file_type().is_symlink() {
-        state.extend_from_slice(b"link:");
-        state.extend_from_slice(
-            std::fs::read_link(dot_git)
-                .unwrap_or_default()
-                .as_os_str()
-                .as_encoded_bytes(),
-        );
+        let target = std::fs::read_link(dot_git).unwrap_or_default();
+        part(b"link", target.as_os_str().as_encoded_bytes());
     } else if meta.is_file() {
-        state.extend_from_slice(b"file:");
-        state.extend(read_small(dot_git));
+        part(b"file", &read_small(dot_git));
     } else {
         for f in ["config", "config.worktree", "commondir"] {
-            state.extend_from_slice(f.as_bytes());
-            state.push(0);
-            state.extend(read_small(&dot_git.join(f)));
-            state.push(0);
+            part(f.as_bytes(), &read_small(&dot_git.join(f)));
         }
-        let mut hooks: Vec<_> = std::fs::read_dir(dot_git.join("hooks"))
+        let mut hooks: Vec<(Vec<u8>, Vec<u8>)> = std::fs::read_dir(dot_git.join("hooks"))
             .map(|d| {
                 d.filter_map(|e| e.ok())
+                    .take(MAX_HOOKS)
                     .map(|e| {
-                        let mut n = e.file_name().as_encoded_bytes().to_vec();
-                        n.extend(read_small(&e.path()));
-                        n
+                        (
+                            e.file_name().as_encoded_bytes().to_vec(),
+                            read_small(&e.path()),
+                        )
                     })
                     .collect()
             })
             .unwrap_or_default();
         hooks.sort();
-        for h in hooks {
-            state.extend(h);
-            state.push(0);
+        for (name, data) in hooks {
+            part(&name, &data);
         }
     }
-    Some(state)
+    Some(h.finalize().to_vec())
 }
