@@ -175,11 +175,11 @@ pub const BARE_REPOSITORY_GUARD: &str = "HEAD";
 /// a link.
 pub const NIXOS_CURRENT_SYSTEM: &str = "/run/current-system";
 
-/// Among [`PROTECTED_IN_WRITABLE`] (and `.git`), what is made (empty) when missing so the
-/// agent cannot create it: directories. An empty `.git` directory is not a repository (git
-/// looks further up, as without it), `.vscode` is where tasks that run on opening the folder
-/// live.
-pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".git", ".vscode"];
+/// Among [`PROTECTED_IN_WRITABLE`], what is made (empty) when missing so the agent cannot
+/// create it: directories. `.vscode` is where tasks that run on opening the folder live. (A
+/// missing `.git` in the working directory is made too, whatever [`GitAccess`]: an empty
+/// `.git` directory is not a repository, git looks further up as without it.)
+pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".vscode"];
 
 pub const PLACEHOLDER_FILES_IN_WRITABLE: &[&str] = &[".envrc"];
 
