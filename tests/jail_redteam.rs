@@ -422,6 +422,50 @@ fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
     }
 }
 
+/// A jail started in a linked worktree (`git worktree add`): its `.git` is a file naming
+/// `MAIN/.git/worktrees/NAME`, and the worktree's index, `HEAD` and the objects live in the
+/// main repository, which is read-only unless it is itself a writable root. The agent reads
+/// the repository (`git status`, `git log`) but cannot commit there, nor point the `.git`
+/// file elsewhere.
+#[test]
+fn a_linked_worktree_reads_but_cannot_commit() {
+    skip_unless_jail!("a_linked_worktree_reads_but_cannot_commit");
+    for o in owners("rtwt") {
+        git_repo(&o);
+        let wt = o.base.join("wt2");
+        for args in [
+            &["commit", "-q", "--allow-empty", "-m", "first"][..],
+            &["worktree", "add", "-q", wt.to_str().unwrap()],
+        ] {
+            let out = git_out(&o, args);
+            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
+        }
+        chown(&o, &o.base);
+        let gitfile = std::fs::read_to_string(wt.join(".git")).unwrap();
+        let out = o
+            .jail_cmd(
+                &[],
+                r#"git log --format=%s; echo "log=$?"
+                   echo x > f; echo "write=$?"
+                   git add f; echo "add=$?"
+                   echo 'gitdir: /tmp/evil' > .git; echo "gitfile=$?""#,
+            )
+            .current_dir(&wt)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let s = all(&out);
+        for k in ["first", "log=0", "write=0", "gitfile=2"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(!s.contains("add=0"), "{}", show(&o, &out));
+        assert!(s.contains("index.lock"), "{}", show(&o, &out));
+        assert_eq!(std::fs::read_to_string(wt.join(".git")).unwrap(), gitfile);
+        assert!(std::fs::symlink_metadata(wt.join("HEAD")).is_err());
+        println!("[{}] in a linked worktree: {s}", o.who());
+    }
+}
+
 /// `--git-read-only` keeps `.git` read-only as a whole: no commit inside (git says it cannot
 /// create `index.lock`), and the same attacks fail; `--print-policy` says which mode applies.
 #[test]
