@@ -181,6 +181,8 @@ pub const NIXOS_CURRENT_SYSTEM: &str = "/run/current-system";
 /// `.git` directory is not a repository, git looks further up as without it.)
 pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".vscode"];
 
+/// The same for files: an empty `.envrc` (direnv runs a new one only once the owner allows
+/// it, but one it knows by path and hash is replaced by the agent's otherwise).
 pub const PLACEHOLDER_FILES_IN_WRITABLE: &[&str] = &[".envrc"];
 
 /// The same for a writable root inside the home directory (`--write ~/.config`): paths
