@@ -676,8 +676,19 @@ impl PolicyBuilder {
                     }
                     protected.insert(p);
                 }
-                // A worktree's or submodule's `.git` file (`gitdir: ...`), or `.git` whole.
-                Ok(_) => {
+                // A worktree's or submodule's `.git` file (`gitdir: ...`), or `.git` whole. A
+                // link inside it (`hooks -> ../.githooks`) would lead git to what the agent
+                // can write: refused as in the default mode.
+                Ok(m) => {
+                    if m.is_dir() {
+                        for rel in GIT_PROTECTED_DIRS
+                            .iter()
+                            .chain(GIT_PROTECTED_FILES)
+                            .chain(&[GIT_COMMONDIR])
+                        {
+                            check_not_symlink(&dot_git.join(rel))?;
+                        }
+                    }
                     protected.insert(dot_git);
                 }
                 // None in the project: an empty, read-only placeholder (no `git init`).
@@ -1096,6 +1107,23 @@ mod tests {
     fn symlinked_protected_path_is_refused() {
         let d = tmp("symlink");
         let c = ctx(&d);
+        // `.git/hooks -> ../.githooks` (a writable directory), in both git modes.
+        std::fs::create_dir_all(c.cwd.join(".githooks")).unwrap();
+        std::os::unix::fs::symlink("../.githooks", c.cwd.join(".git/hooks")).unwrap();
+        for git_read_only in [false, true] {
+            let e = PolicyBuilder::new(
+                c.clone(),
+                JailOptions {
+                    git_read_only,
+                    ..Default::default()
+                },
+            )
+            .build()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("hooks is a symbolic link"), "{e}");
+        }
+        std::fs::remove_file(c.cwd.join(".git/hooks")).unwrap();
         std::os::unix::fs::symlink("/tmp/x", c.cwd.join(".envrc")).unwrap();
         let e = PolicyBuilder::new(c, JailOptions::default())
             .build()
