@@ -466,6 +466,55 @@ fn a_linked_worktree_reads_but_cannot_commit() {
     }
 }
 
+/// `core.hooksPath` naming a directory in the working tree (husky's `.husky/_`): the owner's
+/// git runs the hooks there by itself, so it stays read-only like `.git/hooks`, and cannot be
+/// carried away with its parent (`mv .husky`); a hooks path that does not exist yet is a
+/// read-only placeholder, gone after the jail. Before this change the agent could rewrite
+/// `.husky/_/pre-commit` (with `.git` read-only as a whole too) and the owner's next commit
+/// ran it.
+#[test]
+fn hooks_path_in_the_working_tree_stays_read_only() {
+    skip_unless_jail!("hooks_path_in_the_working_tree_stays_read_only");
+    for o in owners("rthookspath") {
+        for (hooks, exists) in [(".husky/_", true), (".githooks", false)] {
+            git_repo(&o);
+            let dir = o.proj().join(hooks);
+            if exists {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("pre-commit"), "#!/bin/sh\nexit 0\n").unwrap();
+            }
+            chown(&o, &o.base);
+            let out = git_out(&o, &["config", "core.hooksPath", hooks]);
+            assert!(out.status.success(), "{}", show(&o, &out));
+            let top = hooks.split('/').next().unwrap();
+            let script = format!(
+                r#"echo 'touch /tmp/pwned' >> {hooks}/pre-commit; echo "hook=$?"
+                   mv {top} moved; echo "mv=$?"
+                   echo ok > notes.txt; echo "project=$?""#
+            );
+            let out = o.jail(&[], &script);
+            let s = all(&out);
+            for k in ["hook=2", "mv=1", "project=0"] {
+                assert!(s.contains(k), "{k} ({hooks}): {}", show(&o, &out));
+            }
+            assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+            if exists {
+                assert_eq!(
+                    std::fs::read_to_string(dir.join("pre-commit")).unwrap(),
+                    "#!/bin/sh\nexit 0\n"
+                );
+            } else {
+                assert!(
+                    std::fs::symlink_metadata(&dir).is_err(),
+                    "{hooks} left behind: {}",
+                    show(&o, &out)
+                );
+            }
+            let _ = std::fs::remove_dir_all(o.proj().join(top));
+        }
+    }
+}
+
 /// `--git-read-only` keeps `.git` read-only as a whole: no commit inside (git says it cannot
 /// create `index.lock`), and the same attacks fail; `--print-policy` says which mode applies.
 #[test]

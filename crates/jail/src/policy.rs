@@ -698,6 +698,25 @@ impl PolicyBuilder {
                 }
                 Err(_) => {}
             }
+            // Hooks the owner's git runs from elsewhere (`core.hooksPath`, husky's `.husky/_`):
+            // read-only too when a writable root holds them.
+            if let Some(hp) = hooks_path(root, &home) {
+                let hp = resolve(root, &hp);
+                if let Some(r) = writable.iter().find(|w| under(&hp, w)) {
+                    if hp == *r {
+                        return Err(bad(
+                            &hp,
+                            "is git's core.hooksPath: a writable hooks directory lets the agent \
+                             plant what your git runs; point core.hooksPath elsewhere",
+                        ));
+                    }
+                    check_not_symlink(&hp)?;
+                    if !hp.exists() {
+                        placeholder_dir(&hp, r, &mut create_dirs);
+                    }
+                    protected.insert(hp);
+                }
+            }
             for rel in PROTECTED_IN_WRITABLE {
                 let p = root.join(rel);
                 check_not_symlink(&p)?;
@@ -828,6 +847,34 @@ impl PolicyBuilder {
         policy.validate()?;
         Ok(policy)
     }
+}
+
+/// `core.hooksPath` as the owner's git sees it in the repository at `root` (all config scopes;
+/// `~/` expanded; relative to `root`, where git runs hooks), when `root` holds a `.git`.
+fn hooks_path(root: &Path, home: &Path) -> Option<PathBuf> {
+    std::fs::symlink_metadata(root.join(".git")).ok()?;
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["config", "--get", "core.hooksPath"])
+        .env("GIT_DIR", root.join(".git"))
+        .env("GIT_WORK_TREE", root)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    let v = text.trim_end_matches(['\n', '\r']);
+    if v.is_empty() {
+        return None;
+    }
+    Some(match v.strip_prefix("~/") {
+        Some(rest) => home.join(rest),
+        None => PathBuf::from(v),
+    })
 }
 
 /// Records the placeholder directory `d` and its missing ancestors below `root`, so that
