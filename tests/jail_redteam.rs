@@ -84,54 +84,191 @@ except OSError as e: print("mem", e.errno)'
     }
 }
 
-/// `.git` in a writable root is read-only as a whole: it cannot be renamed away and replaced
-/// (`mv .git .git2 && mkdir .git`), and neither `config`, `hooks`, `commondir` (which points
-/// git at another config and hooks) nor `info/attributes` can be written; a worktree's `.git`
-/// file cannot be pointed elsewhere. Before this pass `mv .git .git2` and a new
-/// `.git/commondir` worked. A nested repository in a subdirectory remains possible (printed,
-/// documented as a residual).
+/// A real repository in the project, made by the owner's git outside.
+fn git_repo(o: &Owner) {
+    let _ = std::fs::remove_dir_all(o.proj().join(".git"));
+    let git = |args: &[&str]| {
+        let out = o
+            .command("git", args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", show(o, &out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["init", "-q", "."]);
+    // A submodule's git directory (its own config and hooks), and no `info` or `branches`
+    // (Debian's template makes one): placeholders.
+    std::fs::create_dir_all(o.proj().join(".git/modules/sub")).unwrap();
+    std::fs::write(o.proj().join(".git/modules/sub/config"), "[core]\n").unwrap();
+    for d in ["info", "branches"] {
+        let _ = std::fs::remove_dir_all(o.proj().join(".git").join(d));
+    }
+    chown(o, &o.base);
+}
+
+fn git_out(o: &Owner, args: &[&str]) -> std::process::Output {
+    let mut full = vec![
+        "-c",
+        "user.name=owner",
+        "-c",
+        "user.email=owner@example.com",
+    ];
+    full.extend_from_slice(args);
+    o.command("git", &full)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The attacks on `.git` (each prints `name=$?`): renaming or replacing `.git`, a new
+/// `commondir` (points git at another config and hooks), `config` (by hand and by `git
+/// config`), `config.worktree`, a hook, `info/attributes`, a submodule's config, a new linked
+/// worktree's directory, a worktree's `.git` file.
+const GIT_ATTACKS: &str = r#"
+    mv .git .git2; echo "mv=$?"
+    mkdir -p fake && mv -T fake .git; echo "replace=$?"
+    mv .git/hooks .git/hooks2; echo "mvhooks=$?"
+    rm -rf .git/hooks 2>/dev/null; echo "rmhooks=$?"
+    echo /tmp/evil > .git/commondir; echo "commondir=$?"
+    printf '[core]\n\tfsmonitor = /tmp/evil\n' >> .git/config; echo "config=$?"
+    git config core.hooksPath /tmp/evil; echo "gitconfig=$?"
+    printf '[core]\n\thooksPath = /tmp/evil\n' > .git/config.worktree; echo "configworktree=$?"
+    echo x > .git/hooks/post-commit; echo "hook=$?"
+    echo '* filter=evil' > .git/info/attributes; echo "attributes=$?"
+    echo '[core] fsmonitor = /tmp/evil' >> .git/modules/sub/config; echo "modconfig=$?"
+    mkdir -p .git/modules/other; echo "modnew=$?"
+    mkdir -p .git/worktrees/evil; echo "worktrees=$?"
+    echo 'gitdir: /tmp/evil' > WT/.git; echo "gitfile=$?"
+"#;
+
+/// The placeholders a commit-capable jail makes in a repository without them.
+const GIT_PLACEHOLDERS: &[&str] = &[
+    "commondir",
+    "config.worktree",
+    "info",
+    "worktrees",
+    "remotes",
+    "branches",
+];
+
+/// By default the agent can `git add` and `git commit` inside the jail (git's own work in
+/// `.git` is writable) and the commit is there outside afterwards; what makes git run a
+/// program or read configuration stays read-only: `.git` cannot be renamed away or replaced
+/// (a mount point), `config`, `config.worktree`, `hooks`, `info`, `modules`, `worktrees` and
+/// `commondir` cannot be written, missing ones are read-only placeholders (`commondir` holds
+/// `.`, the git directory itself: git inside and the owner's git outside work with it), and no
+/// placeholder is left after the jail. A worktree's `.git` file cannot be pointed elsewhere.
+/// Before the red-team pass `mv .git .git2` and a new `.git/commondir` worked; before this one
+/// no commit could be made inside. A nested repository in a subdirectory remains possible
+/// (printed, documented as a residual).
 #[test]
-fn git_metadata_cannot_be_replaced_or_redirected() {
-    skip_unless_jail!("git_metadata_cannot_be_replaced_or_redirected");
+fn git_commits_work_but_what_git_runs_stays_read_only() {
+    skip_unless_jail!("git_commits_work_but_what_git_runs_stays_read_only");
     for o in owners("rtgit") {
-        std::fs::write(o.proj().join(".git/config"), "[core]\n\tbare = false\n").unwrap();
-        std::fs::create_dir_all(o.proj().join(".git/hooks")).unwrap();
+        git_repo(&o);
+        let config = std::fs::read_to_string(o.proj().join(".git/config")).unwrap();
         // A linked worktree: its `.git` is a file naming the git directory.
         let wt = o.base.join("wt");
         std::fs::create_dir_all(&wt).unwrap();
         std::fs::write(wt.join(".git"), "gitdir: /nonexistent/.git/worktrees/wt\n").unwrap();
         chown(&o, &o.base);
         let script = format!(
-            r#"mv .git .git2; echo "mv=$?"
-               rm -rf .git 2>/dev/null; echo "rm=$?"
-               echo /tmp/evil > .git/commondir; echo "commondir=$?"
-               printf '[core]\n\tfsmonitor = /tmp/evil\n' >> .git/config; echo "config=$?"
-               echo x > .git/hooks/post-commit; echo "hook=$?"
-               mkdir -p .git/info; echo '* filter=evil' > .git/info/attributes; echo "attributes=$?"
-               echo 'gitdir: /tmp/evil' > {wt}/.git; echo "gitfile=$?"
-               mkdir -p sub && git -C sub init -q 2>/dev/null; echo "nested=$?""#,
-            wt = wt.display()
+            r#"echo hello > a.txt
+               git add a.txt; echo "add=$?"
+               git -c user.name=agent -c user.email=agent@example.com commit -q -m 'from the jail'; echo "commit=$?"
+               echo "commondir-holds=$(cat .git/commondir)"
+               git rev-parse --git-common-dir; echo "revparse=$?"
+               echo ready > ready
+               while [ ! -e go ]; do sleep 0.1; done
+               {attacks}
+               mkdir -p sub && git -C sub init -q 2>/dev/null; echo "nested=$?"
+               git -c user.name=agent -c user.email=agent@example.com commit -q --allow-empty -m 'after the attacks'; echo "commit2=$?""#,
+            attacks = GIT_ATTACKS.replace("WT", &wt.display().to_string())
         );
-        let out = o.jail(&["--write", wt.to_str().unwrap()], &script);
+        let child = o
+            .jail_cmd(&["--write", wt.to_str().unwrap()], &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // While the jail runs: the owner's git outside works with the placeholders.
+        assert!(agentkeys_e2e::wait_until(Duration::from_secs(30), || o
+            .proj()
+            .join("ready")
+            .exists()));
+        assert_eq!(
+            std::fs::read_to_string(o.proj().join(".git/commondir")).unwrap(),
+            ".\n"
+        );
+        let during = git_out(&o, &["log", "--format=%s"]);
+        assert!(
+            String::from_utf8_lossy(&during.stdout).contains("from the jail"),
+            "{}",
+            show(&o, &during)
+        );
+        let during = git_out(&o, &["status", "--short"]);
+        assert!(during.status.success(), "{}", show(&o, &during));
+        std::fs::write(o.proj().join("go"), "").unwrap();
+        let out = child.wait_with_output().unwrap();
         let s = all(&out);
         for k in [
+            "add=0",
+            "commit=0",
+            "commondir-holds=.",
+            "revparse=0",
             "mv=1",
+            "replace=1",
+            "mvhooks=1",
             "commondir=2",
             "config=2",
+            "configworktree=2",
             "hook=2",
             "attributes=2",
+            "modconfig=2",
+            "modnew=1",
+            "worktrees=1",
             "gitfile=2",
+            "commit2=0",
         ] {
             assert!(s.contains(k), "{k}: {}", show(&o, &out));
         }
+        assert!(!s.contains("gitconfig=0"), "{}", show(&o, &out));
+        assert!(!s.contains("rmhooks=0"), "{}", show(&o, &out));
         assert!(s.contains("Device or resource busy"), "{}", show(&o, &out));
         assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert_eq!(out.status.code(), Some(0), "{}", show(&o, &out));
+        // After it: the commits are there, the repository is sound, nothing planted, no
+        // placeholder left.
+        let log = git_out(&o, &["log", "--format=%s"]);
+        let log_s = String::from_utf8_lossy(&log.stdout);
+        assert!(
+            log_s.contains("from the jail") && log_s.contains("after the attacks"),
+            "{}",
+            show(&o, &log)
+        );
+        let fsck = git_out(&o, &["fsck", "--no-progress"]);
+        assert!(fsck.status.success(), "{}", show(&o, &fsck));
+        let commit = git_out(&o, &["commit", "-q", "--allow-empty", "-m", "owner after"]);
+        assert!(commit.status.success(), "{}", show(&o, &commit));
         assert!(!o.proj().join(".git2").exists());
-        assert!(!o.proj().join(".git/commondir").exists());
         assert!(!o.proj().join(".git/hooks/post-commit").exists());
+        assert!(!o.proj().join(".git/modules/other").exists());
+        for p in GIT_PLACEHOLDERS {
+            assert!(
+                std::fs::symlink_metadata(o.proj().join(".git").join(p)).is_err(),
+                "{p} left behind: {}",
+                show(&o, &out)
+            );
+        }
         assert_eq!(
             std::fs::read_to_string(o.proj().join(".git/config")).unwrap(),
-            "[core]\n\tbare = false\n"
+            config
+        );
+        assert_eq!(
+            std::fs::read_to_string(o.proj().join(".git/modules/sub/config")).unwrap(),
+            "[core]\n"
         );
         assert_eq!(
             std::fs::read_to_string(wt.join(".git")).unwrap(),
@@ -142,7 +279,389 @@ fn git_metadata_cannot_be_replaced_or_redirected() {
             o.who(),
             s.lines().find(|l| l.starts_with("nested=")).unwrap_or("?")
         );
+        println!("[{}] what the agent sees:\n{s}", o.who());
     }
+}
+
+/// The project itself made a bare repository: when `.git` is not a valid git directory (none:
+/// the placeholder is empty; or one the agent broke, `echo x > .git/HEAD`, now that `.git` is
+/// writable), git takes the directory itself for a bare repository if it holds `HEAD`,
+/// `objects/` and `refs/`, and reads its `config`: `core.pager` runs a program at the owner's
+/// next `git log` or `git branch` on a terminal in the project. A `HEAD` placeholder (an empty
+/// read-only directory, which git never takes for a `HEAD` file and `git add` never adds)
+/// keeps the agent from making one while the jail runs; it is gone after. Before the fix the
+/// owner's `git log` (on a pty, through `script`) ran the agent's pager, with and without a
+/// `.git`.
+#[test]
+fn the_project_cannot_become_a_bare_repository() {
+    skip_unless_jail!("the_project_cannot_become_a_bare_repository");
+    let has_script = Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        println!("SKIP the_project_cannot_become_a_bare_repository: no `script` for a pty");
+        return;
+    }
+    for o in owners("rtbare") {
+        for with_git in [false, true] {
+            if with_git {
+                git_repo(&o);
+            } else {
+                std::fs::remove_dir_all(o.proj().join(".git")).unwrap();
+            }
+            let pwned = o.base.join("PWNED");
+            let script = format!(
+                r#"[ -d .git/objects ] && echo garbage > .git/HEAD; echo "breakhead=$?"
+                   printf 'ref: refs/heads/main\n' > HEAD; echo "head=$?"
+                   mkdir -p objects refs/heads; echo "dirs=$?"
+                   t=$(git --git-dir=. mktree </dev/null) &&
+                     c=$(git --git-dir=. -c user.name=a -c user.email=a@b commit-tree "$t" -m x) &&
+                     echo "$c" > refs/heads/main; echo "commit=$?"
+                   printf '[core]\n\tpager = touch {p}; cat\n' > config; echo "config=$?""#,
+                p = pwned.display()
+            );
+            let out = o.jail(&[], &script);
+            let s = all(&out);
+            for k in ["head=2", "dirs=0", "config=0"] {
+                assert!(s.contains(k), "{k} ({with_git}): {}", show(&o, &out));
+            }
+            assert!(s.contains("Is a directory"), "{}", show(&o, &out));
+            assert!(
+                std::fs::symlink_metadata(o.proj().join("HEAD")).is_err(),
+                "HEAD left behind: {}",
+                show(&o, &out)
+            );
+            // The owner's `git log` on a terminal in the project afterwards runs nothing of
+            // the agent's.
+            let log = o
+                .command(
+                    "script",
+                    &["-qec", "git log --oneline; git branch", "/dev/null"],
+                )
+                .env("TERM", "xterm")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                !pwned.exists(),
+                "the owner's git ran the agent's pager (.git: {with_git}): {}\n{}",
+                show(&o, &out),
+                show(&o, &log)
+            );
+            println!(
+                "[{}] .git: {with_git}: {s}\nthe owner's git log: {}",
+                o.who(),
+                all(&log)
+            );
+            for p in ["objects", "refs", "config", "HEAD"] {
+                let _ = std::fs::remove_dir_all(o.proj().join(p));
+                let _ = std::fs::remove_file(o.proj().join(p));
+            }
+        }
+    }
+}
+
+/// A submodule is a way around the read-only `.git/config`: the owner's `git status` in the
+/// project runs a `git status` in each populated submodule (a gitlink in the index), which
+/// reads that submodule's own config (`core.fsmonitor` runs a program). With the index
+/// writable the agent adds one (`git init sub`, its config, `git add sub`); in every mode it
+/// can rewrite an existing submodule's git directory in the working tree. The kernel cannot
+/// stop that short of a read-only index: `agentkeys jail` names each such submodule after the
+/// jail (a WARNING on stderr), before the owner runs git there; shown here for both.
+#[test]
+fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
+    skip_unless_jail!("submodules_the_agent_adds_or_changes_are_named_after_the_jail");
+    for o in owners("rtsubmod") {
+        git_repo(&o);
+        // An existing submodule of the owner's (an embedded git directory), in the index.
+        let lib = o.proj().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        chown(&o, &lib);
+        for args in [
+            &["-C", "lib", "init", "-q", "."][..],
+            &["-C", "lib", "commit", "-q", "--allow-empty", "-m", "lib"],
+            &["add", "lib"],
+        ] {
+            let out = git_out(&o, args);
+            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
+        }
+        chown(&o, &o.base);
+        let pwned = o.base.join("PWNED");
+        let script = format!(
+            r#"mkdir sub && git -C sub init -q . && git -C sub config core.fsmonitor "touch {p}; false" &&
+                 git -C sub -c user.name=a -c user.email=b commit -q --allow-empty -m s; echo "nested=$?"
+               git add sub 2>/dev/null; echo "gitlink=$?"
+               git -C lib config core.fsmonitor "touch {p}; false"; echo "libconfig=$?""#,
+            p = pwned.display()
+        );
+        let out = o.jail(&[], &script);
+        let s = all(&out);
+        for k in ["nested=0", "gitlink=0", "libconfig=0"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        let warnings: Vec<&str> = s.lines().filter(|l| l.contains("WARNING")).collect();
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l.contains("/sub: a submodule the agent added")),
+            "{}",
+            show(&o, &out)
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l.contains("/lib: a submodule whose .git the agent changed")),
+            "{}",
+            show(&o, &out)
+        );
+        // A jail that touches neither says nothing.
+        let quiet = o.jail(&[], "git -C lib status --short >/dev/null; true");
+        assert!(!all(&quiet).contains("WARNING"), "{}", show(&o, &quiet));
+        println!("[{}] what the owner sees: {}", o.who(), warnings.join("\n"));
+    }
+}
+
+/// A jail started in a linked worktree (`git worktree add`): its `.git` is a file naming
+/// `MAIN/.git/worktrees/NAME`, and the worktree's index, `HEAD` and the objects live in the
+/// main repository, which is read-only unless it is itself a writable root. The agent reads
+/// the repository (`git status`, `git log`) but cannot commit there, nor point the `.git`
+/// file elsewhere.
+#[test]
+fn a_linked_worktree_reads_but_cannot_commit() {
+    skip_unless_jail!("a_linked_worktree_reads_but_cannot_commit");
+    for o in owners("rtwt") {
+        git_repo(&o);
+        let wt = o.base.join("wt2");
+        for args in [
+            &["commit", "-q", "--allow-empty", "-m", "first"][..],
+            &["worktree", "add", "-q", wt.to_str().unwrap()],
+        ] {
+            let out = git_out(&o, args);
+            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
+        }
+        chown(&o, &o.base);
+        let gitfile = std::fs::read_to_string(wt.join(".git")).unwrap();
+        let out = o
+            .jail_cmd(
+                &[],
+                r#"git log --format=%s; echo "log=$?"
+                   echo x > f; echo "write=$?"
+                   git add f; echo "add=$?"
+                   echo 'gitdir: /tmp/evil' > .git; echo "gitfile=$?""#,
+            )
+            .current_dir(&wt)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let s = all(&out);
+        for k in ["first", "log=0", "write=0", "gitfile=2"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(!s.contains("add=0"), "{}", show(&o, &out));
+        assert!(s.contains("index.lock"), "{}", show(&o, &out));
+        assert_eq!(std::fs::read_to_string(wt.join(".git")).unwrap(), gitfile);
+        assert!(std::fs::symlink_metadata(wt.join("HEAD")).is_err());
+        println!("[{}] in a linked worktree: {s}", o.who());
+    }
+}
+
+/// `core.hooksPath` naming a directory in the working tree (husky's `.husky/_`): the owner's
+/// git runs the hooks there by itself, so it stays read-only like `.git/hooks`, and cannot be
+/// carried away with its parent (`mv .husky`); a hooks path that does not exist yet is a
+/// read-only placeholder, gone after the jail. Before this change the agent could rewrite
+/// `.husky/_/pre-commit` (with `.git` read-only as a whole too) and the owner's next commit
+/// ran it.
+#[test]
+fn hooks_path_in_the_working_tree_stays_read_only() {
+    skip_unless_jail!("hooks_path_in_the_working_tree_stays_read_only");
+    for o in owners("rthookspath") {
+        for (hooks, exists) in [(".husky/_", true), (".githooks", false)] {
+            git_repo(&o);
+            let dir = o.proj().join(hooks);
+            if exists {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("pre-commit"), "#!/bin/sh\nexit 0\n").unwrap();
+            }
+            chown(&o, &o.base);
+            let out = git_out(&o, &["config", "core.hooksPath", hooks]);
+            assert!(out.status.success(), "{}", show(&o, &out));
+            let top = hooks.split('/').next().unwrap();
+            let script = format!(
+                r#"echo 'touch /tmp/pwned' >> {hooks}/pre-commit; echo "hook=$?"
+                   mv {top} moved; echo "mv=$?"
+                   echo ok > notes.txt; echo "project=$?""#
+            );
+            let out = o.jail(&[], &script);
+            let s = all(&out);
+            for k in ["hook=2", "mv=1", "project=0"] {
+                assert!(s.contains(k), "{k} ({hooks}): {}", show(&o, &out));
+            }
+            assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+            if exists {
+                assert_eq!(
+                    std::fs::read_to_string(dir.join("pre-commit")).unwrap(),
+                    "#!/bin/sh\nexit 0\n"
+                );
+            } else {
+                assert!(
+                    std::fs::symlink_metadata(&dir).is_err(),
+                    "{hooks} left behind: {}",
+                    show(&o, &out)
+                );
+            }
+            let _ = std::fs::remove_dir_all(o.proj().join(top));
+        }
+    }
+}
+
+/// `--git-read-only` keeps `.git` read-only as a whole: no commit inside (git says it cannot
+/// create `index.lock`), and the same attacks fail; `--print-policy` says which mode applies.
+#[test]
+fn git_read_only_keeps_all_of_git_read_only() {
+    skip_unless_jail!("git_read_only_keeps_all_of_git_read_only");
+    for o in owners("rtgitro") {
+        git_repo(&o);
+        let wt = o.base.join("wt");
+        std::fs::create_dir_all(&wt).unwrap();
+        std::fs::write(wt.join(".git"), "gitdir: /nonexistent/.git/worktrees/wt\n").unwrap();
+        chown(&o, &o.base);
+        for (flag, want) in [
+            (None, "\"git\": \"commit\""),
+            (Some("--git-read-only"), "\"git\": \"read_only\""),
+        ] {
+            let mut args = vec!["jail", "--agent", "a", "--print-policy"];
+            args.extend(flag);
+            let out = o.run(&args);
+            assert!(all(&out).contains(want), "{}", show(&o, &out));
+        }
+        let script = format!(
+            r#"echo hello > a.txt
+               git add a.txt; echo "add=$?"
+               {attacks}"#,
+            attacks = GIT_ATTACKS.replace("WT", &wt.display().to_string())
+        );
+        let out = o.jail(
+            &["--git-read-only", "--write", wt.to_str().unwrap()],
+            &script,
+        );
+        let s = all(&out);
+        for k in [
+            "mv=1",
+            "replace=1",
+            "commondir=2",
+            "config=2",
+            "hook=2",
+            "attributes=2",
+            "modconfig=2",
+            "modnew=1",
+            "worktrees=1",
+            "gitfile=2",
+        ] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(!s.contains("add=0"), "{}", show(&o, &out));
+        assert!(s.contains("index.lock"), "{}", show(&o, &out));
+        assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert!(!o.proj().join(".git/commondir").exists());
+        assert!(!o.proj().join(".git/index").exists());
+        assert!(!o.proj().join(".git/info").exists());
+        let st = git_out(&o, &["status", "--short"]);
+        assert!(st.status.success(), "{}", show(&o, &st));
+    }
+}
+
+/// A path bound back into a hidden directory that is not a socket is read-only: `--show
+/// ~/.aws/config` reads but cannot be rewritten (`credential_process` runs a program when the
+/// owner's AWS tools read it). The same binding brings NixOS's `/run/current-system` back.
+/// Before this change the bound path came from the owner's writable tree (Landlock refused the
+/// write; without it, `--best-effort`, nothing did).
+#[test]
+fn paths_shown_again_are_read_only() {
+    skip_unless_jail!("paths_shown_again_are_read_only");
+    for o in owners("rtshow") {
+        let aws = o.home().join(".aws");
+        std::fs::create_dir_all(&aws).unwrap();
+        std::fs::write(aws.join("config"), "[default]\nregion = eu-west-1\n").unwrap();
+        std::fs::write(aws.join("credentials"), "[default]\nkey = x\n").unwrap();
+        chown(&o, &o.home());
+        let cfg = aws.join("config");
+        let script = format!(
+            r#"cat {c}; echo "read=$?"
+               printf '[default]\ncredential_process = /tmp/evil\n' >> {c}; echo "write=$?"
+               cat {a}/credentials 2>/dev/null; echo "credentials=$?""#,
+            c = cfg.display(),
+            a = aws.display()
+        );
+        let out = o.jail(&["--show", cfg.to_str().unwrap()], &script);
+        let s = all(&out);
+        for k in ["region = eu-west-1", "read=0", "write=2", "credentials=1"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        assert_eq!(
+            std::fs::read_to_string(&cfg).unwrap(),
+            "[default]\nregion = eu-west-1\n"
+        );
+    }
+}
+
+/// NixOS reaches every program through `/run/current-system` (its `sw/bin` on PATH): with all
+/// of `/run` hidden nothing ran there. The link is made again in the hidden `/run` (its target
+/// is in the read-only view); `/run/wrappers` (set-ID programs) is not. Made here (as root) as a symlink to a stand-in system when the host has
+/// none; on a host that has one (NixOS) that one is used and left alone.
+#[test]
+fn nixos_current_system_is_bound_back_read_only() {
+    skip_unless_jail!("nixos_current_system_is_bound_back_read_only");
+    let cs = std::path::Path::new("/run/current-system");
+    let made = if std::fs::symlink_metadata(cs).is_ok() {
+        None
+    } else if is_root() {
+        let sys = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("nixos-system-{}", std::process::id()));
+        std::fs::create_dir_all(sys.join("sw/bin")).unwrap();
+        let hello = sys.join("sw/bin/ak-nixos-hello");
+        std::fs::write(&hello, "#!/bin/sh\necho hello-from-the-system\n").unwrap();
+        std::fs::set_permissions(&hello, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&sys, cs).unwrap();
+        Some(sys)
+    } else {
+        println!("SKIP nixos_current_system_is_bound_back_read_only: needs root (or NixOS)");
+        return;
+    };
+    // Removed even if an assertion fails.
+    struct Made(Option<std::path::PathBuf>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            if let Some(sys) = &self.0 {
+                let _ = std::fs::remove_file("/run/current-system");
+                let _ = std::fs::remove_dir_all(sys);
+            }
+        }
+    }
+    let made = Made(made);
+    for o in owners("rtnixos") {
+        let script = r#"ls /run/current-system/sw/bin >/dev/null; echo "list=$?"
+            [ -x /run/current-system/sw/bin/ak-nixos-hello ] && /run/current-system/sw/bin/ak-nixos-hello
+            touch /run/current-system/sw/bin/planted; echo "plant=$?"
+            ls /run/wrappers >/dev/null 2>&1; echo "wrappers=$?""#;
+        let policy = o.run(&["jail", "--agent", "a", "--print-policy"]);
+        let out = o.jail(&[], script);
+        let s = all(&out);
+        assert!(
+            all(&policy).contains("\"/run/current-system\""),
+            "{}",
+            show(&o, &policy)
+        );
+        for k in ["list=0", "plant=1", "wrappers=2"] {
+            assert!(s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        if made.0.is_some() {
+            assert!(s.contains("hello-from-the-system"), "{}", show(&o, &out));
+            assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+        }
+    }
+    drop(made);
 }
 
 /// Files that do not exist when the jail starts cannot be created either: `.envrc`, a

@@ -40,6 +40,7 @@ pub(crate) struct JailOpts {
     pub allow_socket: Vec<PathBuf>,
     pub env: Vec<String>,
     pub best_effort: bool,
+    pub git_read_only: bool,
     pub print_policy: bool,
     pub proxy: Vec<String>,
     pub net: String,
@@ -107,6 +108,7 @@ fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
         env: o.env.clone(),
         best_effort: o.best_effort,
         network: Some(network_for(o)?),
+        git_read_only: o.git_read_only,
     };
     PolicyBuilder::new(c, opts)
         .build()
@@ -178,6 +180,8 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         );
     }
     let proxy = crate::run_cmd::pairs(&o.proxy, "--proxy")?;
+    // Submodules before the jail, to name those the agent adds or redirects (see gitlinks).
+    let gitlinks_before = agentkeys_jail::gitlinks::snapshot(&policy);
     let home = ctx::home()?;
     let socket = ctx::socket(&home);
     let argv = apply::cstrings(&o.command)
@@ -237,6 +241,9 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     };
     let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
     apply::remove_placeholders(&policy, lock);
+    for w in agentkeys_jail::gitlinks::changes(&gitlinks_before, &policy) {
+        eprintln!("agentkeys jail: WARNING: {w}");
+    }
     r
 }
 

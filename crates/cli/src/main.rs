@@ -239,6 +239,12 @@ enum Command {
         /// Where the kernel lacks a protection, run without it and list it (default: refuse).
         #[arg(long)]
         best_effort: bool,
+        /// Keep `.git` read-only as a whole (no commits inside the jail). By default git's own
+        /// work there (index, objects, refs) is writable, so `git add`/`git commit` work, and
+        /// only what makes git run a program or read configuration (config, hooks, info,
+        /// modules, worktrees, commondir) is read-only.
+        #[arg(long)]
+        git_read_only: bool,
         /// Print the jail's policy (what is hidden, writable, protected, which sockets and
         /// environment names, the network rule) and exit.
         #[arg(long)]
@@ -540,6 +546,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             allow_socket,
             env,
             best_effort,
+            git_read_only,
             print_policy,
             proxy,
             net,
@@ -556,6 +563,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 allow_socket,
                 env,
                 best_effort,
+                git_read_only,
                 print_policy,
                 proxy,
                 net,

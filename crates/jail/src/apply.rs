@@ -631,6 +631,19 @@ fn build_view(
         if !under_hidden && std::fs::symlink_metadata(&dst).is_ok() {
             continue; // not hidden: already reachable
         }
+        // A symbolic link (NixOS's /run/current-system, into /nix/store): the same link,
+        // which resolves in the jail's own (read-only) view.
+        if let Ok(target) = std::fs::read_link(&src) {
+            if let Some(parent) = dst.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)
+                    .map_err(io("bind a path back (directories)"))?;
+            }
+            std::os::unix::fs::symlink(&target, &dst).map_err(io("bind a path back (link)"))?;
+            continue;
+        }
         // Hidden, or not visible at all (under the private /tmp): bound back.
         let Ok(meta) = std::fs::metadata(&src) else {
             continue; // not there (the daemon's socket before it starts): nothing to bind
@@ -663,9 +676,15 @@ fn build_view(
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
-        // A regular file bound back (the proxy's CA bundle, a --show file) stays read-only.
-        if meta.is_file() {
-            remount_ro(&dst, "bind a path back (read-only)")?;
+        // Read-only unless a socket (connecting needs no writable mount): a path shown again
+        // is for reading (`--show`, NixOS's /run/current-system).
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            ns::mount_setattr_recursive(
+                &dst,
+                ns::MOUNT_ATTR_RDONLY | ns::MOUNT_ATTR_NOSUID | ns::MOUNT_ATTR_NODEV,
+            )
+            .map_err(io("bind a path back (read-only)"))?;
         }
     }
     for h in &hidden_dirs {
@@ -702,6 +721,30 @@ fn build_view(
                 .open(&dst)
             {
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(("create a protected file", errno_of(&e))),
+            }
+        }
+    }
+    // `.git/commondir` placeholders hold `.` (the git directory itself): git dies on an
+    // empty one.
+    for f in &policy.create_commondir {
+        let dst = inside(new, f);
+        no_symlink(&dst, "create a protected file")?;
+        if std::fs::symlink_metadata(&dst).is_err() {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&dst)
+            {
+                Ok(mut file) => {
+                    std::io::Write::write_all(
+                        &mut file,
+                        crate::policy::COMMONDIR_PLACEHOLDER.as_bytes(),
+                    )
+                    .map_err(io("create a protected file"))?;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(("create a protected file", errno_of(&e))),
             }
@@ -1024,7 +1067,8 @@ pub fn cstrings(items: &[String]) -> Option<Vec<CString>> {
 
 /// A shared `flock` every `agentkeys jail` of one owner holds for its life (on
 /// `jail.lock` in `$AGENTKEYS_HOME`), so that the jail that made placeholders
-/// ([`JailPolicy::create_dirs`], [`JailPolicy::create_files`]) removes them only when no
+/// ([`JailPolicy::create_dirs`], [`JailPolicy::create_files`],
+/// [`JailPolicy::create_commondir`]) removes them only when no
 /// other jail runs: another jail may have a read-only mount on one, and removing it from
 /// outside would detach that mount. `None` inside: no lock could be taken (placeholders are
 /// then left).
@@ -1049,7 +1093,10 @@ pub fn placeholder_lock(agentkeys_home: &Path) -> PlaceholderLock {
 /// regular file, an empty directory) and no other jail runs; called once the jail's
 /// processes are gone. Best effort: a placeholder left behind is empty and read-only.
 pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
-    if policy.create_files.is_empty() && policy.create_dirs.is_empty() {
+    if policy.create_files.is_empty()
+        && policy.create_dirs.is_empty()
+        && policy.create_commondir.is_empty()
+    {
         return;
     }
     let Some(lock) = lock.0 else { return };
@@ -1068,6 +1115,17 @@ pub fn remove_placeholders(policy: &JailPolicy, lock: PlaceholderLock) {
     for f in &policy.create_files {
         if direct(f)
             && std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_file() && m.len() == 0)
+        {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    for f in &policy.create_commondir {
+        if direct(f)
+            && std::fs::symlink_metadata(f).is_ok_and(|m| {
+                m.file_type().is_file()
+                    && m.len() == crate::policy::COMMONDIR_PLACEHOLDER.len() as u64
+            })
+            && std::fs::read(f).is_ok_and(|b| b == crate::policy::COMMONDIR_PLACEHOLDER.as_bytes())
         {
             let _ = std::fs::remove_file(f);
         }

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod gitlinks;
 pub mod landlock;
 pub mod policy;
 pub mod probe;

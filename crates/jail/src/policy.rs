@@ -128,14 +128,10 @@ pub const DEFAULT_HIDDEN_SOCKETS: &[&str] = &[
 ];
 
 /// Files the owner's tools run by themselves, relative to each writable root: kept read-only
-/// there (a read-only bind mount over each that exists). `.git` as a whole: its `config`
-/// (`core.fsmonitor`, `core.hooksPath`, aliases, filters, `credential.helper`), `hooks`,
-/// `commondir` (which points git at another config and hooks), `info` and a worktree's `.git`
-/// file all run programs when the owner runs git, and a `.git` that is a mount point cannot be
-/// renamed away and replaced (`mv .git .git2 && mkdir .git`). `.direnv` holds what direnv puts
-/// on the owner's PATH.
+/// there (a read-only bind mount over each that exists). `.git` is handled apart (see
+/// [`GitAccess`], [`GIT_PROTECTED_DIRS`]); `.direnv` holds what direnv puts on the owner's
+/// PATH.
 pub const PROTECTED_IN_WRITABLE: &[&str] = &[
-    ".git",
     ".envrc",
     ".vscode",
     ".direnv",
@@ -143,10 +139,70 @@ pub const PROTECTED_IN_WRITABLE: &[&str] = &[
     ".cargo/config.toml",
 ];
 
+/// How much of a repository's `.git` directory the agent may write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GitAccess {
+    /// The default: git's own work (index, objects, refs, logs, `HEAD`, lock files,
+    /// `COMMIT_EDITMSG`, `packed-refs`, rebase and merge state) is writable, so `git add` and
+    /// `git commit` work; everything in it that makes git run a program or read
+    /// configuration ([`GIT_PROTECTED_DIRS`], [`GIT_PROTECTED_FILES`], `commondir`) is
+    /// read-only, made as a read-only placeholder when missing, and `.git` itself is a mount
+    /// point, so it cannot be renamed away and replaced.
+    #[default]
+    Commit,
+    /// `--git-read-only`: `.git` read-only as a whole (no commits inside the jail).
+    ReadOnly,
+}
+
+/// Directories inside an existing `.git` directory that stay read-only as a whole with
+/// [`GitAccess::Commit`] (made empty when missing): `hooks`; `info` (`attributes` picks
+/// filter and diff drivers, `exclude`, `sparse-checkout`, `grafts`); `modules` (each
+/// submodule's own config and hooks); `worktrees` (each linked worktree's `commondir`,
+/// `gitdir`, `config.worktree`, `HEAD` and index); `remotes` and `branches` (the old ways to
+/// name a remote's URL, read when the config names none).
+pub const GIT_PROTECTED_DIRS: &[&str] = &[
+    "hooks",
+    "info",
+    "modules",
+    "worktrees",
+    "remotes",
+    "branches",
+];
+
+/// Files inside an existing `.git` directory that stay read-only with [`GitAccess::Commit`]
+/// (made empty when missing): `config` (`core.fsmonitor`, `core.hooksPath`, `core.pager`,
+/// `core.sshCommand`, aliases, filters, `credential.helper`, `include.path`) and
+/// `config.worktree` (read when `extensions.worktreeConfig` is set).
+pub const GIT_PROTECTED_FILES: &[&str] = &["config", "config.worktree"];
+
+/// `.git/commondir` names the directory git takes `config`, `hooks`, `objects` and `refs`
+/// from. An empty one makes git die ("failed to read"), so a missing one becomes a read-only
+/// placeholder holding [`COMMONDIR_PLACEHOLDER`]: `.`, the git directory itself, which is
+/// what git uses when there is none.
+pub const GIT_COMMONDIR: &str = "commondir";
+
+/// What a `commondir` placeholder holds.
+pub const COMMONDIR_PLACEHOLDER: &str = ".\n";
+
+/// Made as an empty read-only directory, or kept read-only, at a writable root where git
+/// might find no valid `.git` (none in the working directory; one the agent can write, with
+/// [`GitAccess::Commit`]): git then takes the directory itself for a bare repository when it
+/// holds a `HEAD` file, `objects/` and `refs/`, and reads its `config` (`core.pager` runs at the
+/// owner's next `git log`). A directory is never a valid `HEAD`, and `git add` never adds an
+/// empty one.
+pub const BARE_REPOSITORY_GUARD: &str = "HEAD";
+
+/// NixOS's system profile, under the hidden `/run`: the same symbolic link (into the
+/// read-only `/nix/store`) made again there when it exists; bound back read-only if it is not
+/// a link.
+pub const NIXOS_CURRENT_SYSTEM: &str = "/run/current-system";
+
 /// Among [`PROTECTED_IN_WRITABLE`], what is made (empty) when missing so the agent cannot
-/// create it: directories. An empty `.git` directory is not a repository (git looks further
-/// up, as without it), `.vscode` is where tasks that run on opening the folder live.
-pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".git", ".vscode"];
+/// create it: directories. `.vscode` is where tasks that run on opening the folder live. (A
+/// missing `.git` in the working directory is made too, whatever [`GitAccess`]: an empty
+/// `.git` directory is not a repository, git looks further up as without it.)
+pub const PLACEHOLDER_DIRS_IN_WRITABLE: &[&str] = &[".vscode"];
 
 /// The same for files: an empty `.envrc` (direnv runs a new one only once the owner allows
 /// it, but one it knows by path and hash is replaced by the agent's otherwise).
@@ -358,6 +414,13 @@ pub struct JailPolicy {
     /// `agentkeys jail` removes what it created, if still empty, when the jail ends.
     #[serde(default)]
     pub create_files: Vec<PathBuf>,
+    /// `.git/commondir` files created holding [`COMMONDIR_PLACEHOLDER`] before being made
+    /// read-only (an empty one would break git); removed the same way, if they still hold it.
+    #[serde(default)]
+    pub create_commondir: Vec<PathBuf>,
+    /// How much of `.git` the agent may write ([`GitAccess`]).
+    #[serde(default)]
+    pub git: GitAccess,
     /// agentkeys' socket, also bound at [`SESSION_SOCKET`] in a jail with a session.
     #[serde(default)]
     pub socket: Option<PathBuf>,
@@ -391,6 +454,8 @@ pub struct JailOptions {
     pub best_effort: bool,
     /// `--net` (default [`Network::Host`]).
     pub network: Option<Network>,
+    /// `--git-read-only`: `.git` read-only as a whole.
+    pub git_read_only: bool,
 }
 
 /// What the owner's side knows when building a policy (passed in, so tests can build one for
@@ -521,6 +586,13 @@ impl PolicyBuilder {
         {
             reveal.insert(r);
         }
+        // NixOS: every program is reached through /run/current-system (its sw/bin is on PATH),
+        // a symbolic link into the read-only /nix/store: made again in the hidden /run (a
+        // path bound back that is not a link or a socket is read-only). Not /run/wrappers:
+        // its programs are set-ID.
+        if std::fs::metadata(NIXOS_CURRENT_SYSTEM).is_ok() {
+            reveal.insert(PathBuf::from(NIXOS_CURRENT_SYSTEM));
+        }
         // Sockets kept reachable: agentkeys' own, and --allow-socket.
         let socket = resolve(&cwd, &ctx.socket);
         reveal.insert(socket.clone());
@@ -579,9 +651,100 @@ impl PolicyBuilder {
         let mut protected: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_files: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut create_commondir: BTreeSet<PathBuf> = BTreeSet::new();
+        let git = if self.opts.git_read_only {
+            GitAccess::ReadOnly
+        } else {
+            GitAccess::Commit
+        };
         for (i, root) in writable.iter().enumerate() {
             if !root.is_dir() {
                 continue;
+            }
+            let dot_git = root.join(".git");
+            check_not_symlink(&dot_git)?;
+            let git_meta = std::fs::symlink_metadata(&dot_git);
+            // Where git could find no valid `.git` (none in the project, or one the agent can
+            // break), it would take the root itself for a bare repository: no `HEAD` there.
+            let guard = match &git_meta {
+                Ok(m) => m.is_dir() && git == GitAccess::Commit,
+                Err(_) => i == 0,
+            };
+            if guard {
+                let p = root.join(BARE_REPOSITORY_GUARD);
+                check_not_symlink(&p)?;
+                if std::fs::symlink_metadata(&p).is_err() {
+                    create_dirs.insert(p.clone());
+                }
+                protected.insert(p);
+            }
+            match git_meta {
+                // A repository: its git directory with what runs programs read-only (the
+                // directory itself is pinned as their parent), or all of it.
+                Ok(m) if m.is_dir() && git == GitAccess::Commit => {
+                    for rel in GIT_PROTECTED_DIRS {
+                        let p = dot_git.join(rel);
+                        check_not_symlink(&p)?;
+                        if std::fs::symlink_metadata(&p).is_err() {
+                            create_dirs.insert(p.clone());
+                        }
+                        protected.insert(p);
+                    }
+                    for rel in GIT_PROTECTED_FILES {
+                        let p = dot_git.join(rel);
+                        check_not_symlink(&p)?;
+                        if std::fs::symlink_metadata(&p).is_err() {
+                            create_files.insert(p.clone());
+                        }
+                        protected.insert(p);
+                    }
+                    let p = dot_git.join(GIT_COMMONDIR);
+                    check_not_symlink(&p)?;
+                    if std::fs::symlink_metadata(&p).is_err() {
+                        create_commondir.insert(p.clone());
+                    }
+                    protected.insert(p);
+                }
+                // A worktree's or submodule's `.git` file (`gitdir: ...`), or `.git` whole. A
+                // link inside it (`hooks -> ../.githooks`) would lead git to what the agent
+                // can write: refused as in the default mode.
+                Ok(m) => {
+                    if m.is_dir() {
+                        for rel in GIT_PROTECTED_DIRS
+                            .iter()
+                            .chain(GIT_PROTECTED_FILES)
+                            .chain(&[GIT_COMMONDIR])
+                        {
+                            check_not_symlink(&dot_git.join(rel))?;
+                        }
+                    }
+                    protected.insert(dot_git);
+                }
+                // None in the project: an empty, read-only placeholder (no `git init`).
+                Err(_) if i == 0 => {
+                    create_dirs.insert(dot_git.clone());
+                    protected.insert(dot_git);
+                }
+                Err(_) => {}
+            }
+            // Hooks the owner's git runs from elsewhere (`core.hooksPath`, husky's `.husky/_`):
+            // read-only too when a writable root holds them.
+            if let Some(hp) = hooks_path(root, &home) {
+                let hp = resolve(root, &hp);
+                if let Some(r) = writable.iter().find(|w| under(&hp, w)) {
+                    if hp == *r {
+                        return Err(bad(
+                            &hp,
+                            "is git's core.hooksPath: a writable hooks directory lets the agent \
+                             plant what your git runs; point core.hooksPath elsewhere",
+                        ));
+                    }
+                    check_not_symlink(&hp)?;
+                    if !hp.exists() {
+                        placeholder_dir(&hp, r, &mut create_dirs);
+                    }
+                    protected.insert(hp);
+                }
             }
             for rel in PROTECTED_IN_WRITABLE {
                 let p = root.join(rel);
@@ -637,6 +800,20 @@ impl PolicyBuilder {
         }
         // A --write inside a protected path would be read-only anyway: say so.
         for w in writable.iter().skip(1) {
+            if let Some(r) = writable
+                .iter()
+                .find(|r| *r != w && under(w, &r.join(".git")))
+            {
+                return Err(bad(
+                    w,
+                    &format!(
+                        "--write lies inside {}, git's directory: what git runs there stays \
+                         read-only in a jail, and git's own work there is writable already \
+                         (unless --git-read-only)",
+                        r.join(".git").display()
+                    ),
+                ));
+            }
             if let Some(p) = protected.iter().find(|p| under(w, p)) {
                 return Err(bad(
                     w,
@@ -683,6 +860,8 @@ impl PolicyBuilder {
             protected: protected.into_iter().collect(),
             create_dirs: create_dirs.into_iter().collect(),
             create_files: create_files.into_iter().collect(),
+            create_commondir: create_commondir.into_iter().collect(),
+            git,
             socket: Some(socket),
             network: self.opts.network.clone().unwrap_or(Network::Host),
             env: EnvPolicy { removed, passed },
@@ -697,6 +876,34 @@ impl PolicyBuilder {
         policy.validate()?;
         Ok(policy)
     }
+}
+
+/// `core.hooksPath` as the owner's git sees it in the repository at `root` (all config scopes;
+/// `~/` expanded; relative to `root`, where git runs hooks), when `root` holds a `.git`.
+fn hooks_path(root: &Path, home: &Path) -> Option<PathBuf> {
+    std::fs::symlink_metadata(root.join(".git")).ok()?;
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["config", "--get", "core.hooksPath"])
+        .env("GIT_DIR", root.join(".git"))
+        .env("GIT_WORK_TREE", root)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    let v = text.trim_end_matches(['\n', '\r']);
+    if v.is_empty() {
+        return None;
+    }
+    Some(match v.strip_prefix("~/") {
+        Some(rest) => home.join(rest),
+        None => PathBuf::from(v),
+    })
 }
 
 /// Records the placeholder directory `d` and its missing ancestors below `root`, so that
@@ -736,7 +943,7 @@ impl JailPolicy {
                 self.version
             )));
         }
-        let lists: [(&str, &Vec<PathBuf>); 7] = [
+        let lists: [(&str, &Vec<PathBuf>); 8] = [
             ("writable", &self.writable),
             ("private_tmp", &self.private_tmp),
             ("hidden", &self.hidden),
@@ -744,6 +951,7 @@ impl JailPolicy {
             ("protected", &self.protected),
             ("create_dirs", &self.create_dirs),
             ("create_files", &self.create_files),
+            ("create_commondir", &self.create_commondir),
         ];
         for (name, list) in lists {
             if list.len() > MAX_PATHS {
@@ -873,9 +1081,57 @@ mod tests {
         assert!(p.hidden.contains(&PathBuf::from("/run/docker.sock")));
         // agentkeys' socket is bound back.
         assert!(p.reveal.contains(&c.socket));
-        // .git is read-only as a whole; a missing .envrc and .vscode are made empty and
-        // read-only.
-        assert!(p.protected.contains(&c.cwd.join(".git")));
+        // In .git, what makes git run a program or read configuration is read-only, missing
+        // parts are placeholders (commondir holding `.`), .git itself is not (commits work);
+        // a missing .envrc and .vscode are made empty and read-only.
+        assert_eq!(p.git, GitAccess::Commit);
+        assert!(!p.protected.contains(&c.cwd.join(".git")));
+        for rel in [
+            "config",
+            "config.worktree",
+            "hooks",
+            "info",
+            "modules",
+            "worktrees",
+        ] {
+            assert!(p.protected.contains(&c.cwd.join(".git").join(rel)), "{rel}");
+        }
+        assert!(p.create_dirs.contains(&c.cwd.join(".git/hooks")));
+        assert!(p.create_files.contains(&c.cwd.join(".git/config")));
+        assert_eq!(p.create_commondir, vec![c.cwd.join(".git/commondir")]);
+        assert!(p.protected.contains(&c.cwd.join(".git/commondir")));
+        // No bare repository in the project itself while `.git` is writable.
+        assert!(p.create_dirs.contains(&c.cwd.join("HEAD")));
+        assert!(p.protected.contains(&c.cwd.join("HEAD")));
+        // --git-read-only: .git whole, no placeholder inside.
+        let ro = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                git_read_only: true,
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        assert_eq!(ro.git, GitAccess::ReadOnly);
+        assert!(ro.protected.contains(&c.cwd.join(".git")));
+        assert!(ro.create_commondir.is_empty());
+        assert!(!ro.protected.contains(&c.cwd.join("HEAD")));
+        assert!(
+            !ro.create_dirs
+                .iter()
+                .any(|d| d.starts_with(c.cwd.join(".git")))
+        );
+        // A worktree's `.git` file: read-only whole.
+        std::fs::remove_dir_all(c.cwd.join(".git")).unwrap();
+        std::fs::write(c.cwd.join(".git"), "gitdir: /elsewhere/.git/worktrees/p\n").unwrap();
+        let wt = PolicyBuilder::new(c.clone(), JailOptions::default())
+            .build()
+            .unwrap();
+        assert!(wt.protected.contains(&c.cwd.join(".git")));
+        assert!(wt.create_commondir.is_empty());
+        std::fs::remove_file(c.cwd.join(".git")).unwrap();
+        std::fs::create_dir_all(c.cwd.join(".git")).unwrap();
         assert!(p.create_dirs.contains(&c.cwd.join(".vscode")));
         assert!(p.create_files.contains(&c.cwd.join(".envrc")));
         assert!(p.protected.contains(&c.cwd.join(".envrc")));
@@ -945,6 +1201,23 @@ mod tests {
     fn symlinked_protected_path_is_refused() {
         let d = tmp("symlink");
         let c = ctx(&d);
+        // `.git/hooks -> ../.githooks` (a writable directory), in both git modes.
+        std::fs::create_dir_all(c.cwd.join(".githooks")).unwrap();
+        std::os::unix::fs::symlink("../.githooks", c.cwd.join(".git/hooks")).unwrap();
+        for git_read_only in [false, true] {
+            let e = PolicyBuilder::new(
+                c.clone(),
+                JailOptions {
+                    git_read_only,
+                    ..Default::default()
+                },
+            )
+            .build()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("hooks is a symbolic link"), "{e}");
+        }
+        std::fs::remove_file(c.cwd.join(".git/hooks")).unwrap();
         std::os::unix::fs::symlink("/tmp/x", c.cwd.join(".envrc")).unwrap();
         let e = PolicyBuilder::new(c, JailOptions::default())
             .build()
