@@ -40,7 +40,7 @@ pub(crate) struct JailOpts {
     pub allow_socket: Vec<PathBuf>,
     pub env: Vec<String>,
     pub best_effort: bool,
-    pub git_read_only: bool,
+    pub git_commit: bool,
     pub print_policy: bool,
     pub command: Vec<String>,
 }
@@ -74,7 +74,7 @@ fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
         allow_socket: o.allow_socket.clone(),
         env: o.env.clone(),
         best_effort: o.best_effort,
-        git_read_only: o.git_read_only,
+        git_commit: o.git_commit,
     };
     PolicyBuilder::new(c, opts)
         .build()
@@ -144,6 +144,19 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
             "agentkeys jail: removed from the environment: {} (--env NAME passes one)",
             policy.env.removed.join(" ")
         );
+    }
+    // A repository in the project with `.git` read-only: say so once, and how to open it.
+    if let Some(dot_git) = policy.writable.first().map(|w| w.join(".git")) {
+        if policy.git == agentkeys_jail::policy::GitAccess::ReadOnly
+            && dot_git.exists()
+            && !policy.create_dirs.contains(&dot_git)
+        {
+            eprintln!(
+                "agentkeys jail: .git is read-only (git add/commit fail with `index.lock': \
+                 Read-only file system`); --git-commit lets the agent commit (see `agentkeys \
+                 jail --help` for what that opens)"
+            );
+        }
     }
     // Submodules before the jail, to name those the agent adds or redirects (see gitlinks).
     let gitlinks_before = agentkeys_jail::gitlinks::snapshot(&policy);

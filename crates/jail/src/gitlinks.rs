@@ -1,10 +1,10 @@
 //! Submodules seen before and after a jail. The owner's `git status` in a repository runs a
 //! `git status` in each populated submodule (a gitlink in the index with a `.git` in its
 //! directory), which reads that submodule's own configuration: `core.fsmonitor` there runs a
-//! program. With [`crate::policy::GitAccess::Commit`] the agent can add a gitlink (`git init
-//! sub`, a config of its own, `git add sub`), and in every mode it can rewrite an existing
-//! submodule's `.git` file or its embedded `.git/config` in the working tree. Nothing in the
-//! kernel can stop that without making the index read-only, so `agentkeys jail` takes a
+//! program. An existing submodule's `.git` is read-only in the jail ([`populated`], used by
+//! the policy), but with [`crate::policy::GitAccess::Commit`] (`--git-commit`) the agent can
+//! add a gitlink (`git init sub`, a config of its own, `git add sub`). Nothing in the kernel
+//! can stop that without making the index read-only, so `agentkeys jail` takes a
 //! [`Snapshot`] before the jail and, after it, names every gitlink that is new or whose
 //! `.git` changed ([`changes`]), for the owner to look at before running git there.
 
@@ -84,6 +84,22 @@ pub fn changes(before: &Snapshot, policy: &JailPolicy) -> Vec<String> {
         }
     }
     out
+}
+
+/// The populated gitlinks of the repository at `root` (paths relative to it, whose `.git`
+/// exists), listed before the jail to protect their `.git`; none when git cannot list them.
+pub fn populated(root: &Path) -> Vec<String> {
+    if std::fs::symlink_metadata(root.join(".git")).is_err() {
+        return Vec::new();
+    }
+    gitlinks(root)
+        .map(|l| {
+            l.into_iter()
+                .filter(|(_, s)| s.is_some())
+                .map(|(p, _)| p)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn gitlinks(root: &Path) -> Option<Links> {
