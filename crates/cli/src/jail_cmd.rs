@@ -146,17 +146,16 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         );
     }
     // A repository in the project with `.git` read-only: say so once, and how to open it.
-    if let Some(dot_git) = policy.writable.first().map(|w| w.join(".git")) {
-        if policy.git == agentkeys_jail::policy::GitAccess::ReadOnly
-            && dot_git.exists()
-            && !policy.create_dirs.contains(&dot_git)
-        {
-            eprintln!(
-                "agentkeys jail: .git is read-only (git add/commit fail with `index.lock': \
-                 Read-only file system`); --git-commit lets the agent commit (see `agentkeys \
-                 jail --help` for what that opens)"
-            );
-        }
+    if let Some(dot_git) = policy.writable.first().map(|w| w.join(".git"))
+        && policy.git == agentkeys_jail::policy::GitAccess::ReadOnly
+        && dot_git.exists()
+        && !policy.create_dirs.contains(&dot_git)
+    {
+        eprintln!(
+            "agentkeys jail: .git is read-only (git add/commit fail with `index.lock': \
+             Read-only file system`); --git-commit lets the agent commit (see `agentkeys \
+             jail --help` for what that opens)"
+        );
     }
     // Submodules before the jail, to name those the agent adds or redirects (see gitlinks).
     let gitlinks_before = agentkeys_jail::gitlinks::snapshot(&policy);
