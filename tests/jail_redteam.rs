@@ -364,8 +364,9 @@ fn the_project_cannot_become_a_bare_repository() {
     }
 }
 
-/// An owner's repository with two submodules: `lib` (an embedded git directory) and `ext` (a
-/// `.git` file naming a git directory in the working tree, `extgit`), both in the index.
+/// An owner's repository with four submodules in the index: `lib` (an embedded git
+/// directory), `ext` (a `.git` file naming a git directory in the working tree, `extgit`),
+/// and two not populated, `empty` (an empty directory) and `gone` (no directory).
 fn repo_with_submodules(o: &Owner) {
     git_repo(o);
     for d in ["lib", "ext"] {
@@ -391,6 +392,16 @@ fn repo_with_submodules(o: &Owner) {
         let out = git_out(o, args);
         assert!(out.status.success(), "{args:?}: {}", show(o, &out));
     }
+    // Two not populated (as after a clone without --recurse-submodules): `empty` (an empty
+    // directory) and `gone` (none).
+    let sha = git_out(o, &["-C", "lib", "rev-parse", "HEAD"]);
+    let sha = String::from_utf8_lossy(&sha.stdout).trim().to_string();
+    for name in ["empty", "gone"] {
+        let info = format!("160000,{sha},{name}");
+        let out = git_out(o, &["update-index", "--add", "--cacheinfo", &info]);
+        assert!(out.status.success(), "{}", show(o, &out));
+    }
+    std::fs::create_dir_all(o.proj().join("empty")).unwrap();
     chown(o, &o.base);
 }
 
@@ -450,8 +461,10 @@ fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
 /// default mode and with `--git-commit`: an embedded git directory (`lib/.git`: its config,
 /// hooks, the directory itself) and a `.git` file (`ext/.git`) with the git directory it
 /// names when that lies in the working tree (`extgit`); neither `lib`, `ext` nor `extgit` can
-/// be renamed away (mount points). Before this change the agent rewrote `lib/.git/config`
-/// (`core.fsmonitor`), in every mode, and the owner's next `git status` in the project ran it.
+/// be renamed away (mount points). A submodule not populated cannot be given a `.git` (its
+/// directory is read-only, an empty placeholder when missing, gone after). Before this change
+/// the agent rewrote `lib/.git/config` (`core.fsmonitor`), or ran `git init empty` with one,
+/// in every mode, and the owner's next `git status` in the project ran it.
 #[test]
 fn existing_submodules_git_stays_read_only() {
     skip_unless_jail!("existing_submodules_git_stays_read_only");
@@ -472,6 +485,9 @@ fn existing_submodules_git_stays_read_only() {
                printf '[core]\n\tfsmonitor = touch {p}\n' >> extgit/config; echo "extgitdir=$?"
                mv ext ext2; echo "extmv=$?"
                mv extgit extgit2; echo "extgitmv=$?"
+               git init -q empty && git -C empty config core.fsmonitor "touch {p}; false"; echo "emptyinit=$?"
+               mkdir -p gone/.git; echo "gonegit=$?"
+               mv empty empty2; echo "emptymv=$?"
                echo ok > lib/notes.txt; echo "libtree=$?""#,
             p = pwned.display()
         );
@@ -487,11 +503,13 @@ fn existing_submodules_git_stays_read_only() {
                 "extgitdir=2",
                 "extmv=1",
                 "extgitmv=1",
+                "gonegit=1",
+                "emptymv=1",
                 "libtree=0",
             ] {
                 assert!(s.contains(k), "{k} ({flags:?}): {}", show(&o, &out));
             }
-            for k in ["libconfig=0", "extconfig=0"] {
+            for k in ["libconfig=0", "extconfig=0", "emptyinit=0"] {
                 assert!(!s.contains(k), "{k} ({flags:?}): {}", show(&o, &out));
             }
             assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
@@ -508,6 +526,12 @@ fn existing_submodules_git_stays_read_only() {
             assert_eq!(
                 std::fs::read_to_string(o.proj().join("extgit/config")).unwrap(),
                 ext_config
+            );
+            assert!(!o.proj().join("empty/.git").exists());
+            assert!(
+                std::fs::symlink_metadata(o.proj().join("gone")).is_err(),
+                "gone left behind: {}",
+                show(&o, &out)
             );
             // The owner's git status afterwards runs nothing of the agent's.
             let st = git_out(&o, &["status", "--short"]);

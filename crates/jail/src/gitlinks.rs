@@ -1,12 +1,13 @@
 //! Submodules seen before and after a jail. The owner's `git status` in a repository runs a
 //! `git status` in each populated submodule (a gitlink in the index with a `.git` in its
 //! directory), which reads that submodule's own configuration: `core.fsmonitor` there runs a
-//! program. An existing submodule's `.git` is read-only in the jail ([`populated`], used by
-//! the policy), but with [`crate::policy::GitAccess::Commit`] (`--git-commit`) the agent can
-//! add a gitlink (`git init sub`, a config of its own, `git add sub`). Nothing in the kernel
-//! can stop that without making the index read-only, so `agentkeys jail` takes a
-//! [`Snapshot`] before the jail and, after it, names every gitlink that is new or whose
-//! `.git` changed ([`changes`]), for the owner to look at before running git there.
+//! program. An existing submodule's `.git` is read-only in the jail, and an unpopulated one
+//! cannot be given a `.git` ([`paths`], used by the policy), but with
+//! [`crate::policy::GitAccess::Commit`] (`--git-commit`) the agent can add a gitlink (`git
+//! init sub`, a config of its own, `git add sub`). Nothing in the kernel can stop that
+//! without making the index read-only, so `agentkeys jail` takes a [`Snapshot`] before the
+//! jail and, after it, names every gitlink that is new or whose `.git` changed
+//! ([`changes`]), for the owner to look at before running git there.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -86,19 +87,14 @@ pub fn changes(before: &Snapshot, policy: &JailPolicy) -> Vec<String> {
     out
 }
 
-/// The populated gitlinks of the repository at `root` (paths relative to it, whose `.git`
-/// exists), listed before the jail to protect their `.git`; none when git cannot list them.
-pub fn populated(root: &Path) -> Vec<String> {
+/// The gitlinks of the repository at `root` (paths relative to it, populated or not), listed
+/// before the jail to protect them; none when git cannot list them.
+pub fn paths(root: &Path) -> Vec<String> {
     if std::fs::symlink_metadata(root.join(".git")).is_err() {
         return Vec::new();
     }
     gitlinks(root)
-        .map(|l| {
-            l.into_iter()
-                .filter(|(_, s)| s.is_some())
-                .map(|(p, _)| p)
-                .collect()
-        })
+        .map(|l| l.into_keys().collect())
         .unwrap_or_default()
 }
 

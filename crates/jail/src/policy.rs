@@ -702,13 +702,15 @@ impl PolicyBuilder {
                 }
                 Err(_) => {}
             }
-            // Existing submodules (populated gitlinks): the owner's `git status` here runs a
-            // `git status` in each, which reads its own config. Their `.git` (a file naming
-            // the git directory, or an embedded directory) read-only whole in both modes, and
-            // the git directory a `.git` file names too when a writable root holds it; their
-            // directories are pinned as parents (`mv sub sub2` cannot carry it away).
-            for sub in crate::gitlinks::populated(root) {
-                protect_submodule(root, &sub, &writable, &mut protected)?;
+            // Existing submodules (gitlinks in the index): the owner's `git status` here runs
+            // a `git status` in each populated one, which reads its own config. A populated
+            // one's `.git` (a file naming the git directory, or an embedded directory)
+            // read-only whole in both modes, and the git directory a `.git` file names too
+            // when a writable root holds it; an unpopulated one's directory read-only (no
+            // `.git` may appear); their directories are pinned as parents (`mv sub sub2`
+            // cannot carry it away).
+            for sub in crate::gitlinks::paths(root) {
+                protect_submodule(root, &sub, &writable, &mut protected, &mut create_dirs)?;
             }
             // Hooks the owner's git runs from elsewhere (`core.hooksPath`, husky's `.husky/_`):
             // read-only too when a writable root holds them.
@@ -901,30 +903,47 @@ fn placeholder_dir(d: &Path, root: &Path, create_dirs: &mut BTreeSet<PathBuf>) {
     }
 }
 
-/// Protects the `.git` of the submodule at `root`/`sub` (see [`PolicyBuilder::build`]). A
-/// submodule reached through a link is skipped: git does not enter it either.
+/// Protects the submodule at `root`/`sub` (a gitlink in the index; see
+/// [`PolicyBuilder::build`]) so the agent can neither rewrite its `.git` nor give it one:
+/// a populated one's `.git` read-only (and the git directory a `.git` file names, when a
+/// writable root holds it); an unpopulated one's directory read-only whole, made as an empty
+/// placeholder when missing (the owner's `git status` would run the config of a `.git` the
+/// agent put there); a file in the way read-only (a mount point: not replaceable by a
+/// directory). A link on the way refuses the jail: the agent could replace it.
 fn protect_submodule(
     root: &Path,
     sub: &str,
     writable: &[PathBuf],
     protected: &mut BTreeSet<PathBuf>,
+    create_dirs: &mut BTreeSet<PathBuf>,
 ) -> Result<(), JailError> {
     let dir = absolute(root, Path::new(sub));
     if !under(&dir, root) || dir == root {
         return Ok(());
     }
-    // No link on the way (the index names it; the working tree is the agent's).
-    let mut p = dir.as_path();
-    while p != root {
-        if !std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
-            return Ok(());
+    // Down from the root (the index names the path; the working tree is the agent's).
+    let mut cur = root.to_path_buf();
+    for c in dir.strip_prefix(root).unwrap_or(Path::new("")).components() {
+        cur.push(c);
+        check_not_symlink(&cur)?;
+        match std::fs::symlink_metadata(&cur) {
+            Err(_) => {
+                placeholder_dir(&dir, root, create_dirs);
+                protected.insert(dir);
+                return Ok(());
+            }
+            Ok(m) if !m.is_dir() => {
+                protected.insert(cur);
+                return Ok(());
+            }
+            Ok(_) => {}
         }
-        let Some(q) = p.parent() else { return Ok(()) };
-        p = q;
     }
     let dot_git = dir.join(".git");
     check_not_symlink(&dot_git)?;
     let Ok(m) = std::fs::symlink_metadata(&dot_git) else {
+        // Not populated: no `.git` may appear in it.
+        protected.insert(dir);
         return Ok(());
     };
     if m.is_dir() {
@@ -1193,6 +1212,8 @@ mod tests {
 
     #[test]
     fn existing_submodules_git_is_protected_in_both_modes() {
+        // Populated (`lib`: an embedded `.git`; `ext`: a `.git` file naming `extgit`) and
+        // unpopulated (`empty`, `gone`) gitlinks, in both git modes.
         let d = tmp("submodules");
         let c = ctx(&d);
         let git = |args: &[&str]| {
@@ -1231,6 +1252,19 @@ mod tests {
         ]);
         git(&["-C", "ext", "commit", "-q", "--allow-empty", "-m", "e"]);
         git(&["add", "lib", "ext"]);
+        // Two unpopulated gitlinks: `empty` (an empty directory) and `gone` (none).
+        let sha = std::process::Command::new("git")
+            .arg("-C")
+            .arg(c.cwd.join("lib"))
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap();
+        let sha = String::from_utf8(sha.stdout).unwrap();
+        for name in ["empty", "gone"] {
+            let info = format!("160000,{},{name}", sha.trim());
+            git(&["update-index", "--add", "--cacheinfo", &info]);
+        }
+        std::fs::create_dir(c.cwd.join("empty")).unwrap();
         for git_commit in [false, true] {
             let p = PolicyBuilder::new(
                 c.clone(),
@@ -1241,12 +1275,14 @@ mod tests {
             )
             .build()
             .unwrap();
-            for rel in ["lib/.git", "ext/.git", "extgit"] {
+            for rel in ["lib/.git", "ext/.git", "extgit", "empty", "gone"] {
                 assert!(
                     p.protected.contains(&c.cwd.join(rel)),
                     "{rel} ({git_commit})"
                 );
             }
+            assert!(p.create_dirs.contains(&c.cwd.join("gone")));
+            assert!(!p.create_dirs.contains(&c.cwd.join("empty")));
         }
         // A link at a protected place in a submodule's git directory refuses the jail.
         std::fs::create_dir_all(c.cwd.join("hk")).unwrap();
