@@ -366,7 +366,8 @@ fn the_project_cannot_become_a_bare_repository() {
 
 /// An owner's repository with four submodules in the index: `lib` (an embedded git
 /// directory), `ext` (a `.git` file naming a git directory in the working tree, `extgit`),
-/// and two not populated, `empty` (an empty directory) and `gone` (no directory).
+/// and two not populated, `empty` (an empty directory) and `gone` (no directory); and in
+/// `lib`'s index one not populated, `lib/inner`.
 fn repo_with_submodules(o: &Owner) {
     git_repo(o);
     for d in ["lib", "ext"] {
@@ -402,6 +403,13 @@ fn repo_with_submodules(o: &Owner) {
         assert!(out.status.success(), "{}", show(o, &out));
     }
     std::fs::create_dir_all(o.proj().join("empty")).unwrap();
+    // And one inside `lib`, not populated (`lib/inner`, no directory).
+    let info = format!("160000,{sha},inner");
+    let out = git_out(
+        o,
+        &["-C", "lib", "update-index", "--add", "--cacheinfo", &info],
+    );
+    assert!(out.status.success(), "{}", show(o, &out));
     chown(o, &o.base);
 }
 
@@ -462,9 +470,11 @@ fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
 /// hooks, the directory itself) and a `.git` file (`ext/.git`) with the git directory it
 /// names when that lies in the working tree (`extgit`); neither `lib`, `ext` nor `extgit` can
 /// be renamed away (mount points). A submodule not populated cannot be given a `.git` (its
-/// directory is read-only, an empty placeholder when missing, gone after). Before this change
-/// the agent rewrote `lib/.git/config` (`core.fsmonitor`), or ran `git init empty` with one,
-/// in every mode, and the owner's next `git status` in the project ran it.
+/// directory is read-only, an empty placeholder when missing, gone after), nor can one inside a
+/// submodule (`lib/inner`: the owner's `git status` recurses). Before this change the agent
+/// rewrote `lib/.git/config` (`core.fsmonitor`), or ran `git init empty` or `git init
+/// lib/inner` with one, in every mode, and the owner's next `git status` in the project ran
+/// it.
 #[test]
 fn existing_submodules_git_stays_read_only() {
     skip_unless_jail!("existing_submodules_git_stays_read_only");
@@ -488,6 +498,7 @@ fn existing_submodules_git_stays_read_only() {
                git init -q empty && git -C empty config core.fsmonitor "touch {p}; false"; echo "emptyinit=$?"
                mkdir -p gone/.git; echo "gonegit=$?"
                mv empty empty2; echo "emptymv=$?"
+               git init -q lib/inner && git -C lib/inner config core.fsmonitor "touch {p}; false"; echo "innerinit=$?"
                echo ok > lib/notes.txt; echo "libtree=$?""#,
             p = pwned.display()
         );
@@ -509,7 +520,7 @@ fn existing_submodules_git_stays_read_only() {
             ] {
                 assert!(s.contains(k), "{k} ({flags:?}): {}", show(&o, &out));
             }
-            for k in ["libconfig=0", "extconfig=0", "emptyinit=0"] {
+            for k in ["libconfig=0", "extconfig=0", "emptyinit=0", "innerinit=0"] {
                 assert!(!s.contains(k), "{k} ({flags:?}): {}", show(&o, &out));
             }
             assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
@@ -531,6 +542,11 @@ fn existing_submodules_git_stays_read_only() {
             assert!(
                 std::fs::symlink_metadata(o.proj().join("gone")).is_err(),
                 "gone left behind: {}",
+                show(&o, &out)
+            );
+            assert!(
+                std::fs::symlink_metadata(o.proj().join("lib/inner")).is_err(),
+                "lib/inner left behind: {}",
                 show(&o, &out)
             );
             // The owner's git status afterwards runs nothing of the agent's.

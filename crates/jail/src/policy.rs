@@ -710,7 +710,7 @@ impl PolicyBuilder {
             // `.git` may appear); their directories are pinned as parents (`mv sub sub2`
             // cannot carry it away).
             for sub in crate::gitlinks::paths(root) {
-                protect_submodule(root, &sub, &writable, &mut protected, &mut create_dirs)?;
+                protect_submodule(root, &sub, &writable, &mut protected, &mut create_dirs, 0)?;
             }
             // Hooks the owner's git runs from elsewhere (`core.hooksPath`, husky's `.husky/_`):
             // read-only too when a writable root holds them.
@@ -909,13 +909,15 @@ fn placeholder_dir(d: &Path, root: &Path, create_dirs: &mut BTreeSet<PathBuf>) {
 /// writable root holds it); an unpopulated one's directory read-only whole, made as an empty
 /// placeholder when missing (the owner's `git status` would run the config of a `.git` the
 /// agent put there); a file in the way read-only (a mount point: not replaceable by a
-/// directory). A link on the way refuses the jail: the agent could replace it.
+/// directory). A link on the way refuses the jail: the agent could replace it. The same for
+/// the submodules of a populated one, `depth` levels down.
 fn protect_submodule(
     root: &Path,
     sub: &str,
     writable: &[PathBuf],
     protected: &mut BTreeSet<PathBuf>,
     create_dirs: &mut BTreeSet<PathBuf>,
+    depth: usize,
 ) -> Result<(), JailError> {
     let dir = absolute(root, Path::new(sub));
     if !under(&dir, root) || dir == root {
@@ -978,8 +980,24 @@ fn protect_submodule(
         }
     }
     protected.insert(dot_git);
+    // Its own submodules: the owner's `git status` recurses into them too (their gitlinks
+    // are in its index, read-only now; their directories are in the working tree).
+    let inner = crate::gitlinks::paths(&dir);
+    if !inner.is_empty() && depth >= MAX_SUBMODULE_DEPTH {
+        return Err(JailError::Policy(format!(
+            "{}: submodules nested more than {MAX_SUBMODULE_DEPTH} deep; the jail keeps each \
+             one's .git read-only and stops there",
+            dir.display()
+        )));
+    }
+    for sub in inner {
+        protect_submodule(&dir, &sub, writable, protected, create_dirs, depth + 1)?;
+    }
     Ok(())
 }
+
+/// How deep submodules inside submodules are followed (more refuses the jail).
+const MAX_SUBMODULE_DEPTH: usize = 8;
 
 /// The first bytes of a `.git` file (never through a link, never blocking on a FIFO).
 fn read_gitdir_file(p: &Path) -> String {
@@ -1265,6 +1283,9 @@ mod tests {
             git(&["update-index", "--add", "--cacheinfo", &info]);
         }
         std::fs::create_dir(c.cwd.join("empty")).unwrap();
+        // One inside `lib`, not populated.
+        let info = format!("160000,{},inner", sha.trim());
+        git(&["-C", "lib", "update-index", "--add", "--cacheinfo", &info]);
         for git_commit in [false, true] {
             let p = PolicyBuilder::new(
                 c.clone(),
@@ -1275,13 +1296,21 @@ mod tests {
             )
             .build()
             .unwrap();
-            for rel in ["lib/.git", "ext/.git", "extgit", "empty", "gone"] {
+            for rel in [
+                "lib/.git",
+                "ext/.git",
+                "extgit",
+                "empty",
+                "gone",
+                "lib/inner",
+            ] {
                 assert!(
                     p.protected.contains(&c.cwd.join(rel)),
                     "{rel} ({git_commit})"
                 );
             }
             assert!(p.create_dirs.contains(&c.cwd.join("gone")));
+            assert!(p.create_dirs.contains(&c.cwd.join("lib/inner")));
             assert!(!p.create_dirs.contains(&c.cwd.join("empty")));
         }
         // A link at a protected place in a submodule's git directory refuses the jail.
