@@ -712,6 +712,29 @@ impl PolicyBuilder {
             for sub in crate::gitlinks::paths(root) {
                 protect_submodule(root, &sub, &writable, &mut protected, &mut create_dirs, 0)?;
             }
+            // A root inside a repository (the jail run in a subdirectory of a monorepo): the
+            // gitlinks of the nearest one above that lie in the root, the same way (the
+            // owner's `git status` there recurses into them).
+            if std::fs::symlink_metadata(root.join(".git")).is_err()
+                && let Some(top) = root
+                    .ancestors()
+                    .skip(1)
+                    .find(|a| std::fs::symlink_metadata(a.join(".git")).is_ok())
+            {
+                for sub in crate::gitlinks::paths(top) {
+                    let dir = absolute(top, Path::new(&sub));
+                    if under(&dir, root) && dir != *root {
+                        protect_submodule(
+                            top,
+                            &sub,
+                            &writable,
+                            &mut protected,
+                            &mut create_dirs,
+                            0,
+                        )?;
+                    }
+                }
+            }
             // Hooks the owner's git runs from elsewhere (`core.hooksPath`, husky's `.husky/_`):
             // read-only too when a writable root holds them.
             if let Some(hp) = hooks_path(root, &home) {
@@ -1322,6 +1345,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("hooks is a symbolic link"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn submodules_of_an_enclosing_repository_are_protected() {
+        // The jail in `mono/app` (no `.git` of its own): `mono`'s gitlinks under it count.
+        let d = tmp("enclosing");
+        let mut c = ctx(&d);
+        if std::process::Command::new("git")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            println!("SKIP submodules_of_an_enclosing_repository_are_protected: no git");
+            return;
+        }
+        let mono = d.join("mono");
+        std::fs::create_dir_all(mono.join("app/lib")).unwrap();
+        std::fs::create_dir_all(mono.join("other/x")).unwrap();
+        let git = |dir: &Path, args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("HOME", &c.home)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "git {args:?}");
+        };
+        git(&mono, &["init", "-q", "."]);
+        git(&mono.join("app/lib"), &["init", "-q", "."]);
+        git(
+            &mono.join("app/lib"),
+            &["commit", "-q", "--allow-empty", "-m", "l"],
+        );
+        git(&mono.join("other/x"), &["init", "-q", "."]);
+        git(
+            &mono.join("other/x"),
+            &["commit", "-q", "--allow-empty", "-m", "x"],
+        );
+        git(&mono, &["add", "app/lib", "other/x"]);
+        c.cwd = mono.join("app");
+        let p = PolicyBuilder::new(c.clone(), JailOptions::default())
+            .build()
+            .unwrap();
+        assert!(p.protected.contains(&mono.join("app/lib/.git")));
+        // Outside the writable root: read-only anyway, not listed.
+        assert!(!p.protected.contains(&mono.join("other/x/.git")));
         std::fs::remove_dir_all(d).unwrap();
     }
 
