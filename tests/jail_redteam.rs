@@ -558,6 +558,75 @@ fn existing_submodules_git_stays_read_only() {
     }
 }
 
+/// The jail run in a subdirectory of a repository (`proj/app`, no `.git` of its own): the
+/// owner's `git status` in `proj` recurses into the submodules under `app` as well, so those
+/// are protected the same way (the enclosing repository's gitlinks that lie in the writable
+/// root). Before this change `git -C lib config core.fsmonitor ...` and `git init empty`
+/// worked there.
+#[test]
+fn submodules_below_a_jail_in_a_subdirectory_stay_read_only() {
+    skip_unless_jail!("submodules_below_a_jail_in_a_subdirectory_stay_read_only");
+    for o in owners("rtsubdir") {
+        git_repo(&o);
+        let app = o.proj().join("app");
+        std::fs::create_dir_all(app.join("lib")).unwrap();
+        std::fs::create_dir_all(app.join("empty")).unwrap();
+        chown(&o, &o.base);
+        for args in [
+            &["-C", "app/lib", "init", "-q", "."][..],
+            &[
+                "-C",
+                "app/lib",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                "lib",
+            ],
+            &["add", "app/lib"],
+        ] {
+            let out = git_out(&o, args);
+            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
+        }
+        let sha = git_out(&o, &["-C", "app/lib", "rev-parse", "HEAD"]);
+        let info = format!(
+            "160000,{},app/empty",
+            String::from_utf8_lossy(&sha.stdout).trim()
+        );
+        let out = git_out(&o, &["update-index", "--add", "--cacheinfo", &info]);
+        assert!(out.status.success(), "{}", show(&o, &out));
+        chown(&o, &o.base);
+        let lib_config = std::fs::read_to_string(app.join("lib/.git/config")).unwrap();
+        let pwned = o.base.join("PWNED");
+        let script = format!(
+            r#"git -C lib config core.fsmonitor "touch {p}; false"; echo "libconfig=$?"
+               git init -q empty && git -C empty config core.fsmonitor "touch {p}; false"; echo "emptyinit=$?"
+               echo ok > notes.txt; echo "write=$?""#,
+            p = pwned.display()
+        );
+        let out = o
+            .jail_cmd(&[], &script)
+            .current_dir(&app)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let s = all(&out);
+        assert!(s.contains("write=0"), "{}", show(&o, &out));
+        for k in ["libconfig=0", "emptyinit=0"] {
+            assert!(!s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert_eq!(
+            std::fs::read_to_string(app.join("lib/.git/config")).unwrap(),
+            lib_config
+        );
+        assert!(!app.join("empty/.git").exists());
+        let st = git_out(&o, &["status", "--short"]);
+        assert!(st.status.success(), "{}", show(&o, &st));
+        assert!(!pwned.exists(), "{}\n{}", show(&o, &out), show(&o, &st));
+        println!("[{}] in a subdirectory: {s}", o.who());
+    }
+}
+
 /// A jail started in a linked worktree (`git worktree add`): its `.git` is a file naming
 /// `MAIN/.git/worktrees/NAME`, and the worktree's index, `HEAD` and the objects live in the
 /// main repository, which is read-only unless it is itself a writable root. The agent reads
