@@ -152,7 +152,7 @@ const GIT_PLACEHOLDERS: &[&str] = &[
     "branches",
 ];
 
-/// By default the agent can `git add` and `git commit` inside the jail (git's own work in
+/// With `--git-commit` the agent can `git add` and `git commit` inside the jail (git's own work in
 /// `.git` is writable) and the commit is there outside afterwards; what makes git run a
 /// program or read configuration stays read-only: `.git` cannot be renamed away or replaced
 /// (a mount point), `config`, `config.worktree`, `hooks`, `info`, `modules`, `worktrees` and
@@ -187,7 +187,7 @@ fn git_commits_work_but_what_git_runs_stays_read_only() {
             attacks = GIT_ATTACKS.replace("WT", &wt.display().to_string())
         );
         let child = o
-            .jail_cmd(&["--write", wt.to_str().unwrap()], &script)
+            .jail_cmd(&["--git-commit", "--write", wt.to_str().unwrap()], &script)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -291,7 +291,7 @@ fn git_commits_work_but_what_git_runs_stays_read_only() {
 /// read-only directory, which git never takes for a `HEAD` file and `git add` never adds)
 /// keeps the agent from making one while the jail runs; it is gone after. Before the fix the
 /// owner's `git log` (on a pty, through `script`) ran the agent's pager, with and without a
-/// `.git`.
+/// `.git`. (By default `.git` is read-only, valid, and found first: no placeholder needed.)
 #[test]
 fn the_project_cannot_become_a_bare_repository() {
     skip_unless_jail!("the_project_cannot_become_a_bare_repository");
@@ -321,7 +321,9 @@ fn the_project_cannot_become_a_bare_repository() {
                    printf '[core]\n\tpager = touch {p}; cat\n' > config; echo "config=$?""#,
                 p = pwned.display()
             );
-            let out = o.jail(&[], &script);
+            // With a repository, `.git` writable (`--git-commit`): the agent can break it.
+            let flags: &[&str] = if with_git { &["--git-commit"] } else { &[] };
+            let out = o.jail(flags, &script);
             let s = all(&out);
             for k in ["head=2", "dirs=0", "config=0"] {
                 assert!(s.contains(k), "{k} ({with_git}): {}", show(&o, &out));
@@ -336,8 +338,14 @@ fn the_project_cannot_become_a_bare_repository() {
             // the agent's.
             let log = o
                 .command(
-                    "script",
-                    &["-qec", "git log --oneline; git branch", "/dev/null"],
+                    "timeout",
+                    &[
+                        "60",
+                        "script",
+                        "-qec",
+                        "git log --oneline; git branch",
+                        "/dev/null",
+                    ],
                 )
                 .env("TERM", "xterm")
                 .stdin(Stdio::null())
@@ -362,31 +370,68 @@ fn the_project_cannot_become_a_bare_repository() {
     }
 }
 
+/// An owner's repository with four submodules in the index: `lib` (an embedded git
+/// directory), `ext` (a `.git` file naming a git directory in the working tree, `extgit`),
+/// and two not populated, `empty` (an empty directory) and `gone` (no directory); and in
+/// `lib`'s index one not populated, `lib/inner`.
+fn repo_with_submodules(o: &Owner) {
+    git_repo(o);
+    for d in ["lib", "ext"] {
+        std::fs::create_dir_all(o.proj().join(d)).unwrap();
+    }
+    chown(o, &o.base);
+    let extgit = o.proj().join("extgit");
+    for args in [
+        &["-C", "lib", "init", "-q", "."][..],
+        &["-C", "lib", "commit", "-q", "--allow-empty", "-m", "lib"],
+        &[
+            "-C",
+            "ext",
+            "init",
+            "-q",
+            "--separate-git-dir",
+            extgit.to_str().unwrap(),
+            ".",
+        ],
+        &["-C", "ext", "commit", "-q", "--allow-empty", "-m", "ext"],
+        &["add", "lib", "ext"],
+    ] {
+        let out = git_out(o, args);
+        assert!(out.status.success(), "{args:?}: {}", show(o, &out));
+    }
+    // Two not populated (as after a clone without --recurse-submodules): `empty` (an empty
+    // directory) and `gone` (none).
+    let sha = git_out(o, &["-C", "lib", "rev-parse", "HEAD"]);
+    let sha = String::from_utf8_lossy(&sha.stdout).trim().to_string();
+    for name in ["empty", "gone"] {
+        let info = format!("160000,{sha},{name}");
+        let out = git_out(o, &["update-index", "--add", "--cacheinfo", &info]);
+        assert!(out.status.success(), "{}", show(o, &out));
+    }
+    std::fs::create_dir_all(o.proj().join("empty")).unwrap();
+    // And one inside `lib`, not populated (`lib/inner`, no directory).
+    let info = format!("160000,{sha},inner");
+    let out = git_out(
+        o,
+        &["-C", "lib", "update-index", "--add", "--cacheinfo", &info],
+    );
+    assert!(out.status.success(), "{}", show(o, &out));
+    chown(o, &o.base);
+}
+
 /// A submodule is a way around the read-only `.git/config`: the owner's `git status` in the
 /// project runs a `git status` in each populated submodule (a gitlink in the index), which
-/// reads that submodule's own config (`core.fsmonitor` runs a program). With the index
-/// writable the agent adds one (`git init sub`, its config, `git add sub`); in every mode it
-/// can rewrite an existing submodule's git directory in the working tree. The kernel cannot
-/// stop that short of a read-only index: `agentkeys jail` names each such submodule after the
-/// jail (a WARNING on stderr), before the owner runs git there; shown here for both.
+/// reads that submodule's own config (`core.fsmonitor` runs a program). An existing
+/// submodule's `.git` is read-only in every mode (`existing_submodules_git_stays_read_only`),
+/// but with `--git-commit` the index is writable and the agent adds one of its own (`git init
+/// sub`, its config, `git add sub`). The kernel cannot stop that short of a read-only index
+/// (the default): `agentkeys jail` names each such submodule after the jail (a WARNING on
+/// stderr), before the owner runs git there.
 #[test]
 fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
     skip_unless_jail!("submodules_the_agent_adds_or_changes_are_named_after_the_jail");
     for o in owners("rtsubmod") {
-        git_repo(&o);
-        // An existing submodule of the owner's (an embedded git directory), in the index.
-        let lib = o.proj().join("lib");
-        std::fs::create_dir_all(&lib).unwrap();
-        chown(&o, &lib);
-        for args in [
-            &["-C", "lib", "init", "-q", "."][..],
-            &["-C", "lib", "commit", "-q", "--allow-empty", "-m", "lib"],
-            &["add", "lib"],
-        ] {
-            let out = git_out(&o, args);
-            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
-        }
-        chown(&o, &o.base);
+        repo_with_submodules(&o);
         let pwned = o.base.join("PWNED");
         let script = format!(
             r#"mkdir sub && git -C sub init -q . && git -C sub config core.fsmonitor "touch {p}; false" &&
@@ -395,11 +440,13 @@ fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
                git -C lib config core.fsmonitor "touch {p}; false"; echo "libconfig=$?""#,
             p = pwned.display()
         );
-        let out = o.jail(&[], &script);
+        let out = o.jail(&["--git-commit"], &script);
         let s = all(&out);
-        for k in ["nested=0", "gitlink=0", "libconfig=0"] {
+        for k in ["nested=0", "gitlink=0"] {
             assert!(s.contains(k), "{k}: {}", show(&o, &out));
         }
+        // The existing one stays the owner's with --git-commit too.
+        assert!(!s.contains("libconfig=0"), "{}", show(&o, &out));
         let warnings: Vec<&str> = s.lines().filter(|l| l.contains("WARNING")).collect();
         assert!(
             warnings
@@ -409,16 +456,180 @@ fn submodules_the_agent_adds_or_changes_are_named_after_the_jail() {
             show(&o, &out)
         );
         assert!(
-            warnings
-                .iter()
-                .any(|l| l.contains("/lib: a submodule whose .git the agent changed")),
+            !warnings.iter().any(|l| l.contains("/lib:")),
             "{}",
             show(&o, &out)
         );
-        // A jail that touches neither says nothing.
-        let quiet = o.jail(&[], "git -C lib status --short >/dev/null; true");
+        // A jail that adds nothing says nothing.
+        let _ = git_out(&o, &["rm", "-q", "--cached", "sub"]);
+        let quiet = o.jail(
+            &["--git-commit"],
+            "git -C lib status --short >/dev/null; true",
+        );
         assert!(!all(&quiet).contains("WARNING"), "{}", show(&o, &quiet));
         println!("[{}] what the owner sees: {}", o.who(), warnings.join("\n"));
+    }
+}
+
+/// The `.git` of a submodule the owner already has is read-only inside the jail, in the
+/// default mode and with `--git-commit`: an embedded git directory (`lib/.git`: its config,
+/// hooks, the directory itself) and a `.git` file (`ext/.git`) with the git directory it
+/// names when that lies in the working tree (`extgit`); neither `lib`, `ext` nor `extgit` can
+/// be renamed away (mount points). A submodule not populated cannot be given a `.git` (its
+/// directory is read-only, an empty placeholder when missing, gone after), nor can one inside a
+/// submodule (`lib/inner`: the owner's `git status` recurses). Before this change the agent
+/// rewrote `lib/.git/config` (`core.fsmonitor`), or ran `git init empty` or `git init
+/// lib/inner` with one, in every mode, and the owner's next `git status` in the project ran
+/// it.
+#[test]
+fn existing_submodules_git_stays_read_only() {
+    skip_unless_jail!("existing_submodules_git_stays_read_only");
+    for o in owners("rtsubro") {
+        repo_with_submodules(&o);
+        let lib_config = std::fs::read_to_string(o.proj().join("lib/.git/config")).unwrap();
+        let ext_file = std::fs::read_to_string(o.proj().join("ext/.git")).unwrap();
+        let ext_config = std::fs::read_to_string(o.proj().join("extgit/config")).unwrap();
+        let pwned = o.base.join("PWNED");
+        let script = format!(
+            r#"git -C lib config core.fsmonitor "touch {p}; false"; echo "libconfig=$?"
+               printf '[core]\n\tfsmonitor = touch {p}\n' >> lib/.git/config; echo "libconfigfile=$?"
+               echo x > lib/.git/hooks/post-checkout; echo "libhook=$?"
+               mv lib/.git lib/git2; echo "libmvgit=$?"
+               mv lib lib2; echo "libmv=$?"
+               echo 'gitdir: /tmp/evil' > ext/.git; echo "extgitfile=$?"
+               git -C ext config core.fsmonitor "touch {p}; false"; echo "extconfig=$?"
+               printf '[core]\n\tfsmonitor = touch {p}\n' >> extgit/config; echo "extgitdir=$?"
+               mv ext ext2; echo "extmv=$?"
+               mv extgit extgit2; echo "extgitmv=$?"
+               git init -q empty && git -C empty config core.fsmonitor "touch {p}; false"; echo "emptyinit=$?"
+               mkdir -p gone/.git; echo "gonegit=$?"
+               mv empty empty2; echo "emptymv=$?"
+               git init -q lib/inner && git -C lib/inner config core.fsmonitor "touch {p}; false"; echo "innerinit=$?"
+               echo ok > lib/notes.txt; echo "libtree=$?""#,
+            p = pwned.display()
+        );
+        for flags in [&[][..], &["--git-commit"]] {
+            let out = o.jail(flags, &script);
+            let s = all(&out);
+            for k in [
+                "libconfigfile=2",
+                "libhook=2",
+                "libmvgit=1",
+                "libmv=1",
+                "extgitfile=2",
+                "extgitdir=2",
+                "extmv=1",
+                "extgitmv=1",
+                "gonegit=1",
+                "emptymv=1",
+                "libtree=0",
+            ] {
+                assert!(s.contains(k), "{k} ({flags:?}): {}", show(&o, &out));
+            }
+            for k in ["libconfig=0", "extconfig=0", "emptyinit=0", "innerinit=0"] {
+                assert!(!s.contains(k), "{k} ({flags:?}): {}", show(&o, &out));
+            }
+            assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
+            assert!(s.contains("Device or resource busy"), "{}", show(&o, &out));
+            assert!(!s.contains("WARNING"), "{}", show(&o, &out));
+            assert_eq!(
+                std::fs::read_to_string(o.proj().join("lib/.git/config")).unwrap(),
+                lib_config
+            );
+            assert_eq!(
+                std::fs::read_to_string(o.proj().join("ext/.git")).unwrap(),
+                ext_file
+            );
+            assert_eq!(
+                std::fs::read_to_string(o.proj().join("extgit/config")).unwrap(),
+                ext_config
+            );
+            assert!(!o.proj().join("empty/.git").exists());
+            assert!(
+                std::fs::symlink_metadata(o.proj().join("gone")).is_err(),
+                "gone left behind: {}",
+                show(&o, &out)
+            );
+            assert!(
+                std::fs::symlink_metadata(o.proj().join("lib/inner")).is_err(),
+                "lib/inner left behind: {}",
+                show(&o, &out)
+            );
+            // The owner's git status afterwards runs nothing of the agent's.
+            let st = git_out(&o, &["status", "--short"]);
+            assert!(st.status.success(), "{}", show(&o, &st));
+            assert!(!pwned.exists(), "{}\n{}", show(&o, &out), show(&o, &st));
+            println!("[{}] {flags:?}: {s}", o.who());
+        }
+    }
+}
+
+/// The jail run in a subdirectory of a repository (`proj/app`, no `.git` of its own): the
+/// owner's `git status` in `proj` recurses into the submodules under `app` as well, so those
+/// are protected the same way (the enclosing repository's gitlinks that lie in the writable
+/// root). Before this change `git -C lib config core.fsmonitor ...` and `git init empty`
+/// worked there.
+#[test]
+fn submodules_below_a_jail_in_a_subdirectory_stay_read_only() {
+    skip_unless_jail!("submodules_below_a_jail_in_a_subdirectory_stay_read_only");
+    for o in owners("rtsubdir") {
+        git_repo(&o);
+        let app = o.proj().join("app");
+        std::fs::create_dir_all(app.join("lib")).unwrap();
+        std::fs::create_dir_all(app.join("empty")).unwrap();
+        chown(&o, &o.base);
+        for args in [
+            &["-C", "app/lib", "init", "-q", "."][..],
+            &[
+                "-C",
+                "app/lib",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                "lib",
+            ],
+            &["add", "app/lib"],
+        ] {
+            let out = git_out(&o, args);
+            assert!(out.status.success(), "{args:?}: {}", show(&o, &out));
+        }
+        let sha = git_out(&o, &["-C", "app/lib", "rev-parse", "HEAD"]);
+        let info = format!(
+            "160000,{},app/empty",
+            String::from_utf8_lossy(&sha.stdout).trim()
+        );
+        let out = git_out(&o, &["update-index", "--add", "--cacheinfo", &info]);
+        assert!(out.status.success(), "{}", show(&o, &out));
+        chown(&o, &o.base);
+        let lib_config = std::fs::read_to_string(app.join("lib/.git/config")).unwrap();
+        let pwned = o.base.join("PWNED");
+        let script = format!(
+            r#"git -C lib config core.fsmonitor "touch {p}; false"; echo "libconfig=$?"
+               git init -q empty && git -C empty config core.fsmonitor "touch {p}; false"; echo "emptyinit=$?"
+               echo ok > notes.txt; echo "write=$?""#,
+            p = pwned.display()
+        );
+        let out = o
+            .jail_cmd(&[], &script)
+            .current_dir(&app)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let s = all(&out);
+        assert!(s.contains("write=0"), "{}", show(&o, &out));
+        for k in ["libconfig=0", "emptyinit=0"] {
+            assert!(!s.contains(k), "{k}: {}", show(&o, &out));
+        }
+        assert_eq!(
+            std::fs::read_to_string(app.join("lib/.git/config")).unwrap(),
+            lib_config
+        );
+        assert!(!app.join("empty/.git").exists());
+        let st = git_out(&o, &["status", "--short"]);
+        assert!(st.status.success(), "{}", show(&o, &st));
+        assert!(!pwned.exists(), "{}\n{}", show(&o, &out), show(&o, &st));
+        println!("[{}] in a subdirectory: {s}", o.who());
     }
 }
 
@@ -515,11 +726,14 @@ fn hooks_path_in_the_working_tree_stays_read_only() {
     }
 }
 
-/// `--git-read-only` keeps `.git` read-only as a whole: no commit inside (git says it cannot
-/// create `index.lock`), and the same attacks fail; `--print-policy` says which mode applies.
+/// By default `.git` is read-only as a whole (fails closed: with a writable index the agent
+/// could add a submodule whose config the owner's `git status` runs): no `git add` or `git
+/// commit` inside (git says it cannot create `index.lock`: Read-only file system), the jail
+/// says so at the start and names `--git-commit`, and the same attacks fail; `--print-policy`
+/// says which mode applies.
 #[test]
-fn git_read_only_keeps_all_of_git_read_only() {
-    skip_unless_jail!("git_read_only_keeps_all_of_git_read_only");
+fn git_is_read_only_by_default() {
+    skip_unless_jail!("git_is_read_only_by_default");
     for o in owners("rtgitro") {
         git_repo(&o);
         let wt = o.base.join("wt");
@@ -527,8 +741,8 @@ fn git_read_only_keeps_all_of_git_read_only() {
         std::fs::write(wt.join(".git"), "gitdir: /nonexistent/.git/worktrees/wt\n").unwrap();
         chown(&o, &o.base);
         for (flag, want) in [
-            (None, "\"git\": \"commit\""),
-            (Some("--git-read-only"), "\"git\": \"read_only\""),
+            (None, "\"git\": \"read_only\""),
+            (Some("--git-commit"), "\"git\": \"commit\""),
         ] {
             let mut args = vec!["jail", "--agent", "a", "--print-policy"];
             args.extend(flag);
@@ -538,13 +752,11 @@ fn git_read_only_keeps_all_of_git_read_only() {
         let script = format!(
             r#"echo hello > a.txt
                git add a.txt; echo "add=$?"
+               git -c user.name=agent -c user.email=agent@example.com commit -q --allow-empty -m x; echo "commit=$?"
                {attacks}"#,
             attacks = GIT_ATTACKS.replace("WT", &wt.display().to_string())
         );
-        let out = o.jail(
-            &["--git-read-only", "--write", wt.to_str().unwrap()],
-            &script,
-        );
+        let out = o.jail(&["--write", wt.to_str().unwrap()], &script);
         let s = all(&out);
         for k in [
             "mv=1",
@@ -561,7 +773,18 @@ fn git_read_only_keeps_all_of_git_read_only() {
             assert!(s.contains(k), "{k}: {}", show(&o, &out));
         }
         assert!(!s.contains("add=0"), "{}", show(&o, &out));
-        assert!(s.contains("index.lock"), "{}", show(&o, &out));
+        assert!(!s.contains("commit=0"), "{}", show(&o, &out));
+        assert!(
+            s.contains("index.lock': Read-only file system"),
+            "{}",
+            show(&o, &out)
+        );
+        // What to do about it, said by the jail before the agent starts.
+        assert!(
+            s.contains("agentkeys jail: .git is read-only") && s.contains("--git-commit"),
+            "{}",
+            show(&o, &out)
+        );
         assert!(s.contains("Read-only file system"), "{}", show(&o, &out));
         assert!(!o.proj().join(".git/commondir").exists());
         assert!(!o.proj().join(".git/index").exists());

@@ -166,6 +166,10 @@ impl Owner {
             .env("AGENTKEYS_HOME", self.akhome())
             .env("AGENTKEYS_SOCKET", self.base.join("run/agentkeysd.sock"))
             .env("LANG", "C.UTF-8")
+            // The test's directories lie in the target directory, inside the repository of a
+            // checkout (CI's is one): git must not find that repository from a project
+            // without `.git` (the owner's `git log` would page agentkeys' history and wait).
+            .env("GIT_CEILING_DIRECTORIES", &self.base)
             .current_dir(self.proj());
         c
     }

@@ -40,7 +40,7 @@ pub(crate) struct JailOpts {
     pub allow_socket: Vec<PathBuf>,
     pub env: Vec<String>,
     pub best_effort: bool,
-    pub git_read_only: bool,
+    pub git_commit: bool,
     pub print_policy: bool,
     pub proxy: Vec<String>,
     pub net: String,
@@ -108,7 +108,7 @@ fn policy_for(o: &JailOpts) -> Result<JailPolicy, CliError> {
         env: o.env.clone(),
         best_effort: o.best_effort,
         network: Some(network_for(o)?),
-        git_read_only: o.git_read_only,
+        git_commit: o.git_commit,
     };
     PolicyBuilder::new(c, opts)
         .build()
@@ -180,6 +180,18 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         );
     }
     let proxy = crate::run_cmd::pairs(&o.proxy, "--proxy")?;
+    // A repository in the project with `.git` read-only: say so once, and how to open it.
+    if let Some(dot_git) = policy.writable.first().map(|w| w.join(".git"))
+        && policy.git == agentkeys_jail::policy::GitAccess::ReadOnly
+        && dot_git.exists()
+        && !policy.create_dirs.contains(&dot_git)
+    {
+        eprintln!(
+            "agentkeys jail: .git is read-only (git add/commit fail with `index.lock': \
+             Read-only file system`); --git-commit lets the agent commit (see `agentkeys \
+             jail --help` for what that opens)"
+        );
+    }
     // Submodules before the jail, to name those the agent adds or redirects (see gitlinks).
     let gitlinks_before = agentkeys_jail::gitlinks::snapshot(&policy);
     let home = ctx::home()?;

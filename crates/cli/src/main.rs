@@ -239,12 +239,17 @@ enum Command {
         /// Where the kernel lacks a protection, run without it and list it (default: refuse).
         #[arg(long)]
         best_effort: bool,
-        /// Keep `.git` read-only as a whole (no commits inside the jail). By default git's own
-        /// work there (index, objects, refs) is writable, so `git add`/`git commit` work, and
-        /// only what makes git run a program or read configuration (config, hooks, info,
-        /// modules, worktrees, commondir) is read-only.
+        /// Let the agent `git add`/`git commit` inside the jail: git's own work in `.git`
+        /// (index, objects, refs) becomes writable; what makes git run a program or read
+        /// configuration (config, hooks, info, modules, worktrees, commondir) stays read-only.
+        /// Without it `.git` is read-only as a whole. What it opens: with a writable index the
+        /// agent can add a submodule of its own (`git init sub`, a `core.fsmonitor` in its
+        /// config, `git add sub`), and your next `git status` in the project (a shell prompt
+        /// runs one constantly) runs that program outside the jail. agentkeys only names such
+        /// submodules in a WARNING after the jail; it cannot stop them while it runs. `git
+        /// config --global diff.ignoreSubmodules all` keeps `git status` out of submodules.
         #[arg(long)]
-        git_read_only: bool,
+        git_commit: bool,
         /// Print the jail's policy (what is hidden, writable, protected, which sockets and
         /// environment names, the network rule) and exit.
         #[arg(long)]
@@ -546,7 +551,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             allow_socket,
             env,
             best_effort,
-            git_read_only,
+            git_commit,
             print_policy,
             proxy,
             net,
@@ -563,7 +568,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 allow_socket,
                 env,
                 best_effort,
-                git_read_only,
+                git_commit,
                 print_policy,
                 proxy,
                 net,

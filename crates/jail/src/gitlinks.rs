@@ -1,12 +1,13 @@
 //! Submodules seen before and after a jail. The owner's `git status` in a repository runs a
 //! `git status` in each populated submodule (a gitlink in the index with a `.git` in its
 //! directory), which reads that submodule's own configuration: `core.fsmonitor` there runs a
-//! program. With [`crate::policy::GitAccess::Commit`] the agent can add a gitlink (`git init
-//! sub`, a config of its own, `git add sub`), and in every mode it can rewrite an existing
-//! submodule's `.git` file or its embedded `.git/config` in the working tree. Nothing in the
-//! kernel can stop that without making the index read-only, so `agentkeys jail` takes a
-//! [`Snapshot`] before the jail and, after it, names every gitlink that is new or whose
-//! `.git` changed ([`changes`]), for the owner to look at before running git there.
+//! program. An existing submodule's `.git` is read-only in the jail, and an unpopulated one
+//! cannot be given a `.git` ([`paths`], used by the policy), but with
+//! [`crate::policy::GitAccess::Commit`] (`--git-commit`) the agent can add a gitlink (`git
+//! init sub`, a config of its own, `git add sub`). Nothing in the kernel can stop that
+//! without making the index read-only, so `agentkeys jail` takes a [`Snapshot`] before the
+//! jail and, after it, names every gitlink that is new or whose `.git` changed
+//! ([`changes`]), for the owner to look at before running git there.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -84,6 +85,17 @@ pub fn changes(before: &Snapshot, policy: &JailPolicy) -> Vec<String> {
         }
     }
     out
+}
+
+/// The gitlinks of the repository at `root` (paths relative to it, populated or not), listed
+/// before the jail to protect them; none when git cannot list them.
+pub fn paths(root: &Path) -> Vec<String> {
+    if std::fs::symlink_metadata(root.join(".git")).is_err() {
+        return Vec::new();
+    }
+    gitlinks(root)
+        .map(|l| l.into_keys().collect())
+        .unwrap_or_default()
 }
 
 fn gitlinks(root: &Path) -> Option<Links> {

@@ -143,16 +143,19 @@ pub const PROTECTED_IN_WRITABLE: &[&str] = &[
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GitAccess {
-    /// The default: git's own work (index, objects, refs, logs, `HEAD`, lock files,
+    /// The default: `.git` read-only as a whole (no `git add` or `git commit` inside the
+    /// jail). Fails closed: with a writable index the agent could add a submodule whose
+    /// configuration the owner's next `git status` runs (see [`crate::gitlinks`]).
+    #[default]
+    ReadOnly,
+    /// `--git-commit`: git's own work (index, objects, refs, logs, `HEAD`, lock files,
     /// `COMMIT_EDITMSG`, `packed-refs`, rebase and merge state) is writable, so `git add` and
     /// `git commit` work; everything in it that makes git run a program or read
     /// configuration ([`GIT_PROTECTED_DIRS`], [`GIT_PROTECTED_FILES`], `commondir`) is
     /// read-only, made as a read-only placeholder when missing, and `.git` itself is a mount
-    /// point, so it cannot be renamed away and replaced.
-    #[default]
+    /// point, so it cannot be renamed away and replaced. The agent can add a submodule
+    /// (named after the jail, not stopped).
     Commit,
-    /// `--git-read-only`: `.git` read-only as a whole (no commits inside the jail).
-    ReadOnly,
 }
 
 /// Directories inside an existing `.git` directory that stay read-only as a whole with
@@ -454,8 +457,9 @@ pub struct JailOptions {
     pub best_effort: bool,
     /// `--net` (default [`Network::Host`]).
     pub network: Option<Network>,
-    /// `--git-read-only`: `.git` read-only as a whole.
-    pub git_read_only: bool,
+    /// `--git-commit`: git's own work in `.git` writable ([`GitAccess::Commit`]); `.git`
+    /// read-only as a whole without it.
+    pub git_commit: bool,
 }
 
 /// What the owner's side knows when building a policy (passed in, so tests can build one for
@@ -652,10 +656,10 @@ impl PolicyBuilder {
         let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_files: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_commondir: BTreeSet<PathBuf> = BTreeSet::new();
-        let git = if self.opts.git_read_only {
-            GitAccess::ReadOnly
-        } else {
+        let git = if self.opts.git_commit {
             GitAccess::Commit
+        } else {
+            GitAccess::ReadOnly
         };
         for (i, root) in writable.iter().enumerate() {
             if !root.is_dir() {
@@ -726,6 +730,39 @@ impl PolicyBuilder {
                     protected.insert(dot_git);
                 }
                 Err(_) => {}
+            }
+            // Existing submodules (gitlinks in the index): the owner's `git status` here runs
+            // a `git status` in each populated one, which reads its own config. A populated
+            // one's `.git` (a file naming the git directory, or an embedded directory)
+            // read-only whole in both modes, and the git directory a `.git` file names too
+            // when a writable root holds it; an unpopulated one's directory read-only (no
+            // `.git` may appear); their directories are pinned as parents (`mv sub sub2`
+            // cannot carry it away).
+            for sub in crate::gitlinks::paths(root) {
+                protect_submodule(root, &sub, &writable, &mut protected, &mut create_dirs, 0)?;
+            }
+            // A root inside a repository (the jail run in a subdirectory of a monorepo): the
+            // gitlinks of the nearest one above that lie in the root, the same way (the
+            // owner's `git status` there recurses into them).
+            if std::fs::symlink_metadata(root.join(".git")).is_err()
+                && let Some(top) = root
+                    .ancestors()
+                    .skip(1)
+                    .find(|a| std::fs::symlink_metadata(a.join(".git")).is_ok())
+            {
+                for sub in crate::gitlinks::paths(top) {
+                    let dir = absolute(top, Path::new(&sub));
+                    if under(&dir, root) && dir != *root {
+                        protect_submodule(
+                            top,
+                            &sub,
+                            &writable,
+                            &mut protected,
+                            &mut create_dirs,
+                            0,
+                        )?;
+                    }
+                }
             }
             // Hooks the owner's git runs from elsewhere (`core.hooksPath`, husky's `.husky/_`):
             // read-only too when a writable root holds them.
@@ -808,8 +845,7 @@ impl PolicyBuilder {
                     w,
                     &format!(
                         "--write lies inside {}, git's directory: what git runs there stays \
-                         read-only in a jail, and git's own work there is writable already \
-                         (unless --git-read-only)",
+                         read-only in a jail (give --git-commit to let the agent commit)",
                         r.join(".git").display()
                     ),
                 ));
@@ -917,6 +953,117 @@ fn placeholder_dir(d: &Path, root: &Path, create_dirs: &mut BTreeSet<PathBuf>) {
         create_dirs.insert(q.to_path_buf());
         p = q.parent();
     }
+}
+
+/// Protects the submodule at `root`/`sub` (a gitlink in the index; see
+/// [`PolicyBuilder::build`]) so the agent can neither rewrite its `.git` nor give it one:
+/// a populated one's `.git` read-only (and the git directory a `.git` file names, when a
+/// writable root holds it); an unpopulated one's directory read-only whole, made as an empty
+/// placeholder when missing (the owner's `git status` would run the config of a `.git` the
+/// agent put there); a file in the way read-only (a mount point: not replaceable by a
+/// directory). A link on the way refuses the jail: the agent could replace it. The same for
+/// the submodules of a populated one, `depth` levels down.
+fn protect_submodule(
+    root: &Path,
+    sub: &str,
+    writable: &[PathBuf],
+    protected: &mut BTreeSet<PathBuf>,
+    create_dirs: &mut BTreeSet<PathBuf>,
+    depth: usize,
+) -> Result<(), JailError> {
+    let dir = absolute(root, Path::new(sub));
+    if !under(&dir, root) || dir == root {
+        return Ok(());
+    }
+    // Down from the root (the index names the path; the working tree is the agent's).
+    let mut cur = root.to_path_buf();
+    for c in dir.strip_prefix(root).unwrap_or(Path::new("")).components() {
+        cur.push(c);
+        check_not_symlink(&cur)?;
+        match std::fs::symlink_metadata(&cur) {
+            Err(_) => {
+                placeholder_dir(&dir, root, create_dirs);
+                protected.insert(dir);
+                return Ok(());
+            }
+            Ok(m) if !m.is_dir() => {
+                protected.insert(cur);
+                return Ok(());
+            }
+            Ok(_) => {}
+        }
+    }
+    let dot_git = dir.join(".git");
+    check_not_symlink(&dot_git)?;
+    let Ok(m) = std::fs::symlink_metadata(&dot_git) else {
+        // Not populated: no `.git` may appear in it.
+        protected.insert(dir);
+        return Ok(());
+    };
+    if m.is_dir() {
+        for rel in GIT_PROTECTED_DIRS
+            .iter()
+            .chain(GIT_PROTECTED_FILES)
+            .chain(&[GIT_COMMONDIR])
+        {
+            check_not_symlink(&dot_git.join(rel))?;
+        }
+    } else if m.is_file() {
+        // `gitdir: PATH`: where that git directory lies in a writable root (not in a path
+        // already read-only), it is the agent's to rewrite: read-only whole too.
+        let text = read_gitdir_file(&dot_git);
+        if let Some(target) = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("gitdir: "))
+            .map(str::trim_end)
+            .filter(|t| !t.is_empty())
+        {
+            let target = absolute(&dir, Path::new(target));
+            check_not_symlink(&target)?;
+            let target = resolve(&dir, &target);
+            let in_protected = protected.iter().any(|p| under(&target, p));
+            if writable.iter().any(|w| under(&target, w))
+                && !in_protected
+                && std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir())
+            {
+                protected.insert(target);
+            }
+        }
+    }
+    protected.insert(dot_git);
+    // Its own submodules: the owner's `git status` recurses into them too (their gitlinks
+    // are in its index, read-only now; their directories are in the working tree).
+    let inner = crate::gitlinks::paths(&dir);
+    if !inner.is_empty() && depth >= MAX_SUBMODULE_DEPTH {
+        return Err(JailError::Policy(format!(
+            "{}: submodules nested more than {MAX_SUBMODULE_DEPTH} deep; the jail keeps each \
+             one's .git read-only and stops there",
+            dir.display()
+        )));
+    }
+    for sub in inner {
+        protect_submodule(&dir, &sub, writable, protected, create_dirs, depth + 1)?;
+    }
+    Ok(())
+}
+
+/// How deep submodules inside submodules are followed (more refuses the jail).
+const MAX_SUBMODULE_DEPTH: usize = 8;
+
+/// The first bytes of a `.git` file (never through a link, never blocking on a FIFO).
+fn read_gitdir_file(p: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut v = Vec::new();
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+    {
+        let _ = f.take(4096).read_to_end(&mut v);
+    }
+    String::from_utf8(v).unwrap_or_default()
 }
 
 fn check_not_symlink(p: &Path) -> Result<(), JailError> {
@@ -1081,11 +1228,31 @@ mod tests {
         assert!(p.hidden.contains(&PathBuf::from("/run/docker.sock")));
         // agentkeys' socket is bound back.
         assert!(p.reveal.contains(&c.socket));
-        // In .git, what makes git run a program or read configuration is read-only, missing
-        // parts are placeholders (commondir holding `.`), .git itself is not (commits work);
-        // a missing .envrc and .vscode are made empty and read-only.
-        assert_eq!(p.git, GitAccess::Commit);
-        assert!(!p.protected.contains(&c.cwd.join(".git")));
+        // By default .git is read-only whole (fail closed), no placeholder inside, no HEAD
+        // guard (git finds a valid, read-only .git).
+        assert_eq!(p.git, GitAccess::ReadOnly);
+        assert!(p.protected.contains(&c.cwd.join(".git")));
+        assert!(p.create_commondir.is_empty());
+        assert!(!p.protected.contains(&c.cwd.join("HEAD")));
+        assert!(
+            !p.create_dirs
+                .iter()
+                .any(|d| d.starts_with(c.cwd.join(".git")))
+        );
+        // --git-commit: in .git, what makes git run a program or read configuration is
+        // read-only, missing parts are placeholders (commondir holding `.`), .git itself is
+        // not (commits work).
+        let cm = PolicyBuilder::new(
+            c.clone(),
+            JailOptions {
+                git_commit: true,
+                ..Default::default()
+            },
+        )
+        .build()
+        .unwrap();
+        assert_eq!(cm.git, GitAccess::Commit);
+        assert!(!cm.protected.contains(&c.cwd.join(".git")));
         for rel in [
             "config",
             "config.worktree",
@@ -1094,48 +1261,189 @@ mod tests {
             "modules",
             "worktrees",
         ] {
-            assert!(p.protected.contains(&c.cwd.join(".git").join(rel)), "{rel}");
+            assert!(
+                cm.protected.contains(&c.cwd.join(".git").join(rel)),
+                "{rel}"
+            );
         }
-        assert!(p.create_dirs.contains(&c.cwd.join(".git/hooks")));
-        assert!(p.create_files.contains(&c.cwd.join(".git/config")));
-        assert_eq!(p.create_commondir, vec![c.cwd.join(".git/commondir")]);
-        assert!(p.protected.contains(&c.cwd.join(".git/commondir")));
+        assert!(cm.create_dirs.contains(&c.cwd.join(".git/hooks")));
+        assert!(cm.create_files.contains(&c.cwd.join(".git/config")));
+        assert_eq!(cm.create_commondir, vec![c.cwd.join(".git/commondir")]);
+        assert!(cm.protected.contains(&c.cwd.join(".git/commondir")));
         // No bare repository in the project itself while `.git` is writable.
-        assert!(p.create_dirs.contains(&c.cwd.join("HEAD")));
-        assert!(p.protected.contains(&c.cwd.join("HEAD")));
-        // --git-read-only: .git whole, no placeholder inside.
-        let ro = PolicyBuilder::new(
-            c.clone(),
-            JailOptions {
-                git_read_only: true,
-                ..Default::default()
-            },
-        )
-        .build()
-        .unwrap();
-        assert_eq!(ro.git, GitAccess::ReadOnly);
-        assert!(ro.protected.contains(&c.cwd.join(".git")));
-        assert!(ro.create_commondir.is_empty());
-        assert!(!ro.protected.contains(&c.cwd.join("HEAD")));
-        assert!(
-            !ro.create_dirs
-                .iter()
-                .any(|d| d.starts_with(c.cwd.join(".git")))
-        );
+        assert!(cm.create_dirs.contains(&c.cwd.join("HEAD")));
+        assert!(cm.protected.contains(&c.cwd.join("HEAD")));
         // A worktree's `.git` file: read-only whole.
         std::fs::remove_dir_all(c.cwd.join(".git")).unwrap();
         std::fs::write(c.cwd.join(".git"), "gitdir: /elsewhere/.git/worktrees/p\n").unwrap();
-        let wt = PolicyBuilder::new(c.clone(), JailOptions::default())
+        for git_commit in [false, true] {
+            let wt = PolicyBuilder::new(
+                c.clone(),
+                JailOptions {
+                    git_commit,
+                    ..Default::default()
+                },
+            )
             .build()
             .unwrap();
-        assert!(wt.protected.contains(&c.cwd.join(".git")));
-        assert!(wt.create_commondir.is_empty());
+            assert!(wt.protected.contains(&c.cwd.join(".git")));
+            assert!(wt.create_commondir.is_empty());
+        }
         std::fs::remove_file(c.cwd.join(".git")).unwrap();
         std::fs::create_dir_all(c.cwd.join(".git")).unwrap();
         assert!(p.create_dirs.contains(&c.cwd.join(".vscode")));
         assert!(p.create_files.contains(&c.cwd.join(".envrc")));
         assert!(p.protected.contains(&c.cwd.join(".envrc")));
         assert_eq!(p.writable, vec![c.cwd.clone()]);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn existing_submodules_git_is_protected_in_both_modes() {
+        // Populated (`lib`: an embedded `.git`; `ext`: a `.git` file naming `extgit`) and
+        // unpopulated (`empty`, `gone`) gitlinks, in both git modes.
+        let d = tmp("submodules");
+        let c = ctx(&d);
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&c.cwd)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("HOME", &c.home)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "git {args:?}");
+        };
+        if std::process::Command::new("git")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            println!("SKIP existing_submodules_git_is_protected_in_both_modes: no git");
+            return;
+        }
+        std::fs::remove_dir_all(c.cwd.join(".git")).unwrap();
+        let extgit = c.cwd.join("extgit");
+        git(&["init", "-q", "."]);
+        git(&["init", "-q", "lib"]);
+        git(&["-C", "lib", "commit", "-q", "--allow-empty", "-m", "l"]);
+        git(&[
+            "init",
+            "-q",
+            "--separate-git-dir",
+            extgit.to_str().unwrap(),
+            "ext",
+        ]);
+        git(&["-C", "ext", "commit", "-q", "--allow-empty", "-m", "e"]);
+        git(&["add", "lib", "ext"]);
+        // Two unpopulated gitlinks: `empty` (an empty directory) and `gone` (none).
+        let sha = std::process::Command::new("git")
+            .arg("-C")
+            .arg(c.cwd.join("lib"))
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap();
+        let sha = String::from_utf8(sha.stdout).unwrap();
+        for name in ["empty", "gone"] {
+            let info = format!("160000,{},{name}", sha.trim());
+            git(&["update-index", "--add", "--cacheinfo", &info]);
+        }
+        std::fs::create_dir(c.cwd.join("empty")).unwrap();
+        // One inside `lib`, not populated.
+        let info = format!("160000,{},inner", sha.trim());
+        git(&["-C", "lib", "update-index", "--add", "--cacheinfo", &info]);
+        for git_commit in [false, true] {
+            let p = PolicyBuilder::new(
+                c.clone(),
+                JailOptions {
+                    git_commit,
+                    ..Default::default()
+                },
+            )
+            .build()
+            .unwrap();
+            for rel in [
+                "lib/.git",
+                "ext/.git",
+                "extgit",
+                "empty",
+                "gone",
+                "lib/inner",
+            ] {
+                assert!(
+                    p.protected.contains(&c.cwd.join(rel)),
+                    "{rel} ({git_commit})"
+                );
+            }
+            assert!(p.create_dirs.contains(&c.cwd.join("gone")));
+            assert!(p.create_dirs.contains(&c.cwd.join("lib/inner")));
+            assert!(!p.create_dirs.contains(&c.cwd.join("empty")));
+        }
+        // A link at a protected place in a submodule's git directory refuses the jail.
+        std::fs::create_dir_all(c.cwd.join("hk")).unwrap();
+        std::fs::remove_dir_all(c.cwd.join("lib/.git/hooks")).unwrap();
+        std::os::unix::fs::symlink("../../hk", c.cwd.join("lib/.git/hooks")).unwrap();
+        let e = PolicyBuilder::new(c.clone(), JailOptions::default())
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hooks is a symbolic link"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn submodules_of_an_enclosing_repository_are_protected() {
+        // The jail in `mono/app` (no `.git` of its own): `mono`'s gitlinks under it count.
+        let d = tmp("enclosing");
+        let mut c = ctx(&d);
+        if std::process::Command::new("git")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            println!("SKIP submodules_of_an_enclosing_repository_are_protected: no git");
+            return;
+        }
+        let mono = d.join("mono");
+        std::fs::create_dir_all(mono.join("app/lib")).unwrap();
+        std::fs::create_dir_all(mono.join("other/x")).unwrap();
+        let git = |dir: &Path, args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("HOME", &c.home)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "git {args:?}");
+        };
+        git(&mono, &["init", "-q", "."]);
+        git(&mono.join("app/lib"), &["init", "-q", "."]);
+        git(
+            &mono.join("app/lib"),
+            &["commit", "-q", "--allow-empty", "-m", "l"],
+        );
+        git(&mono.join("other/x"), &["init", "-q", "."]);
+        git(
+            &mono.join("other/x"),
+            &["commit", "-q", "--allow-empty", "-m", "x"],
+        );
+        git(&mono, &["add", "app/lib", "other/x"]);
+        c.cwd = mono.join("app");
+        let p = PolicyBuilder::new(c.clone(), JailOptions::default())
+            .build()
+            .unwrap();
+        assert!(p.protected.contains(&mono.join("app/lib/.git")));
+        // Outside the writable root: read-only anyway, not listed.
+        assert!(!p.protected.contains(&mono.join("other/x/.git")));
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -1204,11 +1512,11 @@ mod tests {
         // `.git/hooks -> ../.githooks` (a writable directory), in both git modes.
         std::fs::create_dir_all(c.cwd.join(".githooks")).unwrap();
         std::os::unix::fs::symlink("../.githooks", c.cwd.join(".git/hooks")).unwrap();
-        for git_read_only in [false, true] {
+        for git_commit in [false, true] {
             let e = PolicyBuilder::new(
                 c.clone(),
                 JailOptions {
-                    git_read_only,
+                    git_commit,
                     ..Default::default()
                 },
             )
