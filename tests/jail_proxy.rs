@@ -17,16 +17,16 @@
 //! gives the agent a private /tmp.
 #![forbid(unsafe_code)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+#[path = "support/jail_owner.rs"]
+mod jail_owner;
+use jail_owner::all;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use agentkeys_e2e::https::HttpsServer;
-use agentkeys_e2e::{bin, bin_dir, contains, is_root, memory_find, text, wait_until};
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
+use agentkeys_e2e::{bin, contains, is_root, memory_find, text, wait_until};
 
 /// The uid of the non-root owner the suite also runs as.
 const OTHER_UID: u32 = 4243;
@@ -61,13 +61,16 @@ macro_rules! skip_unless_supported {
     };
 }
 
-/// One owner's installation: HOME, `$AGENTKEYS_HOME` at its default place, a project, a
-/// daemon whose proxy trusts the test server's CA; the service `gh` injected into
-/// `127.0.0.1:PORT` (proxy-only), an agent `a` with `gh` in scope.
-struct Owner {
-    base: PathBuf,
-    uid: Option<u32>,
-    daemon: Option<Child>,
+/// One owner's installation (the jail suites' [`jail_owner::Owner`]: HOME, `$AGENTKEYS_HOME`
+/// at its default place, a project, a daemon) whose proxy trusts the test server's CA; the
+/// service `gh` injected into `127.0.0.1:PORT` (proxy-only), an agent `a` with `gh` in scope.
+struct Owner(jail_owner::Owner);
+
+impl std::ops::Deref for Owner {
+    type Target = jail_owner::Owner;
+    fn deref(&self) -> &jail_owner::Owner {
+        &self.0
+    }
 }
 
 fn owners(tag: &str, srv: &HttpsServer) -> Vec<Owner> {
@@ -82,40 +85,12 @@ fn owners(tag: &str, srv: &HttpsServer) -> Vec<Owner> {
 
 impl Owner {
     fn new(tag: &str, uid: Option<u32>, srv: &HttpsServer) -> Owner {
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "jailproxy-{tag}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&base);
-        for d in ["home", "proj"] {
-            std::fs::create_dir_all(base.join(d)).unwrap();
-        }
-        std::fs::write(base.join("test-ca.pem"), &srv.ca_pem).unwrap();
-        if let Some(u) = uid {
-            let st = Command::new("chown")
-                .args(["-R", &format!("{u}:{u}")])
-                .arg(&base)
-                .status()
-                .unwrap();
-            assert!(st.success());
-        }
-        let mut p = base.parent().map(Path::to_path_buf);
-        while let Some(d) = p {
-            if d == Path::new("/") {
-                break;
-            }
-            let mode = std::fs::metadata(&d).unwrap().permissions().mode();
-            if mode & 0o005 != 0o005 && is_root() {
-                let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode | 0o005));
-            }
-            p = d.parent().map(Path::to_path_buf);
-        }
-        let mut o = Owner {
-            base,
+        let mut o = jail_owner::Owner::bare(
+            &format!("jailproxy-{tag}"),
             uid,
-            daemon: None,
-        };
+            &["home", "proj"],
+            &[("test-ca.pem", srv.ca_pem.as_bytes())],
+        );
         let out = o.run(&["init"]);
         assert!(out.status.success(), "init: {}", text(&out));
         let cfg = o.akhome().join("config.toml");
@@ -141,90 +116,7 @@ impl Owner {
         let out = o.run(&["agent", "add", "a", "--scope", "gh"]);
         assert!(out.status.success(), "agent add: {}", text(&out));
         o.start_daemon();
-        o
-    }
-
-    fn who(&self) -> String {
-        match self.uid {
-            None => "root-or-current".into(),
-            Some(u) => format!("uid {u}"),
-        }
-    }
-
-    fn home(&self) -> PathBuf {
-        self.base.join("home")
-    }
-
-    fn akhome(&self) -> PathBuf {
-        self.home().join(".agentkeys")
-    }
-
-    fn proj(&self) -> PathBuf {
-        self.base.join("proj")
-    }
-
-    fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut c = match self.uid {
-            None => Command::new(program),
-            Some(u) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    "--reuid",
-                    &u.to_string(),
-                    "--regid",
-                    &u.to_string(),
-                    "--clear-groups",
-                    "--",
-                    program,
-                ]);
-                c
-            }
-        };
-        c.args(args)
-            .env_clear()
-            .env("HOME", self.home())
-            .env(
-                "PATH",
-                format!("{}:/usr/bin:/bin:/usr/sbin:/sbin", bin_dir().display()),
-            )
-            .env("AGENTKEYS_HOME", self.akhome())
-            .env("AGENTKEYS_SOCKET", self.base.join("run/agentkeysd.sock"))
-            .env("LANG", "C.UTF-8")
-            .current_dir(self.proj());
-        c
-    }
-
-    fn cli(&self, args: &[&str]) -> Command {
-        let b = bin("agentkeys");
-        self.command(b.to_str().unwrap(), args)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cli(args).stdin(Stdio::null()).output().unwrap()
-    }
-
-    fn store(&self, service: &str, value: &str, extra: &[&str]) -> Output {
-        let mut args = vec!["store", service];
-        args.extend_from_slice(extra);
-        agentkeys_e2e::run_with_stdin(self.cli(&args), value.as_bytes())
-    }
-
-    fn start_daemon(&mut self) {
-        let b = bin("agentkeysd");
-        let log = std::fs::File::create(self.base.join("daemon.log")).unwrap();
-        let child = self
-            .command(b.to_str().unwrap(), &["--foreground"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.run(&["status"]).status.success() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Owner(o)
     }
 
     /// `agentkeys jail --agent a [extra] -- sh -c SCRIPT`, with `PORT` the server's port.
@@ -234,10 +126,7 @@ impl Owner {
 
     /// The same with several port variables (`PORT`, `PORT2`).
     fn jail_cmd_env(&self, extra: &[&str], script: &str, ports: &[(&str, u16)]) -> Command {
-        let mut args = vec!["jail", "--agent", "a"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["--", "sh", "-c", script]);
-        let mut c = self.cli(&args);
+        let mut c = self.0.jail_cmd(extra, script);
         for (k, v) in ports {
             c.env(k, v.to_string());
         }
@@ -251,10 +140,6 @@ impl Owner {
             .unwrap()
     }
 
-    fn audit(&self) -> String {
-        std::fs::read_to_string(self.akhome().join("audit.jsonl")).unwrap_or_default()
-    }
-
     /// The audit records of `event` whose detail contains `needle`.
     fn audited(&self, event: &str, needle: &str) -> bool {
         self.audit().lines().any(|l| {
@@ -265,29 +150,8 @@ impl Owner {
     }
 }
 
-impl Drop for Owner {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(d.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = d.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
 fn show(o: &Owner, out: &Output) -> String {
-    format!("[{}] exit {:?}\n{}", o.who(), out.status.code(), text(out))
-}
-
-fn all(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    jail_owner::show(o, out)
 }
 
 /// Every process below `root` (its children, theirs, ...), from /proc.

@@ -1,4 +1,5 @@
-//! The owner installation the jail suites share (`tests/jail.rs`, `tests/jail_redteam.rs`):
+//! The owner installation the jail suites share (`tests/jail.rs`, `tests/jail_redteam.rs`,
+//! `tests/jail_proxy.rs` through [`Owner::bare`]):
 //! a HOME with `$AGENTKEYS_HOME` at its default place, a project, a daemon; as the current
 //! user or as a non-root uid through `setpriv`. Included by each suite with
 //! `#[path = "support/jail_owner.rs"] mod jail_owner;` (it needs the suite's
@@ -37,6 +38,7 @@ pub fn jail_unsupported() -> Option<String> {
     None
 }
 
+#[allow(unused_macros)]
 macro_rules! skip_unless_jail {
     ($name:expr) => {
         if let Some(why) = $crate::jail_owner::jail_unsupported() {
@@ -67,17 +69,21 @@ pub fn owners(tag: &str) -> Vec<Owner> {
 }
 
 impl Owner {
-    pub fn new(tag: &str, uid: Option<u32>) -> Owner {
+    /// A fresh base directory `PREFIX-PID-SEQ` under the target directory with `dirs` and
+    /// `files` in it, owned by `uid` and reachable by it; nothing initialised, no daemon.
+    pub fn bare(prefix: &str, uid: Option<u32>, dirs: &[&str], files: &[(&str, &[u8])]) -> Owner {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "jail-{tag}-{}-{}",
+            "{prefix}-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&base);
-        for d in ["home", "proj/.git"] {
+        for d in dirs {
             std::fs::create_dir_all(base.join(d)).unwrap();
         }
-        std::fs::write(base.join("home/.bashrc"), "export PS1='$ '\n").unwrap();
+        for (f, bytes) in files {
+            std::fs::write(base.join(f), bytes).unwrap();
+        }
         if let Some(u) = uid {
             let st = Command::new("chown")
                 .args(["-R", &format!("{u}:{u}")])
@@ -98,11 +104,20 @@ impl Owner {
             }
             p = d.parent().map(Path::to_path_buf);
         }
-        let mut o = Owner {
+        Owner {
             base,
             uid,
             daemon: None,
-        };
+        }
+    }
+
+    pub fn new(tag: &str, uid: Option<u32>) -> Owner {
+        let mut o = Owner::bare(
+            &format!("jail-{tag}"),
+            uid,
+            &["home", "proj/.git"],
+            &[("home/.bashrc", b"export PS1='$ '\n")],
+        );
         let out = o.run(&["init"]);
         assert!(out.status.success(), "init: {}", text(&out));
         assert!(o.store("gh", SECRET, &[]).status.success());

@@ -49,23 +49,15 @@ fn net_namespace() -> Item {
         detail: String::new(),
         fix: None,
     };
-    let tried = match ns::fork_single_threaded() {
-        Ok(Forked::Child) => {
-            let code = match unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET) {
-                Ok(()) => match ns::loopback_up() {
-                    Ok(()) => 0,
-                    Err(e) => e.raw_os_error().unwrap_or(libc::EIO).clamp(1, 255),
-                },
-                Err(e) => (e as i32).clamp(1, 255),
-            };
-            ns::exit_now(code)
-        }
-        Ok(Forked::Parent(pid)) => match nix::sys::wait::waitpid(pid, None) {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
-            _ => Some(libc::EIO),
+    let tried = in_child(
+        || match unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET) {
+            Ok(()) => match ns::loopback_up() {
+                Ok(()) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(libc::EIO).clamp(1, 255),
+            },
+            Err(e) => (e as i32).clamp(1, 255),
         },
-        Err(_) => None,
-    };
+    );
     match tried {
         Some(0) => {
             item.ok = true;
@@ -159,18 +151,24 @@ fn user_namespaces(try_it: bool) -> Item {
 /// not tried.
 fn try_unshare() -> Option<i32> {
     use nix::sched::{CloneFlags, unshare};
-    match ns::fork_single_threaded() {
-        Ok(Forked::Child) => {
-            let flags = CloneFlags::CLONE_NEWUSER
-                | CloneFlags::CLONE_NEWNS
-                | CloneFlags::CLONE_NEWPID
-                | CloneFlags::CLONE_NEWIPC;
-            let code = match unshare(flags) {
-                Ok(()) => 0,
-                Err(e) => (e as i32).clamp(1, 255),
-            };
-            ns::exit_now(code)
+    in_child(|| {
+        let flags = CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC;
+        match unshare(flags) {
+            Ok(()) => 0,
+            Err(e) => (e as i32).clamp(1, 255),
         }
+    })
+}
+
+/// Runs `attempt` in a forked child (so that what it changes, namespaces above all, stays
+/// there) and returns its exit code: 0 for success, an errno otherwise (EIO when the child
+/// did not exit normally); `None` when no child could be forked.
+fn in_child(attempt: impl FnOnce() -> i32) -> Option<i32> {
+    match ns::fork_single_threaded() {
+        Ok(Forked::Child) => ns::exit_now(attempt()),
         Ok(Forked::Parent(pid)) => match nix::sys::wait::waitpid(pid, None) {
             Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
             _ => Some(libc::EIO),
