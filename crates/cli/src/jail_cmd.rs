@@ -192,8 +192,6 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
              jail --help` for what that opens)"
         );
     }
-    // Submodules before the jail, to name those the agent adds or redirects (see gitlinks).
-    let gitlinks_before = agentkeys_jail::gitlinks::snapshot(&policy);
     let home = ctx::home()?;
     let socket = ctx::socket(&home);
     let argv = apply::cstrings(&o.command)
@@ -253,7 +251,9 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     };
     let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
     apply::remove_placeholders(&policy, lock);
-    for w in agentkeys_jail::gitlinks::changes(&gitlinks_before, &policy) {
+    // Submodules the agent added or redirected, against the listing the policy was built from
+    // (see gitlinks).
+    for w in agentkeys_jail::gitlinks::changes(&policy.gitlinks_before, &policy) {
         eprintln!("agentkeys jail: WARNING: {w}");
     }
     r

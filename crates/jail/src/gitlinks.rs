@@ -32,11 +32,11 @@ const MAX_FILE: u64 = 64 << 10;
 
 /// One repository's gitlinks: each path and a digest of what its `.git` holds (`None`: not
 /// populated).
-type Links = BTreeMap<String, Option<Vec<u8>>>;
+pub(crate) type Links = BTreeMap<String, Option<Vec<u8>>>;
 
 /// Per repository (a writable root with a `.git`): its gitlinks.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Snapshot(Vec<(PathBuf, Links)>);
+pub struct Snapshot(pub(crate) Vec<(PathBuf, Links)>);
 
 /// The gitlinks of every repository at a writable root of `policy`. A repository git cannot
 /// list (no `git`, a broken index) is left out.
@@ -90,12 +90,17 @@ pub fn changes(before: &Snapshot, policy: &JailPolicy) -> Vec<String> {
 /// The gitlinks of the repository at `root` (paths relative to it, populated or not), listed
 /// before the jail to protect them; none when git cannot list them.
 pub fn paths(root: &Path) -> Vec<String> {
-    if std::fs::symlink_metadata(root.join(".git")).is_err() {
-        return Vec::new();
-    }
-    gitlinks(root)
+    listing(root)
         .map(|l| l.into_keys().collect())
         .unwrap_or_default()
+}
+
+/// The gitlinks of the repository at `root` with the state of each `.git`: `None` when `root`
+/// has no `.git` or git cannot list it. The policy builder lists each writable root once and
+/// keeps the listing as the snapshot [`changes`] compares against after the jail.
+pub(crate) fn listing(root: &Path) -> Option<Links> {
+    std::fs::symlink_metadata(root.join(".git")).ok()?;
+    gitlinks(root)
 }
 
 fn gitlinks(root: &Path) -> Option<Links> {

@@ -438,6 +438,11 @@ pub struct JailPolicy {
     pub skipped: Vec<Protection>,
     /// Run half-confined when a protection is missing (and list it) instead of refusing.
     pub best_effort: bool,
+    /// The submodules of each writable root as listed while the policy was built, kept for
+    /// [`crate::gitlinks::changes`] after the jail (the owner's side only: never printed or
+    /// sent).
+    #[serde(skip)]
+    pub gitlinks_before: crate::gitlinks::Snapshot,
 }
 
 /// Options from the command line.
@@ -656,6 +661,7 @@ impl PolicyBuilder {
         let mut create_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_files: BTreeSet<PathBuf> = BTreeSet::new();
         let mut create_commondir: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut gitlinks_before = crate::gitlinks::Snapshot::default();
         let git = if self.opts.git_commit {
             GitAccess::Commit
         } else {
@@ -738,8 +744,12 @@ impl PolicyBuilder {
             // when a writable root holds it; an unpopulated one's directory read-only (no
             // `.git` may appear); their directories are pinned as parents (`mv sub sub2`
             // cannot carry it away).
-            for sub in crate::gitlinks::paths(root) {
-                protect_submodule(root, &sub, &writable, &mut protected, &mut create_dirs, 0)?;
+            let listed = crate::gitlinks::listing(root);
+            for sub in listed.iter().flat_map(|l| l.keys()) {
+                protect_submodule(root, sub, &writable, &mut protected, &mut create_dirs, 0)?;
+            }
+            if let Some(links) = listed {
+                gitlinks_before.0.push((root.clone(), links));
             }
             // A root inside a repository (the jail run in a subdirectory of a monorepo): the
             // gitlinks of the nearest one above that lie in the root, the same way (the
@@ -908,6 +918,7 @@ impl PolicyBuilder {
             ],
             skipped: Vec::new(),
             best_effort: self.opts.best_effort,
+            gitlinks_before,
         };
         policy.validate()?;
         Ok(policy)
