@@ -35,6 +35,9 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// Why this kernel or machine cannot run these tests, if it cannot.
 fn unsupported() -> Option<String> {
+    if let Some(why) = jail_owner::jail_unsupported() {
+        return Some(why);
+    }
     let ok = Command::new("unshare")
         .args(["-U", "-m", "-p", "-n", "-f", "true"])
         .status()

@@ -25,6 +25,19 @@ pub const ENV_CANARY: &str = "OUTSIDE_ENV_CANARY_5d1e9c";
 /// Whether this kernel can run a jail for this test (unprivileged user namespaces and
 /// Landlock ABI >= 6); the reason when not.
 pub fn jail_unsupported() -> Option<String> {
+    // The jail gives the agent private /tmp, /var/tmp and /dev/shm: a checkout (and so the
+    // binaries and these tests' directories) under one of them is not visible inside.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    if let Some(t) = ["/tmp", "/var/tmp", "/dev/shm"]
+        .iter()
+        .find(|t| target.starts_with(t))
+    {
+        return Some(format!(
+            "the build directory {} lies under {t}, which a jail replaces with a private one \
+             (the binaries would not be found inside); run the suite from a checkout elsewhere",
+            target.display()
+        ));
+    }
     let ok = Command::new("unshare")
         .args(["-U", "-m", "-p", "-f", "true"])
         .status()
