@@ -140,6 +140,10 @@ impl Auditor {
     pub fn append(self: &Arc<Self>, ev: &Event<'_>, need: Need) -> Result<(), StateError> {
         // Announce the append, so a sync about to start can wait for it and cover it too.
         self.state.lock().expect("audit sync lock").appending += 1;
+        // Whether this record started a lazy period: only then does the syncer need waking (to
+        // start its LAZY_SYNC clock); while one runs, it wakes by itself when the clock runs out.
+        // Waking it on every record cost two context switches per record on a busy daemon.
+        let mut started_lazy = false;
         let written = {
             let mut log = self.log.lock().expect("audit lock");
             let r = log.append_unsynced(ev);
@@ -150,6 +154,7 @@ impl Auditor {
                 st.written = *end;
                 if st.lazy_since.is_none() {
                     st.lazy_since = Some(Instant::now());
+                    started_lazy = true;
                 }
             }
             if st.gathering && st.appending == 0 {
@@ -159,16 +164,16 @@ impl Auditor {
         };
         let (_, end) = written?;
         self.ensure_syncer();
+        if started_lazy {
+            self.changed.notify_all();
+        }
         if TICKET.try_with(|t| t.set(t.get().max(end))).is_ok() {
             // Inside a request: the connection waits before answering.
             return Ok(());
         }
         match need {
             Need::Durable => self.wait_blocking(end),
-            Need::Lazy => {
-                self.changed.notify_all();
-                Ok(())
-            }
+            Need::Lazy => Ok(()),
         }
     }
 

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use agentkeys_hardening::page::SecretPage;
+use agentkeys_proxy::link::LinkSocket;
 use agentkeys_proxy::link::{FromProxy, MAX_LINK_MESSAGE, PlaceholderSpec, ToProxy};
 use agentkeys_proxy::rules::new_placeholder;
 use agentkeys_state::audit::{Event, Peer};
@@ -27,8 +28,6 @@ use agentkeys_state::vault::DeliveryKind;
 use base64::Engine;
 use sha2::Digest;
 use tokio::sync::mpsc;
-use tokio_seqpacket::UnixSeqpacket;
-use tokio_seqpacket::ancillary::AncillaryMessageWriter;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
@@ -70,7 +69,7 @@ struct Reg {
 pub struct ProxyLink {
     tx: mpsc::UnboundedSender<(Vec<u8>, Option<OwnedFd>)>,
     /// The socket, for answers sent straight from the task that decided them.
-    sock: Arc<UnixSeqpacket>,
+    sock: Arc<LinkSocket>,
     /// The proxy's port on 127.0.0.1 once it said `Ready` (`Some(Err)`: it failed at start).
     ready: tokio::sync::watch::Sender<Option<Result<u16, String>>>,
     /// The CA bundle file programs get.
@@ -101,9 +100,6 @@ impl Drop for Registration {
     }
 }
 
-#[repr(C, align(8))]
-struct CmsgBuf([u8; 256]);
-
 /// Why a mapping cannot go through the proxy, for the caller.
 pub struct RegisterError(pub String);
 
@@ -120,9 +116,7 @@ impl ProxyLink {
         shared: Weak<Shared>,
         sync_audit: bool,
     ) -> std::io::Result<Arc<ProxyLink>> {
-        use nix::fcntl::{FcntlArg, OFlag, fcntl};
-        fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-        let sock = Arc::new(UnixSeqpacket::try_from(fd)?);
+        let sock = Arc::new(LinkSocket::new(fd)?);
         let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u8>, Option<OwnedFd>)>();
         let link = Arc::new(ProxyLink {
             tx,
@@ -137,19 +131,8 @@ impl ProxyLink {
         let writer = sock.clone();
         tokio::spawn(async move {
             while let Some((bytes, fd)) = rx.recv().await {
-                let r = match &fd {
-                    None => writer.send(&bytes).await.map(|_| ()),
-                    Some(fd) => {
-                        let mut cmsg = CmsgBuf([0u8; 256]);
-                        let mut w = AncillaryMessageWriter::new(&mut cmsg.0);
-                        let fds = [fd.as_fd()];
-                        if w.add_fds(&fds).is_err() {
-                            continue;
-                        }
-                        writer.send_with_ancillary(&bytes, &mut w).await.map(|_| ())
-                    }
-                };
-                if let Err(e) = r {
+                let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+                if let Err(e) = writer.send(&bytes, &fds).await {
                     warn!("sending to the proxy failed: {e}");
                 }
             }
@@ -168,12 +151,13 @@ impl ProxyLink {
         }
     }
 
-    async fn read(self: Arc<Self>, sock: Arc<UnixSeqpacket>) {
+    async fn read(self: Arc<Self>, sock: Arc<LinkSocket>) {
         let mut buf = vec![0u8; MAX_LINK_MESSAGE];
         loop {
+            // Descriptors the proxy has no business sending are closed with the message.
             let n = match sock.recv(&mut buf).await {
-                Ok(info) if info.bytes_read() > 0 && !info.truncated() => info.bytes_read(),
-                Ok(info) if info.truncated() => continue,
+                Ok(r) if r.truncated => continue,
+                Ok(r) if r.len > 0 => r.len,
                 _ => break,
             };
             let msg: FromProxy = match serde_json::from_slice(&buf[..n]) {
@@ -388,21 +372,8 @@ impl ProxyLink {
         let Ok(bytes) = serde_json::to_vec(&msg) else {
             return;
         };
-        let r = match &fd {
-            None => self.sock.send(&bytes).await.map(|_| ()),
-            Some(fd) => {
-                let mut cmsg = CmsgBuf([0u8; 256]);
-                let mut w = AncillaryMessageWriter::new(&mut cmsg.0);
-                let fds = [fd.as_fd()];
-                if w.add_fds(&fds).is_err() {
-                    return;
-                }
-                self.sock
-                    .send_with_ancillary(&bytes, &mut w)
-                    .await
-                    .map(|_| ())
-            }
-        };
+        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        let r = self.sock.send(&bytes, &fds).await;
         if let Err(e) = r {
             warn!("answering the proxy failed: {e}");
         }

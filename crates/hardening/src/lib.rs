@@ -34,6 +34,7 @@ pub mod process;
 pub mod proctree;
 pub mod seccomp;
 pub mod selftest;
+pub mod seqpacket;
 pub mod slab;
 
 #[cfg(test)]

@@ -257,11 +257,7 @@ fn serve(
         }
     };
     runtime.block_on(async move {
-        use nix::fcntl::{FcntlArg, OFlag, fcntl};
-        if fcntl(&sock, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
-            return 1;
-        }
-        let link = match tokio_seqpacket::UnixSeqpacket::try_from(sock) {
+        let link = match link::LinkSocket::new(sock) {
             Ok(l) => l,
             Err(e) => {
                 error!("proxy link: {e}");

@@ -158,3 +158,92 @@ pub enum FromProxy {
         reason: String,
     },
 }
+
+/// The link socket of either side: read by one task that registers *read* interest only, written
+/// by anyone without the runtime (see [`agentkeys_hardening::seqpacket`] for why: a socket
+/// registered for both directions woke its reader once more for every message it sent).
+pub struct LinkSocket {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+/// What [`LinkSocket::recv`] read.
+pub use agentkeys_hardening::seqpacket::Received;
+
+/// Longest a send waits for room in a full socket buffer before it fails.
+const SEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl LinkSocket {
+    /// Takes over one end of the link (made nonblocking here). Must run inside the runtime.
+    ///
+    /// # Errors
+    /// The descriptor cannot be made nonblocking or registered with the runtime.
+    pub fn new(fd: std::os::fd::OwnedFd) -> std::io::Result<LinkSocket> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        )
+        .map_err(std::io::Error::from)?;
+        let fd = agentkeys_hardening::seqpacket::register_readable(fd)?;
+        Ok(LinkSocket { fd })
+    }
+
+    /// The next message (one reader at a time).
+    ///
+    /// # Errors
+    /// The socket failed; a message of 0 bytes without descriptors is the peer's end.
+    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<Received> {
+        use std::os::fd::AsFd;
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| {
+                agentkeys_hardening::seqpacket::recv_message(fd.get_ref().as_fd(), buf)
+            }) {
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(r) => return r,
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// Sends one message with `fds` attached. It does not wait for the runtime: a full buffer
+    /// (the peer not reading) is retried every 200 µs for up to 10 s, then an error.
+    ///
+    /// # Errors
+    /// The socket failed, or stayed full.
+    pub async fn send(
+        &self,
+        bytes: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let start = std::time::Instant::now();
+        loop {
+            match agentkeys_hardening::seqpacket::send_message(
+                self.fd.get_ref().as_fd(),
+                bytes,
+                fds,
+            ) {
+                Ok(n) if n == bytes.len() => return Ok(()),
+                Ok(n) => {
+                    return Err(std::io::Error::other(format!(
+                        "sent {n} of {} bytes",
+                        bytes.len()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if start.elapsed() > SEND_PATIENCE {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the link stayed full for 10 s (the other side does not read)",
+                        ));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

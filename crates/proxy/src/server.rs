@@ -41,13 +41,13 @@ use sha2::Digest;
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
-use tokio_seqpacket::UnixSeqpacket;
-use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use crate::ca::Minter;
-use crate::link::{FromProxy, MAX_ALLOW_HOSTS, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy};
+use crate::link::{
+    FromProxy, LinkSocket, MAX_ALLOW_HOSTS, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy,
+};
 use crate::rules::{Rules, Verdict, shown_host};
 
 /// Most authenticated client connections at once (before a `CONNECT` is answered; tunnels and
@@ -175,7 +175,7 @@ pub struct Proxy {
     upstream_tls_h1: Arc<rustls::ClientConfig>,
     regs: RwLock<HashMap<u64, Arc<Registration>>>,
     users: RwLock<HashMap<String, u64>>,
-    link: UnixSeqpacket,
+    link: LinkSocket,
     next_id: AtomicU64,
     waiters: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     conns: Arc<Semaphore>,
@@ -294,7 +294,7 @@ impl Proxy {
     pub fn new(
         minter: Minter,
         upstream_tls: Arc<rustls::ClientConfig>,
-        link: UnixSeqpacket,
+        link: LinkSocket,
     ) -> Arc<Proxy> {
         let mut h2 = (*upstream_tls).clone();
         h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -345,22 +345,16 @@ impl Proxy {
 
     async fn read_link(&self) {
         let mut buf = vec![0u8; MAX_LINK_MESSAGE];
-        #[repr(C, align(8))]
-        struct Cmsg([u8; 256]);
         loop {
-            let mut cmsg = Cmsg([0u8; 256]);
-            let (n, fds) = match self.link.recv_with_ancillary(&mut buf, &mut cmsg.0).await {
-                Ok((info, anc)) => {
-                    let mut fds = Vec::new();
-                    for m in anc.into_messages() {
-                        if let OwnedAncillaryMessage::FileDescriptors(set) = m {
-                            fds.extend(set);
-                        }
-                    }
-                    if info.bytes_read() == 0 && fds.is_empty() {
+            let (n, fds) = match self.link.recv(&mut buf).await {
+                // A message cut short (or with more descriptors than any message has) is not
+                // read as a shorter one; its descriptors are closed.
+                Ok(r) if r.truncated => continue,
+                Ok(r) => {
+                    if r.len == 0 && r.fds.is_empty() {
                         break;
                     }
-                    (info.bytes_read(), fds)
+                    (r.len, r.fds)
                 }
                 Err(_) => break,
             };
@@ -457,7 +451,7 @@ impl Proxy {
     async fn tell(&self, msg: &FromProxy) {
         if let Ok(bytes) = serde_json::to_vec(msg)
             && bytes.len() <= MAX_LINK_MESSAGE
-            && let Err(e) = self.link.send(&bytes).await
+            && let Err(e) = self.link.send(&bytes, &[]).await
         {
             warn!("telling the daemon failed: {e}");
         }

@@ -1,0 +1,161 @@
+//! One message (with descriptors) at a time on a nonblocking `SOCK_SEQPACKET` socket, without an
+//! async runtime's write registration.
+//!
+//! The daemon–proxy link is read by a task that registers *read* interest only. A socket an
+//! async runtime registers for both directions reports `EPOLLOUT` each time the peer reads a
+//! message this side sent, which woke the link's reader once more per message for nothing: on the
+//! proxy's hot path (a question and an answer per injected request) that was a context switch per
+//! message in each process. These are the two calls such a reader and its writer make.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
+
+/// Most descriptors one message may carry; a message with more is reported truncated (and its
+/// descriptors are closed).
+pub const MAX_FDS: usize = 4;
+
+/// The kernel's limit of descriptors in one message (`SCM_MAX_FD`): with room for that many the
+/// kernel never cuts the descriptors short (which would leave some open in our table that we
+/// could not name).
+const SCM_MAX_FD: usize = 253;
+
+/// One message read by [`recv_message`].
+pub struct Received {
+    /// Bytes of the message in the buffer.
+    pub len: usize,
+    /// The message (or its descriptors) did not fit: drop it.
+    pub truncated: bool,
+    /// Descriptors that came with it, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Reads one message without blocking (`EAGAIN`/`WouldBlock` when there is none).
+///
+/// # Errors
+/// `recvmsg(2)`'s.
+pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let msg = recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    // `cmsgs` fails only when the kernel cut the control data short, which room for SCM_MAX_FD
+    // descriptors rules out.
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: SCM_RIGHTS: the kernel installed `r` in this process's table for this
+                // message alone; nothing else owns or will close it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC) || fds.len() > MAX_FDS;
+    Ok(Received {
+        len: msg.bytes,
+        truncated,
+        fds,
+    })
+}
+
+/// Sends one message without blocking (`WouldBlock` when the socket's buffer is full), with
+/// `fds` attached when there are any.
+///
+/// # Errors
+/// `send(2)`'s or `sendmsg(2)`'s.
+pub fn send_message(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_EOR;
+    if fds.is_empty() {
+        return send(fd.as_raw_fd(), bytes, flags).map_err(io::Error::from);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &[ControlMessage::ScmRights(&raw)],
+        flags,
+        None,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Registers `fd` with the current tokio runtime for *read* readiness only (no `EPOLLOUT`
+/// wake-ups). Must run inside the runtime.
+///
+/// # Errors
+/// The registration failed.
+pub fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: `OwnedFd` owns an open descriptor, and the `AsyncFd` owns the `OwnedFd` until it is
+    // dropped (or `into_inner` gives it back): the descriptor stays open and names the same file
+    // description for the registration's whole life, and `as_raw_fd` always returns it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .expect("socketpair")
+    }
+
+    #[test]
+    fn a_message_and_its_descriptor_arrive_whole() {
+        let (a, b) = pair();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(send_message(a.as_fd(), b"hello", &[f.as_fd()]).unwrap(), 5);
+        let mut buf = [0u8; 64];
+        let r = recv_message(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..r.len], b"hello");
+        assert!(!r.truncated);
+        assert_eq!(r.fds.len(), 1);
+        // Nothing more: WouldBlock, not a wait.
+        let e = recv_message(b.as_fd(), &mut buf).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn too_long_a_message_is_reported_truncated() {
+        let (a, b) = pair();
+        send_message(a.as_fd(), &[7u8; 100], &[]).unwrap();
+        let mut buf = [0u8; 10];
+        let r = recv_message(b.as_fd(), &mut buf).unwrap();
+        assert!(r.truncated);
+    }
+
+    #[test]
+    fn too_many_descriptors_are_reported_truncated_and_closed() {
+        let (a, b) = pair();
+        let files: Vec<std::fs::File> = (0..MAX_FDS + 3)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
+        send_message(a.as_fd(), b"x", &fds).unwrap();
+        drop(fds);
+        drop(files);
+        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open();
+        let mut buf = [0u8; 8];
+        let r = recv_message(b.as_fd(), &mut buf).unwrap();
+        assert!(r.truncated);
+        // The caller drops a truncated message: its descriptors close with it.
+        drop(r);
+        assert_eq!(open(), before, "no received descriptor stays open");
+    }
+}
