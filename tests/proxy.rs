@@ -122,6 +122,20 @@ impl Env {
             .collect()
     }
 
+    /// Every `inject_result` record, once there are at least `n`: the proxy tells results in
+    /// batches (up to 5 ms after the request, also after the run ended), so a test that reads
+    /// them right after a run waits for them (up to 10 s).
+    fn inject_results(&self, n: usize) -> Vec<serde_json::Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let got = self.audit_events("inject_result");
+            if got.len() >= n || start.elapsed() > std::time::Duration::from_secs(10) {
+                return got;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Nothing the server received holds the value, except on these paths.
     fn server_never_got_value_except(&self, allowed: &[&str]) {
         for r in self.srv.requests() {
@@ -203,7 +217,8 @@ fn curl_gets_the_value_injected_only_on_the_service_host_and_never_holds_it() {
         "{d}"
     );
     assert!(!d.contains("page=2"), "the query is not recorded: {d}");
-    let res = e.audit_events("inject_result");
+    let res = e.inject_results(1);
+    assert_eq!(res.len(), 1, "{res:?}");
     assert!(
         res[0]["detail"].as_str().unwrap().contains("status=200"),
         "{res:?}"
@@ -675,6 +690,15 @@ fn python_requests_and_httpx_through_the_proxy() {
     assert_eq!(post.header("x-api-key"), Some(VALUE.as_bytes()));
     assert_eq!(post.body, b"{\"a\": 1}");
     assert_eq!(e.audit_events("inject").len(), 3);
+    // Each injection's result is recorded, including those told after the run ended.
+    let results = e.inject_results(3);
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r["detail"].as_str().unwrap().contains("status=200")),
+        "{results:?}"
+    );
 }
 
 #[test]

@@ -65,6 +65,11 @@ struct Reg {
     specs: Vec<PlaceholderSpec>,
 }
 
+/// How long an ended run's registration is kept for the results the proxy tells after the run
+/// ended (it batches them: see `DONE_DELAY` in the proxy), and how many such are kept at most.
+const ENDED_KEPT: Duration = Duration::from_secs(30);
+const ENDED_MAX: usize = 256;
+
 /// The link to the proxy process.
 pub struct ProxyLink {
     tx: mpsc::UnboundedSender<(Vec<u8>, Option<OwnedFd>)>,
@@ -75,6 +80,9 @@ pub struct ProxyLink {
     /// The CA bundle file programs get.
     pub bundle: PathBuf,
     regs: Mutex<HashMap<u64, Reg>>,
+    /// Registrations of runs that ended, newest last: only to record results told late (never
+    /// to decide an injection).
+    ended: Mutex<std::collections::VecDeque<(u64, Reg, std::time::Instant)>>,
     next_reg: AtomicU64,
     shared: Weak<Shared>,
     /// Wait for the audit sync before each injection (`[proxy] sync_audit`).
@@ -124,6 +132,7 @@ impl ProxyLink {
             ready: tokio::sync::watch::Sender::new(None),
             bundle,
             regs: Mutex::new(HashMap::new()),
+            ended: Mutex::new(std::collections::VecDeque::new()),
             next_reg: AtomicU64::new(1),
             shared,
             sync_audit,
@@ -343,8 +352,44 @@ impl ProxyLink {
     }
 
     fn unregister(&self, reg: u64) {
-        self.regs.lock().expect("proxy regs").remove(&reg);
+        let gone = self.regs.lock().expect("proxy regs").remove(&reg);
+        if let Some(r) = gone {
+            let mut ended = self.ended.lock().expect("proxy ended regs");
+            let now = std::time::Instant::now();
+            while ended
+                .front()
+                .is_some_and(|(_, _, at)| now.duration_since(*at) > ENDED_KEPT)
+                || ended.len() >= ENDED_MAX
+            {
+                ended.pop_front();
+            }
+            ended.push_back((reg, r, now));
+        }
         self.send(&ToProxy::Unregister { reg }, None);
+    }
+
+    /// Who a registration was for and its placeholder `index`, also for a run that ended
+    /// meanwhile (to record what the proxy tells of its requests after the end).
+    fn reg_info_any(
+        &self,
+        reg: u64,
+        index: Option<usize>,
+    ) -> Option<(Principal, Peer, Option<PlaceholderSpec>)> {
+        let pick = |r: &Reg| {
+            (
+                r.principal.clone(),
+                r.peer,
+                index.and_then(|i| r.specs.get(i)).cloned(),
+            )
+        };
+        if let Some(r) = self.regs.lock().expect("proxy regs").get(&reg) {
+            return Some(pick(r));
+        }
+        let ended = self.ended.lock().expect("proxy ended regs");
+        ended
+            .iter()
+            .find(|(id, _, _)| *id == reg)
+            .map(|(_, r, _)| pick(r))
     }
 
     /// Sends the answer to a `Want` from the task that decided it.
@@ -438,8 +483,8 @@ impl ProxyLink {
         path: &str,
         status: u16,
     ) {
-        let (Some(shared), Some((p, peer, spec))) =
-            (self.shared.upgrade(), self.reg_info(reg, index))
+        let (Some(shared), Some((p, peer, Some(spec)))) =
+            (self.shared.upgrade(), self.reg_info_any(reg, Some(index)))
         else {
             return;
         };
@@ -474,13 +519,10 @@ impl ProxyLink {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        let regs = self.regs.lock().expect("proxy regs");
-        let Some(r) = regs.get(&reg) else {
+        let Some((p, peer, spec)) = self.reg_info_any(reg, index) else {
             return;
         };
-        let service = index
-            .and_then(|i| r.specs.get(i))
-            .map(|s| s.service.clone());
+        let service = spec.map(|s| s.service);
         let detail = format!(
             "proxy refused: host={} method={} path={}: {}",
             clip(host, 256),
@@ -488,8 +530,6 @@ impl ProxyLink {
             clip(path, 256),
             clip(reason, 300)
         );
-        let (p, peer) = (r.principal.clone(), r.peer);
-        drop(regs);
         shared.audit_best_effort(&Event {
             event: "deny",
             who: Some(p.who()),

@@ -183,7 +183,21 @@ pub struct Proxy {
     unauthenticated: Mutex<VecDeque<Arc<Gate>>>,
     /// TLS server configurations of decrypted hosts, with the leaf each was built for.
     server_cfgs: Mutex<ServerConfigs>,
+    /// Results of injected requests not told to the daemon yet (encoded `Done` messages): they
+    /// go right after the next question, or [`DONE_DELAY`] after the first of them.
+    done_queue: Mutex<Vec<Vec<u8>>>,
+    /// A flush of `done_queue` is scheduled.
+    done_armed: AtomicBool,
 }
+
+/// Longest the result of an injected request waits to be told to the daemon. Telling each
+/// result on its own woke the daemon a second time per injected request; batched, the results
+/// ride on the next question (one wake-up answers the question, then records them). What this
+/// costs: an `inject_result` record lands up to this much later (after the run's end too: the
+/// daemon keeps an ended run's registration for such late results), and a proxy killed in
+/// that window loses the results it held (its `inject` records were written before the values
+/// left).
+const DONE_DELAY: Duration = Duration::from_millis(5);
 
 /// Host -> (leaf, TLS server configuration serving it).
 type ServerConfigs = HashMap<String, (Arc<CertifiedKey>, Arc<rustls::ServerConfig>)>;
@@ -312,6 +326,8 @@ impl Proxy {
             conns: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             unauthenticated: Mutex::new(VecDeque::new()),
             server_cfgs: Mutex::new(HashMap::new()),
+            done_queue: Mutex::new(Vec::new()),
+            done_armed: AtomicBool::new(false),
         })
     }
 
@@ -871,7 +887,7 @@ impl Proxy {
             match self.upstream_tls(host, port, !upgrade).await {
                 Ok(s) => *guard = Some(s),
                 Err(e) => {
-                    self.done(&reg, &values, host, &method, &path, 0).await;
+                    self.done(&reg, &values, host, &method, &path, 0);
                     return full(
                         StatusCode::BAD_GATEWAY,
                         format!(
@@ -919,7 +935,7 @@ impl Proxy {
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) => {
-                self.done(&reg, &values, host, &method, &path, 0).await;
+                self.done(&reg, &values, host, &method, &path, 0);
                 *upstream.lock().await = None;
                 return full(
                     StatusCode::BAD_GATEWAY,
@@ -927,8 +943,7 @@ impl Proxy {
                 );
             }
         };
-        self.done(&reg, &values, host, &method, &path, resp.status().as_u16())
-            .await;
+        self.done(&reg, &values, host, &method, &path, resp.status().as_u16());
         // The answer is masked for the values in every form this request sent them in (raw,
         // base64 in a Basic header, percent-encoded in the query): headers here (a 101's too),
         // the body and its trailers below.
@@ -1022,6 +1037,11 @@ impl Proxy {
             cached: cached.is_some(),
         })
         .await;
+        // Results waiting to be told go right behind the question: the daemon answers it first,
+        // then records them, in the one wake-up.
+        if !self.done_queue.lock().expect("done queue").is_empty() {
+            self.flush_done(false).await;
+        }
         let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
         self.waiters.lock().expect("waiters").remove(&id);
         let (ok, status, reason, fd) = match answer {
@@ -1070,8 +1090,9 @@ impl Proxy {
         }
     }
 
-    async fn done(
-        &self,
+    /// Queues the results of a request the values were injected into (see [`DONE_DELAY`]).
+    fn done(
+        self: &Arc<Self>,
         reg: &Registration,
         values: &[(usize, Arc<MappedSecret>)],
         host: &str,
@@ -1079,16 +1100,47 @@ impl Proxy {
         path: &str,
         status: u16,
     ) {
-        for (i, _) in values {
-            self.tell(&FromProxy::Done {
-                reg: reg.reg,
-                index: *i,
-                host: host.to_string(),
-                method: method.to_string(),
-                path: path.to_string(),
-                status,
-            })
-            .await;
+        if values.is_empty() {
+            return;
+        }
+        {
+            let mut q = self.done_queue.lock().expect("done queue");
+            for (i, _) in values {
+                let msg = FromProxy::Done {
+                    reg: reg.reg,
+                    index: *i,
+                    host: host.to_string(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    status,
+                };
+                if let Ok(bytes) = serde_json::to_vec(&msg)
+                    && bytes.len() <= MAX_LINK_MESSAGE
+                {
+                    q.push(bytes);
+                }
+            }
+        }
+        if !self.done_armed.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DONE_DELAY).await;
+                this.flush_done(true).await;
+            });
+        }
+    }
+
+    /// Tells the daemon every queued result; `timer`: called by the scheduled flush (which a
+    /// later result then schedules again).
+    async fn flush_done(&self, timer: bool) {
+        if timer {
+            self.done_armed.store(false, Ordering::Release);
+        }
+        let queued = std::mem::take(&mut *self.done_queue.lock().expect("done queue"));
+        for bytes in queued {
+            if let Err(e) = self.link.send(&bytes, &[]).await {
+                warn!("telling the daemon failed: {e}");
+            }
         }
     }
 
