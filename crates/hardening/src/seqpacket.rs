@@ -31,17 +31,22 @@ pub struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
-/// Reads one message without blocking (`EAGAIN`/`WouldBlock` when there is none).
+/// Room for the control data of one message (see [`recv_message`]); make it once per reader.
+pub fn control_space() -> Vec<u8> {
+    nix::cmsg_space!([RawFd; SCM_MAX_FD])
+}
+
+/// Reads one message without blocking (`EAGAIN`/`WouldBlock` when there is none); `space` is
+/// from [`control_space`].
 ///
 /// # Errors
 /// `recvmsg(2)`'s.
-pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8], space: &mut [u8]) -> io::Result<Received> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let msg = recvmsg::<()>(
         fd.as_raw_fd(),
         &mut iov,
-        Some(&mut space),
+        Some(space),
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(io::Error::from)?;
@@ -121,12 +126,14 @@ mod tests {
         let f = std::fs::File::open("/dev/null").unwrap();
         assert_eq!(send_message(a.as_fd(), b"hello", &[f.as_fd()]).unwrap(), 5);
         let mut buf = [0u8; 64];
-        let r = recv_message(b.as_fd(), &mut buf).unwrap();
+        let r = recv_message(b.as_fd(), &mut buf, &mut control_space()).unwrap();
         assert_eq!(&buf[..r.len], b"hello");
         assert!(!r.truncated);
         assert_eq!(r.fds.len(), 1);
         // Nothing more: WouldBlock, not a wait.
-        let e = recv_message(b.as_fd(), &mut buf).err().unwrap();
+        let e = recv_message(b.as_fd(), &mut buf, &mut control_space())
+            .err()
+            .unwrap();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 
@@ -135,7 +142,7 @@ mod tests {
         let (a, b) = pair();
         send_message(a.as_fd(), &[7u8; 100], &[]).unwrap();
         let mut buf = [0u8; 10];
-        let r = recv_message(b.as_fd(), &mut buf).unwrap();
+        let r = recv_message(b.as_fd(), &mut buf, &mut control_space()).unwrap();
         assert!(r.truncated);
     }
 
@@ -152,7 +159,7 @@ mod tests {
         let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
         let before = open();
         let mut buf = [0u8; 8];
-        let r = recv_message(b.as_fd(), &mut buf).unwrap();
+        let r = recv_message(b.as_fd(), &mut buf, &mut control_space()).unwrap();
         assert!(r.truncated);
         // The caller drops a truncated message: its descriptors close with it.
         drop(r);

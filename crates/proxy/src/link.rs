@@ -164,6 +164,8 @@ pub enum FromProxy {
 /// registered for both directions woke its reader once more for every message it sent).
 pub struct LinkSocket {
     fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    /// The reader's room for control data, made once (not per message).
+    space: std::sync::Mutex<Vec<u8>>,
 }
 
 /// What [`LinkSocket::recv`] read.
@@ -186,7 +188,10 @@ impl LinkSocket {
         )
         .map_err(std::io::Error::from)?;
         let fd = agentkeys_hardening::seqpacket::register_readable(fd)?;
-        Ok(LinkSocket { fd })
+        Ok(LinkSocket {
+            fd,
+            space: std::sync::Mutex::new(agentkeys_hardening::seqpacket::control_space()),
+        })
     }
 
     /// The next message (one reader at a time).
@@ -198,7 +203,8 @@ impl LinkSocket {
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|fd| {
-                agentkeys_hardening::seqpacket::recv_message(fd.get_ref().as_fd(), buf)
+                let mut space = self.space.lock().expect("link control space");
+                agentkeys_hardening::seqpacket::recv_message(fd.get_ref().as_fd(), buf, &mut space)
             }) {
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(r) => return r,
