@@ -19,6 +19,7 @@ use agentkeys_hardening::ns::{self, Forked};
 use agentkeys_jail::apply::{self, Session, Signals};
 use agentkeys_jail::policy::{Context, JailOptions, Network, PolicyBuilder};
 use agentkeys_jail::{JailPolicy, Protection};
+use agentkeys_proto::client::Client;
 use agentkeys_proto::wire::{RequestBody, ResponseBody};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -218,8 +219,9 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         (None, None)
     };
     // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
-    // allowed even for root; the daemon's launcher may not map uid 0 itself).
-    let run_userns = apply::user_namespace_for_runs(&policy).map_err(|(step, errno)| {
+    // allowed even for root; the daemon's launcher may not map uid 0 itself). Its helper works
+    // while the jail is forked and the daemon connected; it is opened just before `jail_start`.
+    let run_userns = apply::RunsUserns::start(&policy).map_err(|(step, errno)| {
         CliError::Jail(format!(
             "setting up the jail failed at step `{step}`: {}",
             std::io::Error::from_raw_os_error(errno)
@@ -255,6 +257,15 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     // (see gitlinks).
     for w in agentkeys_jail::gitlinks::changes(&policy.gitlinks_before, &policy) {
         eprintln!("agentkeys jail: WARNING: {w}");
+    }
+    if let Err(CliError::Exit(code)) = r {
+        // CMD's status is ours: end here, skipping the allocator's exit-time purge (returning
+        // its arenas to the system page by page, which the exit does anyway). Everything of
+        // ours is dropped by now; only stdout may hold buffered bytes.
+        drop(o);
+        drop(policy);
+        let _ = std::io::stdout().flush();
+        ns::exit_now(i32::from(code));
     }
     r
 }
@@ -329,7 +340,7 @@ fn jail_child(
 struct Handoff {
     tok_w: OwnedFd,
     err_r: OwnedFd,
-    run_userns: OwnedFd,
+    run_userns: apply::RunsUserns,
     /// `--net proxy`: where the jail's init sends its loopback listener.
     relay: Option<OwnedFd>,
     /// `--proxy VAR -> service`.
@@ -348,7 +359,7 @@ async fn supervise(
     let Handoff {
         tok_w,
         err_r,
-        run_userns,
+        run_userns: mut runs,
         relay,
         proxy,
     } = handoff;
@@ -357,28 +368,72 @@ async fn supervise(
         drop(tok_w);
         let _ = waitpid(outer, None);
     };
-    let mut client = match ctx::connect(home, caller).await {
-        Ok((c, _)) => c,
+    let connected = match ctx::token(home, caller) {
+        Ok(token) => Client::connect(&ctx::socket(home))
+            .await
+            .map(|c| (c, token))
+            .map_err(CliError::from),
+        Err(e) => Err(e),
+    };
+    let (mut client, token) = match connected {
+        Ok(c) => c,
         Err(e) => {
             abandon(tok_w);
             return Err(e);
         }
     };
-    let sent = client
+    let run_userns = match runs.open() {
+        Ok(fd) => fd,
+        Err((step, errno)) => {
+            abandon(tok_w);
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )));
+        }
+    };
+    let policy_json = match serde_json::to_value(policy) {
+        Ok(v) => v,
+        Err(e) => {
+            abandon(tok_w);
+            return Err(std::io::Error::from(e).into());
+        }
+    };
+    // The hello and `jail_start` in one go: the daemon answers the hello before it reads the
+    // next request (and closes, reading nothing more, when it refuses it), so this saves a
+    // round trip without letting anything through unauthenticated.
+    let hello = client
         .send(
-            RequestBody::JailStart {
-                agent: o.agent.clone(),
-                ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
-                policy: serde_json::to_value(policy).map_err(std::io::Error::from)?,
-                proxy,
+            RequestBody::Hello {
+                token: agentkeys_proto::wire::WireToken(token),
             },
-            &[std::os::fd::AsFd::as_fd(&run_userns)],
+            &[],
         )
         .await;
-    drop(run_userns);
-    let started = match sent {
-        Ok(_) => client.recv().await,
+    let sent = match hello {
+        Ok(_) => {
+            client
+                .send(
+                    RequestBody::JailStart {
+                        agent: o.agent.clone(),
+                        ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
+                        policy: policy_json,
+                        proxy,
+                    },
+                    &[std::os::fd::AsFd::as_fd(&run_userns)],
+                )
+                .await
+        }
         Err(e) => Err(e),
+    };
+    drop(run_userns);
+    // The hello's answer first: a refusal (or `busy`) is queued even when a send failed.
+    let welcome = client.recv().await;
+    let started = match (welcome.map(|a| a.body), sent) {
+        (Ok(ResponseBody::Welcome(_)), Ok(_)) => client.recv().await,
+        (Ok(ResponseBody::Welcome(_)), Err(e)) => Err(e),
+        (Ok(other), _) => Err(agentkeys_proto::client::unexpected(&other)),
+        (Err(e), _) => Err(e),
     };
     let mut proxy_port = None;
     let (jail, session) = match started.map(|a| a.body) {

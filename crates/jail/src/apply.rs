@@ -170,53 +170,84 @@ pub fn confine(
     outer_loop(init, status_r, signals)
 }
 
-/// Makes the user namespace a jail's `run`s join (see [`confine`]'s `userns`): a short-lived
-/// child creates it and maps the owner's ids, this process opens it, the child exits; the
-/// descriptor keeps it alive. A sibling of the agent's own namespace: nothing in the jail has
-/// any capability in it. Call it while single-threaded.
+/// The user namespace a jail's `run`s join (see [`confine`]'s `userns`), made by a short-lived
+/// child: it creates the namespace and maps the owner's ids, the caller opens it, the child
+/// exits; the descriptor keeps it alive. A sibling of the agent's own namespace: nothing in the
+/// jail has any capability in it.
 ///
-/// # Errors
-/// The step and errno that failed.
-pub fn user_namespace_for_runs(policy: &JailPolicy) -> Result<OwnedFd, (&'static str, i32)> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
-    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
-    match ns::fork_single_threaded() {
-        Ok(Forked::Child) => {
-            drop(r);
-            drop(go_w);
-            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-            let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
-                report(&w, step, errno);
-                ns::exit_now(1)
-            };
-            if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
-                die(&fail, "user namespace for runs", nix_errno(e));
+/// [`RunsUserns::start`] forks the child and returns at once, so that it does its part while
+/// the caller goes on (forks the jail, connects to the daemon); [`RunsUserns::open`] waits for
+/// it only when the namespace is needed. Dropping this lets the child go and reaps it.
+pub struct RunsUserns {
+    pid: Pid,
+    /// The child's report: a failed step, or EOF once the maps are written.
+    report: OwnedFd,
+    /// Closed when the caller has opened the namespace: the child then exits.
+    go: Option<OwnedFd>,
+}
+
+impl RunsUserns {
+    /// Forks the child that makes the namespace. Call it while single-threaded.
+    ///
+    /// # Errors
+    /// The step and errno that failed.
+    pub fn start(policy: &JailPolicy) -> Result<Self, (&'static str, i32)> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+        match ns::fork_single_threaded() {
+            Ok(Forked::Child) => {
+                drop(r);
+                drop(go_w);
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
+                    report(&w, step, errno);
+                    ns::exit_now(1)
+                };
+                if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+                    die(&fail, "user namespace for runs", nix_errno(e));
+                }
+                // Dumpable, so the parent may open /proc/PID/ns/user; it holds nothing.
+                map_ids(policy, &fail, true);
+                drop(w);
+                // Until the parent has opened the namespace.
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&go_r, &mut b);
+                ns::exit_now(0)
             }
-            // Dumpable, so the parent may open /proc/PID/ns/user; it holds nothing.
-            map_ids(policy, &fail, true);
-            drop(w);
-            // Until the parent has opened the namespace.
-            let mut b = [0u8; 1];
-            let _ = nix::unistd::read(&go_r, &mut b);
-            ns::exit_now(0)
+            Ok(Forked::Parent(pid)) => Ok(RunsUserns {
+                pid,
+                report: r,
+                go: Some(go_w),
+            }),
+            Err(e) => Err(("user namespace for runs (fork)", errno_of(&e))),
         }
-        Ok(Forked::Parent(pid)) => {
-            drop(w);
-            drop(go_r);
-            let failed = read_report(&r);
-            let opened = match failed {
-                Some((_, errno)) => Err(("user namespace for runs", errno)),
-                None => std::fs::File::open(format!("/proc/{pid}/ns/user"))
-                    .map(OwnedFd::from)
-                    .map_err(|e| ("user namespace for runs (open)", errno_of(&e))),
-            };
-            drop(go_w);
-            let _ = waitpid(pid, None);
-            opened
-        }
-        Err(e) => Err(("user namespace for runs (fork)", errno_of(&e))),
+    }
+
+    /// Waits until the child has made and mapped the namespace, opens it, and lets the child
+    /// exit (it is reaped when this is dropped).
+    ///
+    /// # Errors
+    /// The step and errno that failed (in the child, or opening the namespace).
+    pub fn open(&mut self) -> Result<OwnedFd, (&'static str, i32)> {
+        let opened = match read_report(&self.report) {
+            Some((_, errno)) => Err(("user namespace for runs", errno)),
+            None => std::fs::File::open(format!("/proc/{}/ns/user", self.pid))
+                .map(OwnedFd::from)
+                .map_err(|e| ("user namespace for runs (open)", errno_of(&e))),
+        };
+        self.go = None;
+        opened
+    }
+}
+
+impl Drop for RunsUserns {
+    fn drop(&mut self) {
+        self.go = None;
+        // In the caller: the child exits once `go` is closed. In a process forked after
+        // `start` (the jail's outer process), it is no child: ECHILD at once.
+        let _ = waitpid(self.pid, None);
     }
 }
 
