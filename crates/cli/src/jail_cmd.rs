@@ -218,15 +218,6 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     } else {
         (None, None)
     };
-    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
-    // allowed even for root; the daemon's launcher may not map uid 0 itself). Its helper works
-    // while the jail is forked and the daemon connected; it is opened just before `jail_start`.
-    let run_userns = apply::RunsUserns::start(&policy).map_err(|(step, errno)| {
-        CliError::Jail(format!(
-            "setting up the jail failed at step `{step}`: {}",
-            std::io::Error::from_raw_os_error(errno)
-        ))
-    })?;
     let me = nix::unistd::getpid();
     let outer = match ns::fork_single_threaded()
         .map_err(|e| CliError::Jail(format!("starting the jail: {e}")))?
@@ -234,7 +225,6 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         Forked::Child => {
             drop(tok_w);
             drop(err_r);
-            drop(run_userns);
             drop(relay_mine);
             jail_child(&policy, &socket, tok_r, relay_theirs, err_w, me, argv)
         }
@@ -243,6 +233,22 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     drop(tok_r);
     drop(err_w);
     drop(relay_theirs);
+    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
+    // allowed even for root; the daemon's launcher may not map uid 0 itself). Forked after the
+    // jail, which is what the start waits for; the helper works while the daemon is
+    // connected, and is opened just before `jail_start`.
+    let run_userns = match apply::RunsUserns::start(&policy) {
+        Ok(r) => r,
+        Err((step, errno)) => {
+            // The jail sees EOF instead of a session and ends quietly.
+            drop(tok_w);
+            let _ = waitpid(outer, None);
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )));
+        }
+    };
     let rt = ctx::runtime()?;
     let handoff = Handoff {
         tok_w,

@@ -245,8 +245,7 @@ impl RunsUserns {
 impl Drop for RunsUserns {
     fn drop(&mut self) {
         self.go = None;
-        // In the caller: the child exits once `go` is closed. In a process forked after
-        // `start` (the jail's outer process), it is no child: ECHILD at once.
+        // The child exits once `go` is closed (it has already, when `open` was called).
         let _ = waitpid(self.pid, None);
     }
 }
@@ -580,8 +579,9 @@ fn build_view(
             .map_err(io("make a writable path nosuid, nodev"))?;
     }
 
-    // 4. A minimal /dev (no disks, no other terminals), a new devpts, the session file.
-    build_dev(old, new, session, policy.socket.as_deref(), jail_id)?;
+    // 4. A minimal /dev (no disks, no other terminals), a new devpts; the session file and
+    // the daemon's socket come last (8b), when everything else is in place.
+    build_dev(old, new)?;
 
     // 5. A fresh /proc for the new PID namespace: outside processes have no entry in it.
     m(
@@ -836,6 +836,10 @@ fn build_view(
             .map_err(io("protect a path (read-only)"))?;
     }
 
+    // 8b. The session: read only now, so that all of the above runs while the caller asks
+    // the daemon for it; then /dev read-only.
+    enter_session(old, new, session, policy.socket.as_deref(), jail_id)?;
+
     // 9. Into the new root; the scratch root and the old tree go away.
     std::env::set_current_dir(new).map_err(io("pivot_root"))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| ("pivot_root", nix_errno(e)))?;
@@ -895,15 +899,9 @@ fn remount_ro(p: &Path, step: &'static str) -> StepResult {
 }
 
 /// /dev: a tmpfs with null, zero, full, random, urandom and tty bound in, a new devpts
-/// instance (ptys made inside), a private /dev/shm, the usual links, and the session file;
-/// then read-only.
-fn build_dev(
-    old: &Path,
-    new: &Path,
-    session: Option<&Session>,
-    socket: Option<&Path>,
-    jail_id: &mut Option<Entered>,
-) -> StepResult {
+/// instance (ptys made inside), a private /dev/shm and the usual links ([`enter_session`] adds
+/// the session file and makes it read-only).
+fn build_dev(old: &Path, new: &Path) -> StepResult {
     let dev = inside(new, Path::new("/dev"));
     m(
         "mount /dev",
@@ -962,6 +960,25 @@ fn build_dev(
     ] {
         std::os::unix::fs::symlink(to, dev.join(link)).map_err(io("populate /dev"))?;
     }
+    Ok(())
+}
+
+/// The session file and the daemon's socket in the jail's /dev (the session read from the
+/// caller's pipe now), then /dev read-only.
+fn enter_session(
+    old: &Path,
+    new: &Path,
+    session: Option<&Session>,
+    socket: Option<&Path>,
+    jail_id: &mut Option<Entered>,
+) -> StepResult {
+    let dev = inside(new, Path::new("/dev"));
+    let mkdir = |p: PathBuf, mode: u32| {
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(&p)
+            .map_err(io("populate /dev"))
+    };
     if let Some(s) = session {
         // Now the session is needed: `jail_id\ntoken[\nport[\nNAME=value]...]`, or EOF
         // alone (refused: end quietly).
