@@ -257,8 +257,14 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         relay: relay_mine,
         proxy,
     };
-    let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
-    apply::remove_placeholders(&policy, lock);
+    let mut lock = Some(lock);
+    let r = rt.block_on(supervise(
+        &home, caller, &o, &policy, outer, handoff, &mut lock,
+    ));
+    // When the jail ended before it ran (supervise removes them once CMD has run).
+    if let Some(lock) = lock {
+        apply::remove_placeholders(&policy, lock);
+    }
     // Submodules the agent added or redirected, against the listing the policy was built from
     // (see gitlinks).
     for w in agentkeys_jail::gitlinks::changes(&policy.gitlinks_before, &policy) {
@@ -361,6 +367,7 @@ async fn supervise(
     policy: &JailPolicy,
     outer: Pid,
     handoff: Handoff,
+    lock: &mut Option<apply::PlaceholderLock>,
 ) -> Result<(), CliError> {
     let Handoff {
         tok_w,
@@ -587,6 +594,11 @@ async fn supervise(
             }
         }
     };
+    // The jail's processes are gone: its placeholders go before `jail_exit`, whose durable
+    // audit record would otherwise share the file system's journal commit with the removals.
+    if let Some(lock) = lock.take() {
+        apply::remove_placeholders(policy, lock);
+    }
     if ended.is_none() {
         // Sent, not waited for: the daemon handles it before it sees this connection close,
         // and ends the jail on the close anyway. Saves a round trip and a sync per jail.
