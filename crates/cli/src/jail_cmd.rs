@@ -448,6 +448,9 @@ async fn supervise(
         (Ok(other), _) => Err(agentkeys_proto::client::unexpected(&other)),
         (Err(e), _) => Err(e),
     };
+    // The helper has long exited (it went when its namespace was opened): reaped now, so that
+    // no zombie of it stays among the jail's processes.
+    drop(runs);
     let mut proxy_port = None;
     let (jail, session) = match started.map(|a| a.body) {
         Ok(ResponseBody::JailStarted {
