@@ -3,10 +3,11 @@
 //! NAME that the daemon mints for this jail alone.
 //!
 //! Order: build the policy and check the kernel (refuse, naming what is missing and its fix,
-//! unless `--best-effort`); fork the jail's outer process while single-threaded (it waits for
-//! the session on a pipe); ask the daemon for the session (`jail_start`) on a connection that
-//! stays open for the jail's life; hand the token to the jail; wait for the set-up's report;
-//! then wait for CMD, forwarding SIGTERM and SIGHUP (Ctrl-C, Ctrl-\, Ctrl-Z and window
+//! unless `--best-effort`); start the jail's init in its namespaces while single-threaded (it
+//! builds the view, then waits for the session on a pipe); ask the daemon for the session
+//! (`jail_start`, sent with the hello) on a connection that stays open for the jail's life;
+//! hand the token to the jail; wait for the set-up's report; then wait for CMD (through
+//! init), forwarding SIGTERM and SIGHUP (Ctrl-C, Ctrl-\, Ctrl-Z and window
 //! resizes reach CMD from the terminal itself); stop the jail if the daemon ends its session
 //! (agent revoked, TTL); finally `jail_exit` with CMD's status, which is ours too.
 
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentkeys_hardening::ns::{self, Forked};
-use agentkeys_jail::apply::{self, Session, Signals};
+use agentkeys_jail::apply::{self, Session};
 use agentkeys_jail::policy::{Context, JailOptions, Network, PolicyBuilder};
 use agentkeys_jail::{JailPolicy, Protection};
 use agentkeys_proto::client::Client;
@@ -218,18 +219,31 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     } else {
         (None, None)
     };
-    let me = nix::unistd::getpid();
-    let outer = match ns::fork_single_threaded()
-        .map_err(|e| CliError::Jail(format!("starting the jail: {e}")))?
-    {
-        Forked::Child => {
+    // The jail's init starts straight in the jail's namespaces, as this process's child (no
+    // outer process between: this CLI waits for it and reads CMD's status from `status`).
+    let (status_r, status_w) = pipe()?;
+    let init = match ns::fork_into_namespaces(apply::jail_namespaces(&policy)) {
+        Ok(Forked::Child) => {
             drop(tok_w);
             drop(err_r);
             drop(relay_mine);
-            jail_child(&policy, &socket, tok_r, relay_theirs, err_w, me, argv)
+            drop(status_r);
+            jail_child(&policy, &socket, tok_r, relay_theirs, err_w, status_w, argv)
         }
-        Forked::Parent(pid) => pid,
+        Ok(Forked::Parent(pid)) => pid,
+        Err(e) => {
+            let step = if policy.network.is_proxy() {
+                "unshare user, mount, PID, IPC and network namespaces (--net proxy)"
+            } else {
+                "unshare user, mount, PID and IPC namespaces"
+            };
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {e} (are unprivileged user \
+                 namespaces allowed? see `agentkeys doctor`, items jail_*)"
+            )));
+        }
     };
+    drop(status_w);
     drop(tok_r);
     drop(err_w);
     drop(relay_theirs);
@@ -242,7 +256,7 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
         Err((step, errno)) => {
             // The jail sees EOF instead of a session and ends quietly.
             drop(tok_w);
-            let _ = waitpid(outer, None);
+            let _ = waitpid(init, None);
             return Err(CliError::Jail(format!(
                 "setting up the jail failed at step `{step}`: {}",
                 std::io::Error::from_raw_os_error(errno)
@@ -251,6 +265,7 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     };
     let rt = ctx::runtime()?;
     let handoff = Handoff {
+        status: status_r,
         tok_w,
         err_r,
         run_userns,
@@ -259,7 +274,7 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     };
     let mut lock = Some(lock);
     let r = rt.block_on(supervise(
-        &home, caller, &o, &policy, outer, handoff, &mut lock,
+        &home, caller, &o, &policy, init, handoff, &mut lock,
     ));
     // When the jail ended before it ran (supervise removes them once CMD has run).
     if let Some(lock) = lock {
@@ -282,14 +297,15 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     r
 }
 
-/// The jail's outer process: waits for the session, confines, and (in CMD's process) execs.
+/// The jail's init (this CLI's child, in the jail's namespaces): builds the view once the
+/// session is there, and (in CMD's process) execs.
 fn jail_child(
     policy: &JailPolicy,
     socket: &std::path::Path,
     tok_r: OwnedFd,
     relay: Option<OwnedFd>,
     err_w: OwnedFd,
-    parent: Pid,
+    status_w: OwnedFd,
     argv: Vec<std::ffi::CString>,
 ) -> ! {
     let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
@@ -298,15 +314,12 @@ fn jail_child(
     };
     // Returns in CMD's process, confined; init read the session from the pipe (while this
     // CLI asked the daemon for it) and wrote it to the jail's file.
-    let entered = apply::confine(
+    let entered = apply::enter_as_init(
         policy,
-        Some(Session { pipe: tok_r, relay }),
-        None,
-        Some(parent),
-        Signals::Forward,
+        Session { pipe: tok_r, relay },
+        status_w,
         &fail,
-    )
-    .unwrap_or_default();
+    );
     // The jail's own entries (placeholders, the proxy with the jail's credential, the CA
     // bundle) replace the owner's of the same names; `NO_PROXY` would route around the proxy.
     let names: Vec<&str> = entered
@@ -350,6 +363,9 @@ fn jail_child(
 /// What the CLI hands the jail: the session (`jail_id\ntoken` on `tok_w`), the set-up's
 /// report (`err_r`), and the user namespace for the jail's runs (sent to the daemon).
 struct Handoff {
+    /// init's report of how CMD ended (`[b'x', code]` or `[b's', signal]`), read once init
+    /// has exited.
+    status: OwnedFd,
     tok_w: OwnedFd,
     err_r: OwnedFd,
     run_userns: apply::RunsUserns,
@@ -365,11 +381,12 @@ async fn supervise(
     caller: &Caller,
     o: &JailOpts,
     policy: &JailPolicy,
-    outer: Pid,
+    init: Pid,
     handoff: Handoff,
     lock: &mut Option<apply::PlaceholderLock>,
 ) -> Result<(), CliError> {
     let Handoff {
+        status: status_r,
         tok_w,
         err_r,
         run_userns: mut runs,
@@ -379,7 +396,7 @@ async fn supervise(
     use tokio::signal::unix::{SignalKind, signal};
     let abandon = |tok_w: OwnedFd| {
         drop(tok_w);
-        let _ = waitpid(outer, None);
+        let _ = waitpid(init, None);
     };
     let connected = match ctx::token(home, caller) {
         Ok(token) => Client::connect(&ctx::socket(home))
@@ -524,7 +541,7 @@ async fn supervise(
     let report = apply::read_report(&err_r);
     drop(err_r);
     if let Some((step, errno)) = report {
-        let status = wait_exit(outer);
+        let status = wait_exit(init, &status_r);
         let _ = client
             .call(RequestBody::JailExit {
                 jail: jail.clone(),
@@ -570,15 +587,15 @@ async fn supervise(
     let mut ended: Option<String> = None;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let status = loop {
-        if let Some(st) = try_exit(outer) {
+        if let Some(st) = try_exit(init, &status_r) {
             break st;
         }
         let deadline =
             kill_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = chld.recv() => {}
-            _ = term.recv() => { let _ = kill(outer, Signal::SIGTERM); }
-            _ = hup.recv() => { let _ = kill(outer, Signal::SIGHUP); }
+            _ = term.recv() => { let _ = kill(init, Signal::SIGTERM); }
+            _ = hup.recv() => { let _ = kill(init, Signal::SIGHUP); }
             r = client.recv(), if ended.is_none() => {
                 // The daemon ended the jail's session (agent revoked, TTL, daemon stopping):
                 // the jail stops too (SIGTERM, SIGKILL after 3 s).
@@ -588,11 +605,11 @@ async fn supervise(
                 };
                 eprintln!("agentkeys jail: {why}; stopping the jail");
                 ended = Some(why);
-                let _ = kill(outer, Signal::SIGTERM);
+                let _ = kill(init, Signal::SIGTERM);
                 kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(3));
             }
             _ = tokio::time::sleep_until(deadline), if kill_at.is_some() => {
-                let _ = kill(outer, Signal::SIGKILL);
+                let _ = kill(init, Signal::SIGKILL);
                 kill_at = None;
             }
         }
@@ -697,19 +714,30 @@ fn decode(ws: WaitStatus) -> Option<(Option<i32>, Option<i32>)> {
     }
 }
 
-fn try_exit(pid: Pid) -> Option<(Option<i32>, Option<i32>)> {
+/// How CMD ended, once init has: init's report (`[b'x', code]` or `[b's', signal]`), else
+/// init's own status (killed before CMD ended).
+fn ended(ws: (Option<i32>, Option<i32>), status: &OwnedFd) -> (Option<i32>, Option<i32>) {
+    let mut b = [0u8; 2];
+    match nix::unistd::read(status, &mut b) {
+        Ok(2) if b[0] == b'x' => (Some(i32::from(b[1])), None),
+        Ok(2) if b[0] == b's' => (None, Some(i32::from(b[1]))),
+        _ => ws,
+    }
+}
+
+fn try_exit(pid: Pid, status: &OwnedFd) -> Option<(Option<i32>, Option<i32>)> {
     match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(ws) => decode(ws),
+        Ok(ws) => decode(ws).map(|s| ended(s, status)),
         Err(_) => Some((None, None)),
     }
 }
 
-fn wait_exit(pid: Pid) -> (Option<i32>, Option<i32>) {
+fn wait_exit(pid: Pid, status: &OwnedFd) -> (Option<i32>, Option<i32>) {
     loop {
         match waitpid(pid, None) {
             Ok(ws) => {
                 if let Some(s) = decode(ws) {
-                    return s;
+                    return ended(s, status);
                 }
             }
             Err(nix::errno::Errno::EINTR) => {}

@@ -1,18 +1,26 @@
 //! Applying a [`JailPolicy`], in a fixed order, refusing rather than continuing half-applied:
 //!
 //! ```text
-//! caller (agentkeys jail, or the launcher's program process) forks:
-//!   outer   PDEATHSIG; INT/QUIT ignored; unshare(USER|NS|PID|IPC); uid/gid map; fork
-//!   init    pid 1 of the new PID namespace; PDEATHSIG; mounts (read-only root, writable
-//!           roots, private tmp, /dev, /proc, hidden paths, sockets bound back, protected
-//!           files), pivot_root, max_user_namespaces=0; fork; then reaps and forwards signals
+//! agentkeys jail clones, straight into new user, mount, PID and IPC namespaces
+//! ([`jail_namespaces`], [`enter_as_init`]):
+//!   init    pid 1 of the new PID namespace, the caller's child; PDEATHSIG; uid/gid map;
+//!           mounts (read-only root, writable roots, private tmp, /dev, /proc, hidden paths,
+//!           sockets bound back, protected files), the session, pivot_root,
+//!           max_user_namespaces=0; fork; then reaps and forwards signals
 //!   command capabilities dropped, Landlock (filesystem, signal and abstract-socket scopes),
-//!           seccomp, no_new_privs; [`confine`] returns here, the caller execs
+//!           seccomp, no_new_privs; returns to the caller's code, which execs
+//!
+//! the launcher's program process (a jailed session's run) forks ([`confine`]):
+//!   outer   PDEATHSIG; INT/QUIT ignored; setns(the jail's user namespace for runs),
+//!           unshare(NS|PID|IPC); fork
+//!   init    as above (no session); command as above
 //! ```
 //!
-//! The outer process stays in the caller's PID namespace so the caller can wait for it; it
-//! ends with the command's status. When init exits, the kernel kills everything left in the
-//! namespace; when the caller dies, PDEATHSIG (SIGKILL) takes outer, then init, then all.
+//! `agentkeys jail` waits for init itself and reads the command's status from init's status
+//! pipe. A run's outer process stays in the launcher's PID namespace so the launcher can wait
+//! for it; it ends with the command's status. When init exits, the kernel kills everything
+//! left in the namespace; when the caller dies, PDEATHSIG (SIGKILL) takes init (through outer
+//! for a run), then all.
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -253,9 +261,9 @@ impl Drop for RunsUserns {
 /// Writes the identity uid/gid maps of the new user namespace (the owner's ids map to
 /// themselves; `setgroups` denied, as an unprivileged process must).
 fn map_ids(policy: &JailPolicy, fail: Fail<'_>, stay_dumpable: bool) {
-    // A non-dumpable process's /proc/self files belong to root: the maps could not be
-    // written. Dumpable only for these three writes (this process is outside the jail's PID
-    // namespace, so nothing inside can name it meanwhile).
+    // A non-dumpable process's /proc/self/ files belong to root: the maps could not be
+    // written. Dumpable only for these three writes (nothing of the jail runs yet: outside
+    // its PID namespace, or its init before it forks anything).
     if agentkeys_hardening::process::set_dumpable(true).is_err() {
         die(fail, "make the maps writable (dumpable)", libc::EPERM);
     }
@@ -347,6 +355,44 @@ fn finish_signal(sig: i32) -> ! {
         let _ = kill(getpid(), s);
     }
     ns::exit_now(128 + sig)
+}
+
+/// The namespaces `agentkeys jail` starts its init in (for
+/// [`agentkeys_hardening::ns::fork_into_namespaces`]): user, mount, PID and IPC, and network
+/// with `--net proxy`.
+pub fn jail_namespaces(policy: &JailPolicy) -> libc::c_int {
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
+    if policy.network.is_proxy() {
+        flags |= libc::CLONE_NEWNET;
+    }
+    flags
+}
+
+/// `agentkeys jail`'s init, started by the caller straight into the jail's namespaces
+/// ([`jail_namespaces`]; no outer process: the caller waits for init itself, signals it, and
+/// reads the command's status from `status_w`'s pipe: `[b'x', code]` or `[b's', signal]`).
+/// Maps its own ids, then is init as in [`confine`]. Returns only in the command's process,
+/// confined but for `execve`. Call it in the fresh child, first thing.
+pub fn enter_as_init(
+    policy: &JailPolicy,
+    session: Session,
+    status_w: OwnedFd,
+    fail: Fail<'_>,
+) -> Entered {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+        die(fail, "set parent-death signal", libc::EINVAL);
+    }
+    // (The caller's death before this point: the session pipe is at EOF, and init ends when
+    // it reads it, before anything runs.)
+    ns::ignore_signals(&[libc::SIGINT, libc::SIGQUIT]);
+    if signal_mask().thread_block().is_err() {
+        die(fail, "block signals", libc::EINVAL);
+    }
+    if !policy.applies(Protection::Namespaces) {
+        die(fail, "enter the jail's namespaces", libc::ENOSYS);
+    }
+    map_ids(policy, fail, false);
+    init_process(policy, Some(session), status_w, fail).unwrap_or_default()
 }
 
 /// The jail's init: pid 1 of the new PID namespace.
