@@ -247,28 +247,11 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     drop(tok_r);
     drop(err_w);
     drop(relay_theirs);
-    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
-    // allowed even for root; the daemon's launcher may not map uid 0 itself). Forked after the
-    // jail, which is what the start waits for; the helper works while the daemon is
-    // connected, and is opened just before `jail_start`.
-    let run_userns = match apply::RunsUserns::start(&policy) {
-        Ok(r) => r,
-        Err((step, errno)) => {
-            // The jail sees EOF instead of a session and ends quietly.
-            drop(tok_w);
-            let _ = waitpid(init, None);
-            return Err(CliError::Jail(format!(
-                "setting up the jail failed at step `{step}`: {}",
-                std::io::Error::from_raw_os_error(errno)
-            )));
-        }
-    };
     let rt = ctx::runtime()?;
     let handoff = Handoff {
         status: status_r,
         tok_w,
         err_r,
-        run_userns,
         relay: relay_mine,
         proxy,
     };
@@ -314,12 +297,7 @@ fn jail_child(
     };
     // Returns in CMD's process, confined; init read the session from the pipe (while this
     // CLI asked the daemon for it) and wrote it to the jail's file.
-    let entered = apply::enter_as_init(
-        policy,
-        Session { pipe: tok_r, relay },
-        status_w,
-        &fail,
-    );
+    let entered = apply::enter_as_init(policy, Session { pipe: tok_r, relay }, status_w, &fail);
     // The jail's own entries (placeholders, the proxy with the jail's credential, the CA
     // bundle) replace the owner's of the same names; `NO_PROXY` would route around the proxy.
     let names: Vec<&str> = entered
@@ -360,15 +338,15 @@ fn jail_child(
     })
 }
 
-/// What the CLI hands the jail: the session (`jail_id\ntoken` on `tok_w`), the set-up's
-/// report (`err_r`), and the user namespace for the jail's runs (sent to the daemon).
+/// What the CLI keeps of the jail's start: init's status pipe, the session's pipe
+/// (`jail_id\ntoken` on `tok_w`), the set-up's report (`err_r`), the `--net proxy` relay and
+/// the `--proxy` mappings.
 struct Handoff {
     /// init's report of how CMD ended (`[b'x', code]` or `[b's', signal]`), read once init
     /// has exited.
     status: OwnedFd,
     tok_w: OwnedFd,
     err_r: OwnedFd,
-    run_userns: apply::RunsUserns,
     /// `--net proxy`: where the jail's init sends its loopback listener.
     relay: Option<OwnedFd>,
     /// `--proxy VAR -> service`.
@@ -389,7 +367,6 @@ async fn supervise(
         status: status_r,
         tok_w,
         err_r,
-        run_userns: mut runs,
         relay,
         proxy,
     } = handoff;
@@ -412,8 +389,24 @@ async fn supervise(
             return Err(e);
         }
     };
-    let run_userns = match runs.open() {
-        Ok(fd) => fd,
+    // The hello and `jail_start` in one go: the daemon answers the hello before it reads the
+    // next request (and closes, reading nothing more, when it refuses it), so this saves a
+    // round trip without letting anything through unauthenticated. The hello goes first, so
+    // the daemon checks it while this makes the runs' user namespace.
+    let hello = client
+        .send(
+            RequestBody::Hello {
+                token: agentkeys_proto::wire::WireToken(token),
+            },
+            &[],
+        )
+        .await;
+    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
+    // allowed even for root; the daemon's launcher may not map uid 0 itself). Its helper is
+    // forked after the jail's init (which the start waits for) and while the daemon answers
+    // the hello; still single-threaded (a current-thread runtime, nothing blocking spawned).
+    let mut runs = match apply::RunsUserns::start(policy) {
+        Ok(r) => r,
         Err((step, errno)) => {
             abandon(tok_w);
             return Err(CliError::Jail(format!(
@@ -429,17 +422,16 @@ async fn supervise(
             return Err(std::io::Error::from(e).into());
         }
     };
-    // The hello and `jail_start` in one go: the daemon answers the hello before it reads the
-    // next request (and closes, reading nothing more, when it refuses it), so this saves a
-    // round trip without letting anything through unauthenticated.
-    let hello = client
-        .send(
-            RequestBody::Hello {
-                token: agentkeys_proto::wire::WireToken(token),
-            },
-            &[],
-        )
-        .await;
+    let run_userns = match runs.open() {
+        Ok(fd) => fd,
+        Err((step, errno)) => {
+            abandon(tok_w);
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )));
+        }
+    };
     let sent = match hello {
         Ok(_) => {
             client

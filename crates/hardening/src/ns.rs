@@ -54,12 +54,6 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
 /// Refusal when other threads exist; the clone's OS error (`EPERM`, `ENOSPC`, `EINVAL`:
 /// namespaces refused or exhausted).
 pub fn fork_into_namespaces(flags: libc::c_int) -> io::Result<Forked> {
-    let threads = crate::process::thread_count()?;
-    if threads != 1 {
-        return Err(io::Error::other(format!(
-            "cannot fork safely: this process has {threads} threads"
-        )));
-    }
     let ns_only = libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
@@ -67,8 +61,16 @@ pub fn fork_into_namespaces(flags: libc::c_int) -> io::Result<Forked> {
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP;
+    // Namespace flags only: CLONE_VM, CLONE_THREAD, CLONE_SETTLS... would break the
+    // fork-like contract below.
     if flags & !ns_only != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let threads = crate::process::thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork safely: this process has {threads} threads"
+        )));
     }
     // SAFETY: the raw clone system call with namespace flags only (checked above) and
     // SIGCHLD, no CLONE_VM and no new stack, is fork(2) into new namespaces: the child gets a
@@ -283,5 +285,20 @@ mod tests {
         }
         let e = fork_single_threaded().unwrap_err();
         assert!(e.to_string().contains("threads"), "{e}");
+        let e = fork_into_namespaces(libc::CLONE_NEWUSER | libc::CLONE_NEWPID).unwrap_err();
+        assert!(e.to_string().contains("threads"), "{e}");
+    }
+
+    #[test]
+    fn fork_into_namespaces_takes_namespace_flags_only() {
+        for bad in [
+            libc::CLONE_VM,
+            libc::CLONE_THREAD,
+            libc::CLONE_FILES,
+            libc::CLONE_SETTLS,
+        ] {
+            let e = fork_into_namespaces(libc::CLONE_NEWUSER | bad).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{bad:#x}: {e}");
+        }
     }
 }

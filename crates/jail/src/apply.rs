@@ -361,7 +361,8 @@ fn finish_signal(sig: i32) -> ! {
 /// [`agentkeys_hardening::ns::fork_into_namespaces`]): user, mount, PID and IPC, and network
 /// with `--net proxy`.
 pub fn jail_namespaces(policy: &JailPolicy) -> libc::c_int {
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
+    let mut flags =
+        libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
     if policy.network.is_proxy() {
         flags |= libc::CLONE_NEWNET;
     }
