@@ -3,10 +3,11 @@
 //! NAME that the daemon mints for this jail alone.
 //!
 //! Order: build the policy and check the kernel (refuse, naming what is missing and its fix,
-//! unless `--best-effort`); fork the jail's outer process while single-threaded (it waits for
-//! the session on a pipe); ask the daemon for the session (`jail_start`) on a connection that
-//! stays open for the jail's life; hand the token to the jail; wait for the set-up's report;
-//! then wait for CMD, forwarding SIGTERM and SIGHUP (Ctrl-C, Ctrl-\, Ctrl-Z and window
+//! unless `--best-effort`); start the jail's init in its namespaces while single-threaded (it
+//! builds the view, then waits for the session on a pipe); ask the daemon for the session
+//! (`jail_start`, sent with the hello) on a connection that stays open for the jail's life;
+//! hand the token to the jail; wait for the set-up's report; then wait for CMD (through
+//! init), forwarding SIGTERM and SIGHUP (Ctrl-C, Ctrl-\, Ctrl-Z and window
 //! resizes reach CMD from the terminal itself); stop the jail if the daemon ends its session
 //! (agent revoked, TTL); finally `jail_exit` with CMD's status, which is ours too.
 
@@ -16,9 +17,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentkeys_hardening::ns::{self, Forked};
-use agentkeys_jail::apply::{self, Session, Signals};
+use agentkeys_jail::apply::{self, Session};
 use agentkeys_jail::policy::{Context, JailOptions, Network, PolicyBuilder};
 use agentkeys_jail::{JailPolicy, Protection};
+use agentkeys_proto::client::Client;
 use agentkeys_proto::wire::{RequestBody, ResponseBody};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -217,56 +219,76 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     } else {
         (None, None)
     };
-    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
-    // allowed even for root; the daemon's launcher may not map uid 0 itself).
-    let run_userns = apply::user_namespace_for_runs(&policy).map_err(|(step, errno)| {
-        CliError::Jail(format!(
-            "setting up the jail failed at step `{step}`: {}",
-            std::io::Error::from_raw_os_error(errno)
-        ))
-    })?;
-    let me = nix::unistd::getpid();
-    let outer = match ns::fork_single_threaded()
-        .map_err(|e| CliError::Jail(format!("starting the jail: {e}")))?
-    {
-        Forked::Child => {
+    // The jail's init starts straight in the jail's namespaces, as this process's child (no
+    // outer process between: this CLI waits for it and reads CMD's status from `status`).
+    let (status_r, status_w) = pipe()?;
+    let init = match ns::fork_into_namespaces(apply::jail_namespaces(&policy)) {
+        Ok(Forked::Child) => {
             drop(tok_w);
             drop(err_r);
-            drop(run_userns);
             drop(relay_mine);
-            jail_child(&policy, &socket, tok_r, relay_theirs, err_w, me, argv)
+            drop(status_r);
+            jail_child(&policy, &socket, tok_r, relay_theirs, err_w, status_w, argv)
         }
-        Forked::Parent(pid) => pid,
+        Ok(Forked::Parent(pid)) => pid,
+        Err(e) => {
+            let step = if policy.network.is_proxy() {
+                "unshare user, mount, PID, IPC and network namespaces (--net proxy)"
+            } else {
+                "unshare user, mount, PID and IPC namespaces"
+            };
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {e} (are unprivileged user \
+                 namespaces allowed? see `agentkeys doctor`, items jail_*)"
+            )));
+        }
     };
+    drop(status_w);
     drop(tok_r);
     drop(err_w);
     drop(relay_theirs);
     let rt = ctx::runtime()?;
     let handoff = Handoff {
+        status: status_r,
         tok_w,
         err_r,
-        run_userns,
         relay: relay_mine,
         proxy,
     };
-    let r = rt.block_on(supervise(&home, caller, &o, &policy, outer, handoff));
-    apply::remove_placeholders(&policy, lock);
+    let mut lock = Some(lock);
+    let r = rt.block_on(supervise(
+        &home, caller, &o, &policy, init, handoff, &mut lock,
+    ));
+    // When the jail ended before it ran (supervise removes them once CMD has run).
+    if let Some(lock) = lock {
+        apply::remove_placeholders(&policy, lock);
+    }
     // Submodules the agent added or redirected, against the listing the policy was built from
     // (see gitlinks).
     for w in agentkeys_jail::gitlinks::changes(&policy.gitlinks_before, &policy) {
         eprintln!("agentkeys jail: WARNING: {w}");
     }
+    if let Err(CliError::Exit(code)) = r {
+        // CMD's status is ours: end here, skipping the allocator's exit-time purge (returning
+        // its arenas to the system page by page, which the exit does anyway). Everything of
+        // ours is dropped by now; only stdout may hold buffered bytes.
+        drop(o);
+        drop(policy);
+        let _ = std::io::stdout().flush();
+        ns::exit_now(i32::from(code));
+    }
     r
 }
 
-/// The jail's outer process: waits for the session, confines, and (in CMD's process) execs.
+/// The jail's init (this CLI's child, in the jail's namespaces): builds the view once the
+/// session is there, and (in CMD's process) execs.
 fn jail_child(
     policy: &JailPolicy,
     socket: &std::path::Path,
     tok_r: OwnedFd,
     relay: Option<OwnedFd>,
     err_w: OwnedFd,
-    parent: Pid,
+    status_w: OwnedFd,
     argv: Vec<std::ffi::CString>,
 ) -> ! {
     let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
@@ -275,15 +297,7 @@ fn jail_child(
     };
     // Returns in CMD's process, confined; init read the session from the pipe (while this
     // CLI asked the daemon for it) and wrote it to the jail's file.
-    let entered = apply::confine(
-        policy,
-        Some(Session { pipe: tok_r, relay }),
-        None,
-        Some(parent),
-        Signals::Forward,
-        &fail,
-    )
-    .unwrap_or_default();
+    let entered = apply::enter_as_init(policy, Session { pipe: tok_r, relay }, status_w, &fail);
     // The jail's own entries (placeholders, the proxy with the jail's credential, the CA
     // bundle) replace the owner's of the same names; `NO_PROXY` would route around the proxy.
     let names: Vec<&str> = entered
@@ -324,12 +338,15 @@ fn jail_child(
     })
 }
 
-/// What the CLI hands the jail: the session (`jail_id\ntoken` on `tok_w`), the set-up's
-/// report (`err_r`), and the user namespace for the jail's runs (sent to the daemon).
+/// What the CLI keeps of the jail's start: init's status pipe, the session's pipe
+/// (`jail_id\ntoken` on `tok_w`), the set-up's report (`err_r`), the `--net proxy` relay and
+/// the `--proxy` mappings.
 struct Handoff {
+    /// init's report of how CMD ended (`[b'x', code]` or `[b's', signal]`), read once init
+    /// has exited.
+    status: OwnedFd,
     tok_w: OwnedFd,
     err_r: OwnedFd,
-    run_userns: OwnedFd,
     /// `--net proxy`: where the jail's init sends its loopback listener.
     relay: Option<OwnedFd>,
     /// `--proxy VAR -> service`.
@@ -342,44 +359,107 @@ async fn supervise(
     caller: &Caller,
     o: &JailOpts,
     policy: &JailPolicy,
-    outer: Pid,
+    init: Pid,
     handoff: Handoff,
+    lock: &mut Option<apply::PlaceholderLock>,
 ) -> Result<(), CliError> {
     let Handoff {
+        status: status_r,
         tok_w,
         err_r,
-        run_userns,
         relay,
         proxy,
     } = handoff;
     use tokio::signal::unix::{SignalKind, signal};
     let abandon = |tok_w: OwnedFd| {
         drop(tok_w);
-        let _ = waitpid(outer, None);
+        let _ = waitpid(init, None);
     };
-    let mut client = match ctx::connect(home, caller).await {
-        Ok((c, _)) => c,
+    let connected = match ctx::token(home, caller) {
+        Ok(token) => Client::connect(&ctx::socket(home))
+            .await
+            .map(|c| (c, token))
+            .map_err(CliError::from),
+        Err(e) => Err(e),
+    };
+    let (mut client, token) = match connected {
+        Ok(c) => c,
         Err(e) => {
             abandon(tok_w);
             return Err(e);
         }
     };
-    let sent = client
+    // The hello and `jail_start` in one go: the daemon answers the hello before it reads the
+    // next request (and closes, reading nothing more, when it refuses it), so this saves a
+    // round trip without letting anything through unauthenticated. The hello goes first, so
+    // the daemon checks it while this makes the runs' user namespace.
+    let hello = client
         .send(
-            RequestBody::JailStart {
-                agent: o.agent.clone(),
-                ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
-                policy: serde_json::to_value(policy).map_err(std::io::Error::from)?,
-                proxy,
+            RequestBody::Hello {
+                token: agentkeys_proto::wire::WireToken(token),
             },
-            &[std::os::fd::AsFd::as_fd(&run_userns)],
+            &[],
         )
         .await;
-    drop(run_userns);
-    let started = match sent {
-        Ok(_) => client.recv().await,
+    // The user namespace the jail's `run`s join (made here, where mapping the owner's uid is
+    // allowed even for root; the daemon's launcher may not map uid 0 itself). Its helper is
+    // forked after the jail's init (which the start waits for) and while the daemon answers
+    // the hello; still single-threaded (a current-thread runtime, nothing blocking spawned).
+    let mut runs = match apply::RunsUserns::start(policy) {
+        Ok(r) => r,
+        Err((step, errno)) => {
+            abandon(tok_w);
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )));
+        }
+    };
+    let policy_json = match serde_json::to_value(policy) {
+        Ok(v) => v,
+        Err(e) => {
+            abandon(tok_w);
+            return Err(std::io::Error::from(e).into());
+        }
+    };
+    let run_userns = match runs.open() {
+        Ok(fd) => fd,
+        Err((step, errno)) => {
+            abandon(tok_w);
+            return Err(CliError::Jail(format!(
+                "setting up the jail failed at step `{step}`: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )));
+        }
+    };
+    let sent = match hello {
+        Ok(_) => {
+            client
+                .send(
+                    RequestBody::JailStart {
+                        agent: o.agent.clone(),
+                        ttl_secs: o.ttl.map(|d| d.as_secs().max(1)),
+                        policy: policy_json,
+                        proxy,
+                    },
+                    &[std::os::fd::AsFd::as_fd(&run_userns)],
+                )
+                .await
+        }
         Err(e) => Err(e),
     };
+    drop(run_userns);
+    // The hello's answer first: a refusal (or `busy`) is queued even when a send failed.
+    let welcome = client.recv().await;
+    let started = match (welcome.map(|a| a.body), sent) {
+        (Ok(ResponseBody::Welcome(_)), Ok(_)) => client.recv().await,
+        (Ok(ResponseBody::Welcome(_)), Err(e)) => Err(e),
+        (Ok(other), _) => Err(agentkeys_proto::client::unexpected(&other)),
+        (Err(e), _) => Err(e),
+    };
+    // The helper has long exited (it went when its namespace was opened): reaped now, so that
+    // no zombie of it stays among the jail's processes.
+    drop(runs);
     let mut proxy_port = None;
     let (jail, session) = match started.map(|a| a.body) {
         Ok(ResponseBody::JailStarted {
@@ -453,7 +533,7 @@ async fn supervise(
     let report = apply::read_report(&err_r);
     drop(err_r);
     if let Some((step, errno)) = report {
-        let status = wait_exit(outer);
+        let status = wait_exit(init, &status_r);
         let _ = client
             .call(RequestBody::JailExit {
                 jail: jail.clone(),
@@ -499,15 +579,15 @@ async fn supervise(
     let mut ended: Option<String> = None;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let status = loop {
-        if let Some(st) = try_exit(outer) {
+        if let Some(st) = try_exit(init, &status_r) {
             break st;
         }
         let deadline =
             kill_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = chld.recv() => {}
-            _ = term.recv() => { let _ = kill(outer, Signal::SIGTERM); }
-            _ = hup.recv() => { let _ = kill(outer, Signal::SIGHUP); }
+            _ = term.recv() => { let _ = kill(init, Signal::SIGTERM); }
+            _ = hup.recv() => { let _ = kill(init, Signal::SIGHUP); }
             r = client.recv(), if ended.is_none() => {
                 // The daemon ended the jail's session (agent revoked, TTL, daemon stopping):
                 // the jail stops too (SIGTERM, SIGKILL after 3 s).
@@ -517,15 +597,20 @@ async fn supervise(
                 };
                 eprintln!("agentkeys jail: {why}; stopping the jail");
                 ended = Some(why);
-                let _ = kill(outer, Signal::SIGTERM);
+                let _ = kill(init, Signal::SIGTERM);
                 kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(3));
             }
             _ = tokio::time::sleep_until(deadline), if kill_at.is_some() => {
-                let _ = kill(outer, Signal::SIGKILL);
+                let _ = kill(init, Signal::SIGKILL);
                 kill_at = None;
             }
         }
     };
+    // The jail's processes are gone: its placeholders go before `jail_exit`, whose durable
+    // audit record would otherwise share the file system's journal commit with the removals.
+    if let Some(lock) = lock.take() {
+        apply::remove_placeholders(policy, lock);
+    }
     if ended.is_none() {
         // Sent, not waited for: the daemon handles it before it sees this connection close,
         // and ends the jail on the close anyway. Saves a round trip and a sync per jail.
@@ -621,19 +706,30 @@ fn decode(ws: WaitStatus) -> Option<(Option<i32>, Option<i32>)> {
     }
 }
 
-fn try_exit(pid: Pid) -> Option<(Option<i32>, Option<i32>)> {
+/// How CMD ended, once init has: init's report (`[b'x', code]` or `[b's', signal]`), else
+/// init's own status (killed before CMD ended).
+fn ended(ws: (Option<i32>, Option<i32>), status: &OwnedFd) -> (Option<i32>, Option<i32>) {
+    let mut b = [0u8; 2];
+    match nix::unistd::read(status, &mut b) {
+        Ok(2) if b[0] == b'x' => (Some(i32::from(b[1])), None),
+        Ok(2) if b[0] == b's' => (None, Some(i32::from(b[1]))),
+        _ => ws,
+    }
+}
+
+fn try_exit(pid: Pid, status: &OwnedFd) -> Option<(Option<i32>, Option<i32>)> {
     match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(ws) => decode(ws),
+        Ok(ws) => decode(ws).map(|s| ended(s, status)),
         Err(_) => Some((None, None)),
     }
 }
 
-fn wait_exit(pid: Pid) -> (Option<i32>, Option<i32>) {
+fn wait_exit(pid: Pid, status: &OwnedFd) -> (Option<i32>, Option<i32>) {
     loop {
         match waitpid(pid, None) {
             Ok(ws) => {
                 if let Some(s) = decode(ws) {
-                    return s;
+                    return ended(s, status);
                 }
             }
             Err(nix::errno::Errno::EINTR) => {}

@@ -1,5 +1,6 @@
 //! The few raw operations `agentkeys jail` (crate `agentkeys-jail`) needs that have no safe
-//! wrapper in `nix`: forking (checked single-threaded), ending a process without destructors,
+//! wrapper in `nix`: forking (checked single-threaded, also straight into new namespaces),
+//! ending a process without destructors,
 //! recursive mount attributes (`mount_setattr`), signal dispositions, and closing every
 //! descriptor above 2 before `execve`.
 //!
@@ -41,6 +42,59 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
         nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// Like [`fork_single_threaded`], but the child starts in the new namespaces `flags` names
+/// (`CLONE_NEWUSER`, `CLONE_NEWNS`, `CLONE_NEWPID`, ...; `clone(2)` with the namespace flags,
+/// as bubblewrap does): with `CLONE_NEWPID` the child is pid 1 of the new PID namespace and
+/// still the caller's own child, so no intermediate process is needed to enter it.
+///
+/// # Errors
+/// Refusal when other threads exist; the clone's OS error (`EPERM`, `ENOSPC`, `EINVAL`:
+/// namespaces refused or exhausted).
+pub fn fork_into_namespaces(flags: libc::c_int) -> io::Result<Forked> {
+    let ns_only = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
+    // Namespace flags only: CLONE_VM, CLONE_THREAD, CLONE_SETTLS... would break the
+    // fork-like contract below.
+    if flags & !ns_only != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let threads = crate::process::thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork safely: this process has {threads} threads"
+        )));
+    }
+    // SAFETY: the raw clone system call with namespace flags only (checked above) and
+    // SIGCHLD, no CLONE_VM and no new stack, is fork(2) into new namespaces: the child gets a
+    // copy of the address space and continues on its copy of this stack. glibc's fork-time
+    // bookkeeping does not run in the child; with a single thread (checked above) no lock
+    // can be held by another thread, and nothing the child uses depends on the rest (the
+    // thread id cached in glibc's thread descriptor keeps the parent's value; raise/abort ask
+    // the kernel for the current one).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::c_ulong::try_from(flags | libc::SIGCHLD).unwrap_or(0),
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match r {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(Pid::from_raw(
+            i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?,
+        ))),
     }
 }
 
@@ -231,5 +285,20 @@ mod tests {
         }
         let e = fork_single_threaded().unwrap_err();
         assert!(e.to_string().contains("threads"), "{e}");
+        let e = fork_into_namespaces(libc::CLONE_NEWUSER | libc::CLONE_NEWPID).unwrap_err();
+        assert!(e.to_string().contains("threads"), "{e}");
+    }
+
+    #[test]
+    fn fork_into_namespaces_takes_namespace_flags_only() {
+        for bad in [
+            libc::CLONE_VM,
+            libc::CLONE_THREAD,
+            libc::CLONE_FILES,
+            libc::CLONE_SETTLS,
+        ] {
+            let e = fork_into_namespaces(libc::CLONE_NEWUSER | bad).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{bad:#x}: {e}");
+        }
     }
 }

@@ -120,9 +120,25 @@ pub fn close_inherited_fds(keep: &[RawFd]) -> Result<(), HardenError> {
 /// # Errors
 /// Reading or parsing `/proc/self/status`.
 pub fn thread_count() -> io::Result<u32> {
-    let st = ProcStatus::read_self()?;
-    st.get_u64("Threads")
-        .and_then(|n| u32::try_from(n).ok())
+    use std::io::Read;
+    // Into a buffer on the stack, without parsing every line: called before each fork of
+    // `agentkeys jail`, whose children would otherwise copy the heap pages this allocates.
+    let mut buf = [0u8; 8192];
+    let mut got = 0;
+    let mut f = std::fs::File::open("/proc/self/status")?;
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[..got]
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Threads:"))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
         .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
 }
 

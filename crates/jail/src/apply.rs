@@ -1,18 +1,26 @@
 //! Applying a [`JailPolicy`], in a fixed order, refusing rather than continuing half-applied:
 //!
 //! ```text
-//! caller (agentkeys jail, or the launcher's program process) forks:
-//!   outer   PDEATHSIG; INT/QUIT ignored; unshare(USER|NS|PID|IPC); uid/gid map; fork
-//!   init    pid 1 of the new PID namespace; PDEATHSIG; mounts (read-only root, writable
-//!           roots, private tmp, /dev, /proc, hidden paths, sockets bound back, protected
-//!           files), pivot_root, max_user_namespaces=0; fork; then reaps and forwards signals
+//! agentkeys jail clones, straight into new user, mount, PID and IPC namespaces
+//! ([`jail_namespaces`], [`enter_as_init`]):
+//!   init    pid 1 of the new PID namespace, the caller's child; PDEATHSIG; uid/gid map;
+//!           mounts (read-only root, writable roots, private tmp, /dev, /proc, hidden paths,
+//!           sockets bound back, protected files), the session, pivot_root,
+//!           max_user_namespaces=0; fork; then reaps and forwards signals
 //!   command capabilities dropped, Landlock (filesystem, signal and abstract-socket scopes),
-//!           seccomp, no_new_privs; [`confine`] returns here, the caller execs
+//!           seccomp, no_new_privs; returns to the caller's code, which execs
+//!
+//! the launcher's program process (a jailed session's run) forks ([`confine`]):
+//!   outer   PDEATHSIG; INT/QUIT ignored; setns(the jail's user namespace for runs),
+//!           unshare(NS|PID|IPC); fork
+//!   init    as above (no session); command as above
 //! ```
 //!
-//! The outer process stays in the caller's PID namespace so the caller can wait for it; it
-//! ends with the command's status. When init exits, the kernel kills everything left in the
-//! namespace; when the caller dies, PDEATHSIG (SIGKILL) takes outer, then init, then all.
+//! `agentkeys jail` waits for init itself and reads the command's status from init's status
+//! pipe. A run's outer process stays in the launcher's PID namespace so the launcher can wait
+//! for it; it ends with the command's status. When init exits, the kernel kills everything
+//! left in the namespace; when the caller dies, PDEATHSIG (SIGKILL) takes init (through outer
+//! for a run), then all.
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -170,62 +178,92 @@ pub fn confine(
     outer_loop(init, status_r, signals)
 }
 
-/// Makes the user namespace a jail's `run`s join (see [`confine`]'s `userns`): a short-lived
-/// child creates it and maps the owner's ids, this process opens it, the child exits; the
-/// descriptor keeps it alive. A sibling of the agent's own namespace: nothing in the jail has
-/// any capability in it. Call it while single-threaded.
+/// The user namespace a jail's `run`s join (see [`confine`]'s `userns`), made by a short-lived
+/// child: it creates the namespace and maps the owner's ids, the caller opens it, the child
+/// exits; the descriptor keeps it alive. A sibling of the agent's own namespace: nothing in the
+/// jail has any capability in it.
 ///
-/// # Errors
-/// The step and errno that failed.
-pub fn user_namespace_for_runs(policy: &JailPolicy) -> Result<OwnedFd, (&'static str, i32)> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
-    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
-    match ns::fork_single_threaded() {
-        Ok(Forked::Child) => {
-            drop(r);
-            drop(go_w);
-            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-            let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
-                report(&w, step, errno);
-                ns::exit_now(1)
-            };
-            if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
-                die(&fail, "user namespace for runs", nix_errno(e));
+/// [`RunsUserns::start`] forks the child and returns at once, so that it does its part while
+/// the caller goes on (forks the jail, connects to the daemon); [`RunsUserns::open`] waits for
+/// it only when the namespace is needed. Dropping this lets the child go and reaps it.
+pub struct RunsUserns {
+    pid: Pid,
+    /// The child's report: a failed step, or EOF once the maps are written.
+    report: OwnedFd,
+    /// Closed when the caller has opened the namespace: the child then exits.
+    go: Option<OwnedFd>,
+}
+
+impl RunsUserns {
+    /// Forks the child that makes the namespace. Call it while single-threaded.
+    ///
+    /// # Errors
+    /// The step and errno that failed.
+    pub fn start(policy: &JailPolicy) -> Result<Self, (&'static str, i32)> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ("user namespace for runs (pipe)", nix_errno(e)))?;
+        match ns::fork_single_threaded() {
+            Ok(Forked::Child) => {
+                drop(r);
+                drop(go_w);
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                let fail = |step: &'static str, errno: i32| -> std::convert::Infallible {
+                    report(&w, step, errno);
+                    ns::exit_now(1)
+                };
+                if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+                    die(&fail, "user namespace for runs", nix_errno(e));
+                }
+                // Dumpable, so the parent may open /proc/PID/ns/user; it holds nothing.
+                map_ids(policy, &fail, true);
+                drop(w);
+                // Until the parent has opened the namespace.
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&go_r, &mut b);
+                ns::exit_now(0)
             }
-            // Dumpable, so the parent may open /proc/PID/ns/user; it holds nothing.
-            map_ids(policy, &fail, true);
-            drop(w);
-            // Until the parent has opened the namespace.
-            let mut b = [0u8; 1];
-            let _ = nix::unistd::read(&go_r, &mut b);
-            ns::exit_now(0)
+            Ok(Forked::Parent(pid)) => Ok(RunsUserns {
+                pid,
+                report: r,
+                go: Some(go_w),
+            }),
+            Err(e) => Err(("user namespace for runs (fork)", errno_of(&e))),
         }
-        Ok(Forked::Parent(pid)) => {
-            drop(w);
-            drop(go_r);
-            let failed = read_report(&r);
-            let opened = match failed {
-                Some((_, errno)) => Err(("user namespace for runs", errno)),
-                None => std::fs::File::open(format!("/proc/{pid}/ns/user"))
-                    .map(OwnedFd::from)
-                    .map_err(|e| ("user namespace for runs (open)", errno_of(&e))),
-            };
-            drop(go_w);
-            let _ = waitpid(pid, None);
-            opened
-        }
-        Err(e) => Err(("user namespace for runs (fork)", errno_of(&e))),
+    }
+
+    /// Waits until the child has made and mapped the namespace, opens it, and lets the child
+    /// exit (it is reaped when this is dropped).
+    ///
+    /// # Errors
+    /// The step and errno that failed (in the child, or opening the namespace).
+    pub fn open(&mut self) -> Result<OwnedFd, (&'static str, i32)> {
+        let opened = match read_report(&self.report) {
+            Some((_, errno)) => Err(("user namespace for runs", errno)),
+            None => std::fs::File::open(format!("/proc/{}/ns/user", self.pid))
+                .map(OwnedFd::from)
+                .map_err(|e| ("user namespace for runs (open)", errno_of(&e))),
+        };
+        self.go = None;
+        opened
+    }
+}
+
+impl Drop for RunsUserns {
+    fn drop(&mut self) {
+        self.go = None;
+        // The child exits once `go` is closed (it has already, when `open` was called).
+        let _ = waitpid(self.pid, None);
     }
 }
 
 /// Writes the identity uid/gid maps of the new user namespace (the owner's ids map to
 /// themselves; `setgroups` denied, as an unprivileged process must).
 fn map_ids(policy: &JailPolicy, fail: Fail<'_>, stay_dumpable: bool) {
-    // A non-dumpable process's /proc/self files belong to root: the maps could not be
-    // written. Dumpable only for these three writes (this process is outside the jail's PID
-    // namespace, so nothing inside can name it meanwhile).
+    // A non-dumpable process's /proc/self/ files belong to root: the maps could not be
+    // written. Dumpable only for these three writes (nothing of the jail runs yet: outside
+    // its PID namespace, or its init before it forks anything).
     if agentkeys_hardening::process::set_dumpable(true).is_err() {
         die(fail, "make the maps writable (dumpable)", libc::EPERM);
     }
@@ -317,6 +355,45 @@ fn finish_signal(sig: i32) -> ! {
         let _ = kill(getpid(), s);
     }
     ns::exit_now(128 + sig)
+}
+
+/// The namespaces `agentkeys jail` starts its init in (for
+/// [`agentkeys_hardening::ns::fork_into_namespaces`]): user, mount, PID and IPC, and network
+/// with `--net proxy`.
+pub fn jail_namespaces(policy: &JailPolicy) -> libc::c_int {
+    let mut flags =
+        libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
+    if policy.network.is_proxy() {
+        flags |= libc::CLONE_NEWNET;
+    }
+    flags
+}
+
+/// `agentkeys jail`'s init, started by the caller straight into the jail's namespaces
+/// ([`jail_namespaces`]; no outer process: the caller waits for init itself, signals it, and
+/// reads the command's status from `status_w`'s pipe: `[b'x', code]` or `[b's', signal]`).
+/// Maps its own ids, then is init as in [`confine`]. Returns only in the command's process,
+/// confined but for `execve`. Call it in the fresh child, first thing.
+pub fn enter_as_init(
+    policy: &JailPolicy,
+    session: Session,
+    status_w: OwnedFd,
+    fail: Fail<'_>,
+) -> Entered {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+        die(fail, "set parent-death signal", libc::EINVAL);
+    }
+    // (The caller's death before this point: the session pipe is at EOF, and init ends when
+    // it reads it, before anything runs.)
+    ns::ignore_signals(&[libc::SIGINT, libc::SIGQUIT]);
+    if signal_mask().thread_block().is_err() {
+        die(fail, "block signals", libc::EINVAL);
+    }
+    if !policy.applies(Protection::Namespaces) {
+        die(fail, "enter the jail's namespaces", libc::ENOSYS);
+    }
+    map_ids(policy, fail, false);
+    init_process(policy, Some(session), status_w, fail).unwrap_or_default()
 }
 
 /// The jail's init: pid 1 of the new PID namespace.
@@ -549,8 +626,9 @@ fn build_view(
             .map_err(io("make a writable path nosuid, nodev"))?;
     }
 
-    // 4. A minimal /dev (no disks, no other terminals), a new devpts, the session file.
-    build_dev(old, new, session, policy.socket.as_deref(), jail_id)?;
+    // 4. A minimal /dev (no disks, no other terminals), a new devpts; the session file and
+    // the daemon's socket come last (8b), when everything else is in place.
+    build_dev(old, new)?;
 
     // 5. A fresh /proc for the new PID namespace: outside processes have no entry in it.
     m(
@@ -805,6 +883,10 @@ fn build_view(
             .map_err(io("protect a path (read-only)"))?;
     }
 
+    // 8b. The session: read only now, so that all of the above runs while the caller asks
+    // the daemon for it; then /dev read-only.
+    enter_session(old, new, session, policy.socket.as_deref(), jail_id)?;
+
     // 9. Into the new root; the scratch root and the old tree go away.
     std::env::set_current_dir(new).map_err(io("pivot_root"))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| ("pivot_root", nix_errno(e)))?;
@@ -864,15 +946,9 @@ fn remount_ro(p: &Path, step: &'static str) -> StepResult {
 }
 
 /// /dev: a tmpfs with null, zero, full, random, urandom and tty bound in, a new devpts
-/// instance (ptys made inside), a private /dev/shm, the usual links, and the session file;
-/// then read-only.
-fn build_dev(
-    old: &Path,
-    new: &Path,
-    session: Option<&Session>,
-    socket: Option<&Path>,
-    jail_id: &mut Option<Entered>,
-) -> StepResult {
+/// instance (ptys made inside), a private /dev/shm and the usual links ([`enter_session`] adds
+/// the session file and makes it read-only).
+fn build_dev(old: &Path, new: &Path) -> StepResult {
     let dev = inside(new, Path::new("/dev"));
     m(
         "mount /dev",
@@ -931,6 +1007,25 @@ fn build_dev(
     ] {
         std::os::unix::fs::symlink(to, dev.join(link)).map_err(io("populate /dev"))?;
     }
+    Ok(())
+}
+
+/// The session file and the daemon's socket in the jail's /dev (the session read from the
+/// caller's pipe now), then /dev read-only.
+fn enter_session(
+    old: &Path,
+    new: &Path,
+    session: Option<&Session>,
+    socket: Option<&Path>,
+    jail_id: &mut Option<Entered>,
+) -> StepResult {
+    let dev = inside(new, Path::new("/dev"));
+    let mkdir = |p: PathBuf, mode: u32| {
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(&p)
+            .map_err(io("populate /dev"))
+    };
     if let Some(s) = session {
         // Now the session is needed: `jail_id\ntoken[\nport[\nNAME=value]...]`, or EOF
         // alone (refused: end quietly).

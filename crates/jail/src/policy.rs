@@ -513,6 +513,11 @@ pub fn absolute(base: &Path, path: &Path) -> PathBuf {
 /// `path` resolved through every symlink when it exists; otherwise its lexical form.
 fn resolve(base: &Path, path: &Path) -> PathBuf {
     let abs = absolute(base, path);
+    // One stat first: most of the default hidden paths do not exist, and canonicalising a
+    // missing path reads every component as a link before it fails (the same answer).
+    if std::fs::metadata(&abs).is_err() {
+        return abs;
+    }
     std::fs::canonicalize(&abs).unwrap_or(abs)
 }
 
