@@ -280,6 +280,14 @@ pub(crate) fn run(caller: &Caller, o: JailOpts) -> Result<(), CliError> {
     r
 }
 
+/// The error for a set-up step of the jail that failed with `errno`.
+fn setup_failed((step, errno): (&'static str, i32)) -> CliError {
+    CliError::Jail(format!(
+        "setting up the jail failed at step `{step}`: {}",
+        std::io::Error::from_raw_os_error(errno)
+    ))
+}
+
 /// The jail's init (this CLI's child, in the jail's namespaces): builds the view once the
 /// session is there, and (in CMD's process) execs.
 fn jail_child(
@@ -407,12 +415,9 @@ async fn supervise(
     // the hello; still single-threaded (a current-thread runtime, nothing blocking spawned).
     let mut runs = match apply::RunsUserns::start(policy) {
         Ok(r) => r,
-        Err((step, errno)) => {
+        Err(failed) => {
             abandon(tok_w);
-            return Err(CliError::Jail(format!(
-                "setting up the jail failed at step `{step}`: {}",
-                std::io::Error::from_raw_os_error(errno)
-            )));
+            return Err(setup_failed(failed));
         }
     };
     let policy_json = match serde_json::to_value(policy) {
@@ -424,12 +429,9 @@ async fn supervise(
     };
     let run_userns = match runs.open() {
         Ok(fd) => fd,
-        Err((step, errno)) => {
+        Err(failed) => {
             abandon(tok_w);
-            return Err(CliError::Jail(format!(
-                "setting up the jail failed at step `{step}`: {}",
-                std::io::Error::from_raw_os_error(errno)
-            )));
+            return Err(setup_failed(failed));
         }
     };
     let sent = match hello {
