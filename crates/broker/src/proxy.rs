@@ -65,6 +65,17 @@ struct Reg {
     specs: Vec<PlaceholderSpec>,
 }
 
+impl Reg {
+    /// Its principal, peer and placeholder `index` (if there is one).
+    fn info(&self, index: Option<usize>) -> (Principal, Peer, Option<PlaceholderSpec>) {
+        (
+            self.principal.clone(),
+            self.peer,
+            index.and_then(|i| self.specs.get(i)).cloned(),
+        )
+    }
+}
+
 /// How long an ended run's registration is kept for the results the proxy tells after the run
 /// ended (it batches them: see `DONE_DELAY` in the proxy), and how many such are kept at most.
 const ENDED_KEPT: Duration = Duration::from_secs(30);
@@ -375,21 +386,14 @@ impl ProxyLink {
         reg: u64,
         index: Option<usize>,
     ) -> Option<(Principal, Peer, Option<PlaceholderSpec>)> {
-        let pick = |r: &Reg| {
-            (
-                r.principal.clone(),
-                r.peer,
-                index.and_then(|i| r.specs.get(i)).cloned(),
-            )
-        };
         if let Some(r) = self.regs.lock().expect("proxy regs").get(&reg) {
-            return Some(pick(r));
+            return Some(r.info(index));
         }
         let ended = self.ended.lock().expect("proxy ended regs");
         ended
             .iter()
             .find(|(id, _, _)| *id == reg)
-            .map(|(_, r, _)| pick(r))
+            .map(|(_, r, _)| r.info(index))
     }
 
     /// Sends the answer to a `Want` from the task that decided it.
@@ -468,10 +472,12 @@ impl ProxyLink {
         self.answer(id, result).await;
     }
 
+    /// Who a live registration is for and its placeholder `index` (what a decision reads: never
+    /// an ended run's).
     fn reg_info(&self, reg: u64, index: usize) -> Option<(Principal, Peer, PlaceholderSpec)> {
         let regs = self.regs.lock().expect("proxy regs");
-        let r = regs.get(&reg)?;
-        Some((r.principal.clone(), r.peer, r.specs.get(index)?.clone()))
+        let (p, peer, spec) = regs.get(&reg)?.info(Some(index));
+        Some((p, peer, spec?))
     }
 
     fn audit_done(

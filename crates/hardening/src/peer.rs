@@ -33,19 +33,31 @@ pub fn peer_credentials(sock: &impl AsFd) -> io::Result<PeerCred> {
     })
 }
 
-/// One packet received with [`recv_with_fds`].
+/// One packet received with [`recv_with_fds`] or [`recv_packet`].
 pub struct Received {
     /// Bytes written into the buffer.
     pub len: usize,
     /// The descriptors that came with it (close-on-exec), owned.
     pub fds: Vec<std::os::fd::OwnedFd>,
-    /// The packet or its control data did not fit (`MSG_TRUNC` / `MSG_CTRUNC`).
+    /// The packet did not fit (`MSG_TRUNC`), or it carried more descriptors than allowed (they
+    /// are closed with this).
     pub truncated: bool,
 }
 
-/// Receives one packet from a SOCK_SEQPACKET socket (blocking), taking ownership of up to
-/// `max_fds` descriptors sent with it (`SCM_RIGHTS`, `MSG_CMSG_CLOEXEC`). The safe wrapper every
-/// synchronous receiver uses; async code uses tokio-seqpacket's own.
+/// The kernel's limit of descriptors in one message (`SCM_MAX_FD`): with room for that many,
+/// the kernel never cuts the control data short (which would leave descriptors in our table
+/// that nothing owns).
+const SCM_MAX_FD: usize = 253;
+
+/// Room for the control data of one packet (see [`recv_packet`]); a reader of many packets
+/// makes it once.
+pub fn control_space() -> Vec<u8> {
+    nix::cmsg_space!([std::os::fd::RawFd; SCM_MAX_FD])
+}
+
+/// Receives one packet from a SOCK_SEQPACKET socket (blocking), taking ownership of the
+/// descriptors sent with it (`SCM_RIGHTS`, `MSG_CMSG_CLOEXEC`); more than `max_fds` marks it
+/// truncated. The safe wrapper every synchronous receiver uses.
 ///
 /// # Errors
 /// The OS error of `recvmsg`.
@@ -54,17 +66,39 @@ pub fn recv_with_fds(
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<Received> {
+    recv_packet(
+        sock,
+        buf,
+        max_fds,
+        &mut control_space(),
+        nix::sys::socket::MsgFlags::empty(),
+    )
+}
+
+/// [`recv_with_fds`] with the caller's control space (from [`control_space`]) and extra
+/// `flags` (`MSG_DONTWAIT` for a nonblocking read).
+///
+/// # Errors
+/// The OS error of `recvmsg`.
+pub fn recv_packet(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    space: &mut [u8],
+    flags: nix::sys::socket::MsgFlags,
+) -> io::Result<Received> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut iov = [std::io::IoSliceMut::new(buf)];
-    let mut space = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds.max(1)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        Some(space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
     let mut fds = Vec::new();
+    // `cmsgs` fails only when the kernel cut the control data short, which room for
+    // SCM_MAX_FD descriptors rules out.
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = c {
             for fd in raw {
@@ -74,13 +108,37 @@ pub fn recv_with_fds(
             }
         }
     }
+    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC) || fds.len() > max_fds;
     Ok(Received {
         len: msg.bytes,
         fds,
-        truncated: msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+        truncated,
     })
+}
+
+/// Sends one packet with `fds` attached (`SCM_RIGHTS` when there are any), with `flags`
+/// (`MSG_NOSIGNAL` is always added). Returns the bytes sent.
+///
+/// # Errors
+/// The OS error of `sendmsg`.
+pub fn send_packet(
+    sock: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    flags: nix::sys::socket::MsgFlags,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::{AsRawFd, RawFd};
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    Ok(sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(bytes)],
+        cmsgs,
+        flags | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?)
 }
 
 #[cfg(test)]

@@ -7,88 +7,33 @@
 //! proxy's hot path (a question and an answer per injected request) that was a context switch per
 //! message in each process. These are the two calls such a reader and its writer make.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, send, sendmsg};
+use nix::sys::socket::MsgFlags;
+
+pub use crate::peer::{Received, control_space};
 
 /// Most descriptors one message may carry; a message with more is reported truncated (and its
 /// descriptors are closed).
 pub const MAX_FDS: usize = 4;
 
-/// The kernel's limit of descriptors in one message (`SCM_MAX_FD`): with room for that many the
-/// kernel never cuts the descriptors short (which would leave some open in our table that we
-/// could not name).
-const SCM_MAX_FD: usize = 253;
-
-/// One message read by [`recv_message`].
-pub struct Received {
-    /// Bytes of the message in the buffer.
-    pub len: usize,
-    /// The message (or its descriptors) did not fit: drop it.
-    pub truncated: bool,
-    /// Descriptors that came with it, close-on-exec.
-    pub fds: Vec<OwnedFd>,
-}
-
-/// Room for the control data of one message (see [`recv_message`]); make it once per reader.
-pub fn control_space() -> Vec<u8> {
-    nix::cmsg_space!([RawFd; SCM_MAX_FD])
-}
-
 /// Reads one message without blocking (`EAGAIN`/`WouldBlock` when there is none); `space` is
-/// from [`control_space`].
+/// from [`control_space`]. ([`crate::peer::recv_packet`] with `MSG_DONTWAIT` and [`MAX_FDS`].)
 ///
 /// # Errors
 /// `recvmsg(2)`'s.
 pub fn recv_message(fd: BorrowedFd<'_>, buf: &mut [u8], space: &mut [u8]) -> io::Result<Received> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(space),
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    // `cmsgs` fails only when the kernel cut the control data short, which room for SCM_MAX_FD
-    // descriptors rules out.
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for r in raw {
-                // SAFETY: SCM_RIGHTS: the kernel installed `r` in this process's table for this
-                // message alone; nothing else owns or will close it.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-            }
-        }
-    }
-    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC) || fds.len() > MAX_FDS;
-    Ok(Received {
-        len: msg.bytes,
-        truncated,
-        fds,
-    })
+    crate::peer::recv_packet(fd, buf, MAX_FDS, space, MsgFlags::MSG_DONTWAIT)
 }
 
 /// Sends one message without blocking (`WouldBlock` when the socket's buffer is full), with
 /// `fds` attached when there are any.
 ///
 /// # Errors
-/// `send(2)`'s or `sendmsg(2)`'s.
+/// `sendmsg(2)`'s.
 pub fn send_message(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_EOR;
-    if fds.is_empty() {
-        return send(fd.as_raw_fd(), bytes, flags).map_err(io::Error::from);
-    }
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    sendmsg::<()>(
-        fd.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        &[ControlMessage::ScmRights(&raw)],
-        flags,
-        None,
-    )
-    .map_err(io::Error::from)
+    crate::peer::send_packet(fd, bytes, fds, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_EOR)
 }
 
 /// Registers `fd` with the current tokio runtime for *read* readiness only (no `EPOLLOUT`

@@ -970,14 +970,8 @@ fn build_dev(old: &Path, new: &Path) -> StepResult {
             None,
         )?;
     }
-    let mkdir = |p: PathBuf, mode: u32| {
-        std::fs::DirBuilder::new()
-            .mode(mode)
-            .create(&p)
-            .map_err(io("populate /dev"))
-    };
-    mkdir(dev.join("pts"), 0o755)?;
-    mkdir(dev.join("shm"), 0o1777)?;
+    dev_dir(dev.join("pts"), 0o755)?;
+    dev_dir(dev.join("shm"), 0o1777)?;
     // A new devpts instance; without it (some containers) only ptys are unavailable.
     if m(
         "mount /dev/pts",
@@ -1010,6 +1004,14 @@ fn build_dev(old: &Path, new: &Path) -> StepResult {
     Ok(())
 }
 
+/// A directory in the jail's /dev with `mode`.
+fn dev_dir(p: PathBuf, mode: u32) -> StepResult {
+    std::fs::DirBuilder::new()
+        .mode(mode)
+        .create(&p)
+        .map_err(io("populate /dev"))
+}
+
 /// The session file and the daemon's socket in the jail's /dev (the session read from the
 /// caller's pipe now), then /dev read-only.
 fn enter_session(
@@ -1020,12 +1022,6 @@ fn enter_session(
     jail_id: &mut Option<Entered>,
 ) -> StepResult {
     let dev = inside(new, Path::new("/dev"));
-    let mkdir = |p: PathBuf, mode: u32| {
-        std::fs::DirBuilder::new()
-            .mode(mode)
-            .create(&p)
-            .map_err(io("populate /dev"))
-    };
     if let Some(s) = session {
         // Now the session is needed: `jail_id\ntoken[\nport[\nNAME=value]...]`, or EOF
         // alone (refused: end quietly).
@@ -1073,7 +1069,7 @@ fn enter_session(
             proxy_listener(relay, port)?;
         }
         let dir = inside(new, Path::new(SESSION_DIR));
-        mkdir(dir, 0o700)?;
+        dev_dir(dir, 0o700)?;
         let file = inside(new, Path::new(SESSION_FILE));
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -465,10 +465,13 @@ impl Proxy {
     }
 
     async fn tell(&self, msg: &FromProxy) {
-        if let Ok(bytes) = serde_json::to_vec(msg)
-            && bytes.len() <= MAX_LINK_MESSAGE
-            && let Err(e) = self.link.send(&bytes, &[]).await
-        {
+        if let Some(bytes) = encode(msg) {
+            self.send_encoded(&bytes).await;
+        }
+    }
+
+    async fn send_encoded(&self, bytes: &[u8]) {
+        if let Err(e) = self.link.send(bytes, &[]).await {
             warn!("telling the daemon failed: {e}");
         }
     }
@@ -1039,9 +1042,7 @@ impl Proxy {
         .await;
         // Results waiting to be told go right behind the question: the daemon answers it first,
         // then records them, in the one wake-up.
-        if !self.done_queue.lock().expect("done queue").is_empty() {
-            self.flush_done(false).await;
-        }
+        self.flush_done(false).await;
         let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
         self.waiters.lock().expect("waiters").remove(&id);
         let (ok, status, reason, fd) = match answer {
@@ -1114,11 +1115,7 @@ impl Proxy {
                     path: path.to_string(),
                     status,
                 };
-                if let Ok(bytes) = serde_json::to_vec(&msg)
-                    && bytes.len() <= MAX_LINK_MESSAGE
-                {
-                    q.push(bytes);
-                }
+                q.extend(encode(&msg));
             }
         }
         if !self.done_armed.swap(true, Ordering::AcqRel) {
@@ -1138,9 +1135,7 @@ impl Proxy {
         }
         let queued = std::mem::take(&mut *self.done_queue.lock().expect("done queue"));
         for bytes in queued {
-            if let Err(e) = self.link.send(&bytes, &[]).await {
-                warn!("telling the daemon failed: {e}");
-            }
+            self.send_encoded(&bytes).await;
         }
     }
 
@@ -1683,6 +1678,14 @@ where
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A message to the daemon as sent on the link (`None`: it cannot be encoded within
+/// [`MAX_LINK_MESSAGE`]).
+fn encode(msg: &FromProxy) -> Option<Vec<u8>> {
+    serde_json::to_vec(msg)
+        .ok()
+        .filter(|b| b.len() <= MAX_LINK_MESSAGE)
 }
 
 /// Sends the daemon one message from the synchronous start-up code (before the runtime).
