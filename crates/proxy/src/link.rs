@@ -1,5 +1,7 @@
 //! Messages between the daemon and the proxy process: JSON, one per `SOCK_SEQPACKET` packet of
-//! at most [`MAX_LINK_MESSAGE`] bytes, secret pages attached as fds (`SCM_RIGHTS`).
+//! at most [`MAX_LINK_MESSAGE`] bytes, secret pages attached as fds (`SCM_RIGHTS`). A message is
+//! `{"kind": ..., "body": {...}}`, the tag first: serde reads it in one pass, where a tag among
+//! the fields (`{"kind": ..., "id": ...}`) made it buffer every field of every message first.
 //!
 //! The daemon decides; the proxy asks. The proxy knows which placeholders a run may use and
 //! where (so it can refuse early and decide which connections to decrypt), but it never holds a
@@ -40,7 +42,12 @@ pub struct PlaceholderSpec {
 
 /// From the daemon to the proxy.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    content = "body",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
 pub enum ToProxy {
     /// Once, at start: the CA certificate (DER, base64) and its name; the CA's private key
     /// (PKCS#8 DER) comes as an attached secret page.
@@ -92,7 +99,12 @@ pub enum ToProxy {
 
 /// From the proxy to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    content = "body",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
 pub enum FromProxy {
     /// Set up: listening on this port.
     Ready {
@@ -250,6 +262,56 @@ impl LinkSocket {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_their_tag_first_and_refuse_unknown_fields() {
+        let want = FromProxy::Want {
+            id: 7,
+            reg: 1,
+            index: 0,
+            host: "api.github.com".into(),
+            port: 443,
+            method: "GET".into(),
+            path: "/user".into(),
+            cached: true,
+        };
+        let bytes = serde_json::to_vec(&want).unwrap();
+        assert!(bytes.starts_with(br#"{"kind":"want","body":{"id":7,"#));
+        let back: FromProxy = serde_json::from_slice(&bytes).unwrap();
+        assert!(matches!(
+            back,
+            FromProxy::Want {
+                id: 7,
+                cached: true,
+                ..
+            }
+        ));
+        // An answer's defaults still apply; a field nobody defined is refused, in the body or
+        // beside it.
+        let a: ToProxy =
+            serde_json::from_slice(br#"{"kind":"answer","body":{"id":3,"ok":true}}"#).unwrap();
+        assert!(matches!(
+            a,
+            ToProxy::Answer {
+                id: 3,
+                ok: true,
+                status: 0,
+                ..
+            }
+        ));
+        for bad in [
+            &br#"{"kind":"answer","body":{"id":3,"ok":true,"extra":1}}"#[..],
+            br#"{"kind":"answer","body":{"id":3,"ok":true},"extra":1}"#,
+            br#"{"kind":"nonsense","body":{}}"#,
+        ] {
+            assert!(serde_json::from_slice::<ToProxy>(bad).is_err());
         }
     }
 }
