@@ -515,11 +515,12 @@ impl AuditLog {
         }
     }
 
-    /// The path still names the file we hold, and nobody else changed its size.
+    /// The path still names the file we hold, and nobody else changed its size. One `statx` of
+    /// the path, no `fstat` of the descriptor: when the path names our inode, that inode is
+    /// linked (so not removed) and the path's size is the descriptor's; when it names another,
+    /// or nothing, the log was replaced or removed either way. (Two calls per record were a
+    /// syscall too many on every delivery and every injected request.)
     fn check_same_file(&self) -> Result<(), StateError> {
-        let fd = self.file.metadata().map_err(|e| {
-            self.unavailable(format!("cannot examine the open log: {}", describe(&e)))
-        })?;
         let at_path = match fs::symlink_metadata(&self.path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -532,19 +533,19 @@ impl AuditLog {
                 return Err(self.unavailable(format!("cannot examine it: {}", describe(&e))));
             }
         };
-        if (at_path.dev(), at_path.ino()) != (self.dev, self.ino) || fd.nlink() == 0 {
+        if (at_path.dev(), at_path.ino()) != (self.dev, self.ino) || at_path.nlink() == 0 {
             return Err(self.unavailable(
                 "the file was replaced (moved away, or another file renamed over it) while \
                  agentkeysd had it open; restart agentkeysd to continue in the file now there",
             ));
         }
-        if fd.len() != self.len {
+        if at_path.len() != self.len {
             return Err(self.unavailable(format!(
                 "its size changed behind agentkeysd's back ({} bytes expected, {} found): another \
                  process wrote to it or truncated it; run `agentkeys audit verify` and restart \
                  agentkeysd",
                 self.len,
-                fd.len()
+                at_path.len()
             )));
         }
         Ok(())
