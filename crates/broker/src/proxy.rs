@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use agentkeys_hardening::page::SecretPage;
-use agentkeys_proxy::link::LinkSocket;
-use agentkeys_proxy::link::{FromProxy, MAX_LINK_MESSAGE, PlaceholderSpec, ToProxy};
+use agentkeys_proxy::link::{FromProxy, LinkSocket, MAX_LINK_MESSAGE, PlaceholderSpec, ToProxy};
 use agentkeys_proxy::rules::new_placeholder;
 use agentkeys_state::audit::{Event, Peer};
 use agentkeys_state::inject::HostPattern;

@@ -533,7 +533,7 @@ impl AuditLog {
                 return Err(self.unavailable(format!("cannot examine it: {}", describe(&e))));
             }
         };
-        if (at_path.dev(), at_path.ino()) != (self.dev, self.ino) || at_path.nlink() == 0 {
+        if (at_path.dev(), at_path.ino()) != (self.dev, self.ino) {
             return Err(self.unavailable(
                 "the file was replaced (moved away, or another file renamed over it) while \
                  agentkeysd had it open; restart agentkeysd to continue in the file now there",
