@@ -35,6 +35,18 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
+# The proxy's headline figures are timed with Python's `requests` (what most agent tools are),
+# from a venv of its own, set up here as .ci/run does when a fresh clone has none yet.
+if ! .venv-proxy/bin/python -c 'import requests' >/dev/null 2>&1; then
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+        echo "bench: apt-get install python3 python3-venv" >&2
+        apt-get update -qq >&2 && apt-get install -y -qq python3 python3-venv >&2
+    fi
+    echo "bench: python3 -m venv .venv-proxy && pip install requests httpx" >&2
+    python3 -m venv .venv-proxy >&2 && .venv-proxy/bin/pip install -q requests httpx >&2 ||
+        echo "bench: no venv with requests (the proxy's requests figures will be missing)" >&2
+fi
+
 echo "bench: cargo build --release --bins --examples" >&2
 cargo build --release --bins --examples >&2
 bin=${CARGO_TARGET_DIR:-$root/target}/release

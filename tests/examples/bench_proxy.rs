@@ -135,7 +135,12 @@ fn orchestrate(bin: &std::path::Path) {
         .filter(|r| r.header("authorization") == Some(format!("Bearer {VALUE}").as_bytes()))
         .count();
     eprintln!("bench_proxy: the server saw the value in {with_value} requests");
-    let _ = std::fs::remove_dir_all(&dir);
+    // BENCH_KEEP=1 (as for bench/run.sh): keep the directory (the daemon's log, the audit log).
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!("bench_proxy: kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     assert!(out.success(), "the client failed");
 }
 
