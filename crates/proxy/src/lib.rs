@@ -244,8 +244,7 @@ fn serve(
     minter: ca::Minter,
     roots: rustls::RootCertStore,
 ) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .thread_name("agentkeys-proxy")
         .enable_all()
         .build()

@@ -225,6 +225,32 @@ impl LinkSocket {
         }
     }
 
+    /// The next message if one is already waiting, read without the runtime (`None` when none
+    /// is): for a request that waits briefly for its answer on its own thread.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<Option<Received>> {
+        use std::os::fd::AsFd;
+        let mut space = self.space.lock().expect("link control space");
+        match agentkeys_hardening::seqpacket::recv_message(
+            self.fd.get_ref().as_fd(),
+            buf,
+            &mut space,
+        ) {
+            Ok(r) => Ok(Some(r)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends one message with `fds` attached. It does not wait for the runtime: a full buffer
     /// (the peer not reading) is retried every 200 µs for up to 10 s, then an error.
     ///
