@@ -12,7 +12,8 @@
 # and audit group-commit throughput (bench_state vault / audit), an uncached read through a
 # remote daemon over loopback TLS against a local one (remote_read_over_local), and the
 # credential-injecting proxy against a local HTTPS server (bench_proxy: keep-alive p50, 8
-# clients, handshakes, direct vs proxied). The last line of stdout is one JSON object of numbers.
+# clients, handshakes, direct vs proxied; its requests client comes from .venv-proxy, made here
+# with pip when missing). The last line of stdout is one JSON object of numbers.
 #
 # Environment:
 #   BENCH_ITERS / BENCH_WARMUP   timed / warm-up iterations per measurement (2000 / 200)

@@ -297,6 +297,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn try_recv_reads_a_waiting_message_and_otherwise_says_none_at_once() {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a, b) = (LinkSocket::new(a).unwrap(), LinkSocket::new(b).unwrap());
+            let mut buf = vec![0u8; 64];
+            // Nothing waiting: no wait, no message.
+            assert!(a.try_recv(&mut buf).unwrap().is_none());
+            b.send(b"{\"kind\":\"x\"}", &[]).await.unwrap();
+            let r = a.try_recv(&mut buf).unwrap().expect("the waiting message");
+            assert_eq!(&buf[..r.len], b"{\"kind\":\"x\"}");
+            assert!(!r.truncated && r.fds.is_empty());
+            assert!(a.try_recv(&mut buf).unwrap().is_none());
+            // The other end gone: a message of 0 bytes, as `recv` reports it.
+            drop(b);
+            let r = a.try_recv(&mut buf).unwrap().expect("the end");
+            assert!(r.len == 0 && r.fds.is_empty());
+        });
+    }
+
+    #[test]
     fn messages_carry_their_tag_first_and_refuse_unknown_fields() {
         let want = FromProxy::Want {
             id: 7,
