@@ -200,7 +200,7 @@ pub struct Proxy {
 /// request in flight. A proxy that sleeps as soon as it has asked sleeps through most of the
 /// answer's time (a few tens of microseconds), and waking it costs as much again where an idle
 /// CPU halts (a virtual machine's vCPU): the requests client's keep-alive GET through the proxy
-/// went from 1.45-1.51 times direct to 1.32-1.37 in three A/B pairs. With other requests in
+/// went from 1.44-1.49 times direct to 1.34-1.38 in three A/B pairs (docs/performance.md). With other requests in
 /// flight the proxy has their work to do and does not wait like this.
 const ANSWER_SPIN: Duration = Duration::from_micros(100);
 
@@ -1064,7 +1064,7 @@ impl Proxy {
                 .map(|(v, _)| v.clone())
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.waiters.lock().expect("waiters").insert(id, tx);
         self.tell(&FromProxy::Want {
             id,
@@ -1077,7 +1077,6 @@ impl Proxy {
             cached: cached.is_some(),
         })
         .await;
-        let mut rx = rx;
         let soon = if self.in_flight.load(Ordering::Relaxed) <= 1 {
             self.answer_soon(&mut rx)
         } else {
