@@ -782,24 +782,38 @@ fn node_fetch_through_the_proxy() {
         eprintln!("SKIP node_fetch_through_the_proxy: no node");
         return;
     };
-    // NODE_USE_ENV_PROXY (fetch honours HTTP(S)_PROXY) exists from Node 24.5 and 22.21.
+    // NODE_USE_ENV_PROXY (fetch honours HTTP(S)_PROXY) exists from Node 24.5 and 22.21. Before
+    // that, the built-in `fetch` takes the proxy from a global dispatcher: undici's
+    // `EnvHttpProxyAgent` (npm `undici`, which `.ci/run` installs into .node-undici where
+    // node is older), as README says.
     let ver = String::from_utf8_lossy(&v.stdout)
         .trim()
         .trim_start_matches('v')
         .to_string();
     let mut it = ver.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    if !(major > 24 || (major == 24 && minor >= 5) || (major == 22 && minor >= 21)) {
-        eprintln!(
-            "SKIP node_fetch_through_the_proxy: node {ver} has no NODE_USE_ENV_PROXY (22.21+ or 24.5+)"
-        );
-        return;
-    }
+    let env_proxy = major > 24 || (major == 24 && minor >= 5) || (major == 22 && minor >= 21);
+    let fetch = "fetch('{url}', {headers: {authorization: 'Bearer ' + process.env.GH}}).then(r => r.text()).then(t => console.log(t.trim()))";
+    let prelude = if env_proxy {
+        String::new()
+    } else {
+        let undici = std::env::var_os("AGENTKEYS_TEST_UNDICI")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join(".node-undici/node_modules/undici"));
+        if !undici.join("package.json").exists() {
+            eprintln!(
+                "SKIP node_fetch_through_the_proxy: node {ver} has no NODE_USE_ENV_PROXY (22.21+ or 24.5+) and there is no npm undici at {} (.ci/run installs it where npm is)",
+                undici.display()
+            );
+            return;
+        }
+        format!(
+            "const u = require({:?}); u.setGlobalDispatcher(new u.EnvHttpProxyAgent()); ",
+            undici.display().to_string()
+        )
+    };
     let e = setup("px-node");
-    let code = format!(
-        "fetch('{url}', {{headers: {{authorization: 'Bearer ' + process.env.GH}}}}).then(r => r.text()).then(t => console.log(t.trim()))",
-        url = e.url("/node")
-    );
+    let code = format!("{prelude}{}", fetch.replace("{url}", &e.url("/node")));
     let out = e.run_argv(
         &["GH=gh"],
         &["node", "-e", &code],
