@@ -793,7 +793,6 @@ fn node_fetch_through_the_proxy() {
     let mut it = ver.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     let env_proxy = major > 24 || (major == 24 && minor >= 5) || (major == 22 && minor >= 21);
-    let fetch = "fetch('{url}', {headers: {authorization: 'Bearer ' + process.env.GH}}).then(r => r.text()).then(t => console.log(t.trim()))";
     let prelude = if env_proxy {
         String::new()
     } else {
@@ -813,7 +812,10 @@ fn node_fetch_through_the_proxy() {
         )
     };
     let e = setup("px-node");
-    let code = format!("{prelude}{}", fetch.replace("{url}", &e.url("/node")));
+    let code = format!(
+        "{prelude}fetch('{url}', {{headers: {{authorization: 'Bearer ' + process.env.GH}}}}).then(r => r.text()).then(t => console.log(t.trim()))",
+        url = e.url("/node")
+    );
     let out = e.run_argv(
         &["GH=gh"],
         &["node", "-e", &code],

@@ -46,7 +46,7 @@ use zeroize::Zeroizing;
 
 use crate::ca::Minter;
 use crate::link::{
-    FromProxy, LinkSocket, MAX_ALLOW_HOSTS, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, ToProxy,
+    FromProxy, LinkSocket, MAX_ALLOW_HOSTS, MAX_LINK_MESSAGE, MAX_PLACEHOLDERS, Received, ToProxy,
 };
 use crate::rules::{Rules, Verdict, shown_host};
 
@@ -200,8 +200,8 @@ pub struct Proxy {
 /// request in flight. A proxy that sleeps as soon as it has asked sleeps through most of the
 /// answer's time (a few tens of microseconds), and waking it costs as much again where an idle
 /// CPU halts (a virtual machine's vCPU): the requests client's keep-alive GET through the proxy
-/// went from 1.44-1.49 times direct to 1.34-1.38 in three A/B pairs (docs/performance.md). With other requests in
-/// flight the proxy has their work to do and does not wait like this.
+/// went from 1.44-1.49 times direct to 1.34-1.38 in three A/B pairs (docs/performance.md).
+/// With other requests in flight the proxy has their work to do and does not wait like this.
 const ANSWER_SPIN: Duration = Duration::from_micros(100);
 
 /// Longest the result of an injected request waits to be told to the daemon. Telling each
@@ -395,30 +395,31 @@ impl Proxy {
 
     async fn read_link(&self) {
         let mut buf = vec![0u8; MAX_LINK_MESSAGE];
-        loop {
-            let (n, fds) = match self.link.recv(&mut buf).await {
-                // A message cut short (or with more descriptors than any message has) is not
-                // read as a shorter one; its descriptors are closed.
-                Ok(r) if r.truncated => continue,
-                Ok(r) => {
-                    if r.len == 0 && r.fds.is_empty() {
-                        break;
-                    }
-                    (r.len, r.fds)
-                }
-                Err(_) => break,
-            };
-            let msg: ToProxy = match serde_json::from_slice(&buf[..n]) {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!("unreadable message from the daemon: {e}");
-                    continue;
-                }
-            };
-            self.on_message(msg, fds);
+        while let Ok(r) = self.link.recv(&mut buf).await {
+            if !self.take_packet(r, &buf) {
+                break;
+            }
         }
         // Every waiting request fails closed.
         self.waiters.lock().expect("waiters").clear();
+    }
+
+    /// Handles one packet read from the link, by its reader task or by a request waiting for
+    /// its answer ([`Proxy::answer_soon`]). `false`: the daemon's end is closed.
+    fn take_packet(&self, r: Received, buf: &[u8]) -> bool {
+        // A message cut short (or with more descriptors than any message has) is not read as a
+        // shorter one; its descriptors are closed.
+        if r.truncated {
+            return true;
+        }
+        if r.len == 0 && r.fds.is_empty() {
+            return false;
+        }
+        match serde_json::from_slice::<ToProxy>(&buf[..r.len]) {
+            Ok(msg) => self.on_message(msg, r.fds),
+            Err(e) => warn!("unreadable message from the daemon: {e}"),
+        }
+        true
     }
 
     fn on_message(&self, msg: ToProxy, mut fds: Vec<OwnedFd>) {
@@ -1149,12 +1150,11 @@ impl Proxy {
                 return None;
             }
             match self.link.try_recv(&mut buf) {
-                Ok(Some(r)) if r.truncated => {}
-                Ok(Some(r)) if r.len == 0 && r.fds.is_empty() => return None,
-                Ok(Some(r)) => match serde_json::from_slice::<ToProxy>(&buf[..r.len]) {
-                    Ok(msg) => self.on_message(msg, r.fds),
-                    Err(e) => warn!("unreadable message from the daemon: {e}"),
-                },
+                Ok(Some(r)) => {
+                    if !self.take_packet(r, &buf) {
+                        return None;
+                    }
+                }
                 Ok(None) => std::thread::yield_now(),
                 Err(_) => return None,
             }
